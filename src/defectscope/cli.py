@@ -1,0 +1,143 @@
+"""The ``defectscope`` command (typer): train, evaluate, predict, and the commands of later tasks.
+
+Errors a user can fix (bad recipe, bad data, missing run) print one clear
+message and exit with status 2; nothing already written is removed.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Defect inspection for metal surfaces and laser welds.")
+console = Console(stderr=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from defectscope.config import ConfigError
+    from defectscope.data.images import DatasetError, ImageReadError
+    from defectscope.engine.run import RunError
+    from defectscope.models.weights import WeightsUnavailableError
+
+    return (ConfigError, DatasetError, ImageReadError, RunError, WeightsUnavailableError, FileNotFoundError, KeyError, ValueError)
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn user errors into one red line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _summary_table(title: str, metrics: dict, keys: list[str]) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in keys:
+        if k in metrics and not isinstance(metrics[k], (dict, list)):
+            v = metrics[k]
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    return table
+
+
+def _run_task(run: Path) -> str:
+    from defectscope.engine.run import RunFolder
+
+    return RunFolder(run).read_config()["task"]
+
+
+@app.command()
+@friendly
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see configs/).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
+    override: Annotated[Optional[list[str]], typer.Option("-o", "--override", help="key.sub=value, repeatable.")] = None,
+) -> None:
+    """Train a recipe, evaluate its held-out split and write the run folder."""
+    from defectscope.config import load_raw, validate
+    from defectscope.engine.run import RunFolder
+    from defectscope.engine.tasks import get_task
+
+    raw = load_raw(recipe, override)
+    if "task" not in raw:
+        from defectscope.config import ConfigError
+
+        raise ConfigError(f"{recipe}: missing 'task' key")
+    task = get_task(raw["task"])
+    cfg = validate(raw, task.recipe, str(recipe))
+    run = RunFolder(out).create()
+    run.write_config(cfg.model_dump(mode="json"))
+    result = task.fit(cfg, out, source=recipe)
+    if result is None:  # a non-zero DDP rank
+        return
+    console.print(_summary_table(f"{task.name}: {out}", result.get("test", {}),
+                                 ["accuracy", "weighted_f1", "macro_auroc", "image_auroc", "map_50", "dice"]))
+    console.print(f"train_seconds={result.get('train_seconds')}  report: {run.report_path}")
+
+
+@app.command()
+@friendly
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled data folder to evaluate on.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/evaluations/<data name>).")] = None,
+) -> None:
+    """Re-evaluate a trained run on another labelled folder."""
+    from defectscope.engine.tasks import get_task
+
+    metrics = get_task(_run_task(run)).evaluate(run, data, out)
+    console.print(_summary_table(f"{run} on {data}", metrics, ["n", "accuracy", "weighted_f1", "macro_auroc", "image_auroc", "map_50", "dice"]))
+
+
+@app.command()
+@friendly
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    out: Annotated[Path, typer.Option("--out", help="Output file (CSV, JSON or folder, per task).")] = Path("preds.csv"),
+    save_images: Annotated[bool, typer.Option("--save-images", help="Also write overlays/masks/boxes as images.")] = False,
+) -> None:
+    """Predict files with a trained run; unreadable files are skipped and reported."""
+    from defectscope.engine.tasks import get_task
+
+    summary = get_task(_run_task(run)).predict(run, inputs, out, save_images=save_images)
+    for f, err in summary.get("skipped", []):
+        console.print(f"[yellow]skipped[/] {err}", highlight=False)
+    console.print(f"predicted {summary.get('predicted')} file(s), skipped {len(summary.get('skipped', []))}: {out}")
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones and where their weights come from here."""
+    from defectscope.models.backbones import get_spec, list_backbones
+
+    table = Table(title="Backbones")
+    table.add_column("name")
+    table.add_column("library")
+    table.add_column("ImageNet weights here")
+    for n in list_backbones():
+        s = get_spec(n)
+        table.add_row(n, f"{s.source}:{s.arch}", s.pretrained_source or "none (random init or a local file)")
+    Console().print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

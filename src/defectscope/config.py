@@ -1,0 +1,167 @@
+"""Recipe files: YAML + ``-o key=value`` overrides, validated by pydantic.
+
+A recipe is a YAML mapping with a ``task`` key naming a registered task
+(see :mod:`defectscope.engine.tasks`). Each task declares its own schema (a
+subclass of :class:`BaseRecipe`); unknown keys are errors, so a typo such as
+``train.epoch`` is reported instead of silently ignored.
+
+Example::
+
+    task: classification
+    seed: 0
+    data: {root: ../shared/datasets/neu-det, image_size: 200}
+    model: {name: multiscale, backbone: efficientnet_lite0, pretrained: true}
+    train: {epochs: 6, batch_size: 16, lr: 5.0e-4}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A recipe file or override is malformed; the message names file and field."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TrainConfig(StrictModel):
+    """Optimisation and Lightning trainer settings shared by every task.
+
+    Attributes:
+        epochs: maximum number of epochs.
+        batch_size: images per optimisation step (per process under DDP).
+        lr: AdamW learning rate (paper 000: 5e-4 for NEU, 2e-4 for welds).
+        weight_decay: AdamW weight decay.
+        loss: ``focal`` (paper 000, eq. 14) or ``ce`` (cross-entropy).
+        focal_gamma: focusing parameter lambda of eq. 14.
+        label_smoothing: for ``ce`` only.
+        precision: Lightning precision string; ``bf16-mixed`` uses bf16 autocast on the CPU.
+        channels_last: NHWC memory layout for convolutions (faster on this CPU).
+        val_fraction: share of the training split held out for early stopping and
+            checkpoint selection; the test split is only used once, at the end.
+        early_stopping_patience: epochs without improvement of the validation
+            weighted F1 before stopping; 0 disables early stopping.
+        strategy: Lightning strategy (``auto``, ``ddp`` for multi-process CPU/GPU).
+        devices: number of processes/devices.
+        accelerator: ``cpu`` (default here), ``gpu`` or ``auto``.
+        num_threads: torch intra-op threads per process (0 = leave torch's default).
+        max_minutes: wall-clock budget for training; Lightning stops after it.
+        augment: random horizontal/vertical flips during training.
+        logger: ``csv`` and/or ``tensorboard`` logs inside the run folder.
+    """
+
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    loss: Literal["focal", "ce"] = "focal"
+    focal_gamma: float = Field(2.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["32", "bf16-mixed", "32-true"] = "bf16-mixed"
+    channels_last: bool = True
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    early_stopping_patience: int = Field(2, ge=0)
+    strategy: str = "auto"
+    devices: int = Field(1, ge=1)
+    accelerator: str = "cpu"
+    num_threads: int = Field(0, ge=0)
+    max_minutes: float | None = Field(None, gt=0)
+    augment: bool = True
+    logger: list[Literal["csv", "tensorboard"]] = ["csv", "tensorboard"]
+    progress: bool = True
+
+
+class BaseRecipe(StrictModel):
+    """Top-level keys every recipe has; tasks subclass it with ``data`` and ``model``."""
+
+    task: str
+    seed: int = 0
+    train: TrainConfig = TrainConfig()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if k not in node or node[k] is None:
+            node[k] = {}
+        if not isinstance(node[k], dict):
+            raise ConfigError(f"{source}: cannot set '{dotted}': '{k}' is a value, not a section")
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are read as YAML (``3``, ``true``, ``[1, 2]``).
+
+    Raises:
+        ConfigError: an override has no ``=`` or an empty key.
+    """
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. train.epochs=3")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}': empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
+        out.append((key, value))
+    return out
+
+
+def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Read a recipe file into a dict and apply overrides (no validation yet).
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or a top level that is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'task' key at the top level")
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, value, f"{path} (override)")
+    return raw
+
+
+def validate(raw: dict, schema: type[BaseRecipe], source: str) -> BaseRecipe:
+    """Validate ``raw`` against ``schema``; errors name the source and each bad field.
+
+    Raises:
+        ConfigError: one line per invalid field, e.g. ``train.epochs: Input should be >= 1``.
+    """
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"{source}: invalid recipe\n" + "\n".join(lines)) from None
+
+
+def resolve_path(value: str | Path, base: Path | None = None) -> Path:
+    """Resolve a data path; relative paths are taken from the working directory, then ``base``."""
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists() or base is None:
+        return p
+    alt = base / p
+    return alt if alt.exists() else p

@@ -1,0 +1,1 @@
+"""Training engine: the task registry, Lightning wrappers, trainer factory, run folder."""

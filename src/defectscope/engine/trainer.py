@@ -1,0 +1,72 @@
+"""Lightning ``Trainer`` factory from a :class:`~defectscope.config.TrainConfig`."""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from defectscope.config import TrainConfig
+
+
+def set_threads(cfg: TrainConfig) -> None:
+    """Set torch's intra-op threads (``num_threads``; under DDP the cores are shared out)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    elif cfg.devices > 1 and cfg.accelerator == "cpu":
+        import os
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.devices))
+
+
+def build_trainer(cfg: TrainConfig, run_dir: Path, monitor: str | None, mode: str = "max") -> L.Trainer:
+    """A Lightning trainer writing logs and checkpoints into ``run_dir``.
+
+    Args:
+        cfg: training settings (epochs, precision, strategy, devices, early stopping, budget).
+        run_dir: the run folder; logs go to ``run_dir/logs``, checkpoints to ``run_dir/checkpoints``.
+        monitor: logged metric for checkpoint selection and early stopping (``None``: keep the last).
+        mode: ``max`` or ``min`` for ``monitor``.
+    """
+    loggers = []
+    if "csv" in cfg.logger:
+        loggers.append(CSVLogger(str(run_dir), name="logs", version="csv"))
+    if "tensorboard" in cfg.logger:
+        loggers.append(TensorBoardLogger(str(run_dir), name="logs", version="tensorboard", default_hp_metric=False))
+    callbacks: list = []
+    ckpt_dir = run_dir / "checkpoints"
+    if monitor:
+        callbacks.append(ModelCheckpoint(ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True))
+        if cfg.early_stopping_patience:
+            callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience))
+    else:
+        callbacks.append(ModelCheckpoint(ckpt_dir, filename="last", save_last=False))
+    show_progress = cfg.progress and sys.stderr.isatty()
+    if show_progress:
+        callbacks.append(RichProgressBar())
+    strategy = cfg.strategy
+    if strategy == "ddp" and cfg.accelerator == "cpu":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    return L.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=strategy,
+        precision=cfg.precision,
+        logger=loggers or False,
+        callbacks=callbacks,
+        enable_progress_bar=show_progress,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
+        default_root_dir=str(run_dir),
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )

@@ -1,0 +1,1 @@
+"""Metrics per task, plots and the HTML report."""
