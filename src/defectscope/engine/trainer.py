@@ -14,6 +14,25 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from defectscope.config import TrainConfig
 
 
+class EpochSummary(L.Callback):
+    """One line per epoch (time and logged metrics) for logs where no progress bar is drawn."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        import time
+
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        import time
+
+        if not trainer.is_global_zero:
+            return
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        text = "  ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items()))
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} ({time.perf_counter() - self._t0:.0f} s)  {text}",
+              file=sys.stderr, flush=True)
+
+
 def set_threads(cfg: TrainConfig) -> None:
     """Set torch's intra-op threads (``num_threads``; under DDP the cores are shared out)."""
     if cfg.num_threads:
@@ -47,8 +66,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, monitor: str | None, mode: st
     else:
         callbacks.append(ModelCheckpoint(ckpt_dir, filename="last", save_last=False))
     show_progress = cfg.progress and sys.stderr.isatty()
-    if show_progress:
-        callbacks.append(RichProgressBar())
+    callbacks.append(RichProgressBar() if show_progress else EpochSummary())
     strategy = cfg.strategy
     if strategy == "ddp" and cfg.accelerator == "cpu":
         from lightning.pytorch.strategies import DDPStrategy

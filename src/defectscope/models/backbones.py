@@ -121,7 +121,7 @@ class Backbone(nn.Module):
 
     Forward:
         ``x``: ``[B, 3, H, W]`` float images in [0, 1].
-        returns ``[B, out_channels, H / reduction, W / reduction]`` (rounded up).
+        returns ``[B, out_channels, H / reduction, W / reduction]`` (rounded up or down, per architecture).
 
     Attributes:
         spec: the :class:`BackboneSpec` it was built from.
