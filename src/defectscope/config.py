@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -78,6 +78,11 @@ class TrainConfig(StrictModel):
     augment: bool = True
     logger: list[Literal["csv", "tensorboard"]] = ["csv", "tensorboard"]
     progress: bool = True
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, v: object) -> object:
+        return str(v) if isinstance(v, int) else v
 
 
 class BaseRecipe(StrictModel):
