@@ -30,6 +30,7 @@ instead of piling requests up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
 import time
@@ -37,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
 
 from defectscope.deploy.adapters import DeployError
 from defectscope.deploy.images import CorruptImageError, ImageTooLargeError, NotAnImageError, decode_image_bytes
@@ -124,16 +127,18 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
         workers: inference threads; queue: requests allowed to wait for one (503 beyond).
         max_pixels: largest decoded image, pixels.
     """
-    from fastapi import FastAPI, File, Request, UploadFile
-    from fastapi.responses import FileResponse, JSONResponse
-
     pool = BoundedPool(workers, queue)
     info = predictor.info
     spectra_shape = predictor.adapter.spectra_shape(info)
-    app = FastAPI(title="defectscope inference", version="1",
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        pool.shutdown()
+
+    app = FastAPI(title="defectscope inference", version="1", lifespan=lifespan,
                   description=f"{info.task} model '{info.model_name}' ({predictor.backend}); classes: {', '.join(info.class_names)}")
     app.state.pool, app.state.predictor = pool, predictor
-    app.add_event_handler("shutdown", pool.shutdown)
     mb = max_bytes / (1024 * 1024)
 
     @app.exception_handler(ApiError)
