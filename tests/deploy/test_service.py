@@ -154,3 +154,8 @@ def test_saturated_pool_answers_503_and_keeps_serving(tiny_onnx, neu_files):
         assert first["r"].status_code == 200
         assert _post(c, "c.jpg", data).status_code == 200  # serving again
         assert c.get("/healthz").json()["rejected"] == 1
+
+
+def test_a_text_field_instead_of_a_file_is_400(client):
+    r = client.post("/v1/predict", data={"file": "not-a-file"})
+    assert r.status_code == 400 and r.json()["error"] in ("bad_request", "no_file")

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 
 from defectscope.deploy.adapters import DeployError
@@ -144,6 +145,12 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
         return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors())
+        return JSONResponse({"error": "bad_request", "detail": f"malformed request ({where}); send multipart/form-data "
+                             "with the image in a 'file' part"}, status_code=400)
 
     async def _read_limited(upload: UploadFile) -> bytes:
         data = await upload.read(max_bytes + 1)
