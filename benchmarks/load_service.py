@@ -100,8 +100,8 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 pass
-            if time.perf_counter() - t_start > 300:
-                sys.exit("service did not answer /healthz within 300 s")
+            if time.perf_counter() - t_start > args.startup:
+                sys.exit(f"service did not answer /healthz within {args.startup:g} s")
             time.sleep(0.5)
         health = httpx.get(base + "/healthz").json()
         mem0 = proc_memory_kib(service.pid)
