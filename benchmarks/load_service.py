@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--queue", type=int, default=64, help="service queue places (503 beyond workers + queue)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of the model")
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
+    ap.add_argument("--startup", type=float, default=600.0, help="seconds to wait for the service to answer /healthz")
     args = ap.parse_args()
     image = args.image.read_bytes()
     port = free_port()
