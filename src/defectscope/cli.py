@@ -135,6 +135,59 @@ def backbones() -> None:
     Console().print(table)
 
 
+@app.command()
+@friendly
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
+    out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")] = Path("model.onnx"),
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset version.")] = 17,
+) -> None:
+    """Export a run's model to ONNX (dynamic batch axis, metadata for standalone use)."""
+    from defectscope.deploy.export import export_onnx
+
+    info = export_onnx(run, out, opset=opset)
+    console.print(f"wrote {out}: {info.task} '{info.model_name}', input {info.inputs}, outputs {info.outputs}, "
+                  f"classes {info.class_names}", highlight=False)
+
+
+@app.command()
+@friendly
+def benchmark(
+    run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for model.onnx, model.int8.onnx, benchmark.json (default RUN/deploy).")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="Intra-op threads for every runtime.")] = 2,
+    iters: Annotated[int, typer.Option("--iters", help="Batch-1 latency samples (at most).")] = 50,
+    budget: Annotated[float, typer.Option("--budget", help="Seconds of batch-1 sampling per runtime (at most, 5 samples minimum).")] = 8.0,
+    test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Use at most this many held-out images.")] = None,
+    no_compile: Annotated[bool, typer.Option("--no-compile", help="Skip torch.compile.")] = False,
+) -> None:
+    """Parameters, FLOPs, latency, throughput and accuracy of eager, bf16, compile, ONNX Runtime fp32/int8."""
+    from defectscope.deploy.benchmark import benchmark as run_benchmark
+    from defectscope.deploy.benchmark import render_table
+
+    res = run_benchmark(run, out, threads=threads, iters=iters, budget_s=budget, test_limit=test_limit,
+                        compile_=not no_compile, log=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
+    Console(width=250).print(render_table(res))
+
+
+@app.command()
+@friendly
+def serve(
+    model: Annotated[Path, typer.Argument(help="Run folder (PyTorch) or .onnx file (ONNX Runtime).")],
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    workers: Annotated[int, typer.Option("--workers", help="Inference threads.")] = 1,
+    queue: Annotated[int, typer.Option("--queue", help="Requests allowed to wait; more get 503.")] = 64,
+    max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload per file, MiB.")] = 10.0,
+    threads: Annotated[int, typer.Option("--threads", help="Intra-op threads of the model.")] = 2,
+) -> None:
+    """Serve a model over HTTP: POST /v1/predict, GET /healthz, /docs, and the operator page at /."""
+    from defectscope.deploy.service import serve as run_service
+
+    console.print(f"serving {model} on http://{host}:{port}/ (docs: /docs)", highlight=False)
+    run_service(model, host=host, port=port, workers=workers, queue=queue, max_bytes=int(max_mb * 1024 * 1024), threads=threads)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

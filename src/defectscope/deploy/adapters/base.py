@@ -1,0 +1,231 @@
+"""The per-task adapter interface that export, predictor, benchmark and service share.
+
+A deployed model is a plain tensor function (named inputs -> named outputs) plus
+the knowledge of how to turn a request into its inputs and its outputs into an
+answer. That knowledge is task-specific and lives in one :class:`TaskAdapter`
+per task (``classification`` now; weld fusion, segmentation, boxes and anomaly
+join by registering their own adapter with :func:`register_adapter`).
+
+Everything a runtime needs to use an exported model alone is a :class:`ModelInfo`,
+stored in the ONNX file's ``metadata_props`` under ``defectscope.*`` keys (values
+are JSON). Keys used by every task:
+
+``defectscope.format``       ``"defectscope-onnx/1"``
+``defectscope.task``         task name (selects the adapter)
+``defectscope.model_name``   registry name of the model (``multiscale``, ``classifier``, ...)
+``defectscope.model_kwargs`` arguments the model was built with
+``defectscope.inputs``       ``{name: per-sample shape}``, e.g. ``{"image": [3, 200, 200]}``
+``defectscope.outputs``      output names in order, e.g. ``["logits", "probabilities"]``
+``defectscope.input_size``   ``[H, W]`` of the image input, pixels
+``defectscope.input_format`` how the image input is laid out (``"float32 NCHW RGB in [0, 1]"``)
+``defectscope.normalisation`` ``{"inside_model": true, "mean": [...], "std": [...]}``
+``defectscope.class_names``  class names in output order
+``defectscope.thresholds``   decision thresholds (``{}`` for arg-max classification)
+``defectscope.source``       run folder the model came from; ``defectscope.checkpoint_sha256``
+
+Reserved for the weld-fusion family (multimodal image + spectra, written by its adapter):
+
+``defectscope.spectra_shape``     per-sample spectra shape ``[C, L]`` (channels, samples)
+``defectscope.spectral_channels`` the selected spectral channels (indices and wavelengths, nm)
+``defectscope.spectra_normalisation`` per-channel mean/std if it is not inside the model
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+ONNX_FORMAT = "defectscope-onnx/1"
+META_PREFIX = "defectscope."
+
+class DeployError(ValueError):
+    """A model file or run cannot be deployed as asked; the message names the file and the field."""
+
+@dataclass
+class ModelInfo:
+    """What a runtime needs to know about one deployable model.
+
+    Attributes:
+        task: task name (selects the :class:`TaskAdapter`).
+        model_name: registry name of the model.
+        model_kwargs: its constructor arguments.
+        inputs: per-sample input shapes by name (without the batch axis).
+        outputs: output names in the order the model returns them.
+        input_size: ``(H, W)`` of the image input in pixels.
+        input_format: layout and range of the image input.
+        normalisation: where and how inputs are normalised.
+        class_names: output class names (empty for tasks without classes).
+        thresholds: decision thresholds by name.
+        extra: task-specific fields (e.g. ``spectra_shape``, ``spectral_channels``).
+        source: the run folder or file the model came from.
+        sha256: SHA-256 of the checkpoint or ONNX file (model identity).
+    """
+
+    task: str
+    model_name: str
+    model_kwargs: dict
+    inputs: dict[str, list[int]]
+    outputs: list[str]
+    input_size: tuple[int, int]
+    input_format: str = "float32 NCHW RGB in [0, 1]"
+    normalisation: dict = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+    thresholds: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    source: str = ""
+    sha256: str = ""
+
+    def to_metadata(self) -> dict[str, str]:
+        """``defectscope.*`` metadata properties (JSON values) for an ONNX file."""
+        d = asdict(self)
+        extra = d.pop("extra")
+        sha = d.pop("sha256")
+        meta = {META_PREFIX + "format": ONNX_FORMAT, META_PREFIX + "checkpoint_sha256": json.dumps(sha)}
+        meta.update({META_PREFIX + k: json.dumps(v) for k, v in d.items()})
+        meta.update({META_PREFIX + k: json.dumps(v) for k, v in extra.items()})
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], where: str) -> "ModelInfo":
+        """Rebuild from ONNX metadata properties.
+
+        Raises:
+            DeployError: not a defectscope ONNX file, or a field is missing / not JSON.
+        """
+        if meta.get(META_PREFIX + "format") != ONNX_FORMAT:
+            raise DeployError(f"{where}: not a defectscope ONNX export (metadata 'defectscope.format' is "
+                              f"{meta.get(META_PREFIX + 'format')!r}, expected {ONNX_FORMAT!r}); export with 'defectscope export RUN'")
+        values: dict[str, Any] = {}
+        for k, v in meta.items():
+            if k.startswith(META_PREFIX) and k != META_PREFIX + "format":
+                try:
+                    values[k[len(META_PREFIX):]] = json.loads(v)
+                except json.JSONDecodeError as exc:
+                    raise DeployError(f"{where}: metadata '{k}' is not JSON ({exc})") from exc
+        known = {f for f in cls.__dataclass_fields__ if f not in ("extra", "sha256")}
+        missing = sorted({"task", "model_name", "inputs", "outputs", "input_size"} - set(values))
+        if missing:
+            raise DeployError(f"{where}: metadata lacks {', '.join('defectscope.' + m for m in missing)}")
+        args = {k: values.pop(k) for k in list(values) if k in known}
+        args["input_size"] = tuple(args["input_size"])
+        sha = values.pop("checkpoint_sha256", "")
+        return cls(**args, extra=values, sha256=sha)
+
+    def identity(self, backend: str) -> dict:
+        """Short JSON identity of the model for responses and logs."""
+        return {"task": self.task, "model": self.model_name, "source": Path(self.source).name or self.source,
+                "sha256": self.sha256[:16], "backend": backend}
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+@dataclass
+class EvalSet:
+    """Labelled held-out inputs for measuring a runtime's quality.
+
+    Attributes:
+        inputs: batched model inputs by name, e.g. ``{"image": float32 [N, 3, H, W]}``.
+        targets: task-specific targets (class indices ``[N]`` for classification).
+        files: the source files, in order.
+    """
+
+    inputs: dict[str, np.ndarray]
+    targets: np.ndarray
+    files: list[Path]
+
+class TaskAdapter:
+    """How one task is exported, fed, answered and scored. Subclass and register per task.
+
+    Subclasses set ``task`` and implement the methods that raise ``NotImplementedError``.
+    """
+
+    task: str = ""
+
+    def load_torch(self, run_dir: Path) -> tuple[nn.Module, ModelInfo]:
+        """Rebuild the trained model of a run as an export-ready module.
+
+        Returns:
+            ``(module, info)``: ``module(*inputs in info.inputs order)`` returns a tuple of
+            tensors in ``info.outputs`` order, in eval mode, fp32.
+        """
+        raise NotImplementedError
+
+    def preprocess(self, info: ModelInfo, image: np.ndarray, spectra: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One request's inputs (no batch axis) from a decoded ``uint8 [H, W, 3]`` image (and spectra).
+
+        Raises:
+            DeployError: spectra given to a model without a spectra input, or missing/wrong shape.
+        """
+        raise NotImplementedError
+
+    def postprocess(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray | None = None) -> dict:
+        """A JSON-ready answer from one sample's outputs (no batch axis).
+
+        The answer has at least ``class`` (or ``None``) and ``probabilities`` (or ``{}``)
+        and ``overlay_png`` (base64 PNG or ``None``) where the task has a map, mask or boxes.
+        """
+        raise NotImplementedError
+
+    def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
+        """A split of the run (``RUN/split/<split>.txt``; ``test`` = held out) as model inputs and targets.
+
+        ``limit`` keeps that many items spread evenly over the list. Calibration of int8
+        quantisation uses ``split="train"``.
+
+        Raises:
+            DeployError: the list is missing or names an unknown class / missing file.
+        """
+        raise NotImplementedError
+
+    def score(self, info: ModelInfo, outputs: dict[str, np.ndarray], targets: np.ndarray) -> tuple[str, float]:
+        """``(metric name, value)`` of batched outputs against targets (e.g. accuracy in %)."""
+        raise NotImplementedError
+
+    def onnx_unsupported(self, info: ModelInfo) -> str | None:
+        """Why this model cannot run in ONNX (``None`` if it can), e.g. Grad-MobileNet's
+        input-gradient features need a backward pass and stay on PyTorch."""
+        return None
+
+    def spectra_shape(self, info: ModelInfo) -> tuple[int, ...] | None:
+        """Per-sample spectra shape ``(C, L)`` for multimodal models, ``None`` for image-only ones."""
+        shape = info.extra.get("spectra_shape")
+        return tuple(shape) if shape else None
+
+    def example_inputs(self, info: ModelInfo, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs of the right shapes, ``[batch, *shape]`` float32 in [0, 1] (export, benchmark)."""
+        rng = np.random.default_rng(seed)
+        return {k: rng.random((batch, *shape), dtype=np.float32) for k, shape in info.inputs.items()}
+
+_ADAPTERS: dict[str, TaskAdapter] = {}
+
+def register_adapter(adapter: TaskAdapter) -> TaskAdapter:
+    """Add a task adapter (one per task name)."""
+    if adapter.task in _ADAPTERS:
+        raise ValueError(f"deploy adapter for task '{adapter.task}' registered twice")
+    _ADAPTERS[adapter.task] = adapter
+    return adapter
+
+def _ensure_loaded() -> None:
+    import defectscope.deploy.adapters.classification  # noqa: F401
+
+def get_adapter(task: str) -> TaskAdapter:
+    """The adapter of ``task``.
+
+    Raises:
+        DeployError: no adapter for that task yet (the message lists the deployable tasks).
+    """
+    _ensure_loaded()
+    if task not in _ADAPTERS:
+        raise DeployError(f"task '{task}' has no deploy adapter yet; deployable tasks: {', '.join(sorted(_ADAPTERS))}")
+    return _ADAPTERS[task]

@@ -1,0 +1,118 @@
+"""Deploy adapter of the ``classification`` task (models ``multiscale`` and ``classifier``).
+
+Exported graph: ``image`` float32 ``[B, 3, H, W]`` RGB in [0, 1] (``H, W`` = the run's
+``image_size``; normalisation is inside the model) -> ``logits`` ``[B, K]`` and
+``probabilities`` ``[B, K]`` (softmax). The decision is the arg-max class; no threshold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from defectscope.data.images import resize_uint8
+from defectscope.deploy.adapters.base import DeployError, EvalSet, ModelInfo, TaskAdapter, file_sha256, register_adapter
+from defectscope.deploy.images import as_rgb_uint8
+
+
+class ClassifierWithProbabilities(nn.Module):
+    """Wraps a classifier ``[B, 3, H, W] -> logits [B, K]`` to also return softmax probabilities."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(image)
+        return logits, torch.softmax(logits.float(), dim=1)
+
+
+def _image_to_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``uint8 [H, W, 3]`` -> ``float32 [3, h, w]`` in [0, 1], resized bilinearly like training."""
+    return resize_uint8(image, size).transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+
+
+def resolve_listed(path: Path, run_dir: Path, lst: Path, line: int) -> Path:
+    """A file of a split list: absolute, or relative to the training's working directory.
+
+    Relative entries are tried against the current directory, then against each parent of
+    the run folder (``/work/runs/X`` finds ``../shared/...`` as ``/work/shared/...``).
+
+    Raises:
+        DeployError: not found anywhere (the message lists where it looked).
+    """
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = [Path.cwd() / path] + [a / path for a in Path(run_dir).resolve().parents]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DeployError(f"{lst}:{line}: listed file {path} not found (tried {', '.join(str(c) for c in candidates[:3])}, ...); "
+                      "run from the directory the run was trained in")
+
+
+class ClassificationAdapter(TaskAdapter):
+    """Image classification: arg-max class and per-class probabilities."""
+
+    task = "classification"
+
+    def load_torch(self, run_dir: Path) -> tuple[nn.Module, ModelInfo]:
+        from defectscope.engine.classification import load_classifier
+        from defectscope.engine.run import RunFolder
+
+        model, payload = load_classifier(Path(run_dir))
+        size = int(payload["image_size"])
+        backbone = getattr(model, "backbone", None)
+        norm = {"inside_model": True}
+        if backbone is not None and hasattr(backbone, "spec"):
+            norm.update(mean=list(backbone.spec.mean), std=list(backbone.spec.std))
+        info = ModelInfo(
+            task=self.task, model_name=payload["model_name"], model_kwargs=payload["model_kwargs"],
+            inputs={"image": [3, size, size]}, outputs=["logits", "probabilities"], input_size=(size, size),
+            normalisation=norm, class_names=list(payload["class_names"]), thresholds={},
+            source=str(Path(run_dir).resolve()), sha256=file_sha256(RunFolder(run_dir).model_path),
+        )
+        return ClassifierWithProbabilities(model).eval(), info
+
+    def preprocess(self, info: ModelInfo, image: np.ndarray, spectra: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        if spectra is not None:
+            raise DeployError(f"model '{info.model_name}' ({info.task}) takes an image only; remove the spectra file")
+        return {"image": _image_to_input(image, info.input_size)}
+
+    def postprocess(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray | None = None) -> dict:
+        p = np.asarray(outputs["probabilities"], dtype=np.float64)
+        k = int(p.argmax())
+        return {"class": info.class_names[k], "class_index": k, "score": float(p[k]),
+                "probabilities": {n: float(v) for n, v in zip(info.class_names, p)}, "overlay_png": None}
+
+    def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
+        lst = Path(run_dir) / "split" / f"{split}.txt"
+        if not lst.is_file():
+            raise DeployError(f"{lst}: not found; the run has no held-out split list")
+        files, labels = [], []
+        index = {c: i for i, c in enumerate(info.class_names)}
+        for n, line in enumerate(lst.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            path, _, label = line.rpartition(",")
+            if label not in index:
+                raise DeployError(f"{lst}:{n}: class '{label}' is not among the model's classes {info.class_names}")
+            files.append(resolve_listed(Path(path), Path(run_dir), lst, n))
+            labels.append(index[label])
+        if limit and limit < len(files):
+            # every k-th file keeps the class mix of the (class-sorted) list
+            keep = np.linspace(0, len(files) - 1, limit).round().astype(int)
+            files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+        x = np.stack([_image_to_input(as_rgb_uint8(f), info.input_size) for f in files])
+        return EvalSet({"image": x}, np.asarray(labels, dtype=np.int64), files)
+
+    def score(self, info: ModelInfo, outputs: dict[str, np.ndarray], targets: np.ndarray) -> tuple[str, float]:
+        pred = np.asarray(outputs["probabilities"]).argmax(1)
+        return "accuracy %", float((pred == targets).mean() * 100.0)
+
+
+register_adapter(ClassificationAdapter())

@@ -1,0 +1,193 @@
+"""One predictor API over a run folder (PyTorch) and an exported ``.onnx`` file (ONNX Runtime).
+
+    >>> p = load_predictor("runs/neu")            # PyTorch, from RUN/model.ckpt
+    >>> q = load_predictor("model.onnx")          # ONNX Runtime, metadata only
+    >>> p.predict(["crazing_1.jpg"])[0]["class"]  # same inputs, same outputs
+    'crazing'
+
+Both backends take the same inputs (image files, encoded bytes, ``uint8``/float
+arrays ``[H, W, 3]``; spectra arrays for multimodal tasks) and return the same
+answers (one JSON-ready dict per image, built by the task's adapter). The
+batched tensor function is :meth:`Predictor.run`: named ``float32`` arrays
+``[B, ...]`` in, named arrays out.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from defectscope.deploy.adapters import DeployError, ModelInfo, TaskAdapter, file_sha256, get_adapter
+from defectscope.deploy.images import as_rgb_uint8
+
+ImageLike = str | Path | bytes | np.ndarray
+
+
+class Predictor:
+    """Base class: a model, its :class:`ModelInfo` and its task adapter.
+
+    Attributes:
+        info: what the model takes and returns.
+        adapter: the task's :class:`TaskAdapter`.
+        backend: ``pytorch`` or ``onnxruntime``.
+    """
+
+    backend = ""
+
+    def __init__(self, info: ModelInfo, adapter: TaskAdapter) -> None:
+        self.info = info
+        self.adapter = adapter
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Batched forward pass: ``{name: float32 [B, *shape]}`` -> ``{output name: array [B, ...]}``."""
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """Model identity for responses: task, model, source file, SHA-256 prefix, backend."""
+        return self.info.identity(self.backend)
+
+    def prepare(self, images: Sequence[ImageLike], spectra: Sequence[np.ndarray | None] | None = None
+                ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """Decode and preprocess a list of images into one batch.
+
+        Returns:
+            ``(batched inputs, decoded uint8 images)``.
+
+        Raises:
+            ImageReadError: an unreadable image (named); DeployError: spectra problems.
+        """
+        decoded = [as_rgb_uint8(im) for im in images]
+        spectra = list(spectra) if spectra is not None else [None] * len(decoded)
+        if len(spectra) != len(decoded):
+            raise DeployError(f"{len(decoded)} images but {len(spectra)} spectra; give one spectra array per image")
+        per = [self.adapter.preprocess(self.info, im, sp) for im, sp in zip(decoded, spectra)]
+        batch = {k: np.stack([p[k] for p in per]).astype(np.float32, copy=False) for k in self.info.inputs}
+        return batch, decoded
+
+    def predict(self, images: Sequence[ImageLike], spectra: Sequence[np.ndarray | None] | None = None,
+                batch_size: int = 32) -> list[dict]:
+        """Answers for images (and spectra), one dict per image, in order.
+
+        Each answer has the adapter's fields (``class``, ``probabilities``, ``overlay_png``, ...)
+        plus ``latency_ms``: the model time of its batch divided by the batch size.
+        """
+        answers: list[dict] = []
+        spectra = list(spectra) if spectra is not None else None
+        for i in range(0, len(images), batch_size):
+            sp = spectra[i : i + batch_size] if spectra is not None else None
+            batch, decoded = self.prepare(images[i : i + batch_size], sp)
+            t0 = time.perf_counter()
+            out = self.run(batch)
+            ms = (time.perf_counter() - t0) * 1000.0 / len(decoded)
+            for j, im in enumerate(decoded):
+                ans = self.adapter.postprocess(self.info, {k: v[j] for k, v in out.items()}, im)
+                ans["latency_ms"] = round(ms, 3)
+                answers.append(ans)
+        return answers
+
+
+class TorchPredictor(Predictor):
+    """PyTorch eager fp32 on a run folder (``RUN/model.ckpt``).
+
+    Args:
+        run_dir: a trained run folder.
+        threads: ``torch.set_num_threads`` value (``None``: leave as is).
+    """
+
+    backend = "pytorch"
+
+    def __init__(self, run_dir: str | Path, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        run_dir = Path(run_dir)
+        task = _run_task(run_dir)
+        adapter = get_adapter(task)
+        self.module, info = adapter.load_torch(run_dir)
+        super().__init__(info, adapter)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            outs = self.module(*[torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in self.info.inputs])
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        return {k: o.float().numpy() for k, o in zip(self.info.outputs, outs)}
+
+
+class OnnxPredictor(Predictor):
+    """ONNX Runtime (CPU) on a file written by ``defectscope export``; needs no run folder.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads of the session (``None``: ONNX Runtime's default).
+
+    Raises:
+        DeployError: not a defectscope export (metadata missing) or no adapter for its task.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise DeployError(f"{path}: ONNX file not found")
+        self.session = make_session(path, threads)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        info = ModelInfo.from_metadata(meta, str(path))
+        info.source = str(path.resolve())
+        info.extra.setdefault("onnx_sha256", file_sha256(path))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        super().__init__(info, get_adapter(info.task))
+
+    def identity(self) -> dict:
+        ident = super().identity()
+        ident["onnx_sha256"] = self.info.extra.get("onnx_sha256", "")[:16]
+        return ident
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})
+        return dict(zip(self.output_names, outs))
+
+
+def make_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _run_task(run_dir: Path) -> str:
+    from defectscope.engine.run import RunFolder
+
+    payload_task = None
+    rf = RunFolder(run_dir)
+    if rf.config_path.is_file():
+        payload_task = rf.read_config().get("task")
+    if not payload_task:
+        payload_task = rf.load_model_payload().get("task")
+    return payload_task
+
+
+def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
+    """A run folder -> :class:`TorchPredictor`; an ``.onnx`` file -> :class:`OnnxPredictor`.
+
+    Raises:
+        DeployError: the path is neither; RunError: the run folder is incomplete.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return TorchPredictor(path, threads)
+    if path.suffix.lower() == ".onnx":
+        return OnnxPredictor(path, threads)
+    raise DeployError(f"{path}: expected a run folder (with model.ckpt) or an .onnx file from 'defectscope export'")

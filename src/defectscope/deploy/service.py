@@ -1,0 +1,224 @@
+"""``defectscope serve RUN_OR_ONNX``: the inference service (FastAPI + uvicorn) and its operator page.
+
+Endpoints:
+
+- ``POST /v1/predict`` (multipart): ``file`` = the image; ``spectra`` = the spectra file
+  (``.npy`` or CSV, weld models only). Returns the adapter's answer (``class``,
+  ``probabilities``, ``overlay_png`` base64 or ``null``) plus ``latency_ms`` (model time),
+  ``total_ms`` (decode + queue + model) and ``model`` (identity).
+- ``GET /healthz``: liveness, model identity and pool occupancy.
+- ``GET /``: the operator page (``deploy/static/index.html``); ``GET /docs``: OpenAPI.
+
+Errors are JSON ``{"error": code, "detail": message}``:
+
+==== ======================== =====================================================
+400  ``no_file``              no ``file`` part in the form
+400  ``unexpected_spectra``   spectra sent to an image-only model
+400  ``missing_spectra``      a multimodal model got no spectra
+413  ``too_large``            upload over ``max_bytes`` (stated) or over the pixel limit
+415  ``not_an_image``         bytes are not an image format
+422  ``corrupt_image``        recognised image format that cannot be decoded
+422  ``bad_spectra``          spectra unreadable or of the wrong shape (expected shape stated)
+503  ``busy``                 every inference slot and queue place is taken
+==== ======================== =====================================================
+
+Inference runs in a bounded pool: ``workers`` threads run the model and at most
+``queue`` more requests wait; beyond that the service answers 503 at once
+instead of piling requests up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+
+from defectscope.deploy.adapters import DeployError
+from defectscope.deploy.images import CorruptImageError, ImageTooLargeError, NotAnImageError, decode_image_bytes
+from defectscope.deploy.predictor import Predictor
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+
+
+class ApiError(Exception):
+    """A request error with its HTTP status, code and message."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+class BoundedPool:
+    """``workers`` inference threads plus at most ``queue`` waiting requests.
+
+    :meth:`try_acquire` refuses (returns ``False``) when ``workers + queue`` requests
+    are already admitted, so that a slow model cannot make requests pile up.
+    """
+
+    def __init__(self, workers: int, queue: int) -> None:
+        if workers < 1 or queue < 0:
+            raise ValueError(f"workers must be >= 1 and queue >= 0, got {workers}, {queue}")
+        self.workers, self.capacity = workers, workers + queue
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="defectscope-infer")
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.rejected = 0
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self.in_flight >= self.capacity:
+                self.rejected += 1
+                return False
+            self.in_flight += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def read_spectra(data: bytes, name: str, expected: tuple[int, ...]) -> np.ndarray:
+    """Parse a spectra upload (``.npy``, or CSV/whitespace text with one row per channel) and check its shape.
+
+    Args:
+        data: file bytes. name: its file name (``.npy`` selects NumPy format).
+        expected: per-sample shape ``(C, L)`` from the model's metadata.
+
+    Returns:
+        ``float32`` array of shape ``expected``.
+
+    Raises:
+        ApiError: 422 ``bad_spectra`` when unreadable or of another shape (both shapes named).
+    """
+    try:
+        if name.lower().endswith(".npy") or data[:6] == b"\x93NUMPY":
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        else:
+            text = data.decode("utf-8").replace(",", " ")
+            arr = np.loadtxt(io.StringIO(text), dtype=np.float32, ndmin=2)
+    except (ValueError, UnicodeDecodeError, OSError, EOFError) as exc:
+        raise ApiError(422, "bad_spectra", f"{name}: spectra cannot be read ({exc.__class__.__name__}: {exc}); "
+                       f"send a .npy array or CSV text of shape {list(expected)} (channels x samples)") from exc
+    if tuple(arr.shape) != tuple(expected):
+        raise ApiError(422, "bad_spectra", f"{name}: spectra shape {list(arr.shape)} does not match the model's "
+                       f"expected shape {list(expected)} (channels x samples)")
+    return arr.astype(np.float32)
+
+
+def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers: int = 1, queue: int = 64,
+               max_pixels: int = 40_000_000):
+    """Build the FastAPI application around one loaded predictor.
+
+    Args:
+        predictor: a :class:`~defectscope.deploy.predictor.Predictor` (PyTorch or ONNX Runtime).
+        max_bytes: largest accepted upload per file, bytes.
+        workers: inference threads; queue: requests allowed to wait for one (503 beyond).
+        max_pixels: largest decoded image, pixels.
+    """
+    pool = BoundedPool(workers, queue)
+    info = predictor.info
+    spectra_shape = predictor.adapter.spectra_shape(info)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        pool.shutdown()
+
+    app = FastAPI(title="defectscope inference", version="1", lifespan=lifespan,
+                  description=f"{info.task} model '{info.model_name}' ({predictor.backend}); classes: {', '.join(info.class_names)}")
+    app.state.pool, app.state.predictor = pool, predictor
+    mb = max_bytes / (1024 * 1024)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors())
+        return JSONResponse({"error": "bad_request", "detail": f"malformed request ({where}); send multipart/form-data "
+                             "with the image in a 'file' part"}, status_code=400)
+
+    async def _read_limited(upload: UploadFile) -> bytes:
+        data = await upload.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ApiError(413, "too_large", f"{upload.filename}: upload exceeds the limit of {max_bytes} bytes ({mb:g} MiB)")
+        return data
+
+    def _infer(data: bytes, name: str, spectra: np.ndarray | None) -> dict:
+        try:
+            image = decode_image_bytes(data, name, max_pixels=max_pixels)
+        except NotAnImageError as exc:
+            raise ApiError(415, "not_an_image", str(exc)) from exc
+        except ImageTooLargeError as exc:
+            raise ApiError(413, "too_large", str(exc)) from exc
+        except CorruptImageError as exc:
+            raise ApiError(422, "corrupt_image", str(exc)) from exc
+        try:
+            return predictor.predict([image], None if spectra is None else [spectra])[0]
+        except DeployError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from exc
+
+    @app.post("/v1/predict", summary="Classify one image (plus spectra for weld models)")
+    async def predict(file: UploadFile | None = File(None, description="the image (JPEG, PNG, BMP, TIFF, WebP)"),
+                      spectra: UploadFile | None = File(None, description="weld models only: spectra (.npy or CSV), shape channels x samples")):
+        t0 = time.perf_counter()
+        if file is None:
+            raise ApiError(400, "no_file", f"no image: send multipart/form-data with a 'file' part (max {mb:g} MiB)")
+        data = await _read_limited(file)
+        sp = None
+        if spectra is not None and spectra_shape is None:
+            raise ApiError(400, "unexpected_spectra", f"model '{info.model_name}' ({info.task}) takes an image only; remove the 'spectra' part")
+        if spectra_shape is not None:
+            if spectra is None:
+                raise ApiError(400, "missing_spectra", f"model '{info.model_name}' needs a 'spectra' part of shape {list(spectra_shape)}")
+            sp = read_spectra(await _read_limited(spectra), spectra.filename or "spectra", spectra_shape)
+        if not pool.try_acquire():
+            raise ApiError(503, "busy", f"all {pool.capacity} inference places are taken; retry shortly")
+        try:
+            loop = asyncio.get_running_loop()
+            answer = await loop.run_in_executor(pool.executor, _infer, data, file.filename or "upload", sp)
+        finally:
+            pool.release()
+        answer["total_ms"] = round((time.perf_counter() - t0) * 1000.0, 3)
+        answer["model"] = predictor.identity()
+        answer["file"] = file.filename
+        return answer
+
+    @app.get("/healthz", summary="Liveness, model identity and pool occupancy")
+    async def healthz():
+        return {"status": "ok", "model": predictor.identity(), "classes": info.class_names,
+                "input_size": list(info.input_size), "spectra_shape": list(spectra_shape) if spectra_shape else None,
+                "max_bytes": max_bytes, "workers": pool.workers, "capacity": pool.capacity,
+                "in_flight": pool.in_flight, "rejected": pool.rejected}
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app
+
+
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, queue: int = 64,
+          max_bytes: int = DEFAULT_MAX_BYTES, threads: int | None = 2) -> None:
+    """Load ``path`` (run folder or ``.onnx``) and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    from defectscope.deploy.predictor import load_predictor
+
+    predictor = load_predictor(path, threads=threads)
+    app = create_app(predictor, max_bytes=max_bytes, workers=workers, queue=queue)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

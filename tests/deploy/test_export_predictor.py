@@ -1,0 +1,74 @@
+"""ONNX export (metadata, dynamic batch, checker) and PyTorch / ONNX Runtime parity on real NEU images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from defectscope.deploy.adapters import DeployError, ModelInfo
+from defectscope.deploy.predictor import OnnxPredictor, load_predictor
+
+
+def test_export_writes_checked_model_with_metadata_and_dynamic_batch(tiny_onnx):
+    model = onnx.load(str(tiny_onnx))
+    onnx.checker.check_model(model, full_check=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["defectscope.format"] == "defectscope-onnx/1"
+    assert json.loads(meta["defectscope.task"]) == "classification"
+    assert json.loads(meta["defectscope.class_names"])[0] == "crazing"
+    assert json.loads(meta["defectscope.input_size"]) == [64, 64]
+    norm = json.loads(meta["defectscope.normalisation"])
+    assert norm["inside_model"] is True and norm["mean"] == [0.5, 0.5, 0.5]
+    assert json.loads(meta["defectscope.thresholds"]) == {}
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 64, 64]
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    info = ModelInfo.from_metadata(meta, str(tiny_onnx))
+    assert info.task == "classification" and info.input_size == (64, 64) and len(info.sha256) == 64
+
+
+def test_onnx_matches_pytorch_on_real_neu_images(torch_predictor, onnx_predictor, neu_files):
+    a = torch_predictor.predict(neu_files, batch_size=5)  # batches of 5, 5, 2: the batch axis is dynamic
+    b = onnx_predictor.predict(neu_files, batch_size=12)
+    pa = np.array([list(r["probabilities"].values()) for r in a])
+    pb = np.array([list(r["probabilities"].values()) for r in b])
+    assert pa.shape == (12, 6)
+    assert np.abs(pa - pb).max() < 1e-4
+    assert [r["class"] for r in a] == [r["class"] for r in b]
+    assert np.allclose(pa.sum(1), 1.0, atol=1e-5)
+    assert torch_predictor.identity()["backend"] == "pytorch" and onnx_predictor.identity()["backend"] == "onnxruntime"
+    assert torch_predictor.identity()["sha256"] == onnx_predictor.identity()["sha256"]  # same checkpoint
+
+
+def test_predictor_accepts_paths_bytes_and_arrays_alike(onnx_predictor, neu_files):
+    from defectscope.data.images import load_image
+
+    f = neu_files[3]
+    by_path = onnx_predictor.predict([f])[0]
+    by_bytes = onnx_predictor.predict([f.read_bytes()])[0]
+    by_array = onnx_predictor.predict([load_image(f)])[0]
+    by_float = onnx_predictor.predict([load_image(f).astype(np.float32) / 255.0])[0]
+    for other in (by_bytes, by_array, by_float):
+        assert other["class"] == by_path["class"]
+        assert max(abs(other["probabilities"][k] - v) for k, v in by_path["probabilities"].items()) < 1e-6
+
+
+def test_load_predictor_rejects_foreign_files(tmp_path, tiny_onnx):
+    txt = tmp_path / "model.txt"
+    txt.write_text("x")
+    with pytest.raises(DeployError, match="run folder"):
+        load_predictor(txt)
+    model = onnx.load(str(tiny_onnx))
+    del model.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, str(bare))
+    with pytest.raises(DeployError, match="not a defectscope ONNX export"):
+        OnnxPredictor(bare)
+
+
+def test_spectra_to_image_only_model_is_an_error(onnx_predictor, neu_files):
+    with pytest.raises(DeployError, match="image only"):
+        onnx_predictor.predict([neu_files[0]], spectra=[np.zeros((4, 10), np.float32)])
