@@ -1,0 +1,46 @@
+"""End to end on a small real KolektorSDD subset: train 1 epoch, run folder, predict to RLE csv + PNG masks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from defectscope.cli import app
+from defectscope.data.masks import load_mask
+from defectscope.data.rle import read_rle_csv, rle_decode
+
+
+def test_train_and_predict_small_real_subset(tmp_path, ksdd_root):
+    run = tmp_path / "run"
+    overrides = [f"data.root={ksdd_root}", "data.max_images=4", "data.height=64", "data.width=32",
+                 "data.good_per_epoch=2", "model.decoder_channels=[16,16,8,8,8]", "train.epochs=1",
+                 "train.batch_size=2", "train.logger=[csv]", "train.progress=false"]
+    args = ["train", "configs/ksdd_unet_resnet18.yaml", "--out", str(run)]
+    for o in overrides:
+        args += ["-o", o]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "segmentation" and metrics["weights"] == "random init"
+    assert metrics["split"]["train"] == 4 and metrics["split"]["test"] == 4 and metrics["split"]["test_defective"] == 2
+    for key in ("dice", "iou", "pixel_auroc", "image_ap", "image_auroc", "dice_defective"):
+        assert 0.0 <= metrics["test"][key] <= 1.0, key
+    for name in ("config.yaml", "model.ckpt", "report.html", "plots/overlays_defective.png", "plots/overlays_good.png",
+                 "split/train.txt", "split/test.txt"):
+        assert (run / name).is_file(), name
+    assert "overlays_good.png" in (run / "report.html").read_text()
+
+    images = [ksdd_root / "images" / "005.jpg", ksdd_root / "images" / "000.jpg"]
+    out = tmp_path / "pred" / "masks.csv"
+    res = CliRunner().invoke(app, ["predict", str(run), *map(str, images), "--out", str(out), "--save-images"])
+    assert res.exit_code == 0, res.output
+    shapes = {p.name: load_mask(ksdd_root / "masks" / f"{p.stem}.png").shape for p in images}
+    records = read_rle_csv(out, shapes)
+    assert [(r.image_id, r.class_id) for r in records] == [("005.jpg", 1), ("000.jpg", 1)]
+    for r in records:
+        png = np.asarray(Image.open(out.parent / "masks_masks" / r.image_id.replace(".jpg", ".png")))
+        assert png.shape == shapes[r.image_id] and set(np.unique(png)) <= {0, 255}
+        np.testing.assert_array_equal(png > 0, rle_decode(r.encoded, shapes[r.image_id]).astype(bool))
