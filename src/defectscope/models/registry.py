@@ -30,6 +30,7 @@ def _ensure_loaded() -> None:
     import defectscope.models.classifier  # noqa: F401
     import defectscope.models.multiscale  # noqa: F401
     import defectscope.models.unet  # noqa: F401
+    import defectscope.models.multicnn  # noqa: F401
 
 
 def list_models() -> list[str]:
