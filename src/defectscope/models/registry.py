@@ -29,6 +29,7 @@ def _ensure_loaded() -> None:
     # importing the method packages registers them
     import defectscope.models.classifier  # noqa: F401
     import defectscope.models.multiscale  # noqa: F401
+    import defectscope.models.grad_mobilenet, defectscope.models.patchcore  # noqa: F401,E401
 
 
 def list_models() -> list[str]:
