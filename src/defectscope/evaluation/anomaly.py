@@ -126,10 +126,13 @@ def tsne_kmeans(features: np.ndarray, k: int, seed: int = 0, perplexity: float =
     x = np.asarray(features, dtype=np.float64)
     if len(x) < max(k, 4):
         raise ValueError(f"tsne_kmeans: need at least max(k, 4) = {max(k, 4)} items, got {len(x)}")
+    from threadpoolctl import threadpool_limits
+
     x = StandardScaler().fit_transform(x)
     perp = min(perplexity, (len(x) - 1) / 3)
-    emb = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(x)
-    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(emb)
+    with threadpool_limits(1):  # OpenMP spinning on a shared, overloaded CPU costs far more than it gains
+        emb = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(x)
+        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(emb)
     return emb, labels
 
 
