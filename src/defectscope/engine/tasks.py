@@ -44,6 +44,7 @@ def _ensure_loaded() -> None:
     import defectscope.engine.classification  # noqa: F401
     import defectscope.engine.segmentation  # noqa: F401
     import defectscope.engine.multicnn  # noqa: F401
+    import defectscope.engine.anomaly  # noqa: F401
 
 
 def get_task(name: str) -> Task:

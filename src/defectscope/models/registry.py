@@ -31,6 +31,8 @@ def _ensure_loaded() -> None:
     import defectscope.models.multiscale  # noqa: F401
     import defectscope.models.unet  # noqa: F401
     import defectscope.models.multicnn  # noqa: F401
+    import defectscope.models.grad_mobilenet  # noqa: F401
+    import defectscope.models.patchcore  # noqa: F401
 
 
 def list_models() -> list[str]:

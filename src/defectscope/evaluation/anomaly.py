@@ -1,0 +1,212 @@
+"""Metrics and figures of unsupervised inspection: image/pixel AUROC, clustering scores, overlays.
+
+- :func:`image_metrics`: image AUROC and AP of anomaly scores, F1/precision/recall/accuracy at a decision.
+- :func:`pixel_auroc`: AUROC of anomaly-map pixels against ground-truth masks.
+- :func:`cluster_accuracy`: best one-to-one matching of clusters to classes (Hungarian
+  algorithm, ``scipy.optimize.linear_sum_assignment``) -> share of items matched.
+- :func:`clustering_metrics`: cluster accuracy, NMI and ARI (scikit-learn).
+- :func:`tsne_kmeans`: t-SNE to 2-D, then K-means (paper 001, section 4.4.2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from defectscope.evaluation.plots import plt, save_figure
+
+
+def image_metrics(y_true: np.ndarray, scores: np.ndarray, decision: np.ndarray) -> dict:
+    """Image-level figures; defective is the positive class.
+
+    Args:
+        y_true: ``[N]`` 0 = good, 1 = defective.
+        scores: ``[N]`` anomaly scores (higher = more anomalous).
+        decision: ``[N]`` bool, the method's own normal/defective decision.
+
+    Returns:
+        ``image_auroc``, ``image_ap``, ``f1``, ``precision``, ``recall``, ``accuracy``, ``n``,
+        ``n_defective`` (AUROC/AP are ``None`` when only one class is present).
+    """
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
+
+    y = np.asarray(y_true).astype(int)
+    s = np.asarray(scores, dtype=np.float64)
+    d = np.asarray(decision).astype(int)
+    both = 0 < y.sum() < len(y)
+    return {
+        "n": int(len(y)),
+        "n_defective": int(y.sum()),
+        "image_auroc": float(roc_auc_score(y, s)) if both else None,
+        "image_ap": float(average_precision_score(y, s)) if both else None,
+        "f1": float(f1_score(y, d, zero_division=0)),
+        "precision": float(precision_score(y, d, zero_division=0)),
+        "recall": float(recall_score(y, d, zero_division=0)),
+        "accuracy": float(accuracy_score(y, d)),
+    }
+
+
+def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float | None:
+    """AUROC of every pixel's anomaly value against the masks (all images pooled).
+
+    Args:
+        maps: ``[N, H, W]`` anomaly maps; masks: ``[N, H, W]`` bool, same shape.
+
+    Returns:
+        The AUROC, or ``None`` if the masks hold only one class.
+
+    Raises:
+        ValueError: shapes differ.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    maps, masks = np.asarray(maps), np.asarray(masks)
+    if maps.shape != masks.shape:
+        raise ValueError(f"pixel_auroc: maps {maps.shape} and masks {masks.shape} differ")
+    m = masks.reshape(-1).astype(bool)
+    if m.all() or not m.any():
+        return None
+    return float(roc_auc_score(m, maps.reshape(-1).astype(np.float32)))
+
+
+def cluster_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Share of items correctly labelled under the best one-to-one map of clusters to classes.
+
+    Builds the contingency table ``C[cluster, class]`` and solves the assignment
+    maximising the matched count with ``scipy.optimize.linear_sum_assignment``
+    (Hungarian algorithm); clusters left unmatched (more clusters than classes)
+    count as wrong.
+
+    Args:
+        y_true: ``[N]`` int class labels; y_pred: ``[N]`` int cluster ids.
+
+    Raises:
+        ValueError: lengths differ or N = 0.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    if t.shape != p.shape or t.size == 0:
+        raise ValueError(f"cluster_accuracy: need two equal non-empty label arrays, got {t.shape} and {p.shape}")
+    classes, ti = np.unique(t, return_inverse=True)
+    clusters, pi = np.unique(p, return_inverse=True)
+    table = np.zeros((len(clusters), len(classes)), dtype=np.int64)
+    np.add.at(table, (pi, ti), 1)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return float(table[rows, cols].sum() / t.size)
+
+
+def clustering_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """``cluster_accuracy`` (Hungarian), ``nmi`` and ``ari`` (scikit-learn) and ``n``."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    return {"n": int(len(y_true)), "cluster_accuracy": cluster_accuracy(y_true, y_pred),
+            "nmi": float(normalized_mutual_info_score(y_true, y_pred)),
+            "ari": float(adjusted_rand_score(y_true, y_pred))}
+
+
+def tsne_kmeans(features: np.ndarray, k: int, seed: int = 0, perplexity: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+    """Standardise, t-SNE to 2-D, K-means with ``k`` clusters (paper 001, section 4.4.2).
+
+    Args:
+        features: ``[N, F]``; k: number of clusters; seed: t-SNE and K-means seed;
+        perplexity: t-SNE perplexity (reduced to ``(N - 1) / 3`` for small N).
+
+    Returns:
+        ``(embedding [N, 2], cluster ids [N])``.
+
+    Raises:
+        ValueError: fewer than ``k`` or 4 items.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.manifold import TSNE
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(features, dtype=np.float64)
+    if len(x) < max(k, 4):
+        raise ValueError(f"tsne_kmeans: need at least max(k, 4) = {max(k, 4)} items, got {len(x)}")
+    from threadpoolctl import threadpool_limits
+
+    x = StandardScaler().fit_transform(x)
+    perp = min(perplexity, (len(x) - 1) / 3)
+    with threadpool_limits(1):  # OpenMP spinning on a shared, overloaded CPU costs far more than it gains
+        emb = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(x)
+        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(emb)
+    return emb, labels
+
+
+# ---------------------------------------------------------------- figures
+
+def plot_score_histograms(rows: list[tuple[str, np.ndarray, np.ndarray, float | None]], path: str | Path) -> Path:
+    """One panel per method: histograms of the scores of good and defective images, decision line.
+
+    Args:
+        rows: ``(method name, scores [N], y_true [N], threshold or None)``.
+    """
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.6), squeeze=False)
+    for ax, (name, s, y, thr) in zip(axes[0], rows):
+        s, y = np.asarray(s), np.asarray(y).astype(bool)
+        bins = np.linspace(s.min(), s.max(), 31) if s.max() > s.min() else 10
+        ax.hist(s[~y], bins=bins, alpha=0.6, label=f"good ({(~y).sum()})", color="tab:green")
+        ax.hist(s[y], bins=bins, alpha=0.6, label=f"defective ({y.sum()})", color="tab:red")
+        if thr is not None:
+            ax.axvline(thr, color="k", ls="--", lw=1, label="decision")
+        ax.set_xlabel("anomaly score")
+        ax.set_ylabel("images")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_overlays(images: np.ndarray, masks: np.ndarray, maps: list[tuple[str, np.ndarray]], titles: list[str],
+                  path: str | Path) -> Path:
+    """Rows of panels per image: the image with the true mask outline, then each method's map over it.
+
+    Args:
+        images: ``[N, H, W, 3]`` uint8; masks: ``[N, H, W]`` bool;
+        maps: ``(method name, [N, H, W])`` per method (each normalised per method for display);
+        titles: one caption per image.
+    """
+    n = len(images)
+    cols = 1 + len(maps)
+    fig, axes = plt.subplots(cols, n, figsize=(1.25 * n + 0.5, 3.1 * cols), squeeze=False)
+    for j in range(n):
+        axes[0, j].imshow(images[j])
+        if masks[j].any():
+            axes[0, j].contour(masks[j], levels=[0.5], colors="red", linewidths=0.8)
+        axes[0, j].set_title(titles[j], fontsize=7)
+        for r, (name, m) in enumerate(maps, start=1):
+            lo, hi = np.percentile(m, 1), np.percentile(m, 99.9)
+            axes[r, j].imshow(images[j])
+            axes[r, j].imshow(np.clip((m[j] - lo) / max(hi - lo, 1e-12), 0, 1), cmap="jet", alpha=0.5)
+            if masks[j].any():
+                axes[r, j].contour(masks[j], levels=[0.5], colors="white", linewidths=0.8)
+            if j == 0:
+                axes[r, j].set_ylabel(name, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("true mask outline: red (image row) / white (map rows)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_tsne(embedding: np.ndarray, clusters: np.ndarray, labels: np.ndarray, label_names: list[str],
+              path: str | Path, title: str = "t-SNE of gradient features") -> Path:
+    """Two scatter panels of the 2-D embedding: coloured by K-means cluster and by true label."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for c in np.unique(clusters):
+        sel = clusters == c
+        axes[0].scatter(embedding[sel, 0], embedding[sel, 1], s=10, label=f"cluster {c}")
+    axes[0].set_title("coloured by K-means cluster")
+    for c, name in enumerate(label_names):
+        sel = labels == c
+        if sel.any():
+            axes[1].scatter(embedding[sel, 0], embedding[sel, 1], s=10, label=name)
+    axes[1].set_title("coloured by true label")
+    for ax in axes:
+        ax.legend(fontsize=7, markerscale=1.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    return save_figure(fig, path)

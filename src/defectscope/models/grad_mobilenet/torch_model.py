@@ -1,0 +1,248 @@
+"""Grad-MobileNet (paper 001, section 4): the gradient of the loss with respect to the input.
+
+A classifier (MobileNetV3 trunk by default) is trained on normal images only,
+always toward the fixed target ``y = 0``, until it overfits (section 4.1). For
+any image ``x`` the cross-entropy loss ``L(theta, y=0, model(x))`` is
+differentiated with respect to ``x`` (eq. 2) and the per-pixel L2 norm over the
+three colour channels (eq. 3) is the anomaly map. Together with the
+"artificial landmark" (section 4.3: the share of grey levels 0..50 in the
+image's histogram) it becomes a fixed-length feature vector
+(:class:`GradientFeatureSpec`), scored by a one-class SVM (section 4.4.1,
+:class:`OneClassScorer`) and clustered by t-SNE + K-means (section 4.4.2, see
+:mod:`defectscope.evaluation.anomaly`).
+
+The feature vector (exactly, in this order):
+
+1. the pooled gradient-norm map: ``log10(mean of ||Grad||_2 over each cell + eps)``
+   on a ``grid = (gh, gw)`` of equal cells (adaptive average pooling), ``gh * gw`` values;
+2. its histogram: the share of pixels whose ``log10(||Grad||_2 + eps)`` falls in each
+   of ``bins`` equal bins between the 0.5th and 99.9th percentiles of the fitting
+   images' values (values outside go to the end bins), ``bins`` values summing to 1;
+3. the artificial landmark: one value in [0, 1].
+
+Grad-MobileNet needs a backward pass at inference, so it cannot be exported to
+ONNX as a forward-only graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectscope.models.backbones import create_backbone
+from defectscope.models.registry import register_model
+
+#: added to ``||Grad||_2`` before the logarithm, so a zero gradient gives a finite feature
+LOG_EPS = 1e-20
+
+
+@register_model("grad_mobilenet")
+class GradMobileNet(nn.Module):
+    """Backbone + global average pooling + bias-free linear head (paper 001, Fig. 2).
+
+    The head has no bias so that the network cannot reach the fixed target by a
+    constant alone: the logits have to come from the image's features.
+
+    Args:
+        backbone: registry name; the paper's trunk is ``mobilenetv3_large_100``
+            (random init here unless ``weights`` names a local file).
+        num_classes: outputs ``K >= 2`` of the head; training always uses class 0.
+        pretrained / weights: see :func:`defectscope.models.create_backbone`.
+
+    Forward:
+        ``x``: ``[B, 3, H, W]`` RGB in [0, 1]; returns logits ``[B, K]``.
+
+    Raises:
+        ValueError: ``num_classes < 2`` (cross-entropy over one class is constant, its gradient zero).
+    """
+
+    def __init__(self, backbone: str = "mobilenetv3_large_100", num_classes: int = 2, pretrained: bool = False,
+                 weights: str | None = None, **_: object) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"grad_mobilenet: num_classes must be >= 2 (got {num_classes}); "
+                             "a softmax over one class has a constant loss and a zero gradient")
+        self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
+        self.head = nn.Linear(self.backbone.out_channels, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x).mean(dim=(2, 3)))
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, target: int = 0) -> torch.Tensor:
+    """Gradient of the cross-entropy toward the fixed ``target`` with respect to the input (eq. 2).
+
+    The loss is summed over the batch, so every image gets the gradient of its own
+    loss whatever the batch size. The model is used as it is (call ``eval()`` first
+    so batch-norm uses its running statistics); its parameters get no gradient.
+
+    Args:
+        model: maps ``[B, 3, H, W]`` to logits ``[B, K]``.
+        x: images ``[B, 3, H, W]`` (float, RGB in [0, 1]).
+        target: the fixed class ``y`` of eq. 2 (0 in the paper).
+
+    Returns:
+        ``[B, 3, H, W]`` float32 gradient ``dL/dx``.
+
+    Raises:
+        ValueError: ``x`` is not ``[B, 3, H, W]`` or ``target`` is not a valid class.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"input_gradient: expected images [B, 3, H, W], got {tuple(x.shape)}")
+    x = x.detach().float().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x).float()
+        if not 0 <= target < logits.shape[1]:
+            raise ValueError(f"input_gradient: target {target} outside the model's {logits.shape[1]} classes")
+        y = torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    if grad is None:  # the output does not depend on the input at all
+        grad = torch.zeros_like(x)
+    return grad.detach()
+
+
+def gradient_norm(grad: torch.Tensor) -> torch.Tensor:
+    """Per-pixel L2 norm over the colour channels (eq. 3): ``sqrt(g1^2 + g2^2 + g3^2)``.
+
+    Args:
+        grad: ``[B, C, H, W]`` input gradient.
+
+    Returns:
+        ``[B, H, W]`` non-negative anomaly map (units of loss per unit of [0, 1] intensity).
+    """
+    if grad.ndim != 4:
+        raise ValueError(f"gradient_norm: expected [B, C, H, W], got {tuple(grad.shape)}")
+    return torch.linalg.vector_norm(grad, ord=2, dim=1)
+
+
+def artificial_landmark(x: torch.Tensor, low: int = 0, high: int = 50) -> torch.Tensor:
+    """Share of pixels whose grey level lies in ``[low, high]`` (paper 001, section 4.3).
+
+    Grey level = ``round(255 * mean over RGB)`` (the images here are grey repeated on
+    three channels, so this is the original 8-bit grey value).
+
+    Args:
+        x: ``[B, 3, H, W]`` in [0, 1].
+        low, high: inclusive grey-level range (0..50 in the paper).
+
+    Returns:
+        ``[B]`` float in [0, 1].
+    """
+    if x.ndim != 4:
+        raise ValueError(f"artificial_landmark: expected [B, C, H, W], got {tuple(x.shape)}")
+    grey = torch.round(x.float().mean(dim=1) * 255.0)
+    return ((grey >= low) & (grey <= high)).float().mean(dim=(1, 2))
+
+
+@dataclass
+class GradientFeatureSpec:
+    """How a gradient-norm map and a landmark become one feature vector (see the module docstring).
+
+    Attributes:
+        grid: ``(gh, gw)`` cells of the pooled map.
+        bins: number of histogram bins.
+        hist_range: ``(lo, hi)`` in ``log10`` units; set by :meth:`fit_range` from the
+            fitting images (``None`` until then).
+    """
+
+    grid: tuple[int, int] = (10, 4)
+    bins: int = 16
+    hist_range: tuple[float, float] | None = field(default=None)
+
+    @property
+    def dim(self) -> int:
+        """Feature length ``gh * gw + bins + 1``."""
+        return self.grid[0] * self.grid[1] + self.bins + 1
+
+    def fit_range(self, gnorm: torch.Tensor) -> "GradientFeatureSpec":
+        """Set ``hist_range`` to the 0.5th..99.9th percentile of ``log10(gnorm + eps)`` of fitting maps ``[N, H, W]``.
+
+        A degenerate range (all values equal, e.g. zero gradients) is widened by 0.5 on each side.
+        """
+        logs = torch.log10(gnorm.float().flatten() + LOG_EPS)
+        if logs.numel() > 2_000_000:  # quantile() has a size limit; a strided sample is enough
+            logs = logs[:: logs.numel() // 2_000_000 + 1]
+        lo, hi = torch.quantile(logs, torch.tensor([0.005, 0.999])).tolist()
+        if hi - lo < 1e-6:
+            lo, hi = lo - 0.5, hi + 0.5
+        self.hist_range = (float(lo), float(hi))
+        return self
+
+    def __call__(self, gnorm: torch.Tensor, landmark: torch.Tensor) -> torch.Tensor:
+        return gradient_features(gnorm, landmark, self)
+
+
+def gradient_features(gnorm: torch.Tensor, landmark: torch.Tensor, spec: GradientFeatureSpec) -> torch.Tensor:
+    """Fixed-length feature of each image: pooled log map, log histogram, landmark.
+
+    Args:
+        gnorm: ``[B, H, W]`` gradient-norm maps (eq. 3), ``H >= gh`` and ``W >= gw``.
+        landmark: ``[B]`` artificial landmarks.
+        spec: the layout; its ``hist_range`` must be set (:meth:`GradientFeatureSpec.fit_range`).
+
+    Returns:
+        ``[B, gh * gw + bins + 1]`` float32, finite for any finite non-negative input.
+
+    Raises:
+        ValueError: ``hist_range`` not set, or shapes that do not fit.
+    """
+    if spec.hist_range is None:
+        raise ValueError("gradient_features: spec.hist_range is not set; call spec.fit_range(fitting maps) first")
+    if gnorm.ndim != 3 or landmark.shape != (gnorm.shape[0],):
+        raise ValueError(f"gradient_features: expected gnorm [B, H, W] and landmark [B], got "
+                         f"{tuple(gnorm.shape)} and {tuple(landmark.shape)}")
+    g = gnorm.float()
+    pooled = F.adaptive_avg_pool2d(g[:, None], spec.grid).flatten(1)
+    pooled = torch.log10(pooled + LOG_EPS)
+    lo, hi = spec.hist_range
+    logs = torch.log10(g.flatten(1) + LOG_EPS)
+    idx = ((logs - lo) / (hi - lo) * spec.bins).floor().clamp_(0, spec.bins - 1).long()
+    hist = torch.zeros(g.shape[0], spec.bins).scatter_add_(1, idx, torch.ones_like(logs))
+    hist = hist / logs.shape[1]
+    return torch.cat([pooled, hist, landmark.float()[:, None]], dim=1)
+
+
+class OneClassScorer:
+    """Standardisation + scikit-learn ``OneClassSVM`` (RBF) fitted on normal features (section 4.4.1).
+
+    Args:
+        nu: upper bound on the share of training points outside the boundary.
+        gamma: RBF kernel width (``"scale"`` or a float).
+
+    ``score(F)`` is the anomaly score (``-decision_function``, higher = more
+    anomalous); ``predict(F)`` is ``True`` for defective (decision < 0).
+    """
+
+    def __init__(self, nu: float = 0.1, gamma: str | float = "scale") -> None:
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        from sklearn.svm import OneClassSVM
+
+        self.pipeline = make_pipeline(StandardScaler(), OneClassSVM(kernel="rbf", nu=nu, gamma=gamma))
+
+    def fit(self, features: np.ndarray) -> "OneClassScorer":
+        """Fit on normal features ``[N, F]``.
+
+        Raises:
+            ValueError: fewer than 2 rows or non-finite values.
+        """
+        features = np.asarray(features, dtype=np.float64)
+        if features.ndim != 2 or len(features) < 2:
+            raise ValueError(f"OneClassScorer.fit: need a [N >= 2, F] array, got shape {features.shape}")
+        if not np.isfinite(features).all():
+            raise ValueError("OneClassScorer.fit: features contain NaN or inf")
+        self.pipeline.fit(features)
+        return self
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Anomaly scores ``[N]`` (``-decision_function``; > 0 outside the learnt boundary)."""
+        return -self.pipeline.decision_function(np.asarray(features, dtype=np.float64))
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """``[N]`` bool, ``True`` = defective (outside the boundary)."""
+        return self.score(features) > 0

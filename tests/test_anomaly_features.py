@@ -1,0 +1,132 @@
+"""Grad-MobileNet features (paper 001 eq. 2-3, section 4.3), one-class SVM, clustering metrics, PatchCore pieces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from defectscope.evaluation.anomaly import cluster_accuracy, clustering_metrics, image_metrics, pixel_auroc
+from defectscope.models.grad_mobilenet import (
+    GradientFeatureSpec,
+    OneClassScorer,
+    artificial_landmark,
+    gradient_features,
+    gradient_norm,
+    input_gradient,
+)
+from defectscope.models.patchcore import greedy_coreset, nearest_distances
+
+
+class TinyNet(nn.Module):
+    """conv -> global mean -> 2 logits; small enough to check gradients by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_input_gradient_shape_finite_and_matches_autograd_per_image():
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    x = torch.rand(3, 3, 16, 12)
+    g = input_gradient(net, x, target=0)
+    assert g.shape == x.shape and torch.isfinite(g).all() and g.abs().sum() > 0
+    # per-image gradient does not depend on the batch: compare with image 1 alone
+    g1 = input_gradient(net, x[1:2], target=0)
+    torch.testing.assert_close(g[1:2], g1)
+    # eq. 3: per-pixel L2 norm over the colour channels
+    n = gradient_norm(g)
+    assert n.shape == (3, 16, 12)
+    torch.testing.assert_close(n[2, 5, 7], torch.sqrt((g[2, :, 5, 7] ** 2).sum()))
+    # the gradient points away from the target: a small step against it lowers the loss
+    loss = lambda z: nn.functional.cross_entropy(net(z), torch.zeros(3, dtype=torch.long), reduction="sum")  # noqa: E731
+    assert loss(x - 1e-2 * g) < loss(x)
+
+
+def test_zero_gradient_case_gives_finite_features():
+    net = TinyNet().eval()
+    with torch.no_grad():
+        net.conv.weight.zero_()  # output no longer depends on the input
+    x = torch.rand(2, 3, 20, 8)
+    g = input_gradient(net, x)
+    assert torch.count_nonzero(g) == 0
+    gn = gradient_norm(g)
+    spec = GradientFeatureSpec(grid=(5, 2), bins=4).fit_range(gn)
+    f = gradient_features(gn, artificial_landmark(x), spec)
+    assert f.shape == (2, spec.dim) == (2, 5 * 2 + 4 + 1)
+    assert torch.isfinite(f).all()
+    hist = f[:, 10:14]
+    torch.testing.assert_close(hist.sum(1), torch.ones(2))
+
+
+def test_feature_layout_pooled_map_histogram_landmark():
+    gn = torch.zeros(1, 4, 4)
+    gn[0, :2, :2] = 1e-3  # top-left cell hot
+    gn[0, 2:, 2:] = 1e-6
+    x = torch.zeros(1, 3, 4, 4)
+    x[0, :, :, :2] = 40 / 255  # half the pixels have grey level 40 (inside 0..50)
+    x[0, :, :, 2:] = 200 / 255
+    spec = GradientFeatureSpec(grid=(2, 2), bins=2, hist_range=(-7.0, -2.0))
+    f = gradient_features(gn, artificial_landmark(x), spec)[0]
+    torch.testing.assert_close(f[:4], torch.log10(torch.tensor([1e-3, 0.0, 0.0, 1e-6]) + 1e-20))
+    # bins [-7, -4.5) and [-4.5, -2]: zeros clip into bin 0, 1e-6 in bin 0, 1e-3 in bin 1
+    torch.testing.assert_close(f[4:6], torch.tensor([12 / 16, 4 / 16]))
+    assert f[6].item() == pytest.approx(0.5)
+
+
+def test_features_reject_unfitted_spec():
+    with pytest.raises(ValueError, match="hist_range"):
+        gradient_features(torch.zeros(1, 4, 4), torch.zeros(1), GradientFeatureSpec())
+
+
+def test_one_class_svm_separates_an_easy_case():
+    rng = np.random.default_rng(0)
+    normal = rng.normal(0, 1, size=(200, 5))
+    scorer = OneClassScorer(nu=0.05).fit(normal)
+    near = rng.normal(0, 1, size=(50, 5))
+    far = rng.normal(8, 1, size=(50, 5))
+    assert scorer.predict(far).all()
+    assert scorer.predict(near).mean() < 0.2
+    m = image_metrics(np.r_[np.zeros(50), np.ones(50)], scorer.score(np.r_[near, far]), scorer.predict(np.r_[near, far]))
+    assert m["image_auroc"] == 1.0 and m["f1"] > 0.9
+
+
+def test_cluster_accuracy_against_hand_computed_values():
+    # clusters are a relabelling of the classes: perfect
+    assert cluster_accuracy([0, 0, 1, 1, 2, 2], [2, 2, 0, 0, 1, 1]) == 1.0
+    # contingency [[2,1],[0,3]] -> best matching 2 + 3 = 5 of 6
+    assert cluster_accuracy([0, 0, 0, 1, 1, 1], [5, 5, 7, 7, 7, 7]) == pytest.approx(5 / 6)
+    # one cluster for everything: only the largest class can be matched (3 of 5)
+    assert cluster_accuracy([0, 0, 0, 1, 1], [4, 4, 4, 4, 4]) == pytest.approx(3 / 5)
+    # more clusters than classes: unmatched cluster counts as wrong -> (2 + 1) / 4
+    assert cluster_accuracy([0, 0, 1, 1], [0, 0, 1, 2]) == pytest.approx(3 / 4)
+    m = clustering_metrics(np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0]))
+    assert m["nmi"] == pytest.approx(1.0) and m["ari"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        cluster_accuracy([0, 1], [0])
+
+
+def test_pixel_auroc_and_shape_check():
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, 1, 1] = True
+    maps = np.zeros((2, 4, 4))
+    maps[0, 1, 1] = 5.0
+    assert pixel_auroc(maps, masks) == 1.0
+    assert pixel_auroc(maps, np.zeros_like(masks)) is None
+    with pytest.raises(ValueError, match="differ"):
+        pixel_auroc(maps[:1], masks)
+
+
+def test_greedy_coreset_picks_far_points_and_nn_distance():
+    pts = torch.tensor([[0.0, 0.0], [0.1, 0.0], [10.0, 0.0], [0.0, 10.0], [0.05, 0.05]])
+    idx = greedy_coreset(pts, 3, proj_dim=128, seed=0)
+    assert len(set(idx.tolist())) == 3
+    assert {2, 3} <= set(idx.tolist())  # the two far points are always chosen
+    d = nearest_distances(torch.tensor([[10.0, 1.0]]), pts[idx])
+    assert d.item() == pytest.approx(1.0)

@@ -1,0 +1,89 @@
+"""KolektorSDD protocol (fit on good train images only) and a tiny end-to-end anomaly run on real images."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from defectscope.data.images import DatasetError
+from defectscope.data.kolektor import anomaly_protocol, load_mask, read_kolektor_manifest
+
+
+def test_protocol_never_fits_on_a_defective_image(ksdd_root):
+    items = read_kolektor_manifest(ksdd_root)
+    rows = list(csv.DictReader((ksdd_root / "manifest.csv").open()))
+    defective_ids = {r["id"] for r in rows if r["defective"] == "1"}
+    for frac in (0.0, 0.15):
+        parts = anomaly_protocol(items, calibration_fraction=frac, seed=3)
+        fitting = parts["fit"] + parts["calibration"]
+        assert not any(it.defective or it.id in defective_ids for it in fitting)
+        assert all(it.split == "train" for it in fitting)
+        ids = [it.id for it in parts["test"]]
+        assert set(ids) == {r["id"] for r in rows if r["split"] == "val"} | {r["id"] for r in rows if r["split"] == "train" and r["defective"] == "1"}
+        assert not set(ids) & {it.id for it in fitting}
+        assert len(fitting) == sum(r["split"] == "train" and r["defective"] == "0" for r in rows)
+    assert len(parts["calibration"]) == round(0.15 * len(fitting))
+    assert sum(it.defective for it in parts["test"]) == len(defective_ids)
+
+
+def test_manifest_errors_name_file_and_field(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "manifest.csv").write_text("id,split,defective\n000,test,0\n")
+    with pytest.raises(DatasetError, match=r"manifest.csv, line 2: field 'split'"):
+        read_kolektor_manifest(tmp_path)
+    with pytest.raises(DatasetError, match="manifest not found"):
+        read_kolektor_manifest(tmp_path / "nowhere")
+
+
+def test_mask_resize_keeps_defect_pixels(ksdd_root):
+    items = read_kolektor_manifest(ksdd_root)
+    bad = next(it for it in items if it.defective)
+    good = next(it for it in items if not it.defective)
+    assert load_mask(bad.mask, (384, 160)).any()
+    assert not load_mask(good.mask, (384, 160)).any()
+
+
+@pytest.mark.slow  # Lightning + two backbones: tens of seconds on an idle 2-core CPU
+def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path):
+    """Fit both methods on 6 real good images, test on 6 real images (2 defective), predict 2 files."""
+    from defectscope.config import validate
+    from defectscope.engine.tasks import get_task
+
+    task = get_task("anomaly")
+    raw = {"task": "anomaly", "seed": 0,
+           "data": {"root": str(ksdd_root), "image_size": [96, 32], "calibration_fraction": 0.3,
+                    "max_fit": 6, "max_test": 6},
+           "model": {"grid": [3, 1], "bins": 4, "grad_batch_size": 6},
+           "peer": {"max_patches": 500, "coreset_ratio": 0.1},
+           "clustering": {"enabled": False},
+           "train": {"epochs": 1, "batch_size": 3, "progress": False, "logger": [], "num_threads": 2}}
+    recipe = validate(raw, task.recipe, "test")
+    run = tmp_path / "run"
+    res = task.fit(recipe, run)
+    fit_lines = (run / "split" / "fit.txt").read_text().splitlines()
+    assert fit_lines and all(line.endswith(",good") for line in fit_lines)
+    assert all(line.endswith(",good") for line in (run / "split" / "calibration.txt").read_text().splitlines())
+    metrics = json.loads((run / "metrics.json").read_text())
+    for block in ("test", "peer"):
+        for key in ("image_auroc", "image_ap", "f1", "pixel_auroc"):
+            v = metrics[block][key]
+            assert v is None or 0.0 <= v <= 1.0
+    assert metrics["split"]["test_defective"] >= 1 and metrics["test"]["n"] == 6
+    assert metrics["feature"]["dim"] == 3 + 4 + 1
+    assert (run / "report.html").is_file() and (run / "plots" / "overlays.png").is_file()
+    assert res["test"] == metrics["test"]
+
+    files = [Path(line.split(",")[0]) for line in (run / "split" / "test.txt").read_text().splitlines()[:2]]
+    bad_file = tmp_path / "broken.jpg"
+    bad_file.write_bytes(b"not an image")
+    out = tmp_path / "preds.csv"
+    summary = task.predict(run, files + [bad_file], out)
+    assert summary["predicted"] == 2 and len(summary["skipped"]) == 1
+    rows = list(csv.DictReader(out.open()))
+    assert [r["decision"] for r in rows[:2]] and all(r["decision"] in ("normal", "defective") for r in rows[:2])
+    assert all(np.isfinite(float(r["score"])) and Path(r["map"]).is_file() for r in rows[:2])
+    assert rows[2]["error"]
