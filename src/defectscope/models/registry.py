@@ -29,6 +29,7 @@ def _ensure_loaded() -> None:
     # importing the method packages registers them
     import defectscope.models.classifier  # noqa: F401
     import defectscope.models.multiscale  # noqa: F401
+    import defectscope.models.weld_fusion  # noqa: F401
 
 
 def list_models() -> list[str]:
