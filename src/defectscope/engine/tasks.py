@@ -42,6 +42,7 @@ def register_task(task: Task) -> Task:
 
 def _ensure_loaded() -> None:
     import defectscope.engine.classification  # noqa: F401
+    import defectscope.engine.weld  # noqa: F401
 
 
 def get_task(name: str) -> Task:

@@ -133,7 +133,7 @@ def _load_image(path: Path, sid: str, fld: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert("RGB") if fld == "image" else im.convert("L"))
+            arr = np.array(im.convert("RGB") if fld == "image" else im.convert("L"))
     except Exception as exc:  # PIL raises many types for corrupt files
         raise _err(sid, fld, f"{path} is not a readable image ({exc})") from exc
     return arr

@@ -1,6 +1,6 @@
 """Building blocks of the weld fusion model (paper 000, sections 4.1.2-4.2.3).
 
-- :func:`build_seam_unet`: the weld-seam U-Net of Fig. 7 (segmentation-models-pytorch);
+- :class:`CompactUNet`: the compact weld-seam U-Net of Fig. 7;
 - :class:`InvertedEmbedding` (eq. 3, one token per channel) and :class:`VanillaEmbedding`
   (one token per time step);
 - the fusion switch (:func:`build_fusion`): vision-to-spectrum cross-attention (eq. 4-8, default),
@@ -21,16 +21,56 @@ from defectscope.models.layers.attention import CrossAttentionFusion
 FUSIONS = ("v2s", "s2v", "bidirectional", "add", "concat")
 
 
-def build_seam_unet(encoder: str = "resnet18", encoder_depth: int = 3, decoder_channels: tuple[int, ...] = (64, 32, 16)) -> nn.Module:
-    """A U-Net (Ronneberger et al. 2015; paper 000 Fig. 7) for binary weld-seam masks, random init.
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    """Two (conv 3x3, stride 1, padding 1) + BatchNorm + ReLU layers (paper 000 Fig. 7 Conv Block)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
-    Input ``[B, 3, H, W]`` with H, W divisible by ``2**encoder_depth``; output logits ``[B, 1, H, W]``.
-    A shallow encoder (depth 3) keeps it cheap on a CPU; the seam is a large, simple structure.
+
+class CompactUNet(nn.Module):
+    """A compact U-Net (Ronneberger et al. 2015) for binary weld-seam masks (paper 000 section 4.1.2, Fig. 7).
+
+    Encoder: ``depth`` conv blocks with ``base * 2**i`` channels and 2x2 max-pooling; decoder:
+    transposed-conv upsampling, skip concatenation, conv blocks; a 1x1 conv to one logit. About 0.1 M
+    parameters at ``base=8, depth=3``: the seam is a large, simple structure and a CPU must train it in
+    seconds.
+
+    Forward:
+        ``x``: ``[B, 3, H, W]`` in [0, 1], H and W divisible by ``2**depth``; returns logits ``[B, 1, H, W]``.
+
+    Raises:
+        ValueError: H or W not divisible by ``2**depth``.
     """
-    import segmentation_models_pytorch as smp
 
-    return smp.Unet(encoder_name=encoder, encoder_weights=None, encoder_depth=encoder_depth,
-                    decoder_channels=tuple(decoder_channels), in_channels=3, classes=1)
+    def __init__(self, base: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        self.depth = depth
+        chans = [base * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList([_conv_block(3 if i == 0 else chans[i - 1], chans[i]) for i in range(depth)])
+        self.bottom = _conv_block(chans[depth - 1], chans[depth])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(chans[i + 1], chans[i], 2, 2) for i in reversed(range(depth))])
+        self.dec = nn.ModuleList([_conv_block(2 * chans[i], chans[i]) for i in reversed(range(depth))])
+        self.out = nn.Conv2d(chans[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = 2**self.depth
+        if x.ndim != 4 or x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"seam U-Net: expected [B, 3, H, W] with H, W divisible by {f}, got {tuple(x.shape)}")
+        x = (x - 0.5) / 0.25
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = nn.functional.max_pool2d(x, 2)
+        x = self.bottom(x)
+        for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return self.out(x)
+
+
+def build_seam_unet(base: int = 8, depth: int = 3) -> nn.Module:
+    """The compact seam U-Net (:class:`CompactUNet`), random init."""
+    return CompactUNet(base, depth)
 
 
 class InvertedEmbedding(nn.Module):

@@ -32,9 +32,10 @@ from defectscope.models.weld_fusion.layers import (
 
 
 def _check_inputs(images: torch.Tensor | None, spectra: torch.Tensor | None, channels: int | None = None,
-                  seq_len: int | None = None) -> None:
-    if images is not None and (images.ndim != 5 or images.shape[2] != 3):
-        raise ValueError(f"images: expected [B, W, 3, h, w], got {tuple(images.shape)}")
+                  seq_len: int | None = None, feature_channels: int | None = None) -> None:
+    if images is not None and (images.ndim != 5 or images.shape[2] not in (3, feature_channels)):
+        raise ValueError(f"images: expected [B, W, 3, h, w] (or cached features [B, W, {feature_channels}, h', w']), "
+                         f"got {tuple(images.shape)}")
     if spectra is not None:
         if spectra.ndim != 4:
             raise ValueError(f"spectra: expected [B, W, C, T], got {tuple(spectra.shape)}")
@@ -47,7 +48,12 @@ def _check_inputs(images: torch.Tensor | None, spectra: torch.Tensor | None, cha
 
 
 class _VisionTokens(nn.Module):
-    """Backbone feature map of each crop -> tokens ``[B*W, N, d]`` (eq. 4), ``N = h' * w'``."""
+    """Backbone feature map of each crop -> tokens ``[B*W, N, d]`` (eq. 4), ``N = h' * w'``.
+
+    Inputs with ``backbone.out_channels`` channels instead of 3 are taken as cached feature maps
+    ``[B, W, C_feat, h', w']`` of a frozen backbone (the CPU demo trains on them; see
+    ``model.freeze_backbone``) and skip the backbone.
+    """
 
     def __init__(self, backbone: str, dim: int, pretrained: bool, weights: str | None) -> None:
         super().__init__()
@@ -56,8 +62,8 @@ class _VisionTokens(nn.Module):
         self.grid: tuple[int, int] = (0, 0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        b, w = images.shape[:2]
-        fmap = self.backbone(images.flatten(0, 1))
+        x = images.flatten(0, 1)
+        fmap = x if x.shape[1] == self.backbone.out_channels and x.shape[1] != 3 else self.backbone(x)
         self.grid = (int(fmap.shape[-2]), int(fmap.shape[-1]))
         return self.proj(feature_map_to_tokens(fmap))
 
@@ -110,7 +116,7 @@ class WeldFusionNet(nn.Module):
         return self.vision.grid
 
     def forward_with_attention(self, images: torch.Tensor, spectra: torch.Tensor):
-        _check_inputs(images, spectra, self.channels, self.seq_len)
+        _check_inputs(images, spectra, self.channels, self.seq_len, self.vision.backbone.out_channels)
         b, w = images.shape[:2]
         img = self.vision(images)  # [B*W, N, d]
         spec = self.spec_proj(self.spec_embed(spectra.flatten(0, 1)))  # [B*W, M, d]
@@ -138,7 +144,7 @@ class WeldVisionOnly(nn.Module):
         self.head = SelfAttentionHead(embed_dim, num_classes, num_heads, num_layers, dropout=dropout)
 
     def forward(self, images: torch.Tensor, spectra: torch.Tensor | None = None) -> torch.Tensor:
-        _check_inputs(images, None)
+        _check_inputs(images, None, feature_channels=self.vision.backbone.out_channels)
         b, w = images.shape[:2]
         tok = self.vision(images)
         return self.head(tok.reshape(b, w * tok.shape[1], tok.shape[2]))
@@ -225,11 +231,11 @@ class WeldInvertedEncoder(nn.Module):
 
 
 @register_model("weld_seam_unet")
-def weld_seam_unet(encoder: str = "resnet18", encoder_depth: int = 3, **_: object) -> nn.Module:
-    """The seam U-Net (see :func:`defectscope.models.weld_fusion.layers.build_seam_unet`)."""
+def weld_seam_unet(base: int = 8, depth: int = 3, **_: object) -> nn.Module:
+    """The compact seam U-Net (:class:`defectscope.models.weld_fusion.layers.CompactUNet`)."""
     from defectscope.models.weld_fusion.layers import build_seam_unet
 
-    return build_seam_unet(encoder, encoder_depth)
+    return build_seam_unet(base, depth)
 
 
 #: which inputs each registered weld model uses
