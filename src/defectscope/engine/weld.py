@@ -209,8 +209,8 @@ def crop_welds(image: np.ndarray, mask: np.ndarray | None, n_welds: int, size: t
 
     Weld ``k`` is searched in the ``k``-th horizontal band of the image; its box spans the mask's
     columns (+-4 px) and is centred on the mask's mean row, with the aspect ratio of ``size``. Without
-    mask pixels in a band (or without a mask) the whole band is taken. With ``segmented`` the pixels
-    outside the (3 px dilated) seam mask are set to 0 before resizing.
+    mask pixels in a band (or without a mask) the whole band is taken, unmasked. With ``segmented``
+    the pixels outside the (3 px dilated) seam mask are set to 0 before resizing.
     """
     h_img, w_img = image.shape[:2]
     ch, cw = size
@@ -218,7 +218,8 @@ def crop_welds(image: np.ndarray, mask: np.ndarray | None, n_welds: int, size: t
     for k in range(n_welds):
         b0, b1 = int(round(k * h_img / n_welds)), int(round((k + 1) * h_img / n_welds))
         band = mask[b0:b1] if mask is not None else None
-        if band is not None and band.any():
+        found = band is not None and bool(band.any())
+        if found:
             rows, cols = np.nonzero(band)
             x0, x1 = max(cols.min() - 4, 0), min(cols.max() + 5, w_img)
             yc = b0 + rows.mean()
@@ -229,7 +230,7 @@ def crop_welds(image: np.ndarray, mask: np.ndarray | None, n_welds: int, size: t
         y0 = min(max(y0, 0), max(h_img - bh, 0))
         y1 = min(y0 + bh, h_img)
         img = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1).float()
-        if segmented and mask is not None:
+        if segmented and found:  # no seam found in this band: keep the raw crop rather than a black one
             m = torch.from_numpy(mask[y0:y1, x0:x1]).float()[None, None]
             m = F.max_pool2d(m, 7, 1, 3)[0]
             img = img * m
@@ -656,12 +657,18 @@ class WeldTask:
         split = split_indices(ds.labels, recipe.data.test_fraction, t.val_fraction, recipe.data.split_seed)
         for k, idx in split.items():
             write_file_list(run.split_dir / f"{k}.txt", [Path(ds.samples[i].id) for i in idx], [ds.samples[i].label for i in idx])
+        t0 = time.perf_counter()
         inputs = prepare_inputs(ds, recipe, split)
+        prepare_seconds = time.perf_counter() - t0
         prep = fit_spectral_prep(inputs.spectra[split["train"]], ds.wavelengths_nm, recipe.model)
+        t0 = time.perf_counter()
         model, kwargs, info = train_weld_model(recipe, inputs, prep, run.path)
+        fit_seconds = time.perf_counter() - t0
         spectra = prep.apply(inputs.spectra)
         test = split["test"]
+        t0 = time.perf_counter()
         probs, attn = predict_weld_probs(model, inputs.crops[test], spectra[test], with_attention=True)
+        eval_seconds = time.perf_counter() - t0
         metrics = classification_metrics(inputs.labels[test], probs, ds.classes)
         selected_nm = [ds.wavelengths_nm[i] for i in prep.selected]
         run.save_model(self.name, recipe.model.name, kwargs, model.state_dict(), class_names=ds.classes,
@@ -679,7 +686,9 @@ class WeldTask:
                       **{k: int(len(v)) for k, v in split.items()}},
             "selected_channels": prep.selected, "selected_wavelengths_nm": selected_nm,
             "seam_dice_test": inputs.seam_dice, "unet_train_seconds": round(inputs.unet_seconds, 1),
-            "data_seconds": round(data_seconds, 1), "epochs_run": info["epochs_run"],
+            "data_seconds": round(data_seconds, 1), "prepare_seconds": round(prepare_seconds, 1),
+            "features_and_train_seconds": round(fit_seconds, 1), "test_inference_seconds": round(eval_seconds, 1),
+            "epochs_run": info["epochs_run"],
             "best_checkpoint": info["best_checkpoint"], "train_seconds": info["train_seconds"],
             "total_seconds": None, "crop_size": [recipe.data.crop_height, recipe.data.crop_width],
             "segmented": recipe.data.segmented, "test": metrics,

@@ -40,9 +40,9 @@ def select_channels(corr: np.ndarray, k: int = 4, wavelengths_nm: list[float] | 
                     per_band: bool = True) -> list[int]:
     """Greedy selection of the ``k`` least redundant channels from a correlation matrix.
 
-    The first channel is the one with the smallest mean ``|r|`` to all others; each next one is the
-    remaining channel whose largest ``|r|`` to the already selected channels is smallest (ties: the
-    smaller mean ``|r|``, then the lower index). With ``per_band`` and wavelengths on both sides of
+    Redundancy of a candidate = its largest ``|r|`` to the already selected channels plus its mean
+    ``|r|`` to all other channels; the first channel is the one with the smallest mean ``|r|``, each
+    next one the remaining channel of smallest redundancy (ties: smaller mean ``|r|``, lower index). With ``per_band`` and wavelengths on both sides of
     1000 nm, ``k // 2`` channels come from the VIS and ``k - k // 2`` from the NIR spectrometer, as the
     paper's choice of two VIS and two NIR channels (317, 393, 1017, 1590 nm).
 
@@ -86,7 +86,7 @@ def select_channels(corr: np.ndarray, k: int = 4, wavelengths_nm: list[float] | 
         for i in range(c):
             if i in chosen or taken.get(int(band[i]), 0) >= quota.get(int(band[i]), 0):
                 continue
-            key = (corr[i, chosen].max() if chosen else mean_r[i], mean_r[i], i)
+            key = ((corr[i, chosen].max() if chosen else 0.0) + mean_r[i], mean_r[i], i)
             if best_key is None or key < best_key:
                 best, best_key = i, key
         chosen.append(best)
