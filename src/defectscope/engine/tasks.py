@@ -45,6 +45,7 @@ def _ensure_loaded() -> None:
     import defectscope.engine.segmentation  # noqa: F401
     import defectscope.engine.multicnn  # noqa: F401
     import defectscope.engine.anomaly  # noqa: F401
+    import defectscope.engine.weld  # noqa: F401
 
 
 def get_task(name: str) -> Task:
