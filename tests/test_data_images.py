@@ -110,3 +110,11 @@ def test_stratified_split_is_reproducible_and_stratified():
     assert (b1 == b2).all() and not np.array_equal(b1, b3)
     assert len(b1) == 360 and np.bincount(labels[b1]).tolist() == [60] * 6
     assert set(a1).isdisjoint(b1) and len(a1) + len(b1) == 1800
+
+
+def test_small_split_keeps_every_class_on_both_sides():
+    labels = np.repeat(np.arange(6), 4)  # 24 items: 20 % would be 5 < 6 classes
+    a, b = stratified_split(labels, 0.2, seed=0)
+    assert sorted(set(labels[b])) == list(range(6)) and sorted(set(labels[a])) == list(range(6))
+    with pytest.raises(ValueError, match="too few"):
+        stratified_split(np.repeat(np.arange(6), 2), 0.6, seed=0)  # 8 held out leaves 4 < 6 classes

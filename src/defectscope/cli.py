@@ -37,7 +37,7 @@ def friendly(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except _user_errors() as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+            console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -116,7 +116,7 @@ def predict(
 
     summary = get_task(_run_task(run)).predict(run, inputs, out, save_images=save_images)
     for f, err in summary.get("skipped", []):
-        console.print(f"[yellow]skipped[/] {err}", highlight=False)
+        console.print(f"[yellow]skipped[/] {err}", highlight=False, soft_wrap=True)
     console.print(f"predicted {summary.get('predicted')} file(s), skipped {len(summary.get('skipped', []))}: {out}")
 
 

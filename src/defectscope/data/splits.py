@@ -21,7 +21,8 @@ def stratified_split(
         seed: random seed; the same labels and seed give the same split.
 
     Returns:
-        ``(first_idx, second_idx)``, sorted int arrays partitioning ``range(N)``.
+        ``(first_idx, second_idx)``, sorted int arrays partitioning ``range(N)``. The second part
+        holds ``ceil(test_fraction * N)`` items, but at least one per class (small sets).
 
     Raises:
         ValueError: a class has fewer than 2 items, or ``test_fraction`` is outside (0, 1).
@@ -32,8 +33,12 @@ def stratified_split(
     counts = np.bincount(labels)
     if (counts[counts > 0] < 2).any():
         raise ValueError(f"every class needs at least 2 items for a stratified split; counts: {counts.tolist()}")
+    n_classes = int((counts > 0).sum())
+    n_test = max(int(np.ceil(test_fraction * len(labels))), n_classes)
+    if len(labels) - n_test < n_classes:
+        raise ValueError(f"{len(labels)} items are too few to keep every one of {n_classes} classes on both sides of the split")
     idx = np.arange(len(labels))
-    a, b = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=labels)
+    a, b = train_test_split(idx, test_size=n_test, random_state=seed, stratify=labels)
     return np.sort(a), np.sort(b)
 
 
