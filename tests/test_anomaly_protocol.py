@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from defectscope.data.images import DatasetError
 from defectscope.data.kolektor import anomaly_protocol, load_mask, read_kolektor_manifest
@@ -32,8 +33,11 @@ def test_protocol_never_fits_on_a_defective_image(ksdd_root):
 
 def test_manifest_errors_name_file_and_field(tmp_path):
     (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (8, 20)).save(tmp_path / "images" / "000.jpg")
+    Image.new("L", (8, 20)).save(tmp_path / "masks" / "000.png")
     (tmp_path / "manifest.csv").write_text("id,split,defective\n000,test,0\n")
-    with pytest.raises(DatasetError, match=r"manifest.csv, line 2: field 'split'"):
+    with pytest.raises(DatasetError, match=r"manifest.csv, row 1: field .split."):
         read_kolektor_manifest(tmp_path)
     with pytest.raises(DatasetError, match="manifest not found"):
         read_kolektor_manifest(tmp_path / "nowhere")

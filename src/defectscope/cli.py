@@ -25,7 +25,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from defectscope.engine.run import RunError
     from defectscope.models.weights import WeightsUnavailableError
 
-    return (ConfigError, DatasetError, ImageReadError, RunError, WeightsUnavailableError, FileNotFoundError, KeyError, ValueError)
+    return (ConfigError, DatasetError, ImageReadError, RunError, WeightsUnavailableError, FileNotFoundError, KeyError, ValueError,
+            FloatingPointError)
 
 
 def friendly(fn: Callable) -> Callable:
@@ -44,7 +45,7 @@ def friendly(fn: Callable) -> Callable:
 
 
 def _summary_table(title: str, metrics: dict, keys: list[str]) -> Table:
-    table = Table(title=title)
+    table = Table(title=title, min_width=min(len(title) + 4, 120))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k in keys:

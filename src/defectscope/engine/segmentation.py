@@ -222,6 +222,11 @@ class SegmentationModule(L.LightningModule):
             both = random_flips(torch.cat([x, y], dim=1))
             x, y = both[:, :3], both[:, 3:]
         loss = self.loss_fn(self.model(self._prep(x)), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} (train.precision="
+                f"{self.trainer.precision!r}); bf16 autocast gave NaN in the ResNet18 encoder on this CPU stack: "
+                "use train.precision=32")
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
