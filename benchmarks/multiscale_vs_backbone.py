@@ -100,7 +100,7 @@ def main() -> None:
     for name, r in rows.items():
         table.add_row(name, *[f"{v:.2f}" for v in r.values()])
     table.add_row("ratio multiscale / plain", *[f"{rows['multiscale cross-attention'][c] / base[c]:.2f}x" for c in base])
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":
