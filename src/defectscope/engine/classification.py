@@ -150,6 +150,12 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
+def to_model_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> float in [0, 1], in channels_last memory layout when asked."""
+    x = to_float(x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def random_flips(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Independent random horizontal and vertical flips per image of ``[B, C, H, W]``."""
     b = x.shape[0]
@@ -191,8 +197,7 @@ class ImageClassifierModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        x = to_float(x)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return to_model_input(x, self.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -45,7 +45,7 @@ from defectscope.data.images import ImageReadError, load_image, resize_uint8
 from defectscope.data.masks import MaskedImage, load_masked_stack, read_manifest
 from defectscope.data.rle import masks_to_records, write_rle_csv
 from defectscope.data.splits import stratified_split, write_file_list
-from defectscope.engine.classification import expand_inputs, random_flips, to_float, warmup_cosine
+from defectscope.engine.classification import expand_inputs, random_flips, to_float, to_model_input, warmup_cosine
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
 from defectscope.engine.trainer import build_trainer, set_threads
@@ -210,8 +210,7 @@ class SegmentationModule(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        x = to_float(x)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return to_model_input(x, self.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
