@@ -140,6 +140,7 @@ class PeerConfig(StrictModel):
         backbone, pretrained, weights: feature extractor (EfficientNet-Lite0 with real weights).
         layers: backbone stages used (indices into ``blocks``).
         coreset_ratio: memory-bank size as a share of all fitting patches (PatchCore: 1-10%).
+        score_border: feature-grid cells at each edge left out of the image score (padding effects).
         max_patches: random pre-subsample of the fitting patches before the greedy coreset
             (bounds the time of the selection).
         threshold_quantile: decision threshold = this quantile of the calibration images'
@@ -154,6 +155,7 @@ class PeerConfig(StrictModel):
     weights: str | None = None
     layers: list[int] = [2, 4]
     coreset_ratio: float = Field(0.01, gt=0, le=1)
+    score_border: int = Field(0, ge=0)
     max_patches: int = Field(200_000, ge=100)
     threshold_quantile: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(16, ge=1)
@@ -307,7 +309,7 @@ def gradient_maps(model: nn.Module, x: np.ndarray, cfg: GradModelConfig, progres
 
 def patchcore_fit(cfg: PeerConfig, x_fit: np.ndarray, seed: int) -> tuple[nn.Module, dict, dict]:
     """Build PatchCore and fill its memory bank from normal images ``x_fit``; returns ``(model, kwargs, info)``."""
-    kwargs = {"backbone": cfg.backbone, "layers": list(cfg.layers)}
+    kwargs = {"backbone": cfg.backbone, "layers": list(cfg.layers), "score_border": cfg.score_border}
     model = create_model("patchcore", **kwargs, pretrained=cfg.pretrained, weights=cfg.weights)
     embs = []
     for i in range(0, len(x_fit), cfg.batch_size):
