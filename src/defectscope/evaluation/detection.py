@@ -122,8 +122,8 @@ def box_errors(preds: list[dict], targets: list[dict], sizes: list[tuple[int, in
         ab.append(np.abs(d).reshape(-1))
         ious.append(iou)
     sq_all, ab_all, iou_all = (np.concatenate(v) if v else np.zeros(0) for v in (sq, ab, ious))
-    return {"box_mse": round(float(sq_all.mean()), 6) if sq_all.size else None,
-            "box_mae": round(float(ab_all.mean()), 6) if ab_all.size else None,
+    return {"box_mse": round(float(sq_all.mean()), 8) if sq_all.size else None,
+            "box_mae": round(float(ab_all.mean()), 8) if ab_all.size else None,
             "box_pairs": int(iou_all.size), "box_unmatched": int(unmatched),
             "mean_matched_iou": round(float(iou_all.mean()), 6) if iou_all.size else None}
 
