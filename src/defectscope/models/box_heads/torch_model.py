@@ -12,10 +12,12 @@ Two heads read the backbone's feature map ``[B, D, h, w]``:
 
 - ``head="pooled"`` (the paper's): global average pooling, a dense layer, then two
   dense paths: ``K * (C [+1])`` class logits and ``K * 4`` box numbers.
-- ``head="attention"`` (ours): the feature map becomes ``h * w`` tokens (1x1
-  projection to ``hidden_dim`` + 2-D sine positions), ``encoder_layers`` of
-  self-attention, then ``K`` learned slot queries read them through a transformer
-  decoder (``decoder_layers``); a linear class path and a 3-layer box MLP per slot.
+- ``head="attention"`` (ours): the feature map(s) become tokens (1x1 projection to
+  ``hidden_dim`` + 2-D sine positions), ``encoder_layers`` of self-attention, then ``K``
+  slot queries with learned reference points read them through a transformer decoder
+  (``decoder_layers``); a linear class path and a 3-layer box MLP per slot
+  (see :class:`AttentionSlotHead`). ``extra_level=True`` adds the backbone's stride-16
+  map to the tokens (CNN backbones).
 
 Boxes are normalised ``cx, cy, w, h`` in [0, 1] (sigmoid). :meth:`SlotDetector.detect`
 turns outputs into scored ``xmin, ymin, xmax, ymax`` boxes.
@@ -72,33 +74,78 @@ class PooledHead(nn.Module):
 
 
 class AttentionSlotHead(nn.Module):
-    """Ours: slot queries read the feature-map tokens through a transformer decoder.
+    """Ours: slot queries with learned reference points read the feature-map tokens through a transformer decoder.
 
-    Forward: features ``[B, D, h, w]`` -> ``(logits [B, K, L], boxes [B, K, 4])``.
+    Every feature level (the backbone's last map, and optionally its stride-16 map) is projected to
+    ``hidden_dim`` by a 1x1 convolution and gets 2-D sine positions plus a learned level code; the
+    tokens of all levels are concatenated and pass ``encoder_layers`` self-attention layers. Each of
+    the ``K`` slots has a learned content vector and a learned reference point (initialised on a
+    grid over the image); the decoder refines the slots, and each slot predicts its class and its
+    box centre as an offset from its reference point (in logit space) plus its width and height.
+    Every decoder layer's output is decoded by the same class/box paths (auxiliary outputs, used
+    by the set loss during training).
+
+    Forward: list of features ``[B, D_l, h_l, w_l]`` -> ``(logits [B, K, L], boxes [B, K, 4], aux)``
+    with ``aux`` a list of ``(logits, boxes)`` of the earlier decoder layers.
     """
 
-    def __init__(self, in_channels: int, num_slots: int, num_logits: int, hidden_dim: int, num_heads: int,
+    def __init__(self, in_channels: list[int], num_slots: int, num_logits: int, hidden_dim: int, num_heads: int,
                  encoder_layers: int, decoder_layers: int, dropout: float) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
-        self.proj = nn.Conv2d(in_channels, hidden_dim, 1)
+        self.proj = nn.ModuleList(nn.Conv2d(c, hidden_dim, 1) for c in in_channels)
+        self.level = nn.Parameter(torch.zeros(len(in_channels), hidden_dim))
         enc = nn.TransformerEncoderLayer(hidden_dim, num_heads, 2 * hidden_dim, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(enc, encoder_layers, enable_nested_tensor=False) if encoder_layers else None
-        dec = nn.TransformerDecoderLayer(hidden_dim, num_heads, 2 * hidden_dim, dropout, batch_first=True, norm_first=True)
-        self.decoder = nn.TransformerDecoder(dec, decoder_layers, norm=nn.LayerNorm(hidden_dim))
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(hidden_dim, num_heads, 2 * hidden_dim, dropout, batch_first=True, norm_first=True)
+            for _ in range(decoder_layers))
+        self.norm = nn.LayerNorm(hidden_dim)
         self.queries = nn.Parameter(torch.randn(num_slots, hidden_dim) * 0.1)
+        side = math.ceil(math.sqrt(num_slots))
+        grid = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+        ref = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).reshape(-1, 2)[:num_slots]
+        self.reference = nn.Parameter(torch.logit(ref))
+        self.ref_embed = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, hidden_dim))
         self.cls = nn.Linear(hidden_dim, num_logits)
         self.box = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True),
                                  nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, 4))
 
-    def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, _, h, w = f.shape
-        tokens = self.proj(f).flatten(2).transpose(1, 2)  # [B, h*w, d]
-        tokens = tokens + sine_positions(h, w, self.hidden_dim, tokens.device, tokens.dtype)
+    def _decode(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.norm(q)
+        d = self.box(q)
+        centre = (self.reference.to(d.dtype) + d[..., :2]).sigmoid()
+        return self.cls(q), torch.cat([centre, d[..., 2:].sigmoid()], dim=-1)
+
+    def forward(self, feats: list[torch.Tensor]):
+        tokens = []
+        for i, (f, proj) in enumerate(zip(feats, self.proj)):
+            _, _, h, w = f.shape
+            t = proj(f).flatten(2).transpose(1, 2)
+            tokens.append(t + sine_positions(h, w, self.hidden_dim, t.device, t.dtype) + self.level[i].to(t.dtype))
+        mem = torch.cat(tokens, dim=1)
         if self.encoder is not None:
-            tokens = self.encoder(tokens)
-        q = self.decoder(self.queries.unsqueeze(0).expand(b, -1, -1).to(tokens.dtype), tokens)
-        return self.cls(q), self.box(q).sigmoid()
+            mem = self.encoder(mem)
+        b = mem.shape[0]
+        ref_pos = sine_positions_1d(self.reference.sigmoid(), self.hidden_dim)
+        q = (self.queries + self.ref_embed(ref_pos)).unsqueeze(0).expand(b, -1, -1).to(mem.dtype)
+        outs = []
+        for layer in self.layers:
+            q = layer(q, mem)
+            outs.append(self._decode(q))
+        logits, boxes = outs[-1]
+        return logits, boxes, outs[:-1]
+
+
+def sine_positions_1d(points: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sine/cosine codes ``[K, dim]`` of normalised 2-D points ``[K, 2]`` (half the channels per axis)."""
+    q = dim // 4
+    freq = torch.exp(torch.arange(q, device=points.device, dtype=torch.float32) * (-math.log(10000.0) / q))
+    parts = []
+    for a in (1, 0):  # y then x, as sine_positions
+        v = points[:, a : a + 1].float() * 2 * math.pi * freq
+        parts += [v.sin(), v.cos()]
+    return torch.cat(parts, dim=1)
 
 
 @register_model("slot_detector")
@@ -122,7 +169,7 @@ class SlotDetector(nn.Module):
     def __init__(self, backbone: str, num_classes: int, num_slots: int = 9, mode: Literal["single", "slots"] = "slots",
                  head: Literal["pooled", "attention"] = "attention", hidden_dim: int = 256, num_heads: int = 8,
                  encoder_layers: int = 1, decoder_layers: int = 2, dropout: float = 0.1, image_size: int = 200,
-                 pretrained: bool = False, weights: str | None = None) -> None:
+                 extra_level: bool = False, pretrained: bool = False, weights: str | None = None) -> None:
         super().__init__()
         if mode not in ("single", "slots"):
             raise ValueError(f"mode must be 'single' or 'slots', got {mode!r}")
@@ -133,20 +180,37 @@ class SlotDetector(nn.Module):
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
         num_logits = num_classes if mode == "single" else num_classes + 1
         c = self.backbone.out_channels
+        self.extra_level = extra_level
+        channels = [c]
+        if extra_level:
+            info = getattr(self.backbone.body, "feature_info", None)
+            if self.backbone.spec.kind != "cnn" or info is None or not hasattr(self.backbone.body, "forward_intermediates"):
+                raise ValueError(f"extra_level needs a timm CNN backbone with forward_intermediates, not '{backbone}'")
+            self._extra_index = next(i for i, f in enumerate(info) if f["reduction"] == 16)
+            channels.append(int(info[self._extra_index]["num_chs"]))
         if head == "pooled":
             self.head: nn.Module = PooledHead(c, self.num_slots, num_logits, hidden_dim, dropout)
         else:
-            self.head = AttentionSlotHead(c, self.num_slots, num_logits, hidden_dim, num_heads, encoder_layers,
+            self.head = AttentionSlotHead(channels, self.num_slots, num_logits, hidden_dim, num_heads, encoder_layers,
                                           decoder_layers, dropout)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone feature map ``[B, D, h, w]`` of images ``[B, 3, H, W]`` in [0, 1]."""
-        return self.backbone(x)
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone feature maps of images ``[B, 3, H, W]`` in [0, 1]: ``[last [B, D, h, w]]``, and with
+        ``extra_level`` also the stride-16 map ``[B, D16, H/16, W/16]``."""
+        if not self.extra_level:
+            return [self.backbone(x)]
+        bb = self.backbone
+        final, inter = bb.body.forward_intermediates((x - bb.mean) / bb.std, indices=[self._extra_index])
+        return [final, inter[0]]
 
-    def forward_head(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Slots from a feature map: ``{"logits": [B, K, L], "boxes": [B, K, 4]}``."""
-        logits, boxes = self.head(f)
-        return {"logits": logits, "boxes": boxes}
+    def forward_head(self, feats: list[torch.Tensor]) -> dict:
+        """Slots from feature maps: ``{"logits": [B, K, L], "boxes": [B, K, 4]}`` (+ ``aux`` outputs of the
+        attention head's earlier decoder layers: a list of such pairs)."""
+        if isinstance(self.head, PooledHead):
+            logits, boxes = self.head(feats[0])
+            return {"logits": logits, "boxes": boxes}
+        logits, boxes, aux = self.head(feats)
+        return {"logits": logits, "boxes": boxes, "aux": aux}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_head(self.forward_features(x))
