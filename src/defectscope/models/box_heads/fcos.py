@@ -38,6 +38,8 @@ class LiteFPN(nn.Module):
     """
 
     def __init__(self, pretrained: bool, weights: str | None, out_channels: int) -> None:
+        """``channels_last`` (attribute, default ``True``): NHWC inputs for the convolutions (about 2x faster
+        on this CPU with bf16)."""
         super().__init__()
         bb = create_backbone("efficientnet_lite0", pretrained=pretrained, weights=weights)
         self.weights_source = bb.weights_source
@@ -52,9 +54,12 @@ class LiteFPN(nn.Module):
                     chans.append(x.shape[1])
         self.fpn = FeaturePyramidNetwork(chans, out_channels, extra_blocks=LastLevelP6P7(out_channels, out_channels))
         self.out_channels = out_channels
+        self.channels_last = True
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         feats = OrderedDict()
+        if self.channels_last:  # torchvision's transform batches images into a plain NCHW tensor
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         for i, blk in enumerate(self.blocks):
             x = blk(x)
