@@ -114,7 +114,8 @@ def test_bad_annotation_stops_training_with_a_named_error(tmp_path, neu_root):
 
 @pytest.mark.parametrize("model", [
     {"loss": "padded", "head": "pooled", "hidden_dim": 32},
-    {"loss": "single", "head": "pooled", "hidden_dim": 32},
+    {"loss": "single", "head": "pooled", "hidden_dim": 32, "freeze_backbone": True},
+    {"loss": "hungarian", "head": "attention", "hidden_dim": 32, "num_heads": 4, "extra_level": True},
     {"name": "fcos_lite", "fpn_channels": 32, "head_convs": 1},
 ])
 def test_other_models_train_end_to_end(tmp_path, neu_root, model):

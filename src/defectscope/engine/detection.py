@@ -354,8 +354,8 @@ class DetectionModule(L.LightningModule):
         out = self._outputs(x)
         if self.loss_kind == "single":
             lab, box = single_targets(targets)
-            return single_loss(out["logits"][:, 0], out["boxes"][:, 0], lab.to(x.device), box.to(x.device),
-                               self.cfg.box_weight)
+            dev = out["logits"].device
+            return single_loss(out["logits"][:, 0], out["boxes"][:, 0], lab.to(dev), box.to(dev), self.cfg.box_weight)
         if self.loss_kind == "padded":
             return padded_slot_loss(out["logits"], out["boxes"], targets, self.cfg.box_weight)
         loss, parts = self.criterion(out["logits"], out["boxes"], targets)
