@@ -86,7 +86,7 @@ def train(
     if result is None:  # a non-zero DDP rank
         return
     console.print(_summary_table(f"{task.name}: {out}", result.get("test", {}),
-                                 ["accuracy", "weighted_f1", "macro_auroc", "image_auroc", "map_50", "dice"]))
+                                 ["accuracy", "weighted_f1", "macro_auroc", "image_auroc", "map_50", "map", "box_mae", "dice"]))
     console.print(f"train_seconds={result.get('train_seconds')}  report: {run.report_path}")
 
 
@@ -94,14 +94,14 @@ def train(
 @friendly
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
-    data: Annotated[Path, typer.Option("--data", help="Labelled data folder to evaluate on.")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled data to evaluate on (a folder; for detection also a COCO .json file).")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/evaluations/<data name>).")] = None,
 ) -> None:
     """Re-evaluate a trained run on another labelled folder."""
     from defectscope.engine.tasks import get_task
 
     metrics = get_task(_run_task(run)).evaluate(run, data, out)
-    console.print(_summary_table(f"{run} on {data}", metrics, ["n", "accuracy", "weighted_f1", "macro_auroc", "image_auroc", "map_50", "dice"]))
+    console.print(_summary_table(f"{run} on {data}", metrics, ["n", "accuracy", "weighted_f1", "macro_auroc", "image_auroc", "map_50", "map", "box_mae", "dice"]))
 
 
 @app.command()

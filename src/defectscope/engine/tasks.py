@@ -46,6 +46,7 @@ def _ensure_loaded() -> None:
     import defectscope.engine.multicnn  # noqa: F401
     import defectscope.engine.anomaly  # noqa: F401
     import defectscope.engine.weld  # noqa: F401
+    import defectscope.engine.detection  # noqa: F401
 
 
 def get_task(name: str) -> Task:

@@ -34,6 +34,7 @@ def _ensure_loaded() -> None:
     import defectscope.models.grad_mobilenet  # noqa: F401
     import defectscope.models.patchcore  # noqa: F401
     import defectscope.models.weld_fusion  # noqa: F401
+    import defectscope.models.box_heads  # noqa: F401
 
 
 def list_models() -> list[str]:
