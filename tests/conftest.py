@@ -64,7 +64,6 @@ PENDING_FILES = {
     "test_anomaly_features.py", "test_anomaly_protocol.py",
     "test_multicnn.py",
     "test_rle.py", "test_segmentation_metrics.py", "test_segmentation_task.py",
-    "test_export_predictor.py", "test_service.py", "test_browser.py",
 }
 
 

@@ -157,5 +157,11 @@ def test_saturated_pool_answers_503_and_keeps_serving(tiny_onnx, neu_files):
 
 
 def test_a_text_field_instead_of_a_file_is_400(client):
-    r = client.post("/v1/predict", data={"file": "not-a-file"})
-    assert r.status_code == 400 and r.json()["error"] in ("bad_request", "no_file")
+    detail = _error(client.post("/v1/predict", data={"file": "not-a-file"}), 400, "bad_request")
+    assert "body.file" in detail and "multipart/form-data" in detail
+
+
+def test_a_non_multipart_body_is_400_no_file(client):
+    r = client.post("/v1/predict", content=b"{}", headers={"content-type": "application/json"})
+    assert "'file' part" in _error(r, 400, "no_file")
+    assert client.get("/healthz").json()["status"] == "ok"  # still serving after the bad requests
