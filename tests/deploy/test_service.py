@@ -86,6 +86,14 @@ def test_too_many_bytes_is_413_with_the_limit(client):
     assert "200000 bytes" in detail
 
 
+def test_oversized_request_body_is_413_before_it_is_read(client):
+    body = b"x" * 500_000  # over 2 * 200 000 + 64 KiB
+    r = client.post("/v1/predict", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    detail = _error(r, 413, "too_large")
+    assert "500000 bytes" in detail and "200000 bytes" in detail
+    assert client.get("/healthz").status_code == 200
+
+
 def test_too_many_pixels_is_413(client):
     buf = io.BytesIO()
     Image.new("L", (2500, 2000)).save(buf, format="PNG")  # 5 Mpx of zeros compresses to a few kB
