@@ -90,6 +90,7 @@ def test_benchmark_measures_every_runtime_on_the_held_out_split(tiny_run, tmp_pa
     assert res.matmul_gflops["fp32"] > 0 and res.quality_metric == "accuracy %"
     ort = rows["ONNX Runtime fp32"]
     assert ort.max_abs_diff < 1e-4 and ort.agreement == 1.0
+    assert rows["ONNX Runtime int8"].max_abs_diff > 0  # really quantised
     assert rows["PyTorch eager fp32"].speedup_b1 == 1.0 and rows["PyTorch eager fp32"].max_abs_diff == 0.0
     for r in res.rows:
         assert r.p50_ms > 0 and r.p95_ms >= r.p50_ms and r.images_per_s > 0 and 0 <= r.quality <= 100
@@ -115,3 +116,10 @@ def test_tasks_without_an_adapter_are_refused_with_the_reason(tmp_path, task):
     if task == "anomaly":
         with pytest.raises(DeployError, match="backward pass"):
             export_onnx(run, tmp_path / "m.onnx")
+
+
+def test_int8_keeps_the_stem_convolutions_of_both_resolutions_in_fp32(tiny_onnx):
+    from defectscope.deploy.benchmark import first_layers
+
+    stems = first_layers(onnx.load(str(tiny_onnx)))
+    assert sorted(stems) == ["/model/backbone/conv_stem/Conv", "/model/backbone/conv_stem_1/Conv"]
