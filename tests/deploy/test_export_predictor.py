@@ -118,8 +118,13 @@ def test_tasks_without_an_adapter_are_refused_with_the_reason(tmp_path, task):
             export_onnx(run, tmp_path / "m.onnx")
 
 
-def test_int8_keeps_the_stem_convolutions_of_both_resolutions_in_fp32(tiny_onnx):
-    from defectscope.deploy.benchmark import first_layers
+def test_int8_keeps_the_high_resolution_layers_of_both_resolutions_in_fp32(tiny_onnx):
+    from defectscope.deploy.benchmark import first_layers, keep_fp32_nodes
 
-    stems = first_layers(onnx.load(str(tiny_onnx)))
+    model = onnx.load(str(tiny_onnx))
+    stems = first_layers(model)
     assert sorted(stems) == ["/model/backbone/conv_stem/Conv", "/model/backbone/conv_stem_1/Conv"]
+    keep = keep_fp32_nodes(model)
+    assert set(stems) < set(keep)
+    # stage 0 (dw + pw) and stage 1 (2 blocks x 3 convs) of both resolutions, and nothing later
+    assert len(keep) == 2 * (1 + 2 + 6) and not any("blocks.2" in n or "/head/" in n for n in keep)
