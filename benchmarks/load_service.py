@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -27,7 +28,8 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGE = REPO.parent / "shared" / "datasets" / "neu-det" / "images" / "scratches_1.jpg"
+SHARED = Path(os.environ.get("DEFECTSCOPE_SHARED", REPO.parent / "shared"))
+DEFAULT_IMAGE = SHARED / "datasets" / "neu-det" / "images" / "scratches_1.jpg"
 
 
 def free_port() -> int:

@@ -72,3 +72,59 @@ def test_load_predictor_rejects_foreign_files(tmp_path, tiny_onnx):
 def test_spectra_to_image_only_model_is_an_error(onnx_predictor, neu_files):
     with pytest.raises(DeployError, match="image only"):
         onnx_predictor.predict([neu_files[0]], spectra=[np.zeros((4, 10), np.float32)])
+
+
+def test_benchmark_measures_every_runtime_on_the_held_out_split(tiny_run, tmp_path):
+    """A short benchmark of the tiny run (no torch.compile): every row measured, ONNX Runtime fp32 agrees
+    with eager fp32 on the real held-out images, int8 runs, files and the table are written."""
+    import json
+
+    from defectscope.deploy.benchmark import benchmark, render_table
+
+    res = benchmark(tiny_run, tmp_path, threads=1, iters=5, budget_s=0.5, test_limit=12, calib_images=8,
+                    compile_=False, log=lambda m: None)
+    rows = {r.runtime: r for r in res.rows}
+    assert list(rows) == ["PyTorch eager fp32", "eager channels_last+bf16", "ONNX Runtime fp32", "ONNX Runtime int8"]
+    assert all(r.error is None for r in res.rows), [r.error for r in res.rows]
+    assert res.test_images == 12 and res.params > 0 and res.gflops_per_image > 0
+    assert res.matmul_gflops["fp32"] > 0 and res.quality_metric == "accuracy %"
+    ort = rows["ONNX Runtime fp32"]
+    assert ort.max_abs_diff < 1e-4 and ort.agreement == 1.0
+    assert rows["ONNX Runtime int8"].max_abs_diff > 0  # really quantised
+    assert rows["PyTorch eager fp32"].speedup_b1 == 1.0 and rows["PyTorch eager fp32"].max_abs_diff == 0.0
+    for r in res.rows:
+        assert r.p50_ms > 0 and r.p95_ms >= r.p50_ms and r.images_per_s > 0 and 0 <= r.quality <= 100
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.int8.onnx").is_file()
+    assert len(json.loads((tmp_path / "benchmark.json").read_text())["rows"]) == 4
+    assert render_table(res).row_count == 4
+
+
+@pytest.mark.parametrize("task", ["anomaly", "weld", "segmentation", "multicnn", "timeseries"])
+def test_tasks_without_an_adapter_are_refused_with_the_reason(tmp_path, task):
+    """Export, predictor and service refuse the model families they do not handle, saying why."""
+    import yaml
+
+    from defectscope.deploy.export import export_onnx
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"task": task}))
+    for call in (lambda: export_onnx(run, tmp_path / "m.onnx"), lambda: load_predictor(run)):
+        with pytest.raises(DeployError, match=f"task '{task}' is not supported.*supported tasks: classification"):
+            call()
+    assert not (tmp_path / "m.onnx").exists()
+    if task == "anomaly":
+        with pytest.raises(DeployError, match="backward pass"):
+            export_onnx(run, tmp_path / "m.onnx")
+
+
+def test_int8_keeps_the_high_resolution_layers_of_both_resolutions_in_fp32(tiny_onnx):
+    from defectscope.deploy.benchmark import first_layers, keep_fp32_nodes
+
+    model = onnx.load(str(tiny_onnx))
+    stems = first_layers(model)
+    assert sorted(stems) == ["/model/backbone/conv_stem/Conv", "/model/backbone/conv_stem_1/Conv"]
+    keep = keep_fp32_nodes(model)
+    assert set(stems) < set(keep)
+    # stage 0 (dw + pw) and stage 1 (2 blocks x 3 convs) of both resolutions, and nothing later
+    assert len(keep) == 2 * (1 + 2 + 6) and not any("blocks.2" in n or "/head/" in n for n in keep)

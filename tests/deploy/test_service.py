@@ -86,6 +86,14 @@ def test_too_many_bytes_is_413_with_the_limit(client):
     assert "200000 bytes" in detail
 
 
+def test_oversized_request_body_is_413_before_it_is_read(client):
+    body = b"x" * 500_000  # over 2 * 200 000 + 64 KiB
+    r = client.post("/v1/predict", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    detail = _error(r, 413, "too_large")
+    assert "500000 bytes" in detail and "200000 bytes" in detail
+    assert client.get("/healthz").status_code == 200
+
+
 def test_too_many_pixels_is_413(client):
     buf = io.BytesIO()
     Image.new("L", (2500, 2000)).save(buf, format="PNG")  # 5 Mpx of zeros compresses to a few kB
@@ -157,5 +165,11 @@ def test_saturated_pool_answers_503_and_keeps_serving(tiny_onnx, neu_files):
 
 
 def test_a_text_field_instead_of_a_file_is_400(client):
-    r = client.post("/v1/predict", data={"file": "not-a-file"})
-    assert r.status_code == 400 and r.json()["error"] in ("bad_request", "no_file")
+    detail = _error(client.post("/v1/predict", data={"file": "not-a-file"}), 400, "bad_request")
+    assert "body.file" in detail and "multipart/form-data" in detail
+
+
+def test_a_non_multipart_body_is_400_no_file(client):
+    r = client.post("/v1/predict", content=b"{}", headers={"content-type": "application/json"})
+    assert "'file' part" in _error(r, 400, "no_file")
+    assert client.get("/healthz").json()["status"] == "ok"  # still serving after the bad requests

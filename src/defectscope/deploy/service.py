@@ -15,7 +15,9 @@ Errors are JSON ``{"error": code, "detail": message}``:
 400  ``no_file``              no ``file`` part in the form
 400  ``unexpected_spectra``   spectra sent to an image-only model
 400  ``missing_spectra``      a multimodal model got no spectra
-413  ``too_large``            upload over ``max_bytes`` (stated) or over the pixel limit
+413  ``too_large``            upload over ``max_bytes`` (stated), a request body over
+                              ``2 * max_bytes + 64 KiB`` (refused before it is read), or
+                              an image over the pixel limit
 415  ``not_an_image``         bytes are not an image format
 422  ``corrupt_image``        recognised image format that cannot be decoded
 422  ``bad_spectra``          spectra unreadable or of the wrong shape (expected shape stated)
@@ -48,6 +50,7 @@ from defectscope.deploy.predictor import Predictor
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+FORM_OVERHEAD = 64 * 1024  # multipart headers and boundaries allowed on top of the files, bytes
 
 
 class ApiError(Exception):
@@ -145,6 +148,18 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
         return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status)
+
+    # The multipart parser spools a whole upload before the handler sees it, so a request whose declared
+    # size cannot fit (image + spectra + form overhead) is refused before its body is read.
+    max_body = 2 * max_bytes + FORM_OVERHEAD
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        length = request.headers.get("content-length", "")
+        if request.url.path == "/v1/predict" and length.isdigit() and int(length) > max_body:
+            return JSONResponse({"error": "too_large", "detail": f"request body of {int(length)} bytes exceeds the limit of "
+                                 f"{max_body} bytes (image and spectra at most {max_bytes} bytes each)"}, status_code=413)
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):

@@ -192,6 +192,15 @@ class TaskAdapter:
         """``(metric name, value)`` of batched outputs against targets (e.g. accuracy in %)."""
         raise NotImplementedError
 
+    def compare(self, info: ModelInfo, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[float, float | None]:
+        """Agreement of one runtime's batched outputs ``got`` with the reference ``ref`` (eager fp32).
+
+        Returns:
+            ``(max |difference|`` over every output, share of samples with the same decision
+            or ``None`` where the task has no single decision``)``.
+        """
+        return max(float(np.abs(np.asarray(ref[k], np.float64) - np.asarray(got[k], np.float64)).max()) for k in ref), None
+
     def onnx_unsupported(self, info: ModelInfo) -> str | None:
         """Why this model cannot run in ONNX (``None`` if it can), e.g. Grad-MobileNet's
         input-gradient features need a backward pass and stay on PyTorch."""
@@ -219,13 +228,33 @@ def register_adapter(adapter: TaskAdapter) -> TaskAdapter:
 def _ensure_loaded() -> None:
     import defectscope.deploy.adapters.classification  # noqa: F401
 
+# Trained tasks that export / predictor / serve do not handle, and why (shown in the error).
+UNSUPPORTED_TASKS: dict[str, str] = {
+    "anomaly": "Grad-MobileNet's input-gradient features need a backward pass (autograd), which an ONNX "
+               "inference graph cannot run, so it cannot be exported; and the PyTorch predictor/service has no "
+               "anomaly adapter yet. Score images with 'defectscope predict RUN' (PyTorch)",
+    "weld": "the weld-fusion model (image + spectra) has no deploy adapter yet (the metadata keys for spectra "
+            "are reserved in docs/deploy.md); use 'defectscope predict RUN' (PyTorch)",
+    "segmentation": "the U-Net segmentation task has no deploy adapter yet (mask overlay); "
+                    "use 'defectscope predict RUN' (PyTorch)",
+    "multicnn": "the fused multi-CNN model (several backbones + fusion) has no deploy adapter yet; each member "
+                "in RUN/members/<name> is a classification run and can be exported and served on its own",
+}
+
+
 def get_adapter(task: str) -> TaskAdapter:
     """The adapter of ``task``.
 
     Raises:
-        DeployError: no adapter for that task yet (the message lists the deployable tasks).
+        DeployError: no adapter for that task (the message says why for the known tasks and lists the
+            deployable ones).
     """
     _ensure_loaded()
     if task not in _ADAPTERS:
-        raise DeployError(f"task '{task}' has no deploy adapter yet; deployable tasks: {', '.join(sorted(_ADAPTERS))}")
+        deployable = ", ".join(sorted(_ADAPTERS))
+        if task in UNSUPPORTED_TASKS:
+            raise DeployError(f"task '{task}' is not supported by export/predictor/serve: {UNSUPPORTED_TASKS[task]}; "
+                              f"supported tasks: {deployable}")
+        raise DeployError(f"task '{task}' is not supported by export/predictor/serve (no deploy adapter); "
+                          f"supported tasks: {deployable}")
     return _ADAPTERS[task]

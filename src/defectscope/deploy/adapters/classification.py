@@ -114,5 +114,10 @@ class ClassificationAdapter(TaskAdapter):
         pred = np.asarray(outputs["probabilities"]).argmax(1)
         return "accuracy %", float((pred == targets).mean() * 100.0)
 
+    def compare(self, info: ModelInfo, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[float, float | None]:
+        """Max |difference| of the probabilities ``[N, K]`` and the share of images with the same top-1 class."""
+        a, b = np.asarray(ref["probabilities"], np.float64), np.asarray(got["probabilities"], np.float64)
+        return float(np.abs(a - b).max()), float((a.argmax(1) == b.argmax(1)).mean())
+
 
 register_adapter(ClassificationAdapter())
