@@ -60,7 +60,6 @@ def neu_small_folders(tmp_path_factory, neu_root) -> Path:
 # to completion there. CI deselects them (pyproject: addopts -m "not pending"). Run them with
 # `python -m pytest -q -m pending tests` and remove a file from this set once it passes.
 PENDING_FILES = {
-    "test_weld_data.py", "test_weld_models.py", "test_weld_pipeline.py",
     "test_anomaly_features.py", "test_anomaly_protocol.py",
     "test_multicnn.py",
     "test_rle.py", "test_segmentation_metrics.py", "test_segmentation_task.py",
