@@ -592,10 +592,15 @@ def table4_rows(metrics: dict) -> list[dict]:
     """Per-class rows in paper 000's Table-4 layout (precision, recall, F1, AUROC in %)."""
     rows = []
     for name, v in metrics["per_class"].items():
-        rows.append({"class": name, "precision (%)": 100 * v["precision"], "recall (%)": 100 * v["recall"],
-                     "F1 (%)": 100 * v["f1"], "AUROC (%)": None if v["auroc"] is None else 100 * v["auroc"],
+        rows.append({"class": name, "precision (%)": round(100 * v["precision"], 1), "recall (%)": round(100 * v["recall"], 1),
+                     "F1 (%)": round(100 * v["f1"], 1), "AUROC (%)": None if v["auroc"] is None else round(100 * v["auroc"], 1),
                      "support": v["support"]})
     return rows
+
+
+def _percent_strings(rows: list[dict]) -> list[dict]:
+    """Floats as ``"97.8"`` strings for the HTML table (the report's default is 4 decimals)."""
+    return [{k: f"{v:.1f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]
 
 
 # ------------------------------------------------------------------------------------------ the task
@@ -703,10 +708,12 @@ class WeldTask:
                        "vision encoder": f"{recipe.model.backbone} ({info['weights_source']})",
                        "crop size (h x w)": f"{recipe.data.crop_height} x {recipe.data.crop_width}, segmented={recipe.data.segmented}",
                        "selected channels": ", ".join(f"{w:.0f} nm" for w in selected_nm),
-                       "seam Dice (test)": inputs.seam_dice, "epochs run": info["epochs_run"], "train seconds": info["train_seconds"]})
+                       "seam Dice (test)": inputs.seam_dice, "epochs run": info["epochs_run"], "train seconds": info["train_seconds"],
+                       "stage seconds": f"data {data_seconds:.0f} (simulation included), seam U-Net + crops {prepare_seconds:.0f}, "
+                                        f"features + training {fit_seconds:.0f}, test inference {eval_seconds:.0f}"})
         rep.kv("Test metrics", {k: metrics[k] for k in ("n", "accuracy", "weighted_precision", "weighted_recall", "weighted_f1",
                                                           "macro_f1", "macro_auroc")})
-        rep.table("Per class (paper 000 Table 4 layout)", table4_rows(metrics),
+        rep.table("Per class (paper 000 Table 4 layout)", _percent_strings(table4_rows(metrics)),
                   ["class", "precision (%)", "recall (%)", "F1 (%)", "AUROC (%)", "support"])
         plot_confusion_matrix(metrics["confusion_matrix"], ds.classes, run.plots / "confusion_matrix.png")
         rep.image("plots/confusion_matrix.png", "Confusion matrix on the held-out split (rows: true class)")
@@ -744,7 +751,7 @@ class WeldTask:
         ev = RunFolder(out).create()
         ev.write_metrics({"task": self.name, "run": str(run_dir), "data": str(data), "synthetic": ds.synthetic, "test": metrics})
         rep = Report(f"defectscope evaluate: {Path(run_dir).name} on {Path(data).name}", synthetic=ds.synthetic)
-        rep.table("Per class (Table 4 layout)", table4_rows(metrics), ["class", "precision (%)", "recall (%)", "F1 (%)", "AUROC (%)", "support"])
+        rep.table("Per class (Table 4 layout)", _percent_strings(table4_rows(metrics)), ["class", "precision (%)", "recall (%)", "F1 (%)", "AUROC (%)", "support"])
         plot_confusion_matrix(metrics["confusion_matrix"], payload["class_names"], ev.plots / "confusion_matrix.png")
         rep.image("plots/confusion_matrix.png", "Confusion matrix")
         rep.write(ev.report_path)

@@ -75,7 +75,9 @@ def plot_training_curves(metrics_csv: str | Path, path: str | Path) -> Path | No
         if epoch in (None, ""):
             continue
         for key, val in row.items():
-            if key in ("epoch", "step") or val in (None, "") or not key.endswith("epoch") and not key.startswith("val"):
+            if key in ("epoch", "step") or val in (None, "") or key.endswith("_step"):
+                continue
+            if not (key.endswith("epoch") or key.startswith(("val", "train/"))):  # per-epoch values only
                 continue
             series.setdefault(key, []).append((float(epoch), float(val)))
     if not series:

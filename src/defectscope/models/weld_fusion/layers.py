@@ -255,12 +255,16 @@ class ProbSparseSelfAttention(nn.Module):
             idx = torch.randint(length, (length, u), device=x.device)
         else:
             idx = (torch.linspace(0, length - 1, u, device=x.device).round().long()[None] + torch.arange(length, device=x.device)[:, None]) % length
-        k_sample = k[:, :, idx, :]  # [B, h, L, u, dh]
-        qk_sample = (q.unsqueeze(-2) * k_sample).sum(-1) / math.sqrt(self.dh)  # [B, h, L, u]
-        sparsity = qk_sample.max(-1).values - qk_sample.mean(-1)
-        top = sparsity.topk(u, dim=-1).indices  # [B, h, u]
+        q = q / math.sqrt(self.dh)
+        # The sparsity measure only chooses which queries attend (top-k indices carry no gradient), so it
+        # is computed without autograd; its sampled scores q_i k_j / sqrt(d) are read from one score
+        # matmul, far cheaper on a CPU than gathering a [B, h, L, u, dh] tensor of sampled keys.
+        with torch.no_grad():
+            qk_sample = (q @ k.transpose(-1, -2)).gather(-1, idx.expand(b, self.h, length, u))  # [B, h, L, u]
+            sparsity = qk_sample.max(-1).values - qk_sample.mean(-1)
+            top = sparsity.topk(u, dim=-1).indices  # [B, h, u]
         q_top = torch.gather(q, 2, top[..., None].expand(-1, -1, -1, self.dh))
-        attn = self.drop(torch.softmax(q_top @ k.transpose(-1, -2) / math.sqrt(self.dh), dim=-1))
+        attn = self.drop(torch.softmax(q_top @ k.transpose(-1, -2), dim=-1))  # [B, h, u, L]
         ctx = v.mean(2, keepdim=True).expand(-1, -1, length, -1).clone()
         ctx.scatter_(2, top[..., None].expand(-1, -1, -1, self.dh), attn @ v)
         return self.out(ctx.transpose(1, 2).reshape(b, length, -1))
