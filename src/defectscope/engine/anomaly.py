@@ -49,7 +49,7 @@ from defectscope.data.splits import write_file_list
 from defectscope.engine.classification import expand_inputs, random_flips, to_float, warmup_cosine
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import build_trainer, set_threads
+from defectscope.engine.trainer import build_trainer, report_training_curves, set_threads
 from defectscope.evaluation.anomaly import (
     clustering_metrics,
     image_metrics,
@@ -59,7 +59,7 @@ from defectscope.evaluation.anomaly import (
     plot_tsne,
     tsne_kmeans,
 )
-from defectscope.evaluation.plots import plot_training_curves, plt, save_figure
+from defectscope.evaluation.plots import plt, save_figure
 from defectscope.evaluation.report import Report
 from defectscope.models import create_model
 from defectscope.models.grad_mobilenet import (
@@ -535,9 +535,7 @@ def write_anomaly_report(run: RunFolder, title: str, info: dict, metrics: dict, 
         rep.image("plots/tsne_clusters.png", "t-SNE of the gradient features, coloured by cluster and by true label")
     rep.text("Grad-MobileNet needs a backward pass per image (eq. 2), so it cannot be exported to ONNX as a "
              "forward-only graph; PatchCore's feature extractor can.")
-    curves = plot_training_curves(run.path / "logs" / "csv" / "metrics.csv", run.plots / "training_curves.png")
-    if curves:
-        rep.image("plots/training_curves.png", "Training loss toward y = 0 (normal images only)")
+    report_training_curves(rep, run, "Training loss toward y = 0 (normal images only)")
     rep.write(run.report_path)
 
 

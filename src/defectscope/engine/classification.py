@@ -42,9 +42,9 @@ from defectscope.data.images import (
 from defectscope.data.splits import stratified_split, write_file_list
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import build_trainer, set_threads
+from defectscope.engine.trainer import build_trainer, report_training_curves, set_threads
 from defectscope.evaluation.classification import classification_metrics
-from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
+from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves
 from defectscope.evaluation.report import Report
 from defectscope.models import create_model
 from defectscope.models.layers.losses import FocalLoss
@@ -283,9 +283,7 @@ def write_classification_report(run: RunFolder, title: str, metrics: dict, y_tru
     rep.image(f"plots/{prefix}confusion_matrix.png", "Confusion matrix on the held-out split (rows: true class)")
     plot_roc_curves(y_true, probs, class_names, run.plots / f"{prefix}roc_curves.png")
     rep.image(f"plots/{prefix}roc_curves.png", "One-vs-rest ROC curves on the held-out split")
-    curves = plot_training_curves(run.path / "logs" / "csv" / "metrics.csv", run.plots / "training_curves.png")
-    if curves:
-        rep.image("plots/training_curves.png", "Training loss and validation scores per epoch")
+    report_training_curves(rep, run, "Training loss and validation scores per epoch")
     if baseline_note:
         rep.text(baseline_note)
     rep.write(run.report_path)

@@ -52,10 +52,9 @@ from defectscope.data.splits import stratified_split, write_file_list
 from defectscope.engine.classification import expand_inputs, to_float, warmup_cosine
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import build_trainer, set_threads
+from defectscope.engine.trainer import build_trainer, report_training_curves, set_threads
 from defectscope.evaluation.detection import coco_map, detection_metrics, per_image_quality
 from defectscope.evaluation.detection_plots import draw_boxes_pil, plot_box_cases
-from defectscope.evaluation.plots import plot_training_curves
 from defectscope.evaluation.report import Report
 from defectscope.models import create_model
 from defectscope.models.box_heads.losses import SetCriterion, padded_slot_loss, single_loss
@@ -513,9 +512,7 @@ def write_detection_report(run: RunFolder, title: str, metrics: dict, info: dict
         rep.image(f"plots/{prefix}{name}_cases.png",
                   f"The {k} {name} held-out images by q = mean IoU of same-class one-to-one pairs "
                   f"(misses and extra detections count 0)")
-    curves = plot_training_curves(run.path / "logs" / "csv" / "metrics.csv", run.plots / "training_curves.png")
-    if curves:
-        rep.image("plots/training_curves.png", "Training losses and validation mAP per epoch")
+    report_training_curves(rep, run, "Training losses and validation mAP per epoch")
     rep.write(run.report_path)
 
 

@@ -58,7 +58,7 @@ from defectscope.engine.classification import (
 )
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import build_trainer, set_threads
+from defectscope.engine.trainer import build_trainer, csv_log_path, set_threads
 from defectscope.evaluation.classification import classification_metrics
 from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
 from defectscope.evaluation.report import Report
@@ -528,7 +528,7 @@ class MultiCNNTask(ClassificationTask):
         plot_roc_curves(splits.y["test"], fused_probs, names, run.plots / "feature_fusion_roc_curves.png")
         rep.image("plots/feature_fusion_roc_curves.png", "One-vs-rest ROC curves, feature fusion")
         for m in recipe.members:
-            p = plot_training_curves(run.path / "members" / m.key / "logs" / "csv" / "metrics.csv",
+            p = plot_training_curves(csv_log_path(run.path / "members" / m.key),
                                      run.plots / f"{m.key}_training_curves.png")
             if p:
                 rep.image(f"plots/{m.key}_training_curves.png", f"Fine-tuning curves, {m.key}")

@@ -48,8 +48,7 @@ from defectscope.data.splits import stratified_split, write_file_list
 from defectscope.engine.classification import expand_inputs, random_flips, to_float, to_model_input, warmup_cosine
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import build_trainer, set_threads
-from defectscope.evaluation.plots import plot_training_curves
+from defectscope.engine.trainer import build_trainer, report_training_curves, set_threads
 from defectscope.evaluation.report import Report
 from defectscope.evaluation.segmentation import segmentation_metrics
 from defectscope.evaluation.segmentation_plots import plot_image_level_curves, plot_mask_overlays
@@ -296,9 +295,8 @@ def write_segmentation_report(run: RunFolder, title: str, metrics: dict, x: np.n
             plot_mask_overlays(x[idx], y[idx, 0], probs[idx, 0], titles, run.plots / f"{prefix}overlays_{name}.png", threshold)
             rep.image(f"plots/{prefix}overlays_{name}.png",
                       f"{caption}: predicted mask red, true mask green outline; s = image score, d = Dice")
-    curves = plot_training_curves(run.path / "logs" / "csv" / "metrics.csv", run.plots / "training_curves.png")
-    if curves and not prefix:
-        rep.image("plots/training_curves.png", "Training loss per epoch")
+    if not prefix:
+        report_training_curves(rep, run, "Training loss per epoch")
     rep.write(run.report_path)
 
 

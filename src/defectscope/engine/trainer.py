@@ -54,7 +54,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, monitor: str | None, mode: st
     """
     loggers = []
     if "csv" in cfg.logger:
-        loggers.append(CSVLogger(str(run_dir), name="logs", version="csv"))
+        loggers.append(CSVLogger(str(run_dir), name="logs", version="csv"))  # -> csv_log_path(run_dir)
     if "tensorboard" in cfg.logger:
         loggers.append(TensorBoardLogger(str(run_dir), name="logs", version="tensorboard", default_hp_metric=False))
     callbacks: list = []
@@ -88,3 +88,27 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, monitor: str | None, mode: st
         num_sanity_val_steps=0,
         deterministic=False,
     )
+
+
+def csv_log_path(run_dir: Path) -> Path:
+    """The per-epoch metrics file that :func:`build_trainer`'s CSV logger writes into a run folder."""
+    return Path(run_dir) / "logs" / "csv" / "metrics.csv"
+
+
+def report_training_curves(rep, run, caption: str) -> bool:
+    """Draw the run's training curves to ``plots/training_curves.png`` and add them to the report.
+
+    Args:
+        rep: the :class:`defectscope.evaluation.report.Report` being written.
+        run: the :class:`defectscope.engine.run.RunFolder`.
+        caption: the figure caption.
+
+    Returns:
+        ``True`` if the CSV log existed and the figure was added, else ``False`` (nothing drawn).
+    """
+    from defectscope.evaluation.plots import plot_training_curves
+
+    if plot_training_curves(csv_log_path(run.path), run.plots / "training_curves.png") is None:
+        return False
+    rep.image("plots/training_curves.png", caption)
+    return True

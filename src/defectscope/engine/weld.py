@@ -40,9 +40,9 @@ from defectscope.data.weld.format import WeldDataError, WeldDataset, read_weld_d
 from defectscope.engine.classification import build_loss, warmup_cosine
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import build_trainer, set_threads
+from defectscope.engine.trainer import build_trainer, report_training_curves, set_threads
 from defectscope.evaluation.classification import classification_metrics
-from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves, save_figure
+from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves, save_figure
 from defectscope.evaluation.report import Report
 from defectscope.models import create_model
 from defectscope.models.weld_fusion.torch_model import MODALITIES
@@ -736,8 +736,7 @@ class WeldTask:
             if done:
                 rep.image("plots/attention_overlays.png", "Cross-attention weights over the weld crops (Fig. 14): per spectral "
                           "channel token, how strongly each image region attends to it")
-        if plot_training_curves(run.path / "logs" / "csv" / "metrics.csv", run.plots / "training_curves.png"):
-            rep.image("plots/training_curves.png", "Training loss and validation scores per epoch")
+        report_training_curves(rep, run, "Training loss and validation scores per epoch")
         result["total_seconds"] = round(time.perf_counter() - t_total, 1)
         run.write_metrics(result)
         rep.write(run.report_path)
