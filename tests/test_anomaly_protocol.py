@@ -52,8 +52,12 @@ def test_mask_resize_keeps_defect_pixels(ksdd_root):
 
 
 @pytest.mark.slow  # Lightning + two backbones: tens of seconds on an idle 2-core CPU
-def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path):
-    """Fit both methods on 6 real good images, test on 6 real images (2 defective), predict 2 files."""
+@pytest.mark.parametrize("peer_size", [None, [128, 64]])
+def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path, peer_size):
+    """Fit both methods on 6 real good images, test on 6 real images (2 defective), predict 2 files.
+
+    With ``peer_size`` PatchCore reads its own, larger input (its maps are resized for the report).
+    """
     from defectscope.config import validate
     from defectscope.engine.tasks import get_task
 
@@ -62,7 +66,7 @@ def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path):
            "data": {"root": str(ksdd_root), "image_size": [96, 32], "calibration_fraction": 0.3,
                     "max_fit": 6, "max_test": 6},
            "model": {"grid": [3, 1], "bins": 4, "grad_batch_size": 6},
-           "peer": {"max_patches": 500, "coreset_ratio": 0.1},
+           "peer": {"max_patches": 500, "coreset_ratio": 0.1, "image_size": peer_size},
            "clustering": {"enabled": False},
            "train": {"epochs": 1, "batch_size": 3, "progress": False, "logger": [], "num_threads": 2}}
     recipe = validate(raw, task.recipe, "test")
@@ -80,6 +84,9 @@ def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path):
     assert metrics["feature"]["dim"] == 3 + 4 + 1
     assert (run / "report.html").is_file() and (run / "plots" / "overlays.png").is_file()
     assert res["test"] == metrics["test"]
+    assert metrics["peer"]["image_size"] == (peer_size or [96, 32])
+    patches_per_image = (peer_size or [96, 32])[0] // 8 * (peer_size or [96, 32])[1] // 8
+    assert metrics["peer"]["patches"] == 6 * patches_per_image  # stride-8 grid of the peer's own input
 
     files = [Path(line.split(",")[0]) for line in (run / "split" / "test.txt").read_text().splitlines()[:2]]
     bad_file = tmp_path / "broken.jpg"
@@ -90,4 +97,5 @@ def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert [r["decision"] for r in rows[:2]] and all(r["decision"] in ("normal", "defective") for r in rows[:2])
     assert all(np.isfinite(float(r["score"])) and Path(r["map"]).is_file() for r in rows[:2])
+    assert all(np.isfinite(float(r["peer_score"])) for r in rows[:2])
     assert rows[2]["error"]

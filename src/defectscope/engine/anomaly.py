@@ -141,6 +141,9 @@ class PeerConfig(StrictModel):
         layers: backbone stages used (indices into ``blocks``).
         coreset_ratio: memory-bank size as a share of all fitting patches (PatchCore: 1-10%).
         score_border: feature-grid cells at each edge left out of the image score (padding effects).
+        image_size: ``[H, W]`` the peer's own input size (``None``: ``data.image_size``). PatchCore
+            needs no training, so it can afford a larger input than Grad-MobileNet's backward passes;
+            KolektorSDD's thin cracks are about 1 px wide at 0.31 of the resolution.
         max_patches: random pre-subsample of the fitting patches before the greedy coreset
             (bounds the time of the selection).
         threshold_quantile: decision threshold = this quantile of the calibration images'
@@ -156,6 +159,7 @@ class PeerConfig(StrictModel):
     layers: list[int] = [2, 4]
     coreset_ratio: float = Field(0.01, gt=0, le=1)
     score_border: int = Field(0, ge=0)
+    image_size: tuple[int, int] | None = None
     max_patches: int = Field(200_000, ge=100)
     threshold_quantile: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(16, ge=1)
@@ -483,6 +487,12 @@ class AnomalyModels:
             self.peer.load_state_dict(payload["peer_state_dict"])
             self.peer.eval()
         self.peer_threshold = payload.get("peer_threshold")
+        self.peer_size = tuple(payload.get("peer_image_size") or self.image_size)
+
+    def load(self, paths: list) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 stacks of image files at Grad-MobileNet's size and at the peer's (the same array if equal)."""
+        x = load_stack(paths, self.image_size)
+        return x, (x if self.peer_size == self.image_size else load_stack(paths, self.peer_size))
 
     def score_grad(self, x: np.ndarray) -> Scored:
         gn, lm, pt = gradient_maps(self.grad, x, self.cfg)
@@ -491,6 +501,7 @@ class AnomalyModels:
         return Scored(s, s > 0, blur_maps(gn, self.cfg.map_blur_sigma), f, pt.numpy())
 
     def score_peer(self, x: np.ndarray) -> Scored | None:
+        """PatchCore scores of uint8 images ``[N, 3, *peer_size]``; maps at ``peer_size``."""
         if self.peer is None:
             return None
         s, m = patchcore_score(self.peer, x)
@@ -499,6 +510,19 @@ class AnomalyModels:
 
 def _maps_pixel_auroc(maps: torch.Tensor, masks: np.ndarray, stride: int = 2) -> float | None:
     return pixel_auroc(maps[:, ::stride, ::stride].numpy(), masks[:, ::stride, ::stride])
+
+
+def _pixel_stride(size: tuple[int, int]) -> int:
+    """Pixel subsampling step of the pixel AUROC: 2 up to 640 rows, more above (bounded memory and time)."""
+    return 2 * max(1, size[0] // 640)
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Anomaly maps ``[N, h, w]`` resized (area average, or bilinear when enlarging) to ``[N, H, W]``."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    mode = "area" if maps.shape[-2] >= size[0] else "bilinear"
+    return F.interpolate(maps[:, None].float(), size=tuple(size), mode=mode)[:, 0]
 
 
 def write_anomaly_report(run: RunFolder, title: str, info: dict, metrics: dict, y: np.ndarray,
@@ -595,17 +619,24 @@ class AnomalyTask:
         result_peer: dict = {}
         if recipe.peer.enabled:
             p0 = time.perf_counter()
-            pc, pkw, pinfo = patchcore_fit(recipe.peer, x["fit"], recipe.seed)
-            ref = x["calibration"] if len(x["calibration"]) else x["fit"]
+            psize = tuple(recipe.peer.image_size or size)
+            xp = x if psize == size else {k: load_stack([it.image for it in v], psize, progress=t.progress)
+                                          for k, v in parts.items()}
+            pmasks = masks if psize == size else np.stack([load_mask(it.mask, psize) for it in parts["test"]])
+            pc, pkw, pinfo = patchcore_fit(recipe.peer, xp["fit"], recipe.seed)
+            ref = xp["calibration"] if len(xp["calibration"]) else xp["fit"]
             ref_scores, _ = patchcore_score(pc, ref, recipe.peer.batch_size)
             thr = float(np.quantile(ref_scores, recipe.peer.threshold_quantile))
-            ps, pm = patchcore_score(pc, x["test"], recipe.peer.batch_size)
-            peer = Scored(ps, ps > thr, pm)
-            result_peer = {**image_metrics(y, ps, peer.decision), "pixel_auroc": _maps_pixel_auroc(pm, masks),
-                           "threshold": thr, "threshold_from": "calibration" if len(x["calibration"]) else "fit",
+            ps, pm = patchcore_score(pc, xp["test"], recipe.peer.batch_size)
+            peer = Scored(ps, ps > thr, resize_maps(pm, size))
+            result_peer = {**image_metrics(y, ps, peer.decision),
+                           "pixel_auroc": _maps_pixel_auroc(pm, pmasks, _pixel_stride(psize)),
+                           "image_size": list(psize), "threshold": thr,
+                           "threshold_from": "calibration" if len(x["calibration"]) else "fit",
                            **pinfo, "seconds": round(time.perf_counter() - p0, 1)}
             peer_payload = {"peer_kwargs": pkw, "peer_state_dict": pc.state_dict(), "peer_threshold": thr,
-                            "peer_config": recipe.peer.model_dump(mode="json")}
+                            "peer_image_size": list(psize), "peer_config": recipe.peer.model_dump(mode="json")}
+            del xp, pm, pmasks
 
         clustering = run_clustering(recipe, run) if recipe.clustering.enabled else None
 
@@ -660,16 +691,19 @@ class AnomalyTask:
         """Score every image of a KolektorSDD-style folder (manifest + masks) with a trained run."""
         models = AnomalyModels(RunFolder(run_dir).load_model_payload())
         items = read_kolektor_manifest(data)
-        x = load_stack([it.image for it in items], models.image_size)
+        x, xp = models.load([it.image for it in items])
         y = np.array([int(it.defective) for it in items])
         masks = np.stack([load_mask(it.mask, models.image_size) for it in items])
         g = models.score_grad(x)
         metrics = {**image_metrics(y, g.score, g.decision), "pixel_auroc": _maps_pixel_auroc(g.maps, masks)}
-        p = models.score_peer(x)
+        p = models.score_peer(xp)
+        pmasks = masks if models.peer_size == models.image_size else \
+            np.stack([load_mask(it.mask, models.peer_size) for it in items])
         out = Path(out) if out else Path(run_dir) / "evaluations" / Path(data).name
         ev = RunFolder(out).create()
         res = {"task": self.name, "run": str(run_dir), "data": str(data), "test": metrics,
-               "peer": ({**image_metrics(y, p.score, p.decision), "pixel_auroc": _maps_pixel_auroc(p.maps, masks)}
+               "peer": ({**image_metrics(y, p.score, p.decision),
+                         "pixel_auroc": _maps_pixel_auroc(p.maps, pmasks, _pixel_stride(models.peer_size))}
                         if p is not None else None)}
         ev.write_metrics(res)
         return metrics
@@ -684,12 +718,14 @@ class AnomalyTask:
         files = expand_inputs(inputs)
         out = Path(out)
         map_dir = out.parent / f"{out.stem}_maps"
-        ok, arrays, skipped = [], [], []
+        ok, arrays, peer_arrays, skipped = [], [], [], []
         for f in files:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    arrays.append(resize_uint8(load_image(f), models.image_size).transpose(2, 0, 1))
+                    img = load_image(f)
+                arrays.append(resize_uint8(img, models.image_size).transpose(2, 0, 1))
+                peer_arrays.append(resize_uint8(img, models.peer_size).transpose(2, 0, 1))
                 ok.append(f)
             except ImageReadError as exc:
                 skipped.append((f, str(exc)))
@@ -697,9 +733,10 @@ class AnomalyTask:
         if arrays:
             x = np.stack(arrays)
             g = models.score_grad(x)
-            p = models.score_peer(x)
+            p = models.score_peer(np.stack(peer_arrays))
+            pmaps = resize_maps(p.maps, models.image_size) if p else None
             for i, f in enumerate(ok):
-                panels = [("Grad-MobileNet |dL/dx|", g.maps[i].numpy())] + ([("PatchCore", p.maps[i].numpy())] if p else [])
+                panels = [("Grad-MobileNet |dL/dx|", g.maps[i].numpy())] + ([("PatchCore", pmaps[i].numpy())] if p else [])
                 png = map_dir / f"{f.stem}.png"
                 fig, axes = plt.subplots(1, 1 + len(panels), figsize=(2.2 * (1 + len(panels)), 5))
                 axes[0].imshow(x[i].transpose(1, 2, 0))
