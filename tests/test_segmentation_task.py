@@ -44,3 +44,24 @@ def test_train_and_predict_small_real_subset(tmp_path, ksdd_root):
         png = np.asarray(Image.open(out.parent / "masks_masks" / r.image_id.replace(".jpg", ".png")))
         assert png.shape == shapes[r.image_id] and set(np.unique(png)) <= {0, 255}
         np.testing.assert_array_equal(png > 0, rle_decode(r.encoded, shapes[r.image_id]).astype(bool))
+
+
+def test_training_crops_reach_the_image_edges_and_hold_the_defect():
+    """Good images: crops tile the image (top and bottom rows are seen); defective: the crop holds a defect pixel."""
+    import torch
+
+    from defectscope.engine.segmentation import MaskDataset
+
+    h, w, crop = 100, 8, 32
+    x = np.zeros((2, 3, h, w), np.uint8)
+    y = np.zeros((2, 1, h, w), np.uint8)
+    y[1, 0, 90, 3] = 1  # one defect pixel near the bottom of image 1
+    for r in range(h):
+        x[:, 0, r] = r  # channel 0 holds the row index, so a crop tells where it was taken
+    ds = MaskDataset(x, y, crop_height=crop)
+    torch.manual_seed(0)
+    tops = {int(ds[0][0][0, 0, 0]) for _ in range(200)}
+    assert tops == {0, 17, 34, 51, 68}  # ceil(100 / 32) + 1 = 5 evenly spaced crops, first and last at the edges
+    for _ in range(50):
+        img, mask = ds[1]
+        assert img.shape == (3, crop, w) and mask.sum() == 1

@@ -127,6 +127,12 @@ class MaskDataset(Dataset):
         x: ``uint8 [N, 3, H, W]``; y: ``uint8 [N, K, H, W]``.
         crop_height: crop this many rows (0: whole image).
 
+    Crops: a defective image is cropped around a random defect pixel; a good image at one of
+    ``ceil(H / h) + 1`` evenly spaced positions whose crops tile it, the first at the top edge and
+    the last at the bottom. Uniform random positions would show the image's top and bottom rows
+    almost never (chance ``1 / (H - h + 1)``), and a model trained so marks the dark top/bottom
+    borders of good KolektorSDD images as defects at test time.
+
     Items: ``(image uint8 [3, h, W], mask uint8 [K, h, W])``.
     """
 
@@ -146,8 +152,9 @@ class MaskDataset(Dataset):
                 r = int(rows[torch.randint(len(rows), (1,))])
                 lo, hi = max(0, r - self.crop + 1), min(r, h - self.crop)
                 top = int(torch.randint(lo, hi + 1, (1,)))
-            else:
-                top = int(torch.randint(0, h - self.crop + 1, (1,)))
+            else:  # one of the evenly spaced crops that tile the image, first and last at the edges
+                n = -(-h // self.crop) + 1
+                top = round(int(torch.randint(n, (1,))) * (h - self.crop) / (n - 1))
             x, y = x[:, top : top + self.crop], y[:, top : top + self.crop]
         return x, y
 
