@@ -99,3 +99,20 @@ def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path, peer_size):
     assert all(np.isfinite(float(r["score"])) and Path(r["map"]).is_file() for r in rows[:2])
     assert all(np.isfinite(float(r["peer_score"])) for r in rows[:2])
     assert rows[2]["error"]
+
+    # evaluate on a small KolektorSDD-layout folder (4 real images, 2 defective): both methods, peer at its own size
+    small = tmp_path / "ksdd_small"
+    (small / "images").mkdir(parents=True)
+    (small / "masks").mkdir()
+    lines = (ksdd_root / "manifest.csv").read_text().splitlines()
+    good = [r for r in lines[1:] if r.split(",")[2] == "0"][:2]
+    bad = [r for r in lines[1:] if r.split(",")[2] == "1"][:2]
+    for r in good + bad:
+        i = r.split(",")[0]
+        (small / "images" / f"{i}.jpg").symlink_to(ksdd_root / "images" / f"{i}.jpg")
+        (small / "masks" / f"{i}.png").symlink_to(ksdd_root / "masks" / f"{i}.png")
+    (small / "manifest.csv").write_text("\n".join([lines[0]] + good + bad) + "\n")
+    ev = task.evaluate(run, small, tmp_path / "ev")
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["n"] == 4 and ev["n_defective"] == 2 and saved["peer"]["n"] == 4
+    assert 0.0 <= saved["peer"]["image_auroc"] <= 1.0 and 0.0 <= saved["peer"]["pixel_auroc"] <= 1.0
