@@ -128,3 +128,29 @@ def test_other_models_train_end_to_end(tmp_path, neu_root, model):
     assert m["loss"] == model.get("loss", "fcos")
     if model.get("loss") == "single":  # one detection per image
         assert m["test"]["box_pairs"] == 6
+    if model.get("name") == "fcos_lite":
+        check_nms_sweep(out)
+
+
+def check_nms_sweep(run):
+    """The NMS threshold sweep of a trained FCOS run: lower IoU thresholds keep fewer boxes; threshold restored."""
+    from defectscope.engine.detection import (DetectionRecipe, choose_on_validation, load_detector, nms_sweep,
+                                              predict_normalised, prepare_box_splits)
+
+    model, payload = load_detector(run)
+    assert payload["model_kwargs"]["nms_thresh"] == 0.6 and model.det.nms_thresh == 0.6
+    recipe = DetectionRecipe(**yaml.safe_load((run / "config.yaml").read_text()))
+    splits = prepare_box_splits(recipe.data, recipe.train.val_fraction, None, payload["class_names"])
+    rows = nms_sweep(model, splits, [0.1, 1.0], score_threshold=0.3)
+    assert [r["nms_threshold"] for r in rows] == [0.1, 1.0] and model.det.nms_thresh == 0.6
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("val_map_50", "test_map_50", "test_map"))
+    assert choose_on_validation(rows)["val_map_50"] == max(r["val_map_50"] for r in rows)
+    counts = []
+    for thr in (0.1, 1.0):
+        model.det.nms_thresh, model.det.score_thresh, model.det.detections_per_img = thr, 0.0, 100_000
+        counts.append(sum(len(d["scores"]) for d in predict_normalised(model, splits.x["test"])))
+    assert counts[0] < counts[1]  # IoU 1.0 suppresses (almost) nothing, 0.1 suppresses most overlaps
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        nms_sweep(model, splits, [0.0])
+    with pytest.raises(ValueError, match="no validation split"):
+        choose_on_validation([{"nms_threshold": 0.5, "test_map_50": 0.3}])

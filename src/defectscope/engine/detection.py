@@ -100,6 +100,9 @@ class DetectionModelConfig(StrictModel):
         fpn_channels, head_convs: FCOS pyramid width and head depth.
         score_threshold: detections kept by ``predict``, drawn in the report and paired for box MSE/MAE
             (mAP uses every detection).
+        nms_threshold: ``fcos_lite``'s non-maximum suppression IoU (per class; torchvision's default
+            0.6): of two same-class detections overlapping more, the lower-scored one is dropped.
+            Choose it on the validation split (:func:`nms_sweep`, ``benchmarks/detection_nms.py``).
         grad_clip: gradient norm clipping (0: off).
     """
 
@@ -126,6 +129,7 @@ class DetectionModelConfig(StrictModel):
     fpn_channels: int = Field(96, ge=16)
     head_convs: int = Field(3, ge=1)
     score_threshold: float = Field(0.3, ge=0, le=1)
+    nms_threshold: float = Field(0.6, gt=0, le=1)
     grad_clip: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
@@ -428,7 +432,7 @@ def model_kwargs_from(recipe: DetectionRecipe, num_classes: int, num_slots: int)
     m = recipe.model
     if m.name == "fcos_lite":
         return {"num_classes": num_classes, "image_size": recipe.data.image_size, "fpn_channels": m.fpn_channels,
-                "head_convs": m.head_convs}
+                "head_convs": m.head_convs, "nms_thresh": m.nms_threshold}
     return {"backbone": m.backbone, "num_classes": num_classes, "num_slots": num_slots,
             "mode": "single" if m.loss == "single" else "slots", "head": m.head, "hidden_dim": m.hidden_dim,
             "num_heads": m.num_heads, "encoder_layers": m.encoder_layers, "decoder_layers": m.decoder_layers,
@@ -485,6 +489,58 @@ def evaluate_records(model: nn.Module, records: list[ImageBoxes], x: np.ndarray,
     metrics = detection_metrics(preds, targets, [(r.width, r.height) for r in records], list(image_labels),
                                 class_names, score_threshold)
     return metrics, preds, targets, ips
+
+
+def nms_sweep(model: nn.Module, splits: BoxSplits, thresholds: list[float], score_threshold: float = 0.3,
+              split_names: tuple[str, ...] = ("val", "test")) -> list[dict]:
+    """COCO mAP@0.5 and mAP@[.5:.95] per split for each NMS IoU threshold of an ``fcos_lite`` model.
+
+    Choose the threshold on ``val`` (:func:`choose_on_validation`), then read ``test`` at it.
+    The model's own threshold is restored afterwards.
+
+    Args:
+        model: a trained :class:`~defectscope.models.box_heads.LiteFCOS` (eval mode).
+        splits: from :func:`prepare_box_splits` with the run's split settings.
+        thresholds: NMS IoU thresholds in (0, 1].
+
+    Returns:
+        one dict per threshold: ``nms_threshold``, ``<split>_map_50``, ``<split>_map`` for each split present.
+
+    Raises:
+        ValueError: the model has no torchvision NMS stage (slot heads), or a threshold outside (0, 1].
+    """
+    det = getattr(model, "det", None)
+    if det is None or not hasattr(det, "nms_thresh"):
+        raise ValueError(f"nms_sweep: {type(model).__name__} has no NMS stage; only fcos_lite models have one")
+    bad = [t for t in thresholds if not 0 < t <= 1]
+    if bad:
+        raise ValueError(f"nms_sweep: NMS IoU thresholds must be in (0, 1], got {bad}")
+    old, rows = det.nms_thresh, []
+    try:
+        for thr in thresholds:
+            det.nms_thresh = float(thr)
+            row: dict = {"nms_threshold": float(thr)}
+            for name in split_names:
+                if name in splits.x:
+                    m, *_ = evaluate_records(model, splits.records[name], splits.x[name], splits.class_names,
+                                             list(splits.image_labels[name]), score_threshold)
+                    row[f"{name}_map_50"], row[f"{name}_map"] = m["map_50"], m["map"]
+            rows.append(row)
+    finally:
+        det.nms_thresh = old
+    return rows
+
+
+def choose_on_validation(rows: list[dict]) -> dict:
+    """The row of :func:`nms_sweep` with the highest ``val_map_50`` (first on ties).
+
+    Raises:
+        ValueError: no row has a validation figure.
+    """
+    rows = [r for r in rows if r.get("val_map_50") is not None]
+    if not rows:
+        raise ValueError("choose_on_validation: no validation split in the sweep (train.val_fraction = 0?)")
+    return max(rows, key=lambda r: r["val_map_50"])
 
 
 def write_detection_report(run: RunFolder, title: str, metrics: dict, info: dict, records: list[ImageBoxes],
