@@ -725,7 +725,8 @@ class AnomalyTask:
                     warnings.simplefilter("ignore")
                     img = load_image(f)
                 arrays.append(resize_uint8(img, models.image_size).transpose(2, 0, 1))
-                peer_arrays.append(resize_uint8(img, models.peer_size).transpose(2, 0, 1))
+                peer_arrays.append(arrays[-1] if models.peer_size == models.image_size
+                                   else resize_uint8(img, models.peer_size).transpose(2, 0, 1))
                 ok.append(f)
             except ImageReadError as exc:
                 skipped.append((f, str(exc)))
