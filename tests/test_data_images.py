@@ -118,3 +118,16 @@ def test_small_split_keeps_every_class_on_both_sides():
     assert sorted(set(labels[b])) == list(range(6)) and sorted(set(labels[a])) == list(range(6))
     with pytest.raises(ValueError, match="too few"):
         stratified_split(np.repeat(np.arange(6), 2), 0.6, seed=0)  # 8 held out leaves 4 < 6 classes
+
+
+def test_iter_images_yields_each_file_in_order_with_the_reason_for_bad_ones(tmp_path):
+    from defectscope.data.images import iter_images
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((4, 6), 200, np.uint8)).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    out = list(iter_images([bad, good]))
+    assert [f for f, _, _ in out] == [bad, good]
+    assert out[0][1] is None and "bad.jpg" in out[0][2]
+    assert out[1][2] is None and out[1][1].shape == (4, 6, 3) and out[1][1].dtype == np.uint8

@@ -16,6 +16,7 @@ non-image files raise :class:`ImageReadError` naming the file.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,25 @@ def resize_uint8(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     if img.shape[0] == h and img.shape[1] == w:
         return img
     return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+
+
+def iter_images(files: list[Path]) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
+    """Decode image files one at a time for ``predict``, format warnings silenced.
+
+    Yields:
+        ``(path, image uint8 [H, W, 3], None)`` per readable file and ``(path, None, reason)`` per
+        unreadable one (the :class:`ImageReadError` message naming the file), in input order, so a
+        command can report bad files instead of stopping at the first.
+    """
+    for f in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img = load_image(f)
+        except ImageReadError as exc:
+            yield f, None, str(exc)
+            continue
+        yield f, img, None  # outside the warnings context: the caller's own warnings stay visible
 
 
 def load_stack(paths: list[Path], size: int | tuple[int, int], progress: bool = False) -> np.ndarray:

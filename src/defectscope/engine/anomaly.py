@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import io
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -43,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from defectscope.config import BaseRecipe, StrictModel, TrainConfig
-from defectscope.data.images import DatasetError, ImageReadError, load_image, load_stack, resize_uint8
+from defectscope.data.images import DatasetError, iter_images, load_stack, resize_uint8
 from defectscope.data.kolektor import KolektorItem, anomaly_protocol, load_mask, read_kolektor_manifest
 from defectscope.data.splits import write_file_list
 from defectscope.engine.classification import expand_inputs, random_flips, to_float, warmup_cosine
@@ -719,17 +718,14 @@ class AnomalyTask:
         out = Path(out)
         map_dir = out.parent / f"{out.stem}_maps"
         ok, arrays, peer_arrays, skipped = [], [], [], []
-        for f in files:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    img = load_image(f)
-                arrays.append(resize_uint8(img, models.image_size).transpose(2, 0, 1))
-                peer_arrays.append(arrays[-1] if models.peer_size == models.image_size
-                                   else resize_uint8(img, models.peer_size).transpose(2, 0, 1))
-                ok.append(f)
-            except ImageReadError as exc:
-                skipped.append((f, str(exc)))
+        for f, img, err in iter_images(files):
+            if err:
+                skipped.append((f, err))
+                continue
+            arrays.append(resize_uint8(img, models.image_size).transpose(2, 0, 1))
+            peer_arrays.append(arrays[-1] if models.peer_size == models.image_size
+                               else resize_uint8(img, models.peer_size).transpose(2, 0, 1))
+            ok.append(f)
         rows = []
         if arrays:
             x = np.stack(arrays)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,9 +32,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from defectscope.config import BaseRecipe, StrictModel
 from defectscope.data.images import (
     IMAGE_SUFFIXES,
-    ImageReadError,
     discover_labelled_images,
-    load_image,
+    iter_images,
     load_stack,
     resize_uint8,
 )
@@ -379,14 +377,12 @@ class ClassificationTask:
         names, size = payload["class_names"], payload["image_size"]
         files = expand_inputs(inputs)
         ok_files, arrays, skipped = [], [], []
-        for f in files:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    arrays.append(resize_uint8(load_image(f), size).transpose(2, 0, 1))
-                ok_files.append(f)
-            except ImageReadError as exc:
-                skipped.append((f, str(exc)))
+        for f, img, err in iter_images(files):
+            if err:
+                skipped.append((f, err))
+                continue
+            arrays.append(resize_uint8(img, size).transpose(2, 0, 1))
+            ok_files.append(f)
         probs = predict_probs(model, np.stack(arrays)) if arrays else np.zeros((0, len(names)))
         buf = io.StringIO()
         w = csv.writer(buf)

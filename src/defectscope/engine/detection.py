@@ -33,7 +33,6 @@ pixels for the metrics and for ``predict``.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from defectscope.config import BaseRecipe, ConfigError, StrictModel
 from defectscope.data.boxes import BoxFormatError, ImageBoxes, image_class, read_boxes, write_coco
-from defectscope.data.images import ImageReadError, load_image, resize_uint8
+from defectscope.data.images import iter_images, load_image, resize_uint8
 from defectscope.data.splits import stratified_split, write_file_list
 from defectscope.engine.classification import expand_inputs, to_float, warmup_cosine
 from defectscope.engine.run import RunFolder
@@ -692,13 +691,9 @@ class DetectionTask:
         thr = payload["score_threshold"] if score_threshold is None else score_threshold
         files = expand_inputs(inputs)
         records, arrays, skipped, originals = [], [], [], []
-        for f in files:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    img = load_image(f)
-            except ImageReadError as exc:
-                skipped.append((f, str(exc)))
+        for f, img, err in iter_images(files):
+            if err:
+                skipped.append((f, err))
                 continue
             arrays.append(resize_uint8(img, size).transpose(2, 0, 1))
             records.append(ImageBoxes(Path(f).resolve(), img.shape[1], img.shape[0], np.zeros((0, 4)), []))

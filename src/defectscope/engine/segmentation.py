@@ -28,7 +28,6 @@ not apply to this task.
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -41,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from defectscope.config import BaseRecipe, StrictModel, TrainConfig
-from defectscope.data.images import ImageReadError, load_image, resize_uint8
+from defectscope.data.images import iter_images, resize_uint8
 from defectscope.data.masks import MaskedImage, load_masked_stack, read_manifest
 from defectscope.data.rle import masks_to_records, write_rle_csv
 from defectscope.data.splits import stratified_split, write_file_list
@@ -427,13 +426,9 @@ class SegmentationTask:
         out = Path(out)
         mask_dir = out.parent / f"{out.stem}_masks"
         records, skipped, scores = [], [], {}
-        for f in files:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    img = load_image(f)
-            except ImageReadError as exc:
-                skipped.append((f, str(exc)))
+        for f, img, err in iter_images(files):
+            if err:
+                skipped.append((f, err))
                 continue
             x = resize_uint8(img, (h, w)).transpose(2, 0, 1)[None]
             p = torch.from_numpy(predict_mask_probs(model, x))
