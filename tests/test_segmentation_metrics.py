@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from defectscope.data.masks import load_mask, load_masked_stack, read_manifest, resize_mask
-from defectscope.evaluation.segmentation import dice_per_image, iou_per_image, segmentation_metrics
+from defectscope.evaluation.segmentation import dice_per_image, image_scores, iou_per_image, segmentation_metrics
 
 
 def _m(*rows):
@@ -57,6 +57,46 @@ def test_image_level_perfect_and_pixel_auroc():
     # ranking 1.0 (P), 0.99 (N), 0.8 (P, P tied): AP = 1/3 * 1 + 2/3 * 3/4
     assert m["image_ap"] == pytest.approx(1 / 3 + 2 / 3 * 0.75)
     assert m["dice"] < 1.0 and m["dice_defective"] == 1.0
+
+
+def test_image_score_methods_hand_computed():
+    """A lone hot pixel and a hot 5 x 5 region tie on ``max``; ``blur_max`` and ``top_mean`` rank the region first."""
+    probs = np.zeros((2, 1, 20, 20), np.float32)
+    probs[0, 0, 10, 10] = 0.9  # one pixel
+    probs[1, 0, 8:13, 8:13] = 0.8  # a region
+    np.testing.assert_allclose(image_scores(probs, "max"), [0.9, 0.8])
+    blur = image_scores(probs, "blur_max", sigma=2.0)
+    # a unit impulse blurred with a 2-D Gaussian of sigma 2 peaks at about 1 / (2 pi sigma^2) = 0.0398
+    assert blur[0] == pytest.approx(0.9 / (2 * np.pi * 4), rel=0.05)
+    assert blur[1] > 0.4 > blur[0]
+    # top 1 % of 400 pixels = 4 pixels: (0.9 + 0 + 0 + 0) / 4 and 0.8
+    np.testing.assert_allclose(image_scores(probs, "top_mean", top_fraction=0.01), [0.225, 0.8])
+    # two classes: the score is the maximum over classes
+    two = np.concatenate([probs, probs[::-1]], axis=1)
+    np.testing.assert_allclose(image_scores(two, "top_mean", top_fraction=0.01), [0.8, 0.8])
+    assert segmentation_metrics(probs, np.zeros_like(probs, np.uint8), score_method="blur_max")["image_score"] == "blur_max"
+    with pytest.raises(ValueError, match="one of"):
+        image_scores(probs, "mean")
+    with pytest.raises(ValueError, match=r"\[N, K, H, W\]"):
+        image_scores(probs[0], "max")
+
+
+def test_flip_tta_averages_the_flipped_predictions():
+    """TTA = mean over identity, h-flip, v-flip and both, each flipped back; a per-pixel model is unchanged by it."""
+    from defectscope.engine.segmentation import predict_mask_probs
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (3, 3, 16, 8), dtype=torch.uint8)
+    conv = torch.nn.Conv2d(3, 1, 3, padding=1)  # not flip-equivariant: TTA changes its output
+    plain = predict_mask_probs(conv, x)
+    tta = predict_mask_probs(conv, x, batch_size=2, tta=True)
+    xf = x.float() / 255
+    with torch.no_grad():
+        expected = sum(torch.sigmoid(conv(xf.flip(d))).flip(d) for d in ((-1,), (-2,), (-2, -1))) + torch.sigmoid(conv(xf))
+    np.testing.assert_allclose(tta, (expected / 4).numpy(), atol=1e-6)
+    assert np.abs(tta - plain).max() > 1e-3
+    pointwise = torch.nn.Conv2d(3, 1, 1)
+    np.testing.assert_allclose(predict_mask_probs(pointwise, x, tta=True), predict_mask_probs(pointwise, x), atol=1e-6)
 
 
 def test_metric_shape_mismatch():

@@ -65,3 +65,31 @@ def test_training_crops_reach_the_image_edges_and_hold_the_defect():
     for _ in range(50):
         img, mask = ds[1]
         assert img.shape == (3, crop, w) and mask.sum() == 1
+
+
+def test_cross_validation_pools_every_train_image_once_and_never_reads_the_test_split(tmp_path, ksdd_root):
+    import pytest
+
+    from defectscope.data.masks import read_manifest
+    from defectscope.engine.segmentation import SegmentationRecipe, cross_validate
+
+    recipe = SegmentationRecipe(
+        data={"root": str(ksdd_root), "height": 64, "width": 32, "max_images": 8, "good_per_epoch": 2},
+        model={"decoder_channels": [16, 16, 8, 8, 8]},
+        train={"epochs": 1, "batch_size": 2, "logger": ["csv"], "progress": False, "val_fraction": 0.0, "precision": "32"})
+    res = cross_validate(recipe, tmp_path / "cv", folds=2)
+    assert res["n"] == 8 and res["n_defective"] == 4
+    per = res["per_image"]
+    train_ids = {it.id for it in read_manifest(ksdd_root) if it.split == "train"}
+    assert len(set(per["id"])) == 8 and set(per["id"]) <= train_ids  # each train image once, no val image
+    assert sorted(per["fold"]) == [1] * 4 + [2] * 4
+    for k in (1, 2):  # stratified: each fold holds 2 defective images
+        assert sum(d for d, f in zip(per["defective"], per["fold"]) if f == k) == 2
+        fold_test = (tmp_path / "cv" / f"fold{k}" / "split" / "test.txt").read_text()
+        assert all((i in fold_test) == (f == k) for i, f in zip(per["id"], per["fold"]))
+    assert [(r["tta"], r["image_score"]) for r in res["rows"]] == [
+        (t, m) for t in (False, True) for m in ("max", "blur_max", "top_mean")]
+    assert all(0.0 <= r["image_ap"] <= 1.0 for r in res["rows"])
+    assert json.loads((tmp_path / "cv" / "crossval.json").read_text())["rows"] == res["rows"]
+    with pytest.raises(ValueError, match="at least 5 defective"):
+        cross_validate(recipe, tmp_path / "cv5", folds=5)

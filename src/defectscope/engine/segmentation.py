@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -49,11 +50,11 @@ from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
 from defectscope.engine.trainer import build_trainer, report_training_curves, set_threads
 from defectscope.evaluation.report import Report
-from defectscope.evaluation.segmentation import segmentation_metrics
+from defectscope.evaluation.segmentation import IMAGE_SCORE_METHODS, image_scores, segmentation_metrics
 from defectscope.evaluation.segmentation_plots import plot_image_level_curves, plot_mask_overlays
 from defectscope.models import create_model
 from defectscope.models.unet import check_input_size
-from defectscope.utils.io import atomic_path
+from defectscope.utils.io import atomic_path, write_json
 
 
 class SegmentationData(StrictModel):
@@ -98,6 +99,10 @@ class SegmentationModelConfig(StrictModel):
         decoder_channels: the five decoder widths.
         bce_weight, dice_weight: loss = bce_weight * BCE + dice_weight * Dice.
         threshold: probability at or above which a pixel is predicted defective.
+        tta: test-time augmentation: average the probabilities of the image and its
+            horizontal, vertical and double flips (the flips training uses); 4x inference.
+        image_score: how a mask becomes the image-level "defect present" score
+            (``max``, ``blur_max``, ``top_mean``; see :func:`defectscope.evaluation.segmentation.image_scores`).
     """
 
     name: str = "unet"
@@ -108,6 +113,8 @@ class SegmentationModelConfig(StrictModel):
     bce_weight: float = Field(1.0, ge=0)
     dice_weight: float = Field(1.0, ge=0)
     threshold: float = Field(0.5, gt=0, lt=1)
+    tta: bool = False
+    image_score: Literal[IMAGE_SCORE_METHODS] = "max"
 
 
 class SegmentationRecipe(BaseRecipe):
@@ -245,11 +252,23 @@ class SegmentationModule(L.LightningModule):
 
 
 @torch.no_grad()
-def predict_mask_probs(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 8) -> np.ndarray:
-    """Sigmoid mask probabilities ``float32 [N, K, H, W]`` of ``uint8 [N, 3, H, W]`` images (fp32, eval mode)."""
+def predict_mask_probs(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 8, tta: bool = False) -> np.ndarray:
+    """Sigmoid mask probabilities ``float32 [N, K, H, W]`` of ``uint8 [N, 3, H, W]`` images (fp32, eval mode).
+
+    With ``tta`` the probabilities are the mean over the image and its horizontal, vertical and
+    double flips, each flipped back (4 forward passes per image).
+    """
     model.eval()
     x = torch.as_tensor(x)
-    out = [torch.sigmoid(model(to_float(x[i : i + batch_size])).float()) for i in range(0, len(x), batch_size)]
+    flips = ((), (-1,), (-2,), (-2, -1)) if tta else ((),)
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = to_float(x[i : i + batch_size])
+        total = torch.zeros(())
+        for dims in flips:
+            prob = torch.sigmoid(model(xb.flip(dims) if dims else xb).float())
+            total = total + (prob.flip(dims) if dims else prob)
+        out.append(total / len(flips))
     return torch.cat(out).numpy() if out else np.zeros((0, 1, *x.shape[2:]), dtype=np.float32)
 
 
@@ -283,7 +302,7 @@ def write_segmentation_report(run: RunFolder, title: str, metrics: dict, x: np.n
     rep = Report(title)
     rep.kv("Run", info)
     rep.kv("Held-out metrics", {k: metrics[k] for k in ("n", "n_defective", "dice", "iou", "dice_defective", "iou_defective",
-                                                        "pixel_auroc", "image_ap", "image_auroc", "threshold")})
+                                                        "pixel_auroc", "image_ap", "image_auroc", "threshold", "image_score")})
     defective = y.reshape(len(y), -1).any(axis=1)
     scores = np.asarray(metrics["image_scores"])
     dice = np.asarray(metrics["per_image_dice"])
@@ -313,15 +332,29 @@ class SegmentationTask:
     recipe = SegmentationRecipe
 
     def fit(self, recipe: SegmentationRecipe, run_dir: Path, source: Path | None = None) -> dict | None:
+        d = recipe.data
+        check_input_size(d.height, d.width)
+        items = read_manifest(d.root)
+        parts = {"train": select_items(items, d.train_split, d.max_images, d.root),
+                 "test": select_items(items, d.test_split, d.max_images, d.root)}
+        split = {"source": "manifest.csv", "train_split": d.train_split, "test_split": d.test_split}
+        return self.fit_parts(recipe, run_dir, parts, split)
+
+    def fit_parts(self, recipe: SegmentationRecipe, run_dir: Path, parts: dict[str, list[MaskedImage]],
+                  split: dict) -> dict | None:
+        """Train on ``parts["train"]``, evaluate ``parts["test"]`` and write the run folder.
+
+        ``train.val_fraction > 0`` first moves a stratified share of ``parts["train"]`` to a
+        validation part (checkpoint selection). ``split`` describes where the parts came from
+        (written to ``metrics.json``). Returns the metrics dict (``None`` on non-zero DDP ranks).
+        """
         t, d, m = recipe.train, recipe.data, recipe.model
         set_threads(t)
         L.seed_everything(recipe.seed, workers=True, verbose=False)
         run = RunFolder(run_dir).create()
         size = (d.height, d.width)
         check_input_size(*size)
-        items = read_manifest(d.root)
-        parts = {"train": select_items(items, d.train_split, d.max_images, d.root),
-                 "test": select_items(items, d.test_split, d.max_images, d.root)}
+        parts = dict(parts)
         if t.val_fraction > 0:
             tr = parts["train"]
             a, b = stratified_split([int(it.defective) for it in tr], t.val_fraction, recipe.seed)
@@ -352,12 +385,13 @@ class SegmentationTask:
         model = module.model.to(memory_format=torch.contiguous_format).float().eval()
         xte, yte = data["test"]
         t0 = time.perf_counter()
-        probs = predict_mask_probs(model, xte)
+        probs = predict_mask_probs(model, xte, tta=m.tta)
         infer_seconds = time.perf_counter() - t0
-        metrics = segmentation_metrics(probs, yte, m.threshold, seed=recipe.seed)
+        metrics = segmentation_metrics(probs, yte, m.threshold, seed=recipe.seed, score_method=m.image_score)
         ids = [it.id for it in parts["test"]]
         run.save_model(self.name, m.name, kwargs, model.state_dict(), class_names=["defect"], input_size=list(size),
-                       threshold=m.threshold, normalisation="inside model: input RGB in [0, 1]", weights_source=weights_source)
+                       threshold=m.threshold, tta=m.tta, image_score=m.image_score,
+                       normalisation="inside model: input RGB in [0, 1]", weights_source=weights_source)
         test = {k: v for k, v in metrics.items() if k not in ("image_scores", "per_image_dice")}
         result = {
             "task": self.name,
@@ -365,8 +399,7 @@ class SegmentationTask:
             "encoder": m.encoder,
             "weights": weights_source,
             "seed": recipe.seed,
-            "split": {"source": "manifest.csv", "train_split": d.train_split, "test_split": d.test_split,
-                      **{k: len(v) for k, v in parts.items()},
+            "split": {**split, **{k: len(v) for k, v in parts.items()},
                       **{f"{k}_defective": int(sum(it.defective for it in v)) for k, v in parts.items()}},
             "input_size": {"height": d.height, "width": d.width, "rule": "resized (images bilinear, masks area >= 0.5)"},
             "metric_resolution": f"{d.height}x{d.width}",
@@ -380,9 +413,10 @@ class SegmentationTask:
         }
         run.write_metrics(result)
         info = {"data": d.root, "encoder": m.encoder, "weights": weights_source,
-                "input (H x W)": f"{d.height} x {d.width} (resized)", "split": f"manifest: {d.train_split} / {d.test_split}",
+                "input (H x W)": f"{d.height} x {d.width} (resized)", "split": ", ".join(f"{k} {v}" for k, v in split.items()),
                 "train / val / test images": f"{len(parts['train'])} / {len(parts.get('val', []))} / {len(parts['test'])}",
                 "defect oversampling": d.defect_oversample, "epochs run": trainer.current_epoch,
+                "test-time flips": m.tta, "image score": m.image_score,
                 "train seconds": round(train_seconds, 1), "precision": t.precision}
         write_segmentation_report(run, f"defectscope {self.name}: U-Net {m.encoder} on {Path(d.root).name}", metrics,
                                   xte, yte, probs, ids, info, m.threshold)
@@ -393,8 +427,8 @@ class SegmentationTask:
         model, payload = load_segmenter(run_dir)
         items = read_manifest(data)
         x, y = load_masked_stack(items, tuple(payload["input_size"]))
-        probs = predict_mask_probs(model, x)
-        metrics = segmentation_metrics(probs, y, payload["threshold"])
+        probs = predict_mask_probs(model, x, tta=payload.get("tta", False))
+        metrics = segmentation_metrics(probs, y, payload["threshold"], score_method=payload.get("image_score", "max"))
         out = Path(out) if out else Path(run_dir) / "evaluations" / Path(data).name
         ev = RunFolder(out).create()
         test = {k: v for k, v in metrics.items() if k not in ("image_scores", "per_image_dice")}
@@ -418,6 +452,7 @@ class SegmentationTask:
         model, payload = load_segmenter(run_dir)
         h, w = payload["input_size"]
         thr = payload["threshold"]
+        tta, score_method = payload.get("tta", False), payload.get("image_score", "max")
         files = expand_inputs(inputs)
         names = [f.name for f in files]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -431,8 +466,8 @@ class SegmentationTask:
                 skipped.append((f, err))
                 continue
             x = resize_uint8(img, (h, w)).transpose(2, 0, 1)[None]
-            p = torch.from_numpy(predict_mask_probs(model, x))
-            scores[f.name] = float(p.max())
+            p = torch.from_numpy(predict_mask_probs(model, x, tta=tta))
+            scores[f.name] = float(image_scores(p.numpy(), score_method)[0])
             p = F.interpolate(p, size=img.shape[:2], mode="bilinear", align_corners=False)[0].numpy()
             masks = (p >= thr).astype(np.uint8)
             records += masks_to_records(f.name, masks, include_empty=True)
@@ -446,6 +481,68 @@ class SegmentationTask:
         write_rle_csv(out, records)
         return {"predicted": len(files) - len(skipped), "skipped": skipped, "out": str(out), "scores": scores,
                 "mask_dir": str(mask_dir) if save_images else None}
+
+
+def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5) -> dict:
+    """Stratified k-fold cross-validation on the recipe's train split, for choosing a recipe.
+
+    The test split is never read. Fold ``k`` trains the recipe on the other folds of the train
+    split (run folder ``out_dir/fold<k>``) and predicts its own images with and without
+    test-time flips. The out-of-fold probabilities of all train images are pooled and scored
+    with every image-score method (:data:`IMAGE_SCORE_METHODS`), so a choice rests on every
+    defective train image (KolektorSDD: 42) rather than on a few.
+
+    Args:
+        recipe: a segmentation recipe (``data.max_images`` limits the train split as in ``fit``).
+        out_dir: folder for the fold runs and ``crossval.json``.
+        folds: number of folds (2 or more, at most the number of defective train images).
+
+    Returns:
+        ``{"folds", "n", "n_defective", "rows", "per_image"}``: ``rows`` holds, per (tta,
+        image_score), pooled ``image_ap``, ``image_auroc``, ``dice_defective``, ``pixel_auroc``;
+        ``per_image`` the ids, labels and fold of every image and its scores per row.
+
+    Raises:
+        ValueError: fewer than 2 folds, or fewer defective or good train images than folds.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    d = recipe.data
+    items = select_items(read_manifest(d.root), d.train_split, d.max_images, d.root)
+    labels = np.array([it.defective for it in items])
+    if folds < 2 or min(labels.sum(), (~labels).sum()) < folds:
+        raise ValueError(f"{d.root}: {folds}-fold cross-validation needs folds >= 2 and at least {folds} defective and "
+                         f"{folds} good images in split '{d.train_split}'; it has {labels.sum()} and {(~labels).sum()}")
+    out_dir = Path(out_dir)
+    task = SegmentationTask()
+    fold_of = np.zeros(len(items), dtype=int)
+    probs: dict[bool, list] = {False: [], True: []}
+    order, truth = [], []
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=recipe.seed)
+    for k, (tr, te) in enumerate(splitter.split(np.zeros(len(items)), labels)):
+        parts = {"train": [items[i] for i in tr], "test": [items[i] for i in te]}
+        split = {"source": f"{d.train_split} split, fold {k + 1} of {folds}", "cv_seed": recipe.seed}
+        task.fit_parts(recipe, out_dir / f"fold{k + 1}", parts, split)
+        model, _ = load_segmenter(out_dir / f"fold{k + 1}")
+        x, y = load_masked_stack(parts["test"], (d.height, d.width))
+        for tta in (False, True):
+            probs[tta].append(predict_mask_probs(model, x, tta=tta))
+        fold_of[te] = k + 1
+        order += list(te)
+        truth.append(y)
+    y = np.concatenate(truth)
+    rows, per_image = [], {"id": [items[i].id for i in order], "defective": [bool(labels[i]) for i in order],
+                           "fold": [int(fold_of[i]) for i in order]}
+    for tta in (False, True):
+        pooled = np.concatenate(probs[tta])
+        for method in IMAGE_SCORE_METHODS:
+            met = segmentation_metrics(pooled, y, recipe.model.threshold, seed=recipe.seed, score_method=method)
+            rows.append({"tta": tta, "image_score": method,
+                         **{k: met[k] for k in ("image_ap", "image_auroc", "dice_defective", "pixel_auroc")}})
+            per_image[f"{method}{'+tta' if tta else ''}"] = met["image_scores"]
+    result = {"folds": folds, "n": len(items), "n_defective": int(labels.sum()), "rows": rows, "per_image": per_image}
+    write_json(out_dir / "crossval.json", result)
+    return result
 
 
 register_task(SegmentationTask())
