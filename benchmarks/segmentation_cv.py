@@ -48,12 +48,12 @@ def main() -> None:
     ap.add_argument("--table", type=Path, nargs="+", help="print finished cross-validation folders instead")
     args = ap.parse_args()
     if args.table:
-        print_table({str(p): json.loads((p / "crossval.json").read_text()) for p in args.table})
+        print_table({p.name: json.loads((p / "crossval.json").read_text()) for p in args.table})
         return
     if args.recipe is None or args.out is None:
         ap.error("RECIPE and --out are needed (or --table)")
     recipe = validate(load_raw(args.recipe, args.override), SegmentationRecipe, str(args.recipe))
-    print_table({str(args.out): cross_validate(recipe, args.out, args.folds)})
+    print_table({args.out.name: cross_validate(recipe, args.out, args.folds)})
 
 
 if __name__ == "__main__":
