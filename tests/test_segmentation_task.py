@@ -86,6 +86,7 @@ def test_cross_validation_pools_every_train_image_once_and_never_reads_the_test_
     for k in (1, 2):  # stratified: each fold holds 2 defective images
         assert sum(d for d, f in zip(per["defective"], per["fold"]) if f == k) == 2
         fold_test = (tmp_path / "cv" / f"fold{k}" / "split" / "test.txt").read_text()
+        assert (tmp_path / "cv" / f"fold{k}" / "config.yaml").is_file()
         assert all((i in fold_test) == (f == k) for i, f in zip(per["id"], per["fold"]))
     assert [(r["tta"], r["image_score"]) for r in res["rows"]] == [
         (t, m) for t in (False, True) for m in ("max", "blur_max", "top_mean")]

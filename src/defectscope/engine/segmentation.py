@@ -522,6 +522,7 @@ def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5) ->
     for k, (tr, te) in enumerate(splitter.split(np.zeros(len(items)), labels)):
         parts = {"train": [items[i] for i in tr], "test": [items[i] for i in te]}
         split = {"source": f"{d.train_split} split, fold {k + 1} of {folds}", "cv_seed": recipe.seed}
+        RunFolder(out_dir / f"fold{k + 1}").create().write_config(recipe.model_dump(mode="json"))
         task.fit_parts(recipe, out_dir / f"fold{k + 1}", parts, split)
         model, _ = load_segmenter(out_dir / f"fold{k + 1}")
         x, y = load_masked_stack(parts["test"], (d.height, d.width))
