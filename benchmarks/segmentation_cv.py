@@ -34,7 +34,7 @@ def print_table(results: dict[str, dict]) -> None:
         for r in res["rows"]:
             table.add_row(name, "yes" if r["tta"] else "no", r["image_score"], f"{r['image_ap']:.4f}",
                           f"{r['image_auroc']:.4f}", f"{r['dice_defective']:.4f}", f"{r['pixel_auroc']:.4f}")
-    Console().print(table)
+    Console(width=120).print(table)
     for name, res in results.items():
         print(f"{name}: {res['folds']} folds, {res['n']} images ({res['n_defective']} defective)")
 

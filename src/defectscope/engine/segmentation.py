@@ -11,7 +11,8 @@ trains the model; its ``val`` split (79 images, 10 defective) is used once, afte
 training, and reported under ``test``. ``train.val_fraction > 0`` holds out a
 stratified share of the train split for checkpoint selection on the validation
 loss; the KolektorSDD recipes use 0 (a fixed epoch count, last weights) because
-the train split has only 42 defective images.
+the train split has only 42 defective images. :func:`cross_validate` compares recipes by
+stratified k-fold cross-validation on the train split instead (the test split is never read).
 
 Size rule: the U-Net needs sides that are multiples of 32. Images (about
 500 x 1250, W x H) are **resized** to ``height x width`` (default 320 x 128, about
