@@ -92,5 +92,7 @@ def test_cross_validation_pools_every_train_image_once_and_never_reads_the_test_
         (t, m) for t in (False, True) for m in ("max", "blur_max", "top_mean")]
     assert all(0.0 <= r["image_ap"] <= 1.0 for r in res["rows"])
     assert json.loads((tmp_path / "cv" / "crossval.json").read_text())["rows"] == res["rows"]
+    assert "oof_image_level_curves.png" in (tmp_path / "cv" / "report.html").read_text()
+    assert (tmp_path / "cv" / "plots" / "oof_image_level_curves.png").is_file()
     with pytest.raises(ValueError, match="at least 5 defective"):
         cross_validate(recipe, tmp_path / "cv5", folds=5)

@@ -544,6 +544,15 @@ def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5) ->
             per_image[f"{method}{'+tta' if tta else ''}"] = met["image_scores"]
     result = {"folds": folds, "n": len(items), "n_defective": int(labels.sum()), "rows": rows, "per_image": per_image}
     write_json(out_dir / "crossval.json", result)
+    rep = Report(f"defectscope cross-validation: {recipe.model.encoder} U-Net, {d.height} x {d.width}, {folds} folds")
+    rep.kv("Data", {"root": d.root, "split": d.train_split, "images": len(items), "defective": int(labels.sum()),
+                    "seed": recipe.seed, "folds": f"fold1 ... fold{folds} (run folders)"})
+    rep.table("Out-of-fold figures, pooled over folds", rows)
+    plots = RunFolder(out_dir).create().plots
+    key = f"{recipe.model.image_score}{'+tta' if recipe.model.tta else ''}"
+    if plot_image_level_curves(labels[order], np.asarray(per_image[key]), plots / "oof_image_level_curves.png"):
+        rep.image("plots/oof_image_level_curves.png", f"Out-of-fold image level ROC and precision-recall ({key}, the recipe's rule)")
+    rep.write(out_dir / "report.html")
     return result
 
 
