@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/segmentation_cv.py configs/ksdd_unet_resnet18.yaml --out CVDIR [--folds 5] [-o key=value ...]
+    python benchmarks/segmentation_cv.py configs/ksdd_unet_resnet18.yaml --out CVDIR --group-size 8   # parts kept whole
     python benchmarks/segmentation_cv.py --table CVDIR_A CVDIR_B ...   # print finished runs side by side
 
 Stratified k-fold on the manifest's train split only (KolektorSDD: 320 images, 42 defective);
@@ -36,7 +37,8 @@ def print_table(results: dict[str, dict]) -> None:
                           f"{r['image_auroc']:.4f}", f"{r['dice_defective']:.4f}", f"{r['pixel_auroc']:.4f}")
     Console(width=120).print(table)
     for name, res in results.items():
-        print(f"{name}: {res['folds']} folds, {res['n']} images ({res['n_defective']} defective)")
+        groups = f", blocks of {res['group_size']}" if res.get("group_size") else ""
+        print(f"{name}: {res['folds']} folds{groups}, {res['n']} images ({res['n_defective']} defective)")
 
 
 def main() -> None:
@@ -44,6 +46,8 @@ def main() -> None:
     ap.add_argument("recipe", type=Path, nargs="?")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--group-size", type=int, default=0,
+                    help="keep blocks of this many consecutive manifest rows in one fold (KolektorSDD: 8 views per part)")
     ap.add_argument("-o", "--override", action="append", default=[])
     ap.add_argument("--table", type=Path, nargs="+", help="print finished cross-validation folders instead")
     args = ap.parse_args()
@@ -53,7 +57,7 @@ def main() -> None:
     if args.recipe is None or args.out is None:
         ap.error("RECIPE and --out are needed (or --table)")
     recipe = validate(load_raw(args.recipe, args.override), SegmentationRecipe, str(args.recipe))
-    print_table({args.out.name: cross_validate(recipe, args.out, args.folds)})
+    print_table({args.out.name: cross_validate(recipe, args.out, args.folds, args.group_size)})
 
 
 if __name__ == "__main__":

@@ -96,3 +96,17 @@ def test_cross_validation_pools_every_train_image_once_and_never_reads_the_test_
     assert (tmp_path / "cv" / "plots" / "oof_image_level_curves.png").is_file()
     with pytest.raises(ValueError, match="at least 5 defective"):
         cross_validate(recipe, tmp_path / "cv5", folds=5)
+
+
+def test_cv_folds_keep_blocks_of_consecutive_images_together():
+    from defectscope.engine.segmentation import cv_folds
+
+    labels = np.zeros(80, bool)
+    labels[[3, 12, 21, 30, 45, 50, 66, 77]] = True  # one defective image in 8 of the 10 blocks of 8
+    plain = cv_folds(labels, 4, seed=0)
+    assert sorted(np.bincount(plain[labels])) == [2, 2, 2, 2]  # stratified image by image
+    grouped = cv_folds(labels, 4, group_size=8, seed=0)
+    blocks = grouped.reshape(10, 8)
+    assert (blocks == blocks[:, :1]).all()  # a block of 8 consecutive images never spans two folds
+    assert set(grouped) == {0, 1, 2, 3} and all(labels[grouped == k].any() for k in range(4))
+    assert not (blocks == plain.reshape(10, 8)[:, :1]).all()  # the plain split does cut blocks

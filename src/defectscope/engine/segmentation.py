@@ -484,7 +484,29 @@ class SegmentationTask:
                 "mask_dir": str(mask_dir) if save_images else None}
 
 
-def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5) -> dict:
+def cv_folds(labels: np.ndarray, folds: int, group_size: int = 0, seed: int = 0) -> np.ndarray:
+    """Fold index ``[N]`` (0 .. folds-1) of each image for stratified k-fold cross-validation.
+
+    Args:
+        labels: ``[N]`` bool, image is defective (the stratification label).
+        folds: number of folds.
+        group_size: if > 0, blocks of this many consecutive images share a fold
+            (scikit-learn ``StratifiedGroupKFold``); 0: ``StratifiedKFold`` image by image.
+        seed: shuffling seed.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    labels = np.asarray(labels, bool)
+    idx = np.arange(len(labels))
+    groups = idx // group_size if group_size > 0 else idx
+    splitter = (StratifiedGroupKFold if group_size > 0 else StratifiedKFold)(folds, shuffle=True, random_state=seed)
+    out = np.empty(len(labels), dtype=int)
+    for k, (_, te) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        out[te] = k
+    return out
+
+
+def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5, group_size: int = 0) -> dict:
     """Stratified k-fold cross-validation on the recipe's train split, for choosing a recipe.
 
     The test split is never read. Fold ``k`` trains the recipe on the other folds of the train
@@ -497,6 +519,10 @@ def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5) ->
         recipe: a segmentation recipe (``data.max_images`` limits the train split as in ``fit``).
         out_dir: folder for the fold runs and ``crossval.json``.
         folds: number of folds (2 or more, at most the number of defective train images).
+        group_size: if > 0, images are grouped in blocks of this many consecutive manifest rows
+            and a block never spans two folds (``StratifiedGroupKFold``). Images of one part taken
+            in a row (KolektorSDD: 8 views per commutator) then stay together, as the source's own
+            val split (a contiguous block of ids) keeps them; 0: images are split one by one.
 
     Returns:
         ``{"folds", "n", "n_defective", "rows", "per_image"}``: ``rows`` holds, per (tta,
@@ -506,8 +532,6 @@ def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5) ->
     Raises:
         ValueError: fewer than 2 folds, or fewer defective or good train images than folds.
     """
-    from sklearn.model_selection import StratifiedKFold
-
     d = recipe.data
     items = select_items(read_manifest(d.root), d.train_split, d.max_images, d.root)
     labels = np.array([it.defective for it in items])
@@ -519,8 +543,9 @@ def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5) ->
     fold_of = np.zeros(len(items), dtype=int)
     probs: dict[bool, list] = {False: [], True: []}
     order, truth = [], []
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=recipe.seed)
-    for k, (tr, te) in enumerate(splitter.split(np.zeros(len(items)), labels)):
+    assigned = cv_folds(labels, folds, group_size, recipe.seed)
+    for k in range(folds):
+        tr, te = np.flatnonzero(assigned != k), np.flatnonzero(assigned == k)
         parts = {"train": [items[i] for i in tr], "test": [items[i] for i in te]}
         split = {"source": f"{d.train_split} split, fold {k + 1} of {folds}", "cv_seed": recipe.seed}
         RunFolder(out_dir / f"fold{k + 1}").create().write_config(recipe.model_dump(mode="json"))
@@ -542,11 +567,12 @@ def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5) ->
             rows.append({"tta": tta, "image_score": method,
                          **{k: met[k] for k in ("image_ap", "image_auroc", "dice_defective", "pixel_auroc")}})
             per_image[f"{method}{'+tta' if tta else ''}"] = met["image_scores"]
-    result = {"folds": folds, "n": len(items), "n_defective": int(labels.sum()), "rows": rows, "per_image": per_image}
+    result = {"folds": folds, "group_size": group_size, "n": len(items), "n_defective": int(labels.sum()), "rows": rows, "per_image": per_image}
     write_json(out_dir / "crossval.json", result)
     rep = Report(f"defectscope cross-validation: {recipe.model.encoder} U-Net, {d.height} x {d.width}, {folds} folds")
     rep.kv("Data", {"root": d.root, "split": d.train_split, "images": len(items), "defective": int(labels.sum()),
-                    "seed": recipe.seed, "folds": f"fold1 ... fold{folds} (run folders)"})
+                    "seed": recipe.seed, "folds": f"fold1 ... fold{folds} (run folders)",
+                    "groups": f"blocks of {group_size} consecutive images" if group_size else "none (image by image)"})
     rep.table("Out-of-fold figures, pooled over folds", rows)
     plots = RunFolder(out_dir).create().plots
     key = f"{recipe.model.image_score}{'+tta' if recipe.model.tta else ''}"
