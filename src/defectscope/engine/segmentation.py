@@ -540,7 +540,6 @@ def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5, gr
                          f"{folds} good images in split '{d.train_split}'; it has {labels.sum()} and {(~labels).sum()}")
     out_dir = Path(out_dir)
     task = SegmentationTask()
-    fold_of = np.zeros(len(items), dtype=int)
     probs: dict[bool, list] = {False: [], True: []}
     order, truth = [], []
     assigned = cv_folds(labels, folds, group_size, recipe.seed)
@@ -554,12 +553,11 @@ def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5, gr
         x, y = load_masked_stack(parts["test"], (d.height, d.width))
         for tta in (False, True):
             probs[tta].append(predict_mask_probs(model, x, tta=tta))
-        fold_of[te] = k + 1
         order += list(te)
         truth.append(y)
     y = np.concatenate(truth)
     rows, per_image = [], {"id": [items[i].id for i in order], "defective": [bool(labels[i]) for i in order],
-                           "fold": [int(fold_of[i]) for i in order]}
+                           "fold": [int(assigned[i]) + 1 for i in order]}
     for tta in (False, True):
         pooled = np.concatenate(probs[tta])
         for method in IMAGE_SCORE_METHODS:
