@@ -467,9 +467,10 @@ class SegmentationTask:
                 skipped.append((f, err))
                 continue
             x = resize_uint8(img, (h, w)).transpose(2, 0, 1)[None]
-            p = torch.from_numpy(predict_mask_probs(model, x, tta=tta))
-            scores[f.name] = float(image_scores(p.numpy(), score_method)[0])
-            p = F.interpolate(p, size=img.shape[:2], mode="bilinear", align_corners=False)[0].numpy()
+            probs = predict_mask_probs(model, x, tta=tta)
+            scores[f.name] = float(image_scores(probs, score_method)[0])
+            p = F.interpolate(torch.from_numpy(probs), size=img.shape[:2], mode="bilinear", align_corners=False)
+            p = p[0].numpy()
             masks = (p >= thr).astype(np.uint8)
             records += masks_to_records(f.name, masks, include_empty=True)
             if save_images:
@@ -565,7 +566,8 @@ def cross_validate(recipe: SegmentationRecipe, out_dir: Path, folds: int = 5, gr
             rows.append({"tta": tta, "image_score": method,
                          **{k: met[k] for k in ("image_ap", "image_auroc", "dice_defective", "pixel_auroc")}})
             per_image[f"{method}{'+tta' if tta else ''}"] = met["image_scores"]
-    result = {"folds": folds, "group_size": group_size, "n": len(items), "n_defective": int(labels.sum()), "rows": rows, "per_image": per_image}
+    result = {"folds": folds, "group_size": group_size, "n": len(items), "n_defective": int(labels.sum()),
+              "rows": rows, "per_image": per_image}
     write_json(out_dir / "crossval.json", result)
     rep = Report(f"defectscope cross-validation: {recipe.model.encoder} U-Net, {d.height} x {d.width}, {folds} folds")
     rep.kv("Data", {"root": d.root, "split": d.train_split, "images": len(items), "defective": int(labels.sum()),
