@@ -13,6 +13,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Defect inspection for metal surfaces and laser welds.")
@@ -61,33 +62,59 @@ def _run_task(run: Path) -> str:
     return RunFolder(run).read_config()["task"]
 
 
+def _print_result(task, out: Path, result: dict, title: str | None = None) -> None:
+    """Console summary of a finished run (single split or cross-validation)."""
+    keys = list(getattr(task, "summary_keys", ())) or ["accuracy", "weighted_f1", "macro_auroc", "image_auroc",
+                                                         "map_50", "map", "box_mae", "dice"]
+    if "folds" in result and "pooled" in result:
+        table = Table(title=title or f"{task.name}: {out} ({result['k']}-fold cross-validation)")
+        table.add_column("metric")
+        table.add_column("mean +- std over folds", justify="right")
+        table.add_column("pooled out-of-fold", justify="right")
+        for k in keys:
+            if k in result["mean"]:
+                p = result["pooled"].get(k)
+                table.add_row(k, f"{result['mean'][k]:.4f} +- {result['std'][k]:.4f}",
+                              f"{p:.4f}" if isinstance(p, float) else str(p))
+        console.print(table)
+        console.print(f"crossval: {out / 'crossval.json'}  out-of-fold: {out / 'oof_predictions.csv'}  report: {out / 'report.html'}")
+        return
+    console.print(_summary_table(title or f"{task.name}: {out}", result.get("test", {}), keys))
+    cut = "  (CUT SHORT by train.max_minutes: the schedule did not finish)" if result.get("cut_short") else ""
+    console.print(f"train_seconds={result.get('train_seconds')}{cut}  report: {out / 'report.html'}")
+
+
+def _train(raw: dict, source: str, out: Path, folds: int | None, group_by: str | None, overwrite: bool) -> tuple:
+    """Validate ``raw`` against its task's schema and run the pipeline; ``(task, result)``."""
+    from defectscope.config import ConfigError, validate
+    from defectscope.engine.pipeline import train as run_pipeline
+    from defectscope.engine.tasks import get_task
+
+    if "task" not in raw:
+        raise ConfigError(f"{source}: missing 'task' key")
+    task = get_task(raw["task"])
+    cfg = validate(raw, task.recipe, source)
+    return task, run_pipeline(cfg, out, folds=folds, group_by=group_by, overwrite=overwrite)
+
+
 @app.command()
 @friendly
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see configs/).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
     override: Annotated[Optional[list[str]], typer.Option("-o", "--override", help="key.sub=value, repeatable.")] = None,
+    folds: Annotated[Optional[int], typer.Option("--folds", help="1: one held-out split; K >= 2: stratified K-fold cross-validation (default: the recipe's eval.folds).")] = None,
+    group_by: Annotated[Optional[str], typer.Option("--group-by", help="Metadata column or regex on sample ids; matching samples share a fold.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder (only once the new run succeeded).")] = False,
 ) -> None:
-    """Train a recipe, evaluate its held-out split and write the run folder."""
-    from defectscope.config import load_raw, validate
-    from defectscope.engine.run import RunFolder
-    from defectscope.engine.tasks import get_task
+    """Train a recipe, evaluate its held-out split (or K folds) and write the run folder."""
+    from defectscope.config import load_raw
 
     raw = load_raw(recipe, override)
-    if "task" not in raw:
-        from defectscope.config import ConfigError
-
-        raise ConfigError(f"{recipe}: missing 'task' key")
-    task = get_task(raw["task"])
-    cfg = validate(raw, task.recipe, str(recipe))
-    run = RunFolder(out).create()
-    run.write_config(cfg.model_dump(mode="json"))
-    result = task.fit(cfg, out, source=recipe)
+    task, result = _train(raw, str(recipe), out, folds, group_by, overwrite)
     if result is None:  # a non-zero DDP rank
         return
-    console.print(_summary_table(f"{task.name}: {out}", result.get("test", {}),
-                                 ["accuracy", "weighted_f1", "macro_auroc", "image_auroc", "map_50", "map", "box_mae", "dice"]))
-    console.print(f"train_seconds={result.get('train_seconds')}  report: {run.report_path}")
+    _print_result(task, out, result)
 
 
 @app.command()
@@ -109,15 +136,18 @@ def evaluate(
 def predict(
     run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    out: Annotated[Path, typer.Option("--out", help="Output file (CSV, JSON or folder, per task).")] = Path("preds.csv"),
-    save_images: Annotated[bool, typer.Option("--save-images", help="Also write overlays/masks/boxes as images.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output file; default per task: preds.csv (classification, anomaly, weld), masks.csv (segmentation, run-length encoded), boxes.json (detection, COCO).")] = None,
+    save_images: Annotated[bool, typer.Option("--save-images", help="Also write masks / boxes as images (segmentation, detection).")] = False,
 ) -> None:
     """Predict files with a trained run; unreadable files are skipped and reported."""
     from defectscope.engine.tasks import get_task
 
-    summary = get_task(_run_task(run)).predict(run, inputs, out, save_images=save_images)
+    task = get_task(_run_task(run))
+    out = out or Path(getattr(task, "default_predict_out", "preds.csv"))
+    options = {"save_images": save_images} if save_images else {}
+    summary = task.predict(run, inputs, out, **options)
     for f, err in summary.get("skipped", []):
-        console.print(f"[yellow]skipped[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipped[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     console.print(f"predicted {summary.get('predicted')} file(s), skipped {len(summary.get('skipped', []))}: {out}")
 
 
@@ -217,24 +247,20 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
     samples: Annotated[int, typer.Option("--samples", "-n", help="Simulated coupons (paper 000: 603).")] = 603,
     override: Annotated[Optional[list[str]], typer.Option("-o", "--override", help="key.sub=value, repeatable.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
 ) -> None:
     """Weld demo, no data needed: simulate coupons, train the seam U-Net and the fusion model, evaluate (8:2)."""
-    from defectscope.config import parse_overrides, validate, _set_dotted
-    from defectscope.engine.run import RunFolder
-    from defectscope.engine.tasks import get_task
+    from defectscope.config import _set_dotted, parse_overrides
     from defectscope.engine.weld import demo_recipe
 
     raw = demo_recipe(samples)
     for key, value in parse_overrides(override):
         _set_dotted(raw, key, value, "demo (override)")
-    task = get_task("weld")
-    cfg = validate(raw, task.recipe, "demo")
-    run = RunFolder(out).create()
-    run.write_config(cfg.model_dump(mode="json"))
-    result = task.fit(cfg, out)
-    console.print(_summary_table(f"weld demo (SYNTHETIC data): {out}", result["test"], ["n", "accuracy", "weighted_f1", "macro_auroc"]))
-    console.print(f"seam Dice={result['seam_dice_test']}  channels={result['selected_wavelengths_nm']} nm  "
-                  f"total_seconds={result['total_seconds']}  report: {run.report_path}")
+    task, result = _train(raw, "demo", out, None, None, overwrite)
+    _print_result(task, out, result, f"weld demo (SYNTHETIC data): {out}")
+    if "seam_dice_test" in result:
+        console.print(f"seam Dice={result['seam_dice_test']}  channels={result.get('selected_wavelengths_nm')} nm  "
+                      f"total_seconds={result.get('total_seconds')}")
 
 
 def main() -> None:  # pragma: no cover

@@ -41,9 +41,6 @@ class TrainConfig(StrictModel):
         batch_size: images per optimisation step (per process under DDP).
         lr: AdamW learning rate (paper 000: 5e-4 for NEU, 2e-4 for welds).
         weight_decay: AdamW weight decay.
-        loss: ``focal`` (paper 000, eq. 14) or ``ce`` (cross-entropy).
-        focal_gamma: focusing parameter lambda of eq. 14.
-        label_smoothing: for ``ce`` only.
         precision: Lightning precision string; ``bf16-mixed`` uses bf16 autocast on the CPU.
         channels_last: NHWC memory layout for convolutions (faster on this CPU).
         val_fraction: share of the training split held out for early stopping and
@@ -63,9 +60,6 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
-    loss: Literal["focal", "ce"] = "focal"
-    focal_gamma: float = Field(2.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
     precision: Literal["32", "bf16-mixed", "32-true"] = "bf16-mixed"
     channels_last: bool = True
     val_fraction: float = Field(0.1, ge=0, lt=1)
@@ -85,12 +79,44 @@ class TrainConfig(StrictModel):
         return str(v) if isinstance(v, int) else v
 
 
+class EvalConfig(StrictModel):
+    """How a run is evaluated (every task).
+
+    Attributes:
+        folds: 1: a single held-out split; K >= 2: stratified K-fold cross-validation
+            (paper 000, section 5.1), see :mod:`defectscope.engine.pipeline`.
+        group_by: a metadata column or a regular expression on sample ids; samples with the
+            same key never span two folds (views of one part, frames of one weld run).
+    """
+
+    folds: int = Field(1, ge=1)
+    group_by: str | None = None
+
+
+class ClassifierTrainConfig(TrainConfig):
+    """:class:`TrainConfig` plus the classification loss (tasks whose model ends in class logits).
+
+    Attributes:
+        loss: ``focal`` (paper 000, eq. 14) or ``ce`` (cross-entropy).
+        focal_gamma: focusing parameter lambda of eq. 14.
+        label_smoothing: for ``ce`` only.
+        class_balance: weight the loss by inverse class frequency (``auto``: on when the largest
+            class of the training part has more than 3x the images of the smallest).
+    """
+
+    loss: Literal["focal", "ce"] = "focal"
+    focal_gamma: float = Field(2.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_balance: Literal["auto", "on", "off"] = "auto"
+
+
 class BaseRecipe(StrictModel):
     """Top-level keys every recipe has; tasks subclass it with ``data`` and ``model``."""
 
     task: str
     seed: int = 0
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
@@ -157,10 +183,27 @@ def validate(raw: dict, schema: type[BaseRecipe], source: str) -> BaseRecipe:
         return schema.model_validate(raw)
     except ValidationError as exc:
         lines = []
+        task = raw.get("task", "?") if isinstance(raw, dict) else "?"
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                known = _known_keys(schema, err["loc"][:-1])
+                lines.append(f"  {loc}: not a setting of task '{task}' (it would do nothing here)"
+                             + (f"; known keys: {', '.join(known)}" if known else ""))
+                continue
             lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError(f"{source}: invalid recipe\n" + "\n".join(lines)) from None
+
+
+def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) section ``loc`` of ``schema``, for error messages."""
+    model: Any = schema
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}))
 
 
 def resolve_path(value: str | Path, base: Path | None = None) -> Path:

@@ -31,6 +31,8 @@ under ``members``; ``comparison`` is the Tables 2-3 layout.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 import time
 from pathlib import Path
@@ -44,18 +46,19 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defectscope.config import BaseRecipe, StrictModel, TrainConfig
+from defectscope.config import BaseRecipe, ClassifierTrainConfig, StrictModel
 from defectscope.engine.classification import (
     ClassificationData,
     ClassificationModelConfig,
     ClassificationRecipe,
     ClassificationTask,
     ImageClassifierModule,
-    prepare_splits,
     random_flips,
     to_float,
     write_classification_report,
 )
+from defectscope.data.images import discover_labelled_images, load_stack
+from defectscope.data.splits import stratified_split, write_file_list
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
 from defectscope.engine.trainer import build_trainer, csv_log_path, set_threads
@@ -123,7 +126,7 @@ class AugmentConfig(StrictModel):
     saturation: float = Field(0.2, ge=0, lt=1)
 
 
-class MultiCNNTrainConfig(TrainConfig):
+class MultiCNNTrainConfig(ClassifierTrainConfig):
     """Member fine-tuning settings: :class:`TrainConfig` plus RMSprop and augmentation.
 
     Attributes:
@@ -353,6 +356,50 @@ def _row(name: str, kind: str, m: dict, **extra) -> dict:
             **extra}
 
 
+# legacy split helper (multi-CNN has not moved onto the pipeline hooks yet)
+@dataclass
+class ImageSplits:
+    """The three splits as uint8 arrays ``[N, 3, S, S]`` with labels ``[N]`` and file lists."""
+
+    class_names: list[str]
+    files: dict[str, list[Path]]
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+
+
+def prepare_splits(data: ClassificationData, val_fraction: float, seed: int, run: RunFolder | None,
+                   progress: bool = False) -> ImageSplits:
+    """Discover, subset, split (test, then val from train), write file lists and decode images.
+
+    Raises:
+        DatasetError / ImageReadError: bad folder or a corrupt image (named).
+    """
+    items, class_names, _ = discover_labelled_images(data.root, data.layout)
+    labels = np.array([it.label for it in items])
+    if data.max_per_class:
+        rng = np.random.default_rng(data.split_seed)
+        keep = np.concatenate([
+            rng.permutation(np.flatnonzero(labels == c))[: data.max_per_class] for c in range(len(class_names))
+        ])
+        items = [items[i] for i in np.sort(keep)]
+        labels = labels[np.sort(keep)]
+    trainval_idx, test_idx = stratified_split(labels, data.test_fraction, data.split_seed)
+    parts = {"test": test_idx}
+    if val_fraction > 0:
+        tr, va = stratified_split(labels[trainval_idx], val_fraction, data.split_seed)
+        parts["train"], parts["val"] = trainval_idx[tr], trainval_idx[va]
+    else:
+        parts["train"] = trainval_idx
+    files = {k: [items[i].path for i in v] for k, v in parts.items()}
+    ys = {k: labels[v] for k, v in parts.items()}
+    if run is not None:
+        for k in parts:
+            write_file_list(run.split_dir / f"{k}.txt", files[k], [class_names[c] for c in ys[k]])
+    xs = {k: load_stack(files[k], data.image_size, progress=progress) for k in parts}
+    return ImageSplits(class_names, files, xs, ys)
+
+
+
 class MultiCNNTask(ClassificationTask):
     """The ``multicnn`` task; ``evaluate`` and ``predict`` are the classification ones (the saved model is the fused one)."""
 
@@ -387,9 +434,9 @@ class MultiCNNTask(ClassificationTask):
         probs = predict_member_probs(model, splits.x["test"], size)
         metrics = classification_metrics(splits.y["test"], probs, splits.class_names)
         # the member folder is a complete classification run (predict/evaluate work on it)
-        base = {f: getattr(mt, f) for f in TrainConfig.model_fields}
+        base = {f: getattr(mt, f) for f in ClassifierTrainConfig.model_fields}
         member_recipe = ClassificationRecipe(
-            seed=recipe.seed, data=recipe.data.model_copy(update={"image_size": size}), train=TrainConfig(**base),
+            seed=recipe.seed, data=recipe.data.model_copy(update={"image_size": size}), train=ClassifierTrainConfig(**base),
             model=ClassificationModelConfig(name="classifier", backbone=m.backbone, pretrained=m.pretrained,
                                             weights=m.weights, dropout=m.dropout))
         mrun.write_config(member_recipe.model_dump(mode="json"))

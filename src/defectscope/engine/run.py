@@ -102,3 +102,28 @@ class RunFolder:
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise RunError(f"{self.model_path}: not a defectscope checkpoint (format {payload.get('format')!r})")
         return payload
+
+    def load_model(self):
+        """Rebuild the trained model of ``model.ckpt``; returns ``(model in eval mode, payload)``.
+
+        The one place that turns a checkpoint into a model: ``create_model(model_name,
+        **model_kwargs)`` then ``load_state_dict(state_dict)`` (strict).
+
+        Raises:
+            RunError: missing or unreadable checkpoint, unknown model, or weights that do not
+                fit the architecture (the message names the file).
+        """
+        from defectscope.models import create_model
+
+        payload = self.load_model_payload()
+        try:
+            model = create_model(payload["model_name"], **payload["model_kwargs"])
+        except (KeyError, TypeError) as exc:
+            raise RunError(f"{self.model_path}: cannot rebuild model {payload.get('model_name')!r} ({exc})") from None
+        try:
+            model.load_state_dict(payload["state_dict"])
+        except RuntimeError as exc:
+            raise RunError(f"{self.model_path}: weights do not fit model {payload['model_name']!r} "
+                           f"({str(exc).splitlines()[0]})") from None
+        return model.eval(), payload
+

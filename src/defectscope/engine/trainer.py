@@ -112,3 +112,61 @@ def report_training_curves(rep, run, caption: str) -> bool:
         return False
     rep.image("plots/training_curves.png", caption)
     return True
+
+
+def fit_lightning(module: L.LightningModule, train_loader, val_loader, cfg: TrainConfig, run_dir: Path,
+                  monitor: str | None, mode: str = "max") -> dict | None:
+    """Fit ``module`` with :func:`build_trainer`, then load its best checkpoint's weights into it.
+
+    The best checkpoint (by ``monitor`` on ``val_loader``) is read with ``weights_only=True``
+    (tensors only: a checkpoint cannot run code). Without a validation loader the last weights
+    are kept.
+
+    Args:
+        module: the method's LightningModule (``models/<method>/lightning_model.py``).
+        train_loader, val_loader: data loaders (``val_loader`` may be ``None``).
+        cfg: training settings; run_dir: the run folder (logs, checkpoints).
+        monitor, mode: the logged validation metric selecting the checkpoint, ``max`` or ``min``.
+
+    Returns:
+        ``{"epochs_run", "best_checkpoint", "train_seconds", "cut_short"}`` on rank 0; ``None``
+        on other DDP ranks. ``cut_short`` is true when ``train.max_minutes`` stopped training
+        before the fixed schedule ended (the figure then depends on machine load).
+    """
+    import time
+
+    set_threads(cfg)
+    has_val = val_loader is not None
+    trainer = build_trainer(cfg, run_dir, monitor if has_val else None, mode)
+    start = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader)
+    seconds = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return None
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") if has_val else ""
+    if best:
+        module.load_state_dict(load_checkpoint_state(best))
+    early = any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks)
+    cut = bool(cfg.max_minutes) and trainer.current_epoch < cfg.epochs and not early
+    return {"epochs_run": int(trainer.current_epoch), "best_checkpoint": Path(best).name if best else "last",
+            "train_seconds": round(seconds, 1), "cut_short": cut,
+            "stopped_by": "max_minutes" if cut else ("early_stopping" if early else "schedule")}
+
+
+def load_checkpoint_state(path: str | Path) -> dict:
+    """The ``state_dict`` of a Lightning checkpoint, read with ``weights_only=True`` (no code runs).
+
+    Raises:
+        RunError: the file is not a Lightning checkpoint holding only tensors and plain data.
+    """
+    import pickle
+
+    from defectscope.engine.run import RunError
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise RunError(f"{path}: not a safe Lightning checkpoint ({str(exc).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise RunError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return ckpt["state_dict"]

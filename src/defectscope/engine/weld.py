@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from defectscope.config import BaseRecipe, StrictModel, TrainConfig
+from defectscope.config import BaseRecipe, ClassifierTrainConfig, StrictModel, TrainConfig
 from defectscope.data.splits import stratified_split, write_file_list
 from defectscope.data.weld.channels import minmax_normalise, minmax_stats, pearson_matrix, select_channels
 from defectscope.data.weld.format import WeldDataError, WeldDataset, read_weld_dataset
@@ -128,8 +128,8 @@ class WeldModelConfig(StrictModel):
     per_band: bool = True
 
 
-def _weld_train_defaults() -> TrainConfig:
-    return TrainConfig(epochs=10, batch_size=16, lr=2e-4, early_stopping_patience=4, augment=False)
+def _weld_train_defaults() -> ClassifierTrainConfig:
+    return ClassifierTrainConfig(epochs=10, batch_size=16, lr=2e-4, early_stopping_patience=4, augment=False)
 
 
 class WeldRecipe(BaseRecipe):
@@ -139,7 +139,7 @@ class WeldRecipe(BaseRecipe):
     data: WeldData = WeldData()
     segmentation: SegmentationConfig = SegmentationConfig()
     model: WeldModelConfig = WeldModelConfig()
-    train: TrainConfig = Field(default_factory=_weld_train_defaults)
+    train: ClassifierTrainConfig = Field(default_factory=_weld_train_defaults)
 
 
 # ------------------------------------------------------------------------------------------ seam U-Net

@@ -43,7 +43,7 @@ class MultiscaleCrossAttentionClassifier(nn.Module):
 
     def __init__(self, backbone: str, num_classes: int, image_size: int = 200, low_res: int = 128,
                  embed_dim: int = 256, num_heads: int = 8, num_layers: int = 1, dropout: float = 0.1,
-                 pretrained: bool = False, weights: str | None = None, **_: object) -> None:
+                 pretrained: bool = False, weights: str | None = None) -> None:
         super().__init__()
         if low_res >= image_size:
             raise ValueError(f"low_res ({low_res}) must be smaller than image_size ({image_size})")

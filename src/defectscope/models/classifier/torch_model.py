@@ -29,7 +29,7 @@ class BackboneClassifier(nn.Module):
     """
 
     def __init__(self, backbone: str, num_classes: int, pretrained: bool = False, weights: str | None = None,
-                 dropout: float = 0.2, image_size: int = 224, **_: object) -> None:
+                 dropout: float = 0.2, image_size: int = 224) -> None:
         super().__init__()
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
         self.image_size = image_size

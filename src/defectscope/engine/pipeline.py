@@ -1,0 +1,463 @@
+"""One training pipeline for every task, with k-fold cross-validation built in.
+
+::
+
+    recipe ──> task.load_samples ──> split (or K folds) ──> task.fit_model(train, val)
+          ──> task.predict_samples(test) ──> task.compute_metrics ──> model.ckpt, metrics.json,
+              report.html (task.write_report) ──> [folds] crossval.json, oof_predictions.csv
+
+A task (``engine/<task>.py``) supplies only its hooks (:class:`TaskHooks`): how to read its
+samples, how to fit its method (the method's own Lightning wrapper lives in
+``models/<method>/lightning_model.py``), how to predict a subset, its metrics, its report
+sections and its prediction writer for files. Everything else is here, once:
+
+- **single split**: the task's split (stratified ``data.test_fraction`` by default, or the split
+  the data define, e.g. KolektorSDD's manifest), then a stratified ``train.val_fraction`` of the
+  training part for checkpoint selection; the test part is read once, after training.
+- **K folds** (``--folds K`` / ``eval.folds: K``): stratified K-fold on the samples (grouped with
+  ``--group-by``); fold k trains on the other folds (its validation part taken from them) and
+  predicts fold k. ``RUN/folds/<k>/`` is a normal run folder; ``RUN/crossval.json`` holds the
+  per-fold metrics, their ``mean`` / ``std`` and the ``pooled`` metrics of all out-of-fold
+  predictions; ``RUN/oof_predictions.csv`` one row per sample. Samples the data mark as test
+  only (a source's own test split) are left out of cross-validation; samples that may not be
+  trained on (defective images of an anomaly task) are only ever predicted.
+- **atomic run folders**: a run is written into ``.<name>.partial`` beside ``--out`` and moved into
+  place only when it succeeded; an existing run is refused unless ``overwrite`` is set, and then
+  replaced only on success. Only rank 0 of a multi-process (DDP) run writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+
+from defectscope.config import BaseRecipe, ConfigError
+from defectscope.data.splits import stratified_split, write_file_list
+from defectscope.engine.crossval import cv_folds, groups_from, mean_std, validation_split
+from defectscope.engine.run import RunError, RunFolder
+from defectscope.utils.io import write_json, write_text
+
+
+@dataclass
+class Samples:
+    """A task's labelled data, addressed by position ``0 .. N-1``.
+
+    Attributes:
+        ids: ``N`` sample identities (file paths or sample ids), written to split lists and
+            ``oof_predictions.csv``.
+        labels: ``[N]`` int, the stratification label (class index; defective 0/1).
+        class_names: name of each label value (``labels`` index into it).
+        data: the task's own payload (items, arrays); the pipeline never reads it.
+        columns: optional metadata columns (name -> ``N`` values) usable by ``--group-by``.
+        test_only: optional ``[N]`` bool, samples of a test split the data define themselves
+            (e.g. KolektorSDD's manifest ``val``): the single-split run tests on them,
+            cross-validation leaves them out.
+        trainable: optional ``[N]`` bool, samples that may be trained on (anomaly: good images
+            only); the others are only predicted (they still count in the stratification).
+        description: one line describing the data (report and metrics).
+    """
+
+    ids: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    data: Any = None
+    columns: dict[str, list] = field(default_factory=dict)
+    test_only: np.ndarray | None = None
+    trainable: np.ndarray | None = None
+    description: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Fitted:
+    """A trained model as returned by :meth:`TaskHooks.fit_model`.
+
+    Attributes:
+        model: the trained model (``nn.Module`` in eval mode, or the task's own object).
+        checkpoint: keyword arguments of :meth:`RunFolder.save_model` except ``task``:
+            ``model_name``, ``model_kwargs``, ``state_dict`` and the task's extras.
+        info: facts for ``metrics.json`` (``epochs_run``, ``best_checkpoint``,
+            ``train_seconds``, ``cut_short`` ...).
+    """
+
+    model: Any
+    checkpoint: dict
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Predictions:
+    """Out-of-sample predictions of a subset, in the order of the positions predicted.
+
+    Attributes:
+        table: columns for ``oof_predictions.csv`` (``pred`` and the task's scores), each a
+            list with one entry per predicted sample.
+        raw: the task's full outputs (probabilities, masks, boxes) for its metrics and report.
+    """
+
+    table: dict[str, list]
+    raw: Any = None
+
+
+class TaskHooks:
+    """What a task implements to plug into the pipeline (subclass it; register the instance).
+
+    Class attributes:
+        name: task name used in recipes (``task: <name>``) and checkpoints.
+        recipe: the task's pydantic recipe schema.
+        monitor: what selects the checkpoint / stops early (stated in the schema docs).
+
+    Hooks (``parts`` maps ``train`` / ``val`` / ``test`` to sorted position arrays):
+        load_samples(recipe) -> Samples
+        fit_model(recipe, samples, parts, run) -> Fitted | None  (``None`` on DDP ranks > 0)
+        predict_samples(recipe, fitted, samples, idx) -> Predictions
+        compute_metrics(recipe, samples, idx, preds) -> dict
+        pool(preds_list) -> Predictions     (default: concatenates columns and raw arrays)
+        write_report(run, recipe, samples, idx, preds, metrics, info) -> None
+        summary_keys -> metric names printed by the CLI
+        evaluate(run_dir, data, out) -> dict; predict(run_dir, inputs, out, **options) -> dict
+    """
+
+    name: str = ""
+    recipe: type[BaseRecipe] = BaseRecipe
+    monitor: str = ""
+    summary_keys: tuple[str, ...] = ("accuracy", "weighted_f1")
+    predict_options: tuple[str, ...] = ()
+    default_predict_out: str = "preds.csv"
+
+    def load_samples(self, recipe: BaseRecipe) -> Samples:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def split(self, recipe: BaseRecipe, samples: Samples) -> dict[str, np.ndarray]:
+        """Single-split test part: the data's own test split, else stratified ``data.test_fraction``."""
+        idx = np.arange(len(samples))
+        if samples.test_only is not None and samples.test_only.any():
+            return {"trainval": idx[~samples.test_only], "test": idx[samples.test_only]}
+        data = getattr(recipe, "data", None)
+        fraction = getattr(data, "test_fraction", 0.2)
+        seed = getattr(data, "split_seed", 0)
+        a, b = stratified_split(samples.labels, fraction, seed)
+        return {"trainval": a, "test": b}
+
+    def split_info(self, recipe: BaseRecipe) -> dict:
+        """How the single split was made, for ``metrics.json`` ``split`` (beside the part sizes)."""
+        data = getattr(recipe, "data", None)
+        return {"seed": getattr(data, "split_seed", None), "test_fraction": getattr(data, "test_fraction", None)}
+
+    def fit_model(self, recipe: BaseRecipe, samples: Samples, parts: dict[str, np.ndarray],
+                  run: RunFolder) -> Fitted | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def predict_samples(self, recipe: BaseRecipe, fitted: Fitted, samples: Samples,
+                        idx: np.ndarray) -> Predictions:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def compute_metrics(self, recipe: BaseRecipe, samples: Samples, idx: np.ndarray,
+                        preds: Predictions) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def pool(self, preds: list[Predictions]) -> Predictions:
+        """Concatenate predictions of several folds (columns, and ``raw`` arrays or lists)."""
+        table = {k: [v for p in preds for v in p.table[k]] for k in preds[0].table}
+        raws = [p.raw for p in preds]
+        if all(isinstance(r, np.ndarray) for r in raws):
+            raw = np.concatenate(raws)
+        elif all(isinstance(r, list) for r in raws):
+            raw = [v for r in raws for v in r]
+        elif all(isinstance(r, dict) for r in raws):
+            raw = {k: (np.concatenate([r[k] for r in raws]) if isinstance(raws[0][k], np.ndarray)
+                       else [v for r in raws for v in r[k]]) for k in raws[0]}
+        else:
+            raw = raws
+        return Predictions(table, raw)
+
+    def write_report(self, run: RunFolder, recipe: BaseRecipe, samples: Samples, idx: np.ndarray,
+                     preds: Predictions, metrics: dict, info: dict) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run_info(self, recipe: BaseRecipe, fitted: Fitted) -> dict:
+        """Task facts for ``metrics.json`` beside the pipeline's (model name, backbone, weights)."""
+        return {}
+
+    def check_predict_options(self, options: dict) -> None:
+        """Refuse ``predict`` options this task does not support (a set option not in :attr:`predict_options`).
+
+        Raises:
+            ConfigError: names the option and the task.
+        """
+        for k, v in options.items():
+            if v and k not in self.predict_options:
+                raise ConfigError(f"--{k.replace('_', '-')} is not supported by task '{self.name}'")
+
+
+def is_rank_zero() -> bool:
+    """True in a single process and in rank 0 of a multi-process (DDP) run (Lightning's env vars)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 and int(os.environ.get("NODE_RANK", "0") or 0) == 0
+
+
+class StagedRun:
+    """Write a run into ``.<name>.partial`` beside ``out``; move it into place on success.
+
+    Args:
+        out: the run folder to produce.
+        overwrite: replace an existing ``out`` (only once the new run succeeded).
+
+    Raises:
+        RunError: ``out`` exists and ``overwrite`` is false, ``out`` is a file, or its parent
+            folder cannot be written.
+    """
+
+    def __init__(self, out: Path, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        self.stage = self.out.parent / f".{self.out.name}.partial"
+        if self.out.exists() and not self.out.is_dir():
+            raise RunError(f"{self.out}: exists and is a file, not a run folder; choose another --out")
+        if self.out.exists() and any(self.out.iterdir()) and not overwrite:
+            raise RunError(f"{self.out}: exists; pass --overwrite to replace it (the old run is kept until the new one succeeds)")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"{self.out.parent}: cannot create the folder for --out ({exc.strerror})") from None
+        if not os.access(self.out.parent, os.W_OK):
+            raise RunError(f"{self.out.parent}: not writable; choose another --out")
+
+    def __enter__(self) -> Path:
+        if is_rank_zero():
+            shutil.rmtree(self.stage, ignore_errors=True)
+            self.stage.mkdir(parents=True)
+        return self.stage
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if not is_rank_zero():
+            return False
+        if exc_type is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            return False
+        old = self.out.parent / f".{self.out.name}.old"
+        if self.out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out, old)
+        os.replace(self.stage, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def _write_parts(run: RunFolder, samples: Samples, parts: dict[str, np.ndarray]) -> None:
+    for k, idx in parts.items():
+        write_file_list(run.split_dir / f"{k}.txt", [samples.ids[i] for i in idx],
+                        [samples.class_names[samples.labels[i]] for i in idx])
+
+
+def _with_validation(recipe: BaseRecipe, samples: Samples, trainval: np.ndarray, test: np.ndarray,
+                     groups: np.ndarray | None, untrainable_to_test: bool = True) -> dict[str, np.ndarray]:
+    """``train`` / ``val`` / ``test`` parts: ``val`` is a stratified share of the trainable ``trainval``.
+
+    Samples of ``trainval`` that may not be trained on go to ``test`` (single split) or are
+    dropped (``untrainable_to_test=False``: cross-validation predicts them in their own fold).
+    """
+    if samples.trainable is not None:
+        if untrainable_to_test:
+            test = np.sort(np.concatenate([test, trainval[~samples.trainable[trainval]]]))
+        trainval = trainval[samples.trainable[trainval]]
+    fraction = recipe.train.val_fraction
+    if fraction <= 0:
+        return {"train": trainval, "test": test}
+    a, b = validation_split(samples.labels[trainval], fraction, recipe.seed,
+                            None if groups is None else groups[trainval])
+    return {"train": trainval[a], "val": trainval[b], "test": test}
+
+
+def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict[str, np.ndarray],
+              run: RunFolder, extra: dict | None = None) -> tuple[dict, Predictions] | None:
+    """Fit on ``parts``, evaluate ``parts['test']``, write a complete run folder; metrics + predictions."""
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    if is_rank_zero():
+        run.create()
+        run.write_config(recipe.model_dump(mode="json"))
+        _write_parts(run, samples, parts)
+    start = time.perf_counter()
+    fitted = task.fit_model(recipe, samples, parts, run)
+    if fitted is None or not is_rank_zero():
+        return None
+    fit_seconds = time.perf_counter() - start
+    test = parts["test"]
+    t0 = time.perf_counter()
+    preds = task.predict_samples(recipe, fitted, samples, test)
+    infer_seconds = time.perf_counter() - t0
+    metrics = task.compute_metrics(recipe, samples, test, preds)
+    run.save_model(task.name, **fitted.checkpoint)
+    sizes = {k: int(len(v)) for k, v in parts.items()}
+    result = {
+        "task": task.name,
+        **task.run_info(recipe, fitted),
+        "seed": recipe.seed,
+        "data": samples.description,
+        "split": {**(extra or {}).get("split", {}), **sizes},
+        **fitted.info,
+        "train_seconds": fitted.info.get("train_seconds", round(fit_seconds, 1)),
+        "test_inference_seconds": round(infer_seconds, 2),
+        "test": metrics,
+    }
+    result.update({k: v for k, v in (extra or {}).items() if k != "split"})
+    run.write_metrics(result)
+    info = {"data": samples.description, "split": result["split"], **fitted.info}
+    task.write_report(run, recipe, samples, test, preds, metrics, info)
+    return result, preds
+
+
+def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_by: str | None = None,
+          overwrite: bool = False, task: TaskHooks | None = None) -> dict | None:
+    """Train a recipe into the run folder ``out``: single split, or K-fold cross-validation.
+
+    Args:
+        recipe: a validated recipe (its ``task`` names a registered task).
+        out: run folder; written atomically (see :class:`StagedRun`).
+        folds: ``None``: the recipe's ``eval.folds``; 1: single split; K >= 2: K-fold CV.
+        group_by: ``None``: the recipe's ``eval.group_by``; else a metadata column or a regex on
+            sample ids whose matches share a fold (views of one part, frames of one run).
+        overwrite: replace an existing run folder once the new run has succeeded.
+        task: the task hooks (default: the registered task of ``recipe.task``).
+
+    Returns:
+        ``metrics.json``'s content (single split) or ``crossval.json``'s (folds); ``None`` on
+        DDP ranks other than 0.
+
+    Raises:
+        RunError: ``out`` exists (without ``overwrite``) or is not writable.
+        ConfigError: folds / group settings that do not fit the data.
+        The task's data errors (DatasetError, WeldDataError, ...), naming the file.
+    """
+    from defectscope.engine.tasks import get_task
+
+    task = task or get_task(recipe.task)
+    ev = getattr(recipe, "eval", None)
+    folds = int(folds if folds is not None else (ev.folds if ev else 1))
+    group_by = group_by if group_by is not None else (ev.group_by if ev else None)
+    if folds < 1:
+        raise ConfigError(f"--folds must be >= 1, got {folds}")
+    if not isinstance(task, TaskHooks) or hasattr(task, "fit"):  # a task not yet on the hooks
+        if folds > 1 or group_by:
+            raise ConfigError(f"task '{task.name}' does not support cross-validation yet")
+        with StagedRun(Path(out), overwrite) as stage:
+            run = RunFolder(stage).create() if is_rank_zero() else RunFolder(stage)
+            if is_rank_zero():
+                run.write_config(recipe.model_dump(mode="json"))
+            return task.fit(recipe, stage)
+    with StagedRun(Path(out), overwrite) as stage:
+        samples = task.load_samples(recipe)
+        groups = groups_from(group_by, samples.ids, samples.columns)
+        if folds == 1:
+            split = task.split(recipe, samples)
+            parts = _with_validation(recipe, samples, split["trainval"], split["test"], groups)
+            res = _fit_part(task, recipe, samples, parts, RunFolder(stage), {"split": task.split_info(recipe)})
+            return None if res is None else res[0]
+        return cross_validate(task, recipe, samples, Path(stage), folds, groups, group_by)
+
+
+def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: Path, folds: int,
+                   groups: np.ndarray | None = None, group_by: str | None = None) -> dict | None:
+    """Stratified K-fold cross-validation of ``recipe`` on ``samples``, written to ``out``.
+
+    Samples marked ``test_only`` are left out. Fold ``k`` (``out/folds/<k>``, a normal run
+    folder) trains on the other folds' trainable samples, selects its checkpoint on a
+    validation part taken from them, and predicts every sample of fold ``k``.
+
+    Returns:
+        ``{"folds": [...], "mean": {...}, "std": {...}, "pooled": {...}, "n", "k", ...}``, also
+        written to ``out/crossval.json``; ``out/oof_predictions.csv`` holds one row per sample
+        (``file, fold, true, pred`` and the task's score columns).
+
+    Raises:
+        ValueError: too few samples (or groups) of a class for ``folds`` folds.
+    """
+    pool_idx = np.arange(len(samples))
+    if samples.test_only is not None:
+        pool_idx = pool_idx[~samples.test_only]
+    labels = samples.labels[pool_idx]
+    assign = cv_folds(labels, folds, None if groups is None else groups[pool_idx], recipe.seed)
+    fold_metrics, fold_preds, order, fold_of = [], [], [], []
+    for k in range(folds):
+        test = np.sort(pool_idx[assign == k])
+        trainval = np.sort(pool_idx[assign != k])
+        parts = _with_validation(recipe, samples, trainval, test, groups, untrainable_to_test=False)
+        print(f"fold {k + 1}/{folds}: train {len(parts['train'])}, val {len(parts.get('val', []))}, "
+              f"test {len(parts['test'])}", flush=True)
+        res = _fit_part(task, recipe, samples, parts, RunFolder(out / "folds" / str(k + 1)),
+                        {"split": {"fold": k + 1, "folds": folds, "cv_seed": recipe.seed,
+                                   "group_by": group_by}})
+        if res is None:
+            return None
+        fold_metrics.append(res[0]["test"])
+        fold_preds.append(res[1])
+        order.append(parts["test"])
+        fold_of += [k + 1] * len(parts["test"])
+    idx = np.concatenate(order)
+    pooled_preds = task.pool(fold_preds)
+    pooled = task.compute_metrics(recipe, samples, idx, pooled_preds)
+    mean, std = mean_std(fold_metrics)
+    result = {
+        "task": task.name,
+        "k": folds,
+        "n": int(len(idx)),
+        "seed": recipe.seed,
+        "group_by": group_by,
+        "data": samples.description,
+        "folds": fold_metrics,
+        "mean": mean,
+        "std": std,
+        "pooled": pooled,
+    }
+    run = RunFolder(out).create()
+    run.write_config(recipe.model_dump(mode="json"))
+    write_json(out / "crossval.json", result)
+    _write_oof(out / "oof_predictions.csv", samples, idx, fold_of, pooled_preds)
+    info = {"data": samples.description, "protocol": f"stratified {folds}-fold cross-validation, seed {recipe.seed}"
+            + (f", grouped by {group_by!r}" if group_by else ""), "samples": len(idx)}
+    task.write_report(run, recipe, samples, idx, pooled_preds, pooled,
+                      {**info, "crossval": {"folds": fold_metrics, "mean": mean, "std": std}})
+    return result
+
+
+def _write_oof(path: Path, samples: Samples, idx: np.ndarray, fold_of: list[int], preds: Predictions) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    cols = list(preds.table)
+    w.writerow(["file", "fold", "true", *cols])
+    for j, i in enumerate(idx):
+        w.writerow([samples.ids[i], fold_of[j], samples.class_names[samples.labels[i]],
+                    *[_cell(preds.table[c][j]) for c in cols]])
+    write_text(path, buf.getvalue())
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.6g}"
+    return str(v)
+
+
+def crossval_table(crossval: dict, keys: list[str]) -> list[dict]:
+    """Report rows: one per fold, then ``mean +- std`` and ``pooled``, for the metric ``keys``."""
+    rows = []
+    for k, m in enumerate(crossval["folds"]):
+        rows.append({"fold": str(k + 1), **{key: m.get(key) for key in keys}})
+    rows.append({"fold": "mean +- std", **{key: (f"{crossval['mean'][key]:.4f} +- {crossval['std'][key]:.4f}"
+                                                 if key in crossval["mean"] else None) for key in keys}})
+    if "pooled" in crossval:
+        rows.append({"fold": "pooled (out-of-fold)", **{key: crossval["pooled"].get(key) for key in keys}})
+    return rows
+
+
+def fit_seconds(start: float) -> float:
+    """Seconds since ``start`` (``time.perf_counter()``), rounded to 0.1."""
+    return round(time.perf_counter() - start, 1)

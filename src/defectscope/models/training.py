@@ -1,0 +1,87 @@
+"""Training helpers shared by every method's Lightning wrapper (neutral: no task, no model).
+
+Dtype conversion of uint8 image batches, random flips, the warm-up + cosine learning-rate
+schedule, test-time flip averaging and the classification losses. Each
+``models/<method>/lightning_model.py`` imports from here, never from another method or task.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from defectscope.models.layers.losses import FocalLoss
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, C, H, W]`` -> float32 in [0, 1] (same shape)."""
+    return x.float().div_(255.0)
+
+
+def to_model_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> float in [0, 1], in channels_last memory layout when asked."""
+    x = to_float(x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def random_flips(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Independent random horizontal and vertical flips (probability 0.5 each) per image of ``[B, C, H, W]``."""
+    b = x.shape[0]
+    h = torch.rand(b, generator=generator) < 0.5
+    v = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(h.view(b, 1, 1, 1), x.flip(-1), x)
+    return torch.where(v.view(b, 1, 1, 1), x.flip(-2), x)
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.05):
+    """Per-step schedule: linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0.
+
+    Args:
+        opt: the optimizer whose learning rates are scaled.
+        total_steps: number of optimizer steps of the whole run (>= 1 is enforced).
+        warmup_fraction: share of the steps spent warming up, in [0, 1).
+
+    Returns:
+        A ``LambdaLR`` to be stepped once per optimizer step.
+    """
+    total = max(1, total_steps)
+    warm = max(1, int(warmup_fraction * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def exponential_decay(opt: torch.optim.Optimizer, total_steps: int, lr: float, lr_end: float):
+    """Per-step exponential decay from ``lr`` to ``lr_end`` over ``total_steps`` (paper 003's schedule)."""
+    gamma = (lr_end / lr) ** (1.0 / max(1, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: gamma ** step)
+
+
+def build_loss(kind: str, gamma: float = 2.0, label_smoothing: float = 0.0,
+               weight: torch.Tensor | None = None) -> nn.Module:
+    """Classification loss over logits ``[B, K]`` and targets ``[B]``.
+
+    Args:
+        kind: ``focal`` (paper 000, eq. 14, focusing parameter ``gamma``) or ``ce`` (cross-entropy
+            with ``label_smoothing``).
+        weight: optional per-class weights ``[K]`` (class-balanced loss).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    if kind == "focal":
+        return FocalLoss(gamma, weight=weight)
+    if kind == "ce":
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    raise ValueError(f"loss must be 'focal' or 'ce', got {kind!r}")
+
+
+def flip_variants(x: torch.Tensor) -> list[torch.Tensor]:
+    """The four flips of ``[B, C, H, W]``: identity, horizontal, vertical, both (test-time augmentation)."""
+    return [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
