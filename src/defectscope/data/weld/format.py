@@ -309,13 +309,13 @@ def v1_channels(wavelengths_nm: Sequence[float]) -> list[dict]:
     return out
 
 
-def normalise_channels(channels: object, where: str = "channels") -> list[dict]:
+def normalise_channels(channels: object, source: str = "") -> list[dict]:
     """Validate a v2 ``channels`` list and fill in each channel's group.
 
     Args:
         channels: list of dicts with ``name`` (non-empty, unique), ``unit`` (string, may be empty
             for dimensionless), optional ``wavelength_nm`` (> 0), ``group`` (non-empty), ``description``.
-        where: the field's location for error messages (e.g. ``".../manifest.json: field 'channels'"``).
+        source: prefix of error messages (e.g. ``".../manifest.json: "``).
 
     Returns:
         ``[C]`` dicts with keys ``name``, ``unit``, ``wavelength_nm`` (float or ``None``), ``group``
@@ -323,35 +323,37 @@ def normalise_channels(channels: object, where: str = "channels") -> list[dict]:
 
     Raises:
         WeldDataError: not a non-empty list, unknown keys, missing/invalid name or unit, duplicate
-            names, a non-positive wavelength; the message names the channel index.
+            names, a non-positive wavelength; the message names the field, e.g. ``field 'channels[2].unit'``.
     """
     if not isinstance(channels, list) or not channels:
-        raise WeldDataError(f"{where}: expected a non-empty list of channels, got {channels!r:.80}")
+        raise WeldDataError(f"{source}field 'channels': expected a non-empty list of channels, got {channels!r:.80}")
     out, seen = [], set()
     for i, ch in enumerate(channels):
-        loc = f"{where}[{i}]"
+        def bad(key: str, msg: str) -> WeldDataError:
+            return WeldDataError(f"{source}field 'channels[{i}]{'.' + key if key else ''}': {msg}")
+
         if not isinstance(ch, dict):
-            raise WeldDataError(f"{loc}: expected an object {{'name', 'unit', ...}}, got {ch!r:.60}")
+            raise bad("", f"expected an object {{'name', 'unit', ...}}, got {ch!r:.60}")
         unknown = set(ch) - _CHANNEL_KEYS
         if unknown:
-            raise WeldDataError(f"{loc}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_CHANNEL_KEYS)}")
+            raise bad("", f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_CHANNEL_KEYS)}")
         name = ch.get("name")
         if not isinstance(name, str) or not name.strip():
-            raise WeldDataError(f"{loc}.name: a non-empty string is required, got {name!r}")
+            raise bad("name", f"a non-empty string is required, got {name!r}")
         if name in seen:
-            raise WeldDataError(f"{loc}.name: duplicate channel name {name!r}")
+            raise bad("name", f"duplicate channel name {name!r}")
         seen.add(name)
         unit = ch.get("unit")
         if not isinstance(unit, str):
-            raise WeldDataError(f"{loc}.unit: a string is required (e.g. 'A', 'V', 'counts'; '' if dimensionless), got {unit!r}")
+            raise bad("unit", f"a string is required (e.g. 'A', 'V', 'counts'; '' if dimensionless), got {unit!r}")
         wl = ch.get("wavelength_nm")
         if wl is not None:
             if isinstance(wl, bool) or not isinstance(wl, (int, float)) or not math.isfinite(wl) or wl <= 0:
-                raise WeldDataError(f"{loc}.wavelength_nm: a positive number (nm) is required, got {wl!r}")
+                raise bad("wavelength_nm", f"a positive number (nm) is required, got {wl!r}")
             wl = float(wl)
         grp = ch.get("group")
         if grp is not None and (not isinstance(grp, str) or not grp.strip()):
-            raise WeldDataError(f"{loc}.group: a non-empty string is required, got {grp!r}")
+            raise bad("group", f"a non-empty string is required, got {grp!r}")
         norm = {"name": name, "unit": unit, "wavelength_nm": wl, "group": grp}
         norm["group"] = channel_group(norm)
         if "description" in ch:
@@ -485,7 +487,7 @@ def read_weld_dataset(root: str | Path, length: int = 560, policy: Literal["resa
         min_len = DEFAULT_MIN_LENGTH if min_length is None else int(min_length)
         group_field = None
     else:
-        channels = normalise_channels(man["channels"], f"{mpath}: field 'channels'")
+        channels = normalise_channels(man["channels"], f"{mpath}: ")
         wl = [c["wavelength_nm"] for c in channels]
         wavelengths = [float(w) for w in wl] if all(w is not None for w in wl) else None
         default_rate = man.get("sample_rate_hz")
@@ -668,7 +670,7 @@ def write_weld_dataset(root: str | Path, samples: Sequence[dict], classes: Seque
         if wavelengths_nm is None:
             raise ValueError("give channels (v2 channel dicts) or wavelengths_nm")
         channels = [{k: v for k, v in c.items()} for c in v1_channels(wavelengths_nm)]
-    chans = normalise_channels(list(channels), "channels")
+    chans = normalise_channels(list(channels))
     entries = []
     for s in samples:
         sid = s["id"]
