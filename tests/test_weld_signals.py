@@ -4,11 +4,9 @@ imported with a spec; the errors for bad input; v1 folders; the simulator's v2 o
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -223,6 +221,7 @@ def test_labels_csv_and_group_column(tmp_path):
     spec = json.loads(json.dumps(rec.spec))
     spec["label"] = {"csv": "labels.csv", "id_column": "run", "label_column": "class", "metadata_columns": ["operator"]}
     spec["group"] = {"name": "part", "column": "part"}
+    spec["runs"] = str(rec.runs_dir / "*")  # an absolute glob
     write_spec(rec.spec_path, spec)
     with pytest.raises(RecordingError, match=f"run '{rec.run_ids[-1]}' has no label in labels.csv"):
         import_recordings(rec.spec_path, tmp_path / "out")

@@ -28,6 +28,7 @@ whose centres fall in a CSV row's interval (between the midpoints to its neighbo
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import re
 from dataclasses import dataclass, field
@@ -241,7 +242,7 @@ class ImportSpec(_Strict):
     """The whole import spec (YAML). Unknown keys are rejected. See docs/weld.md for an example.
 
     Attributes:
-        runs: glob of run folders, relative to the spec file's folder (or absolute).
+        runs: glob of run folders, relative to the spec file's folder (or absolute; ``**`` recurses).
         csv, time, channels, window: the sensor CSV (:class:`CsvSpec`, :class:`TimeSpec`,
             :class:`ChannelSpec` list, :class:`WindowSpec`).
         min_rows: shortest accepted process window (CSV rows); also stored as the folder's ``min_length``.
@@ -802,8 +803,7 @@ def import_recordings(spec_path: str | Path, out: str | Path) -> ImportResult:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RecordingError(f"{out}: exists and is not an empty folder; choose a new --out")
     pattern = spec.runs
-    folders = sorted(p for p in (Path(pattern).parent.glob(Path(pattern).name) if Path(pattern).is_absolute()
-                                 else base.glob(pattern)) if p.is_dir())
+    folders = sorted(Path(p) for p in glob.glob(str(base / pattern), recursive=True) if Path(p).is_dir())
     if not folders:
         raise SpecError(f"{spec_path}: key 'runs': no folder matches {pattern!r} (relative to {base})")
     table = _labels_table(spec, base)
