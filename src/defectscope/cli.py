@@ -263,6 +263,32 @@ def demo(
                       f"total_seconds={result.get('total_seconds')}")
 
 
+signals_app = typer.Typer(no_args_is_help=True, help="Bring your own process recordings (CSV, audio, photos) into the weld format.")
+app.add_typer(signals_app, name="signals")
+
+
+@signals_app.command("import")
+@friendly
+def signals_import(
+    spec: Annotated[Path, typer.Argument(help="Import spec (YAML, see docs/weld.md).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (defectscope-weld/2); must not exist or be empty.")],
+) -> None:
+    """Import recording folders (sensor CSV + photos + optional audio) into a weld data folder."""
+    from defectscope.data.weld.importer import import_recordings
+
+    res = import_recordings(spec, out)
+    table = Table(title=f"imported {res.n_runs} runs -> {res.manifest.parent}")
+    table.add_column("item")
+    table.add_column("value")
+    table.add_row("classes", ", ".join(f"{c}: {n}" for c, n in res.class_counts.items()))
+    table.add_row("channels", ", ".join(res.channels))
+    if res.group_counts:
+        table.add_row("groups", ", ".join(f"{g}: {n}" for g, n in sorted(res.group_counts.items())))
+    table.add_row("rows per run (min/median/max)", "{} / {:g} / {}".format(*res.rows))
+    table.add_row("seconds per run (min/median/max)", "{:.1f} / {:.1f} / {:.1f}".format(*res.durations_s))
+    console.print(table)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

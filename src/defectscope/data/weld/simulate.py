@@ -1,7 +1,7 @@
 """Physics-grounded simulator of laser-welded coupons: seam image + 32-channel spectra per weld.
 
 No public data set pairs weld images with process spectra (paper 000's 603 samples are private), so
-this module writes synthetic samples in the real format (:mod:`defectscope.data.weld.format`) for the
+this module writes synthetic samples in the real format (:mod:`defectscope.data.weld.format`, version 2) for the
 seven welding conditions of paper 000, Table 2. Every output is marked ``synthetic``.
 
 Every physical assumption, its value and its source is listed in ``docs/weld.md``; in short:
@@ -45,6 +45,13 @@ NIR_NM = 1017.0 + 57.0 * np.arange(16)  # 1017 ... 1872 nm
 #: 32 channel centre wavelengths (nm): 16 VIS from 317 nm in 38 nm steps, 16 NIR from 1017 nm in 57 nm steps
 WAVELENGTHS_NM = np.concatenate([VIS_NM, NIR_NM])
 FWHM_NM = np.concatenate([np.full(16, 38.0), np.full(16, 57.0)])  # one channel step
+
+
+def simulator_channels() -> list[dict]:
+    """The 32 channels as format-v2 dicts: ``{"name": "VIS 317", "unit": "counts", "wavelength_nm": 317.0, "group": "VIS"}``."""
+    return [{"name": f"{band} {w:.0f}", "unit": "counts", "wavelength_nm": float(w), "group": band}
+            for band, wls in (("VIS", VIS_NM), ("NIR", NIR_NM)) for w in wls]
+
 
 HC_K_UM = 14388.0  # second radiation constant hc/k in um*K
 T_MELT_K, T_BOIL_K = 933.0, 2743.0  # aluminium melting and boiling points
@@ -334,7 +341,9 @@ def simulate_weld_dataset(out: str | Path, n_samples: int = 603, seed: int = 0, 
     """Simulate ``n_samples`` coupons (classes balanced, order shuffled by ``seed``) and write them.
 
     Args:
-        out: output folder (format of :mod:`defectscope.data.weld.format`, manifest marked synthetic).
+        out: output folder (format ``defectscope-weld/2`` of :mod:`defectscope.data.weld.format`, 32 named
+            channels with their wavelengths and VIS/NIR groups, one view with its seam mask per coupon,
+            a fixed 10 kHz rate; manifest marked synthetic).
         n_samples: number of coupons (paper 000: 603).
         seed: the same seed gives byte-identical arrays and images.
         image_size: coupon image side in pixels.
@@ -358,4 +367,5 @@ def simulate_weld_dataset(out: str | Path, n_samples: int = 603, seed: int = 0, 
                            "w0_mm": W0_MM, "zR_mm": ZR_MM, "seconds": round(time.perf_counter() - start, 2),
                            "params": {s["id"]: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s["params"].items()}
                                       for s in samples}}}
-    return write_weld_dataset(out, samples, conds, WAVELENGTHS_NM.tolist(), SAMPLE_RATE_HZ, 2, synthetic=True, extra=extra)
+    return write_weld_dataset(out, samples, conds, WAVELENGTHS_NM.tolist(), SAMPLE_RATE_HZ, 2, synthetic=True, extra=extra,
+                              channels=simulator_channels())
