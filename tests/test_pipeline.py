@@ -105,3 +105,32 @@ def test_a_setting_the_task_does_not_use_is_rejected_with_a_reason(ksdd_root):
     raw = {"task": "segmentation", "data": {"root": str(ksdd_root)}, "train": {"loss": "focal"}}
     with pytest.raises(ConfigError, match=r"train.loss: not a setting of task 'segmentation'"):
         validate(raw, SegmentationRecipe, "r.yaml")
+
+
+def test_resume_continues_a_killed_train_to_the_end(tmp_path, neu_small):
+    """kill -9 during training keeps the partial run; --resume finishes it from the last epoch checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    r = _recipe(tmp_path, neu_small, epochs=4, val_fraction=0.25)
+    out = tmp_path / "run"
+    stage = tmp_path / ".run.partial"
+    cmd = [sys.executable, "-m", "defectscope.cli", "train", str(r), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (stage / "checkpoints" / "last.ckpt").is_file():
+        if proc.poll() is not None:
+            pytest.fail(f"training ended (rc {proc.returncode}) before its first epoch checkpoint")
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and (stage / "checkpoints" / "last.ckpt").is_file()
+    res = CliRunner().invoke(app, ["train", str(r), "--out", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs_run"] == 4 and m["test"]["n"] == 10 and not stage.exists()
+    res = CliRunner().invoke(app, ["train", str(r), "--out", str(out), "--resume"])
+    assert res.exit_code == 2 and "nothing to resume" in res.output

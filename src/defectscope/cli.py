@@ -84,7 +84,8 @@ def _print_result(task, out: Path, result: dict, title: str | None = None) -> No
     console.print(f"train_seconds={result.get('train_seconds')}{cut}  report: {out / 'report.html'}")
 
 
-def _train(raw: dict, source: str, out: Path, folds: int | None, group_by: str | None, overwrite: bool) -> tuple:
+def _train(raw: dict, source: str, out: Path, folds: int | None, group_by: str | None, overwrite: bool,
+           resume: bool = False) -> tuple:
     """Validate ``raw`` against its task's schema and run the pipeline; ``(task, result)``."""
     from defectscope.config import ConfigError, validate
     from defectscope.engine.pipeline import train as run_pipeline
@@ -94,7 +95,7 @@ def _train(raw: dict, source: str, out: Path, folds: int | None, group_by: str |
         raise ConfigError(f"{source}: missing 'task' key")
     task = get_task(raw["task"])
     cfg = validate(raw, task.recipe, source)
-    return task, run_pipeline(cfg, out, folds=folds, group_by=group_by, overwrite=overwrite)
+    return task, run_pipeline(cfg, out, folds=folds, group_by=group_by, overwrite=overwrite, resume=resume)
 
 
 @app.command()
@@ -106,12 +107,13 @@ def train(
     folds: Annotated[Optional[int], typer.Option("--folds", help="1: one held-out split; K >= 2: stratified K-fold cross-validation (default: the recipe's eval.folds).")] = None,
     group_by: Annotated[Optional[str], typer.Option("--group-by", help="Metadata column or regex on sample ids; matching samples share a fold.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder (only once the new run succeeded).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted train into --out from its last checkpoints (same recipe and options).")] = False,
 ) -> None:
     """Train a recipe, evaluate its held-out split (or K folds) and write the run folder."""
     from defectscope.config import load_raw
 
     raw = load_raw(recipe, override)
-    task, result = _train(raw, str(recipe), out, folds, group_by, overwrite)
+    task, result = _train(raw, str(recipe), out, folds, group_by, overwrite, resume)
     if result is None:  # a non-zero DDP rank
         return
     _print_result(task, out, result)

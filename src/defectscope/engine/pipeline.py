@@ -218,9 +218,13 @@ class StagedRun:
             folder cannot be written.
     """
 
-    def __init__(self, out: Path, overwrite: bool = False) -> None:
+    def __init__(self, out: Path, overwrite: bool = False, resume: bool = False) -> None:
         self.out = Path(out)
         self.stage = self.out.parent / f".{self.out.name}.partial"
+        self.resume = resume
+        if resume and not self.stage.is_dir():
+            raise RunError(f"{self.out}: nothing to resume (no interrupted run at {self.stage})"
+                           + ("; the run is complete" if self.out.is_dir() else ""))
         if self.out.exists() and not self.out.is_dir():
             raise RunError(f"{self.out}: exists and is a file, not a run folder; choose another --out")
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
@@ -233,15 +237,24 @@ class StagedRun:
             raise RunError(f"{self.out.parent}: not writable; choose another --out")
 
     def __enter__(self) -> Path:
-        if is_rank_zero():
+        from defectscope.engine import trainer
+
+        if is_rank_zero() and not self.resume:
             shutil.rmtree(self.stage, ignore_errors=True)
             self.stage.mkdir(parents=True)
+        trainer.RESUME = self.resume
         return self.stage
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        from defectscope.engine import trainer
+
+        trainer.RESUME = False
         if not is_rank_zero():
             return False
         if exc_type is not None:
+            if exc_type in (KeyboardInterrupt, SystemExit) and any(self.stage.rglob("last*.ckpt")):
+                print(f"interrupted: the partial run is kept at {self.stage}; continue it with --resume", flush=True)
+                return False
             shutil.rmtree(self.stage, ignore_errors=True)
             return False
         old = self.out.parent / f".{self.out.name}.old"
@@ -317,7 +330,7 @@ def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict
 
 
 def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_by: str | None = None,
-          overwrite: bool = False, task: TaskHooks | None = None) -> dict | None:
+          overwrite: bool = False, task: TaskHooks | None = None, resume: bool = False) -> dict | None:
     """Train a recipe into the run folder ``out``: single split, or K-fold cross-validation.
 
     Args:
@@ -328,6 +341,10 @@ def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_b
             sample ids whose matches share a fold (views of one part, frames of one run).
         overwrite: replace an existing run folder once the new run has succeeded.
         task: the task hooks (default: the registered task of ``recipe.task``).
+        resume: continue an interrupted run (killed, out of memory, Ctrl-C) from the partial
+            folder ``.<name>.partial``: every fit restarts from its ``checkpoints/last.ckpt``
+            (saved at each epoch end, so at most the interrupted epoch is lost); finished fits
+            stop at once. Give the same recipe, folds and groups as the interrupted run.
 
     Returns:
         ``metrics.json``'s content (single split) or ``crossval.json``'s (folds); ``None`` on
@@ -349,12 +366,12 @@ def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_b
     if not isinstance(task, TaskHooks) or hasattr(task, "fit"):  # a task not yet on the hooks
         if folds > 1 or group_by:
             raise ConfigError(f"task '{task.name}' does not support cross-validation yet")
-        with StagedRun(Path(out), overwrite) as stage:
+        with StagedRun(Path(out), overwrite, resume) as stage:
             run = RunFolder(stage).create() if is_rank_zero() else RunFolder(stage)
             if is_rank_zero():
                 run.write_config(recipe.model_dump(mode="json"))
             return task.fit(recipe, stage)
-    with StagedRun(Path(out), overwrite) as stage:
+    with StagedRun(Path(out), overwrite, resume) as stage:
         samples = task.load_samples(recipe)
         groups = groups_from(group_by, samples.ids, samples.columns)
         if folds == 1:

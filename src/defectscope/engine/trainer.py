@@ -13,6 +13,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from defectscope.config import TrainConfig
 
+# Set by the pipeline while it resumes an interrupted run (``defectscope train --resume``):
+# :func:`fit_lightning` then continues from ``RUN/checkpoints/last.ckpt`` when it exists.
+RESUME = False
+
 
 class EpochSummary(L.Callback):
     """One line per epoch (time and logged metrics) for logs where no progress bar is drawn."""
@@ -138,8 +142,12 @@ def fit_lightning(module: L.LightningModule, train_loader, val_loader, cfg: Trai
     set_threads(cfg)
     has_val = val_loader is not None
     trainer = build_trainer(cfg, run_dir, monitor if has_val else None, mode)
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if RESUME and last.is_file() else None
+    if ckpt_path:
+        print(f"resuming from {last}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
     seconds = time.perf_counter() - start
     if not trainer.is_global_zero:
         return None
