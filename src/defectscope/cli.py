@@ -1,7 +1,9 @@
 """The ``defectscope`` command (typer): train, evaluate, predict, and the commands of later tasks.
 
-Errors a user can fix (bad recipe, bad data, missing run) print one clear
-message and exit with status 2; nothing already written is removed.
+Errors a user can fix (bad recipe, bad data, missing or unsafe run, an output path that
+cannot be written) are :class:`~defectscope.errors.DefectscopeError` subclasses (and missing
+files / permissions); they print one clear message and exit with status 2; nothing already
+written is removed. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Defect inspection for metal surfaces and laser welds.")
@@ -20,28 +23,47 @@ console = Console(stderr=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from defectscope.config import ConfigError
-    from defectscope.data.images import DatasetError, ImageReadError
-    from defectscope.engine.run import RunError
-    from defectscope.models.weights import WeightsUnavailableError
+    """The exception types shown as one line: the project's own errors, missing files and
+    permissions (their messages name the path), and a training run that diverged."""
+    from defectscope.errors import DefectscopeError
 
-    return (ConfigError, DatasetError, ImageReadError, RunError, WeightsUnavailableError, FileNotFoundError, KeyError, ValueError,
+    return (DefectscopeError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
             FloatingPointError)
 
 
+def error_line(exc: BaseException) -> str:
+    """The message of ``exc`` as rich markup-safe text (``[10, 10, 5]`` is printed, not eaten as markup);
+    file names that are not UTF-8 are shown with backslash escapes."""
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    msg = str(msg).encode("utf-8", errors="backslashreplace").decode("utf-8")
+    return escape(msg)
+
+
 def friendly(fn: Callable) -> Callable:
-    """Turn user errors into one red line and exit status 2."""
+    """Turn user errors (:func:`_user_errors`) into one red line and exit status 2; other exceptions keep their traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except _user_errors() as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {error_line(exc)}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _get_task(name: str, source: str):
+    """The registered task ``name``; an unknown name is a :class:`ConfigError` naming ``source``."""
+    from defectscope.config import ConfigError
+    from defectscope.engine.tasks import get_task
+
+    if not isinstance(name, str):
+        raise ConfigError(f"{source}: expected a task name (text), got {name!r}")
+    try:
+        return get_task(name)
+    except KeyError as exc:
+        raise ConfigError(f"{source}: {exc.args[0] if exc.args else exc}") from None
 
 
 def _summary_table(title: str, metrics: dict, keys: list[str]) -> Table:
@@ -61,6 +83,12 @@ def _run_task(run: Path) -> str:
     return RunFolder(run).read_config()["task"]
 
 
+def _run_task_obj(run: Path):
+    from defectscope.engine.run import RunFolder
+
+    return _get_task(_run_task(run), f"{RunFolder(run).config_path}: field 'task'")
+
+
 @app.command()
 @friendly
 def train(
@@ -71,14 +99,13 @@ def train(
     """Train a recipe, evaluate its held-out split and write the run folder."""
     from defectscope.config import load_raw, validate
     from defectscope.engine.run import RunFolder
-    from defectscope.engine.tasks import get_task
 
     raw = load_raw(recipe, override)
     if "task" not in raw:
         from defectscope.config import ConfigError
 
         raise ConfigError(f"{recipe}: missing 'task' key")
-    task = get_task(raw["task"])
+    task = _get_task(raw["task"], f"{recipe}: field 'task'")
     cfg = validate(raw, task.recipe, str(recipe))
     run = RunFolder(out).create()
     run.write_config(cfg.model_dump(mode="json"))
@@ -98,9 +125,11 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/evaluations/<data name>).")] = None,
 ) -> None:
     """Re-evaluate a trained run on another labelled folder."""
-    from defectscope.engine.tasks import get_task
+    from defectscope.utils.io import check_output_path
 
-    metrics = get_task(_run_task(run)).evaluate(run, data, out)
+    task = _run_task_obj(run)
+    check_output_path(out if out else Path(run) / "evaluations" / Path(data).name, "dir")
+    metrics = task.evaluate(run, data, out)
     console.print(_summary_table(f"{run} on {data}", metrics, ["n", "accuracy", "weighted_f1", "macro_auroc", "image_auroc", "map_50", "map", "box_mae", "dice"]))
 
 
@@ -113,12 +142,15 @@ def predict(
     save_images: Annotated[bool, typer.Option("--save-images", help="Also write overlays/masks/boxes as images.")] = False,
 ) -> None:
     """Predict files with a trained run; unreadable files are skipped and reported."""
-    from defectscope.engine.tasks import get_task
+    from defectscope.utils.io import check_output_path, display_path
 
-    summary = get_task(_run_task(run)).predict(run, inputs, out, save_images=save_images)
+    task = _run_task_obj(run)
+    check_output_path(out, "file")  # before the work, not after it
+    summary = task.predict(run, inputs, out, save_images=save_images)
     for f, err in summary.get("skipped", []):
-        console.print(f"[yellow]skipped[/] {err}", highlight=False, soft_wrap=True)
-    console.print(f"predicted {summary.get('predicted')} file(s), skipped {len(summary.get('skipped', []))}: {out}")
+        console.print(f"[yellow]skipped[/] {escape(display_path(f))}: {error_line(ValueError(err))}", highlight=False, soft_wrap=True)
+    console.print(f"predicted {summary.get('predicted')} file(s), skipped {len(summary.get('skipped', []))}: "
+                  f"{escape(display_path(out))}", highlight=False)
 
 
 @app.command()
@@ -145,7 +177,9 @@ def export(
 ) -> None:
     """Export a run's model to ONNX (dynamic batch axis, metadata for standalone use)."""
     from defectscope.deploy.export import export_onnx
+    from defectscope.utils.io import check_output_path
 
+    check_output_path(out, "file")
     info = export_onnx(run, out, opset=opset)
     console.print(f"wrote {out}: {info.task} '{info.model_name}', input {info.inputs}, outputs {info.outputs}, "
                   f"classes {info.class_names}", highlight=False)
@@ -205,8 +239,17 @@ def serve(
     threads: Annotated[int, typer.Option("--threads", help="Intra-op threads of the model.")] = 2,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /healthz, /docs, and the operator page at /."""
+    import math
+
+    from defectscope.config import ConfigError
     from defectscope.deploy.service import serve as run_service
 
+    if not math.isfinite(max_mb) or max_mb <= 0:
+        raise ConfigError(f"--max-mb {max_mb:g}: the upload limit must be a positive number of MiB (e.g. 10)")
+    if workers < 1 or queue < 0 or threads < 1:
+        raise ConfigError(f"--workers {workers}, --queue {queue}, --threads {threads}: need workers >= 1, queue >= 0, threads >= 1")
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port}: must be in 1..65535")
     console.print(f"serving {model} on http://{host}:{port}/ (docs: /docs)", highlight=False)
     run_service(model, host=host, port=port, workers=workers, queue=queue, max_bytes=int(max_mb * 1024 * 1024), threads=threads)
 
@@ -235,6 +278,27 @@ def demo(
     console.print(_summary_table(f"weld demo (SYNTHETIC data): {out}", result["test"], ["n", "accuracy", "weighted_f1", "macro_auroc"]))
     console.print(f"seam Dice={result['seam_dice_test']}  channels={result['selected_wavelengths_nm']} nm  "
                   f"total_seconds={result['total_seconds']}  report: {run.report_path}")
+
+
+@app.command("convert-run")
+@friendly
+def convert_run(
+    run: Annotated[Path, typer.Argument(help="Run folder whose model.ckpt was refused as unsafe.")],
+    trust: Annotated[bool, typer.Option("--i-trust-this-file", help="Confirm that you trust the file's origin.")] = False,
+) -> None:
+    """Rewrite an old run's model.ckpt as tensors and plain data (loads it ONCE with the unsafe loader).
+
+    Only for run folders you trust (trained by you with an older defectscope): the old file is
+    read with pickle, which runs any code it carries.
+    """
+    from defectscope.config import ConfigError
+    from defectscope.engine.run import convert_unsafe_checkpoint
+
+    if not trust:
+        raise ConfigError(f"{run}: converting reads model.ckpt with pickle, which runs any code the file carries; "
+                          "only for files you trust: add --i-trust-this-file")
+    path = convert_unsafe_checkpoint(run)
+    console.print(f"rewrote {escape(str(path))}: tensors and plain data only; it now loads with weights_only=True", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

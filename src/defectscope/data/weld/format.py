@@ -44,12 +44,13 @@ from typing import Literal, Sequence
 import numpy as np
 from PIL import Image
 
+from defectscope.errors import DefectscopeError
 from defectscope.utils.io import atomic_path, write_json
 
 FORMAT = "defectscope-weld/1"
 
 
-class WeldDataError(ValueError):
+class WeldDataError(DefectscopeError, ValueError):
     """A weld data folder is malformed; the message names the file or sample id and the field."""
 
 
@@ -139,6 +140,50 @@ def _load_image(path: Path, sid: str, fld: str) -> np.ndarray:
     return arr
 
 
+def _check_manifest_types(man: dict, mpath: Path) -> None:
+    """Type checks of the manifest's JSON before it is used: lists where lists belong, finite
+    positive numbers, text for file names. Raises :class:`WeldDataError` naming file and field."""
+    import math
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def bad(fld: str, expected: str, got: object) -> WeldDataError:
+        return WeldDataError(f"{mpath}: field '{fld}' must be {expected}, got {json.dumps(got)[:80]}")
+
+    if not isinstance(man["classes"], list) or not all(isinstance(c, str) for c in man["classes"]):
+        raise bad("classes", "a list of class names", man["classes"])
+    if not isinstance(man["welds_per_sample"], int) or isinstance(man["welds_per_sample"], bool):
+        raise bad("welds_per_sample", "an integer", man["welds_per_sample"])
+    if not isinstance(man["wavelengths_nm"], list) or not all(number(w) for w in man["wavelengths_nm"]):
+        raise bad("wavelengths_nm", "a list of finite numbers", man["wavelengths_nm"])
+    if not number(man["sample_rate_hz"]) or man["sample_rate_hz"] <= 0:
+        raise bad("sample_rate_hz", "a finite number > 0", man["sample_rate_hz"])
+    if not isinstance(man["samples"], list):
+        raise bad("samples", "a list of sample objects", man["samples"])
+    for i, entry in enumerate(man["samples"]):
+        if not isinstance(entry, dict):
+            raise bad(f"samples[{i}]", "an object", entry)
+        for fld in ("image", "mask", "label"):
+            if entry.get(fld) is not None and not isinstance(entry[fld], str):
+                raise bad(f"samples[{i}].{fld}", "text", entry[fld])
+        if not isinstance(entry.get("id", ""), (str, int)) or isinstance(entry.get("id"), bool):
+            raise bad(f"samples[{i}].id", "text or an integer", entry["id"])
+        if not isinstance(entry.get("welds", []), list):
+            raise bad(f"samples[{i}].welds", "a list of weld objects", entry["welds"])
+        for k, weld in enumerate(entry.get("welds", [])):
+            where = f"samples[{i}].welds[{k}]"
+            if not isinstance(weld, dict):
+                raise bad(where, "an object", weld)
+            if "spectra" in weld and not isinstance(weld["spectra"], str):
+                raise bad(f"{where}.spectra", "a file name", weld["spectra"])
+            if "sample_rate_hz" in weld and (not number(weld["sample_rate_hz"]) or weld["sample_rate_hz"] <= 0):
+                raise bad(f"{where}.sample_rate_hz", "a finite number > 0", weld["sample_rate_hz"])
+            if "wavelengths_nm" in weld and (not isinstance(weld["wavelengths_nm"], list)
+                                             or not all(number(w) for w in weld["wavelengths_nm"])):
+                raise bad(f"{where}.wavelengths_nm", "a list of finite numbers", weld["wavelengths_nm"])
+
+
 def read_weld_dataset(root: str | Path, length: int = 560, policy: Literal["resample", "crop"] = "resample",
                       min_length: int = 64, classes: Sequence[str] | None = None, load_masks: bool = True,
                       require_labels: bool = True) -> WeldDataset:
@@ -169,11 +214,14 @@ def read_weld_dataset(root: str | Path, length: int = 560, policy: Literal["resa
         raise WeldDataError(f"{mpath}: not found; a weld data folder needs a manifest.json (see docs/weld.md)")
     try:
         man = json.loads(mpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise WeldDataError(f"{mpath}: not valid JSON ({exc})") from exc
+    if not isinstance(man, dict):
+        raise WeldDataError(f"{mpath}: expected a JSON object at the top level, got {type(man).__name__}")
     for key in ("classes", "welds_per_sample", "wavelengths_nm", "sample_rate_hz", "samples"):
         if key not in man:
             raise WeldDataError(f"{mpath}: missing top-level field '{key}'")
+    _check_manifest_types(man, mpath)
     if man.get("format", FORMAT) != FORMAT:
         raise WeldDataError(f"{mpath}: field 'format' is {man['format']!r}, expected {FORMAT!r}")
     vocab = [str(c) for c in man["classes"]]
