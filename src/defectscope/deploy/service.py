@@ -69,9 +69,9 @@ class BodyTooLarge(HTTPException):
     """Raised from the request's ``receive`` when a streamed body passes the limit (an HTTP 413;
     an ``HTTPException`` so that FastAPI's body parsing passes it on instead of answering 400)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, note: str = "") -> None:
         super().__init__(413, f"request body passed the limit of {limit} bytes while streaming (chunked upload); "
-                              "reading stopped there")
+                              "reading stopped there" + note)
 
 
 class BodyLimitMiddleware:
@@ -86,11 +86,11 @@ class BodyLimitMiddleware:
         app: the wrapped ASGI app. max_body: the limit, bytes. paths: URL paths it applies to.
     """
 
-    def __init__(self, app, max_body: int, paths: tuple[str, ...] = ("/v1/predict",)) -> None:
-        self.app, self.max_body, self.paths = app, int(max_body), tuple(paths)
+    def __init__(self, app, max_body: int, paths: tuple[str, ...] = ("/v1/predict",), note: str = "") -> None:
+        self.app, self.max_body, self.paths, self.note = app, int(max_body), tuple(paths), note
 
     async def _refuse(self, send, detail: str) -> None:
-        body = json.dumps({"error": "too_large", "detail": detail}).encode()
+        body = json.dumps({"error": "too_large", "detail": detail + self.note}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -113,7 +113,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, self.note)
             return message
 
         async def tracking_send(message):
@@ -227,7 +227,8 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
     # size cannot fit (image + spectra + form overhead) is refused before its body is read.
     max_body = 2 * max_bytes + FORM_OVERHEAD
 
-    app.add_middleware(BodyLimitMiddleware, max_body=max_body)
+    app.add_middleware(BodyLimitMiddleware, max_body=max_body,
+                       note=f" (image and spectra at most {max_bytes} bytes each)")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
