@@ -1,7 +1,9 @@
 """The ``defectscope`` command (typer): train, evaluate, predict, and the commands of later tasks.
 
-Errors a user can fix (bad recipe, bad data, missing run) print one clear
-message and exit with status 2; nothing already written is removed.
+Errors a user can fix (bad recipe, bad data, missing or unsafe run, an output path that
+cannot be written) are :class:`~defectscope.errors.DefectscopeError` subclasses (and missing
+files / permissions); they print one clear message and exit with status 2; nothing already
+written is removed. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,28 +23,47 @@ console = Console(stderr=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from defectscope.config import ConfigError
-    from defectscope.data.images import DatasetError, ImageReadError
-    from defectscope.engine.run import RunError
-    from defectscope.models.weights import WeightsUnavailableError
+    """The exception types shown as one line: the project's own errors, missing files and
+    permissions (their messages name the path), and a training run that diverged."""
+    from defectscope.errors import DefectscopeError
 
-    return (ConfigError, DatasetError, ImageReadError, RunError, WeightsUnavailableError, FileNotFoundError, KeyError, ValueError,
+    return (DefectscopeError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
             FloatingPointError)
 
 
+def error_line(exc: BaseException) -> str:
+    """The message of ``exc`` as rich markup-safe text (``[10, 10, 5]`` is printed, not eaten as markup);
+    file names that are not UTF-8 are shown with backslash escapes."""
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    msg = str(msg).encode("utf-8", errors="backslashreplace").decode("utf-8")
+    return escape(msg)
+
+
 def friendly(fn: Callable) -> Callable:
-    """Turn user errors into one red line and exit status 2."""
+    """Turn user errors (:func:`_user_errors`) into one red line and exit status 2; other exceptions keep their traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except _user_errors() as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {error_line(exc)}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _get_task(name: str, source: str):
+    """The registered task ``name``; an unknown name is a :class:`ConfigError` naming ``source``."""
+    from defectscope.config import ConfigError
+    from defectscope.engine.tasks import get_task
+
+    if not isinstance(name, str):
+        raise ConfigError(f"{source}: expected a task name (text), got {name!r}")
+    try:
+        return get_task(name)
+    except KeyError as exc:
+        raise ConfigError(f"{source}: {exc.args[0] if exc.args else exc}") from None
 
 
 def _summary_table(title: str, metrics: dict, keys: list[str]) -> Table:
@@ -89,13 +110,18 @@ def _train(raw: dict, source: str, out: Path, folds: int | None, group_by: str |
     """Validate ``raw`` against its task's schema and run the pipeline; ``(task, result)``."""
     from defectscope.config import ConfigError, validate
     from defectscope.engine.pipeline import train as run_pipeline
-    from defectscope.engine.tasks import get_task
 
     if "task" not in raw:
         raise ConfigError(f"{source}: missing 'task' key")
-    task = get_task(raw["task"])
+    task = _get_task(raw["task"], f"{source}: field 'task'")
     cfg = validate(raw, task.recipe, source)
     return task, run_pipeline(cfg, out, folds=folds, group_by=group_by, overwrite=overwrite, resume=resume)
+
+
+def _run_task_obj(run: Path):
+    from defectscope.engine.run import RunFolder
+
+    return _get_task(_run_task(run), f"{RunFolder(run).config_path}: field 'task'")
 
 
 @app.command()
@@ -127,9 +153,11 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/evaluations/<data name>).")] = None,
 ) -> None:
     """Re-evaluate a trained run on another labelled folder."""
-    from defectscope.engine.tasks import get_task
+    from defectscope.utils.io import check_output_path
 
-    metrics = get_task(_run_task(run)).evaluate(run, data, out)
+    task = _run_task_obj(run)
+    check_output_path(out if out else Path(run) / "evaluations" / Path(data).name, "dir")
+    metrics = task.evaluate(run, data, out)
     console.print(_summary_table(f"{run} on {data}", metrics, ["n", "accuracy", "weighted_f1", "macro_auroc", "image_auroc", "map_50", "map", "box_mae", "dice"]))
 
 
@@ -142,15 +170,17 @@ def predict(
     save_images: Annotated[bool, typer.Option("--save-images", help="Also write masks / boxes as images (segmentation, detection).")] = False,
 ) -> None:
     """Predict files with a trained run; unreadable files are skipped and reported."""
-    from defectscope.engine.tasks import get_task
+    from defectscope.utils.io import check_output_path, display_path
 
-    task = get_task(_run_task(run))
+    task = _run_task_obj(run)
     out = out or Path(getattr(task, "default_predict_out", "preds.csv"))
+    check_output_path(out, "file")  # before the work, not after it
     options = {"save_images": save_images} if save_images else {}
     summary = task.predict(run, inputs, out, **options)
     for f, err in summary.get("skipped", []):
-        console.print(f"[yellow]skipped[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-    console.print(f"predicted {summary.get('predicted')} file(s), skipped {len(summary.get('skipped', []))}: {out}")
+        console.print(f"[yellow]skipped[/] {escape(display_path(f))}: {error_line(ValueError(err))}", highlight=False, soft_wrap=True)
+    console.print(f"predicted {summary.get('predicted')} file(s), skipped {len(summary.get('skipped', []))}: "
+                  f"{escape(display_path(out))}", highlight=False)
 
 
 @app.command()
@@ -177,7 +207,9 @@ def export(
 ) -> None:
     """Export a run's model to ONNX (dynamic batch axis, metadata for standalone use)."""
     from defectscope.deploy.export import export_onnx
+    from defectscope.utils.io import check_output_path
 
+    check_output_path(out, "file")
     info = export_onnx(run, out, opset=opset)
     console.print(f"wrote {out}: {info.task} '{info.model_name}', input {info.inputs}, outputs {info.outputs}, "
                   f"classes {info.class_names}", highlight=False)
@@ -237,8 +269,17 @@ def serve(
     threads: Annotated[int, typer.Option("--threads", help="Intra-op threads of the model.")] = 2,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /healthz, /docs, and the operator page at /."""
+    import math
+
+    from defectscope.config import ConfigError
     from defectscope.deploy.service import serve as run_service
 
+    if not math.isfinite(max_mb) or max_mb <= 0:
+        raise ConfigError(f"--max-mb {max_mb:g}: the upload limit must be a positive number of MiB (e.g. 10)")
+    if workers < 1 or queue < 0 or threads < 1:
+        raise ConfigError(f"--workers {workers}, --queue {queue}, --threads {threads}: need workers >= 1, queue >= 0, threads >= 1")
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port}: must be in 1..65535")
     console.print(f"serving {model} on http://{host}:{port}/ (docs: /docs)", highlight=False)
     run_service(model, host=host, port=port, workers=workers, queue=queue, max_bytes=int(max_mb * 1024 * 1024), threads=threads)
 
@@ -289,6 +330,27 @@ def signals_import(
     table.add_row("rows per run (min/median/max)", "{} / {:g} / {}".format(*res.rows))
     table.add_row("seconds per run (min/median/max)", "{:.1f} / {:.1f} / {:.1f}".format(*res.durations_s))
     console.print(table)
+
+
+@app.command("convert-run")
+@friendly
+def convert_run(
+    run: Annotated[Path, typer.Argument(help="Run folder whose model.ckpt was refused as unsafe.")],
+    trust: Annotated[bool, typer.Option("--i-trust-this-file", help="Confirm that you trust the file's origin.")] = False,
+) -> None:
+    """Rewrite an old run's model.ckpt as tensors and plain data (loads it ONCE with the unsafe loader).
+
+    Only for run folders you trust (trained by you with an older defectscope): the old file is
+    read with pickle, which runs any code it carries.
+    """
+    from defectscope.config import ConfigError
+    from defectscope.engine.run import convert_unsafe_checkpoint
+
+    if not trust:
+        raise ConfigError(f"{run}: converting reads model.ckpt with pickle, which runs any code the file carries; "
+                          "only for files you trust: add --i-trust-this-file")
+    path = convert_unsafe_checkpoint(run)
+    console.print(f"rewrote {escape(str(path))}: tensors and plain data only; it now loads with weights_only=True", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -22,15 +22,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from defectscope.errors import DefectscopeError
 
-class ConfigError(ValueError):
+
+class ConfigError(DefectscopeError, ValueError):
     """A recipe file or override is malformed; the message names file and field."""
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are rejected."""
+    """Base for every config section: unknown keys are rejected, and so are NaN / infinite
+    numbers (``-o train.lr=.inf`` would otherwise train to NaN)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class TrainConfig(StrictModel):

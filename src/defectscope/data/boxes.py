@@ -25,6 +25,7 @@ Conventions and checks (every problem names the file and the field):
 from __future__ import annotations
 
 import json
+import math
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -106,9 +107,12 @@ def _text(node: ET.Element, path: str, where: str) -> str:
 def _number(node: ET.Element, path: str, where: str) -> float:
     raw = _text(node, path, where)
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise BoxFormatError(f"{where}: field <{path}> is not a number ({raw!r})") from None
+    if not math.isfinite(value):
+        raise BoxFormatError(f"{where}: field <{path}> must be a finite number, got {raw!r}")
+    return value
 
 
 def read_voc_xml(path: str | Path, image: str | Path | None = None, class_names: list[str] | None = None) -> ImageBoxes:
@@ -252,8 +256,8 @@ def read_coco(path: str | Path, image_root: str | Path | None = None, class_name
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BoxFormatError(f"{path}: malformed JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BoxFormatError(f"{path}: malformed JSON ({exc.__class__.__name__}: {exc})") from None
     except OSError as exc:
         raise BoxFormatError(f"{path}: cannot read ({exc})") from None
     for key in ("images", "annotations", "categories"):
@@ -276,8 +280,8 @@ def read_coco(path: str | Path, image_root: str | Path | None = None, class_name
         iid = _field(im, "id", int, where)
         fname = _field(im, "file_name", str, where)
         w, h = _field(im, "width", (int, float), where), _field(im, "height", (int, float), where)
-        if w <= 0 or h <= 0:
-            raise BoxFormatError(f"{where}: width and height must be positive, got {w}, {h}")
+        if not (math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
+            raise BoxFormatError(f"{where}: width and height must be positive finite numbers, got {w}, {h}")
         if iid in imgs or iid in absent:
             raise BoxFormatError(f"{where}: duplicate image id {iid}")
         file = root / fname
@@ -312,7 +316,10 @@ def read_coco(path: str | Path, image_root: str | Path | None = None, class_name
         labels[iid].append(cats[cid])
         if "score" in a:
             any_score = True
-            scores[iid].append(float(_field(a, "score", (int, float), where)))
+            score = float(_field(a, "score", (int, float), where))
+            if not math.isfinite(score):
+                raise BoxFormatError(f"{where}: field 'score' must be a finite number, got {score}")
+            scores[iid].append(score)
         else:
             scores[iid].append(1.0)
     for iid, rec in imgs.items():

@@ -11,6 +11,12 @@ Two labelled layouts are understood by :func:`discover_labelled_images`:
 grey images are repeated to 3 channels silently (the normal case for steel),
 RGBA/palette and 16-bit images are converted with a warning. Corrupt or
 non-image files raise :class:`ImageReadError` naming the file.
+
+Decompression bombs: an image of more than :data:`MAX_PIXELS` pixels (a small PNG can declare
+20000 x 20000) is refused from its header, before any pixel is decoded, with
+:class:`ImageTooLargeError` (an :class:`ImageReadError`, so ``predict`` reports it like any
+unreadable file and keeps the rest of the batch). Multi-page TIFF and animated GIF files are
+read at their first frame with a :class:`MultiFrameWarning`.
 """
 
 from __future__ import annotations
@@ -23,15 +29,47 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+from defectscope.errors import DefectscopeError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+#: Largest image accepted, pixels (H * W): 40 Mpx, 30x a KolektorSDD image, 1000x a NEU image.
+MAX_PIXELS = 40_000_000
 
 
-class ImageReadError(ValueError):
+class ImageReadError(DefectscopeError, ValueError):
     """A file could not be decoded as an image; the message names the file."""
 
 
-class DatasetError(ValueError):
+class DatasetError(DefectscopeError, ValueError):
     """A data folder does not have the expected layout; the message names path and field."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """The image has more pixels than allowed (decompression-bomb guard); the message names the file."""
+
+
+class MultiFrameWarning(UserWarning):
+    """A multi-page TIFF or animated GIF was read at its first frame only."""
+
+
+def check_pixels(im: Image.Image, name: str, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an opened (not yet decoded) image above ``max_pixels`` pixels.
+
+    Raises:
+        ImageTooLargeError: ``width * height > max_pixels`` (both named).
+    """
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels "
+                                 "(decompression-bomb guard); resize the image first")
+
+
+def warn_multiframe(im: Image.Image, name: str) -> None:
+    """Warn (:class:`MultiFrameWarning`) when ``im`` has more than one frame; only the first is used."""
+    n = int(getattr(im, "n_frames", 1) or 1)
+    if n > 1:
+        warnings.warn(f"{name}: {im.format} file has {n} frames (pages); only the first is used", MultiFrameWarning,
+                      stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -47,25 +85,30 @@ class LabelledImage:
     label: int
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an image file to ``uint8`` RGB.
 
     Args:
-        path: image file (JPEG, PNG, BMP, TIFF, WebP).
+        path: image file (JPEG, PNG, BMP, TIFF, WebP, GIF).
+        max_pixels: largest ``H * W`` accepted (checked from the header, before decoding).
 
     Returns:
         Array ``[H, W, 3]``, dtype ``uint8``.
 
     Raises:
         ImageReadError: the file is missing, truncated or not an image.
+        ImageTooLargeError: more than ``max_pixels`` pixels (an :class:`ImageReadError`).
 
     Warns:
         UserWarning: an RGBA/LA/palette image was flattened (alpha dropped) or a
         16/32-bit image was rescaled to 8 bits by its own min..max range.
+        MultiFrameWarning: a multi-page TIFF / animated GIF; the first frame is used.
     """
     path = Path(path)
     try:
         with Image.open(path) as im:
+            check_pixels(im, str(path), max_pixels)
+            warn_multiframe(im, str(path))
             im.load()
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -87,6 +130,10 @@ def load_image(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError as exc:
         raise ImageReadError(f"{path}: file not found") from exc
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:  # not an OSError; PIL's own limit, above ours
+        raise ImageTooLargeError(f"{path}: too many pixels ({exc}); limit {max_pixels} pixels") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(
             f"{path}: cannot be decoded as an image ({exc.__class__.__name__}: {exc}); "
@@ -127,7 +174,11 @@ def discover_labelled_images(
         ``(items, class_names, layout_used)``.
 
     Raises:
-        DatasetError: ``root`` missing, no images, unknown layout or unknown class.
+        DatasetError: ``root`` missing, no images, unknown layout or unknown class; without
+            ``class_names`` (training), a single class (a classifier needs at least two).
+
+    Warns:
+        UserWarning: a class sub-folder (folder layout) holds no image file; it is not a class.
     """
     root = Path(root)
     if not root.is_dir():
@@ -141,7 +192,11 @@ def discover_labelled_images(
     pairs: list[tuple[Path, str]] = []
     if layout == "folder":
         for d in subdirs:
-            pairs += [(p, d.name) for p in _image_files(d)]
+            files = _image_files(d)
+            if not files and d.name not in ("images", "annotations"):
+                warnings.warn(f"{d}: class folder holds no image file ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                              f"class '{d.name}' is left out", stacklevel=2)
+            pairs += [(p, d.name) for p in files]
     else:
         folder = root / "images" if (root / "images").is_dir() else root
         pairs = [(p, class_from_prefix(p)) for p in _image_files(folder)]
@@ -149,6 +204,10 @@ def discover_labelled_images(
         raise DatasetError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found ({layout} layout)")
     found = sorted({c for _, c in pairs})
     if class_names is None:
+        if len(found) < 2:
+            raise DatasetError(f"{root}: only one class ({found[0]!r}) found ({layout} layout, {len(pairs)} images); "
+                               "training a classifier needs at least 2 classes"
+                               + (" (one sub-folder per class)" if layout == "folder" else " ('<class>_<n>' file names)"))
         class_names = found
     else:
         unknown = sorted(set(found) - set(class_names))
@@ -181,6 +240,7 @@ def iter_images(files: list[Path]) -> Iterator[tuple[Path, np.ndarray | None, st
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                warnings.simplefilter("default", MultiFrameWarning)  # a silently dropped page would be a wrong answer
                 img = load_image(f)
         except ImageReadError as exc:
             yield f, None, str(exc)

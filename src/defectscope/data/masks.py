@@ -24,6 +24,8 @@ from PIL import Image
 from defectscope.data.images import DatasetError, ImageReadError, load_image, resize_uint8
 
 MANIFEST_FIELDS = ("id", "split", "defective")
+#: ``split`` values :func:`read_manifest` accepts unless told otherwise.
+MANIFEST_SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -45,17 +47,33 @@ class MaskedImage:
     defective: bool
 
 
-def read_manifest(root: str | Path) -> list[MaskedImage]:
+def read_manifest(root: str | Path, splits: tuple[str, ...] | None = MANIFEST_SPLITS) -> list[MaskedImage]:
     """List the images of a KolektorSDD-layout folder from its ``manifest.csv``.
 
+    Args:
+        root: the data folder.
+        splits: the ``split`` values allowed (a row with another value, e.g. a typo ``tset``,
+            would otherwise be dropped silently by whoever selects ``train``/``val``);
+            ``None`` accepts any non-empty value.
+
     Raises:
-        DatasetError: missing folder/manifest, missing column, bad ``defective`` value,
-            or an image/mask file named by the manifest is missing (file and row named).
+        DatasetError: missing folder/manifest, missing column, bad ``defective`` value, a
+            ``split`` not in ``splits``, a file that is not UTF-8 CSV, or an image/mask file
+            named by the manifest is missing (file and row named).
     """
     root = Path(root)
     man = root / "manifest.csv"
     if not man.is_file():
         raise DatasetError(f"{man}: manifest not found (expected id,split,defective columns; KolektorSDD layout)")
+    try:
+        return _read_manifest_rows(root, man, splits)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{man}: not UTF-8 text (byte {exc.start}); expected a CSV file") from None
+    except csv.Error as exc:
+        raise DatasetError(f"{man}: not a readable CSV file ({exc})") from None
+
+
+def _read_manifest_rows(root: Path, man: Path, splits: tuple[str, ...] | None) -> list[MaskedImage]:
     with man.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in MANIFEST_FIELDS if c not in (reader.fieldnames or [])]
@@ -66,6 +84,10 @@ def read_manifest(root: str | Path) -> list[MaskedImage]:
             where = f"{man}, row {n}"
             if row["defective"] not in ("0", "1"):
                 raise DatasetError(f"{where}: field 'defective' must be 0 or 1, got {row['defective']!r}")
+            if not isinstance(row["id"], str) or not row["id"].strip() or "/" in row["id"] or "\\" in row["id"]:
+                raise DatasetError(f"{where}: field 'id' must be a file stem (no folder), got {row['id']!r}")
+            if not row["split"] or (splits is not None and row["split"] not in splits):
+                raise DatasetError(f"{where}: field 'split' is {row['split']!r}; expected one of {list(splits or ['a non-empty value'])}")
             img = _find_image(root / "images", row["id"])
             if img is None:
                 raise DatasetError(f"{where}: no image file images/{row['id']}.* for id {row['id']!r}")

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from defectscope.errors import DefectscopeError
 from defectscope.utils.io import write_text
 
 CSV_HEADER = ("ImageId", "ClassId", "EncodedPixels")
 
 
-class RLEError(ValueError):
+class RLEError(DefectscopeError, ValueError):
     """A run-length string or csv is malformed; the message names the file, row and problem."""
 
 
@@ -95,8 +96,10 @@ def parse_rle(encoded: str, where: str = "run-length string") -> np.ndarray:
         raise RLEError(f"{where}: odd number of values ({len(tokens)}); expected 'start length' pairs")
     values = []
     for i, tok in enumerate(tokens):
-        if not tok.isdigit():
-            raise RLEError(f"{where}: value {i + 1} {tok!r} is not a positive integer")
+        if not (tok.isascii() and tok.isdigit()):  # str.isdigit alone accepts '²' and other non-ASCII digits
+            raise RLEError(f"{where}: value {i + 1} {tok!r} is not a positive integer (ASCII digits 0-9)")
+        if len(tok) > 18:
+            raise RLEError(f"{where}: value {i + 1} {tok[:24]}... has {len(tok)} digits; pixel numbers have at most 18")
         values.append(int(tok))
     runs = np.asarray(values, dtype=np.int64).reshape(-1, 2)
     if (runs[:, 0] < 1).any():
@@ -199,7 +202,12 @@ def read_rle_csv(path: str | Path, shapes: dict[str, tuple[int, int]] | tuple[in
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: run-length csv not found")
-    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
+    try:
+        rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
+    except UnicodeDecodeError as exc:
+        raise RLEError(f"{path}: not UTF-8 text (byte {exc.start}); expected a CSV file") from None
+    except csv.Error as exc:
+        raise RLEError(f"{path}: not a readable CSV file ({exc})") from None
     if not rows or tuple(c.strip() for c in rows[0]) != CSV_HEADER:
         got = ",".join(rows[0]) if rows else "an empty file"
         raise RLEError(f"{path}: header must be {','.join(CSV_HEADER)}, got {got!r}")
@@ -214,7 +222,7 @@ def read_rle_csv(path: str | Path, shapes: dict[str, tuple[int, int]] | tuple[in
         image_id, class_raw, encoded = row[0].strip(), row[1].strip(), row[2].strip()
         if not image_id:
             raise RLEError(f"{where}: empty ImageId")
-        if not class_raw.isdigit() or int(class_raw) < 1:
+        if not (class_raw.isascii() and class_raw.isdigit()) or int(class_raw) < 1:
             raise RLEError(f"{where}: ClassId {class_raw!r} is not an integer >= 1")
         class_id = int(class_raw)
         if (image_id, class_id) in seen:

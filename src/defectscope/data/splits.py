@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from defectscope.data.images import DatasetError
 from defectscope.utils.io import write_text
 
 
@@ -25,18 +26,18 @@ def stratified_split(
         holds ``ceil(test_fraction * N)`` items, but at least one per class (small sets).
 
     Raises:
-        ValueError: a class has fewer than 2 items, or ``test_fraction`` is outside (0, 1).
+        DatasetError (a ValueError): a class has fewer than 2 items, or ``test_fraction`` is outside (0, 1).
     """
     labels = np.asarray(labels)
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise DatasetError(f"test_fraction must be in (0, 1), got {test_fraction}")
     counts = np.bincount(labels)
     if (counts[counts > 0] < 2).any():
-        raise ValueError(f"every class needs at least 2 items for a stratified split; counts: {counts.tolist()}")
+        raise DatasetError(f"every class needs at least 2 items for a stratified split; counts: {counts.tolist()}")
     n_classes = int((counts > 0).sum())
     n_test = max(int(np.ceil(test_fraction * len(labels))), n_classes)
     if len(labels) - n_test < n_classes:
-        raise ValueError(f"{len(labels)} items are too few to keep every one of {n_classes} classes on both sides of the split")
+        raise DatasetError(f"{len(labels)} items are too few to keep every one of {n_classes} classes on both sides of the split")
     idx = np.arange(len(labels))
     a, b = train_test_split(idx, test_size=n_test, random_state=seed, stratify=labels)
     return np.sort(a), np.sort(b)

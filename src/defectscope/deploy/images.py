@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from defectscope.data.images import ImageReadError, load_image
+from defectscope.data.images import MAX_PIXELS, ImageReadError, ImageTooLargeError, check_pixels, load_image
 
-MAX_PIXELS = 40_000_000
+__all__ = ["MAX_PIXELS", "CorruptImageError", "ImageTooLargeError", "NotAnImageError", "as_rgb_uint8", "decode_image_bytes"]
 
 
 class NotAnImageError(ImageReadError):
@@ -27,10 +27,6 @@ class NotAnImageError(ImageReadError):
 
 class CorruptImageError(ImageReadError):
     """The bytes start like an image but cannot be decoded (truncated or damaged)."""
-
-
-class ImageTooLargeError(ImageReadError):
-    """The image has more pixels than allowed (decompression-bomb guard)."""
 
 
 def decode_image_bytes(data: bytes, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -50,12 +46,12 @@ def decode_image_bytes(data: bytes, name: str = "<upload>", max_pixels: int = MA
         raise NotAnImageError(f"{name}: empty file; expected a JPEG, PNG, BMP, TIFF or WebP image")
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # not an OSError: PIL's own limit (above ours) hit in open()
+        raise ImageTooLargeError(f"{name}: too many pixels ({exc}); limit {max_pixels} pixels") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise NotAnImageError(f"{name}: not an image ({exc.__class__.__name__}); expected a JPEG, PNG, BMP, TIFF or WebP image") from exc
     with im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ImageTooLargeError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
+        check_pixels(im, name, max_pixels)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -136,7 +136,12 @@ class OnnxPredictor(Predictor):
         path = Path(path)
         if not path.is_file():
             raise DeployError(f"{path}: ONNX file not found")
-        self.session = make_session(path, threads)
+        try:
+            self.session = make_session(path, threads)
+        except Exception as exc:  # onnxruntime raises its own (pybind) types for every kind of bad file
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise DeployError(f"{path}: not a readable ONNX model ({exc.__class__.__name__}: {first}); "
+                              "give a file written by 'defectscope export' or a run folder") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         info = ModelInfo.from_metadata(meta, str(path))
         info.source = str(path.resolve())

@@ -16,8 +16,10 @@ Errors are JSON ``{"error": code, "detail": message}``:
 400  ``unexpected_spectra``   spectra sent to an image-only model
 400  ``missing_spectra``      a multimodal model got no spectra
 413  ``too_large``            upload over ``max_bytes`` (stated), a request body over
-                              ``2 * max_bytes + 64 KiB`` (refused before it is read), or
-                              an image over the pixel limit
+                              ``2 * max_bytes + 64 KiB`` (refused from its Content-Length
+                              before it is read; a chunked body is counted while it
+                              streams and refused the moment it passes the limit), or
+                              an image over the pixel limit (decompression bombs)
 415  ``not_an_image``         bytes are not an image format
 422  ``corrupt_image``        recognised image format that cannot be decoded
 422  ``bad_spectra``          spectra unreadable or of the wrong shape (expected shape stated)
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
+from starlette.exceptions import HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 
@@ -59,6 +63,70 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from the request's ``receive`` when a streamed body passes the limit (an HTTP 413;
+    an ``HTTPException`` so that FastAPI's body parsing passes it on instead of answering 400)."""
+
+    def __init__(self, limit: int, note: str = "") -> None:
+        super().__init__(413, f"request body passed the limit of {limit} bytes while streaming (chunked upload); "
+                              "reading stopped there" + note)
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: refuse request bodies over ``max_body`` bytes on ``paths`` with 413.
+
+    A declared ``Content-Length`` over the limit is refused before any byte is read. Every body
+    (chunked or not) is also counted as it streams in: the moment the count passes
+    ``max_body`` the request stops reading (the multipart parser never spools more than the
+    limit to disk) and, if no response has started, a 413 JSON answer is sent.
+
+    Args:
+        app: the wrapped ASGI app. max_body: the limit, bytes. paths: URL paths it applies to.
+    """
+
+    def __init__(self, app, max_body: int, paths: tuple[str, ...] = ("/v1/predict",), note: str = "") -> None:
+        self.app, self.max_body, self.paths, self.note = app, int(max_body), tuple(paths), note
+
+    async def _refuse(self, send, detail: str) -> None:
+        body = json.dumps({"error": "too_large", "detail": detail + self.note}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"").decode("latin-1").strip()
+        limit = self.max_body
+        if length.isdigit() and int(length) > limit:
+            return await self._refuse(send, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes")
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit, self.note)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as exc:  # raised where no handler turned it into a response
+            if not started:
+                await self._refuse(send, exc.detail)
 
 
 class BoundedPool:
@@ -131,6 +199,8 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
         workers: inference threads; queue: requests allowed to wait for one (503 beyond).
         max_pixels: largest decoded image, pixels.
     """
+    if max_bytes < 1 or max_pixels < 1:
+        raise ValueError(f"max_bytes and max_pixels must be >= 1, got {max_bytes}, {max_pixels}")
     pool = BoundedPool(workers, queue)
     info = predictor.info
     spectra_shape = predictor.adapter.spectra_shape(info)
@@ -149,17 +219,16 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
     async def _api_error(_: Request, exc: ApiError):
         return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status)
 
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, exc: BodyTooLarge):
+        return JSONResponse({"error": "too_large", "detail": exc.detail}, status_code=413, headers={"connection": "close"})
+
     # The multipart parser spools a whole upload before the handler sees it, so a request whose declared
     # size cannot fit (image + spectra + form overhead) is refused before its body is read.
     max_body = 2 * max_bytes + FORM_OVERHEAD
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length", "")
-        if request.url.path == "/v1/predict" and length.isdigit() and int(length) > max_body:
-            return JSONResponse({"error": "too_large", "detail": f"request body of {int(length)} bytes exceeds the limit of "
-                                 f"{max_body} bytes (image and spectra at most {max_bytes} bytes each)"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimitMiddleware, max_body=max_body,
+                       note=f" (image and spectra at most {max_bytes} bytes each)")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):

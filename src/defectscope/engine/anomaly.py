@@ -479,7 +479,7 @@ class AnomalyModels:
         self.grad.eval()
         self.spec = GradientFeatureSpec(tuple(payload["feature_spec"]["grid"]), payload["feature_spec"]["bins"],
                                         tuple(payload["feature_spec"]["hist_range"]))
-        self.scorer: OneClassScorer = payload["ocsvm"]
+        self.scorer = OneClassScorer.from_state_dict(payload["ocsvm"])
         self.peer = None
         if payload.get("peer_kwargs"):
             self.peer = create_model("patchcore", **payload["peer_kwargs"], pretrained=False)
@@ -642,7 +642,7 @@ class AnomalyTask:
         run.save_model(self.name, "grad_mobilenet", kwargs, grad_model.state_dict(), image_size=list(size),
                        grad_config=m.model_dump(mode="json"),
                        feature_spec={"grid": list(spec.grid), "bins": spec.bins, "hist_range": list(spec.hist_range)},
-                       ocsvm=scorer, normalisation="inside model: input RGB in [0, 1]",
+                       ocsvm=scorer.state_dict(), normalisation="inside model: input RGB in [0, 1]",
                        weights_source=grad_model.backbone.weights_source, **peer_payload)
         protocol = {"fit": "good images of the manifest's train split"
                            + (f" minus a {d.calibration_fraction:.0%} calibration draw (seed {recipe.seed})" if d.calibration_fraction else ""),

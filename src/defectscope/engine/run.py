@@ -3,30 +3,136 @@
 ``defectscope train RECIPE --out RUN`` writes:
 
 - ``RUN/config.yaml``: the resolved recipe (defaults filled in, overrides applied);
-- ``RUN/model.ckpt``: a self-contained checkpoint (see :func:`save_model`);
+- ``RUN/model.ckpt``: a self-contained checkpoint (see :func:`save_model`), tensors and plain
+  data only, read with ``torch.load(..., weights_only=True)``: opening it never runs code;
 - ``RUN/metrics.json``: ``task``, ``seed``, ``split`` sizes, ``train_seconds`` and ``test`` figures;
 - ``RUN/report.html`` with its PNG figures in ``RUN/plots/``;
 - ``RUN/split/*.txt``: the file lists of each split;
 - ``RUN/logs/``: CSV and TensorBoard logs; ``RUN/checkpoints/``: Lightning's checkpoints.
 
 All files are written atomically.
+
+Checkpoint safety: :meth:`RunFolder.save_model` stores only tensors and JSON-like values
+(``str``, ``int``, ``float``, ``bool``, ``None``, lists, tuples, dicts); NumPy arrays become
+tensors, NumPy scalars Python numbers, paths strings, and anything else is refused when saving.
+Every checkpoint (``model.ckpt``, Lightning's ``best.ckpt`` through
+:func:`load_lightning_state_dict`) is read with ``weights_only=True``, so a file carrying a
+pickled object is refused with a :class:`RunError` instead of executing it. Run folders written
+before this rule (the anomaly task stored a scikit-learn object) are converted once, on the
+user's word that the file is trusted, by :func:`convert_unsafe_checkpoint`
+(``defectscope convert-run RUN``).
 """
 
 from __future__ import annotations
 
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
-from defectscope.utils.io import torch_save, write_json, write_yaml
+from defectscope.errors import DefectscopeError
+from defectscope.utils.io import atomic_path, torch_save, write_json, write_yaml
 
-CHECKPOINT_FORMAT = "defectscope-model/1"
+CHECKPOINT_FORMAT = "defectscope-model/2"
+#: formats :meth:`RunFolder.load_model_payload` reads; ``/1`` files without pickled objects load as they are.
+READABLE_FORMATS = ("defectscope-model/1", CHECKPOINT_FORMAT)
 
 
-class RunError(ValueError):
-    """A run folder is missing or incomplete; the message names the file."""
+class RunError(DefectscopeError, ValueError):
+    """A run folder is missing, incomplete, corrupt or unsafe to load; the message names the file."""
+
+
+def safe_checkpoint_value(value: Any, where: str = "payload") -> Any:
+    """Convert ``value`` into what ``torch.load(..., weights_only=True)`` reads back without running code.
+
+    Tensors, ``str``, ``int``, ``float``, ``bool`` and ``None`` are kept; dicts (string or integer
+    keys), lists and tuples are converted item by item; NumPy arrays become tensors (numeric
+    dtypes only), NumPy scalars Python numbers, :class:`~pathlib.Path` a string.
+
+    Args:
+        value: the object to store.
+        where: its key path, for the error message (e.g. ``payload['ocsvm']``).
+
+    Raises:
+        TypeError: any other object (a scikit-learn estimator, a dataclass, ...); the message
+            names the key path. Convert it to arrays first (e.g. ``OneClassScorer.state_dict()``).
+    """
+    if value is None or isinstance(value, (str, bool, int, float, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"{where}: NumPy array of dtype {value.dtype} cannot be stored in a checkpoint; "
+                            "only numeric arrays can")
+        return torch.from_numpy(np.ascontiguousarray(value).copy())
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} of type {type(k).__name__}; checkpoint keys must be str or int")
+            out[k] = safe_checkpoint_value(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [safe_checkpoint_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"{where}: a {type(value).__module__}.{type(value).__name__} object cannot be stored in a "
+                    "checkpoint (loading it would need pickle); store its arrays and settings instead")
+
+
+def _load_weights_only(path: Path, what: str, convert_hint: str | None) -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure turned into a :class:`RunError`."""
+    if not path.is_file():
+        raise RunError(f"{path}: {what} not found")
+    if path.stat().st_size == 0:
+        raise RunError(f"{path}: empty file (0 bytes); the {what} is missing its content: train again or restore it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" not in text and "weights_only" not in text:
+            raise RunError(f"{path}: {what} is corrupt ({exc.__class__.__name__}: {text.splitlines()[0][:200]})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global[^\w]+([\w.]+)", text)
+        name = found.group(1) if found else "a Python object"
+        hint = (f" If this is a run folder from an older defectscope and you trust its origin, convert it once with "
+                f"'{convert_hint}' (it loads the file with the unsafe loader and rewrites it with tensors and plain "
+                "data only); otherwise delete it.") if convert_hint else " Do not load files of unknown origin."
+        raise RunError(f"{path}: refused to load the {what}: it holds a pickled Python object ({name}) and loading "
+                       f"it could run arbitrary code.{hint}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError, IndexError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise RunError(f"{path}: {what} cannot be read: truncated or corrupt ({exc.__class__.__name__}: {first}); "
+                       "train again or restore the file") from None
+
+
+def load_lightning_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint (e.g. ``RUN/checkpoints/best.ckpt``), read with ``weights_only=True``.
+
+    Lightning stores the module's tensors plus plain loop/callback/optimizer state; none of it
+    needs pickle, so the safe loader reads it. Use in place of
+    ``torch.load(best, weights_only=False)["state_dict"]``.
+
+    Args:
+        path: the ``.ckpt`` file written by Lightning's ``ModelCheckpoint``.
+
+    Returns:
+        ``{parameter name: tensor}``, the keys as Lightning wrote them (``model.`` prefixes kept).
+
+    Raises:
+        RunError: file missing, empty, corrupt, holding a pickled object, or without ``state_dict``.
+    """
+    path = Path(path)
+    ckpt = _load_weights_only(path, "Lightning checkpoint", None)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise RunError(f"{path}: not a Lightning checkpoint (no 'state_dict' mapping)")
+    return ckpt["state_dict"]
 
 
 class RunFolder:
@@ -72,9 +178,29 @@ class RunFolder:
         write_yaml(self.config_path, config)
 
     def read_config(self) -> dict:
-        if not self.config_path.is_file():
-            raise RunError(f"{self.config_path}: not found; is {self.path} a defectscope run folder?")
-        return yaml.safe_load(self.config_path.read_text())
+        """Read ``config.yaml`` (the resolved recipe).
+
+        Raises:
+            RunError: missing, empty, not UTF-8, not YAML, not a mapping, or without a ``task``
+                string; the message names the file.
+        """
+        path = self.config_path
+        if not path.is_file():
+            raise RunError(f"{path}: not found; is {self.path} a defectscope run folder?")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise RunError(f"{path}: not UTF-8 text (byte {exc.start}); the run's config is corrupt") from None
+        except yaml.YAMLError as exc:
+            raise RunError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:200]}); the run's config is corrupt "
+                           "or truncated") from None
+        if raw is None:
+            raise RunError(f"{path}: empty file; the run's config is missing (train again or restore it)")
+        if not isinstance(raw, dict):
+            raise RunError(f"{path}: expected a mapping (the resolved recipe), got a {type(raw).__name__}")
+        if not isinstance(raw.get("task"), str) or not raw["task"]:
+            raise RunError(f"{path}: field 'task' is missing or not a string (got {raw.get('task')!r})")
+        return raw
 
     def write_metrics(self, metrics: dict) -> None:
         write_json(self.metrics_path, metrics)
@@ -85,22 +211,32 @@ class RunFolder:
         The payload holds ``format``, ``task``, ``model_name``, ``model_kwargs`` (for
         :func:`defectscope.models.create_model`), ``state_dict`` and any ``extra``
         fields (class names, input size, thresholds, selected channels, ...).
+
+        Only tensors and plain data are stored (:func:`safe_checkpoint_value`): NumPy arrays
+        come back as tensors, tuples stay tuples.
+
+        Raises:
+            TypeError: an ``extra`` value is an object that would need pickle (named by key).
         """
         payload = {"format": CHECKPOINT_FORMAT, "task": task, "model_name": model_name,
                    "model_kwargs": model_kwargs, "state_dict": state_dict, **extra}
-        torch_save(self.model_path, payload)
+        torch_save(self.model_path, safe_checkpoint_value(payload))
 
     def load_model_payload(self) -> dict:
-        """Read ``model.ckpt``.
+        """Read ``model.ckpt`` with ``torch.load(..., weights_only=True)``: no code runs.
 
         Raises:
-            RunError: missing file or unknown format.
+            RunError: missing, empty, truncated or corrupt file; a file holding a pickled Python
+                object (refused; the message says how to convert a trusted old run folder);
+                an unknown format.
         """
         if not self.model_path.is_file():
             raise RunError(f"{self.model_path}: not found; train first (defectscope train RECIPE --out {self.path})")
-        payload = torch.load(self.model_path, map_location="cpu", weights_only=False)
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise RunError(f"{self.model_path}: not a defectscope checkpoint (format {payload.get('format')!r})")
+        payload = _load_weights_only(self.model_path, "checkpoint", f"defectscope convert-run {self.path} --i-trust-this-file")
+        fmt = payload.get("format") if isinstance(payload, dict) else None
+        if fmt not in READABLE_FORMATS:
+            raise RunError(f"{self.model_path}: not a defectscope checkpoint (format {fmt!r}; "
+                           f"expected one of {list(READABLE_FORMATS)})")
         return payload
 
     def load_model(self):
@@ -127,3 +263,39 @@ class RunFolder:
                            f"({str(exc).splitlines()[0]})") from None
         return model.eval(), payload
 
+
+def convert_unsafe_checkpoint(run_dir: str | Path) -> Path:
+    """Rewrite an old ``RUN/model.ckpt`` that holds pickled objects as tensors and plain data.
+
+    **This loads the file with the unsafe loader (``weights_only=False``), which runs whatever
+    code the file carries: call it only on files you trust** (a run folder you trained
+    yourself with an older defectscope). Known objects are converted: the anomaly task's
+    ``ocsvm`` (a :class:`~defectscope.models.grad_mobilenet.torch_model.OneClassScorer`) becomes
+    its :meth:`state_dict`; NumPy values become tensors / numbers. The new file is checked by
+    reading it back with ``weights_only=True`` before it replaces the old one (atomically).
+
+    Returns:
+        The path of the rewritten ``model.ckpt``.
+
+    Raises:
+        RunError: no checkpoint, or it is not a defectscope checkpoint, or it holds an object
+            with no known conversion (named).
+    """
+    run = RunFolder(run_dir)
+    path = run.model_path
+    if not path.is_file():
+        raise RunError(f"{path}: not found")
+    payload = torch.load(path, map_location="cpu", weights_only=False)  # noqa: S614 - explicit, trusted file only
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
+        raise RunError(f"{path}: not a defectscope checkpoint; nothing converted")
+    if "ocsvm" in payload and hasattr(payload["ocsvm"], "state_dict"):
+        payload["ocsvm"] = payload["ocsvm"].state_dict()
+    payload["format"] = CHECKPOINT_FORMAT
+    try:
+        safe = safe_checkpoint_value(payload)
+    except TypeError as exc:
+        raise RunError(f"{path}: cannot convert: {exc}") from None
+    with atomic_path(path) as tmp:
+        torch.save(safe, tmp)
+        _load_weights_only(tmp, "converted checkpoint", None)  # read back with the safe loader first
+    return path

@@ -164,17 +164,11 @@ def fit_lightning(module: L.LightningModule, train_loader, val_loader, cfg: Trai
 def load_checkpoint_state(path: str | Path) -> dict:
     """The ``state_dict`` of a Lightning checkpoint, read with ``weights_only=True`` (no code runs).
 
+    Same as :func:`defectscope.engine.run.load_lightning_state_dict`.
+
     Raises:
         RunError: the file is not a Lightning checkpoint holding only tensors and plain data.
     """
-    import pickle
+    from defectscope.engine.run import load_lightning_state_dict
 
-    from defectscope.engine.run import RunError
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        raise RunError(f"{path}: not a safe Lightning checkpoint ({str(exc).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise RunError(f"{path}: not a Lightning checkpoint (no state_dict)")
-    return ckpt["state_dict"]
+    return load_lightning_state_dict(path)

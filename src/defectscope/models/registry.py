@@ -10,6 +10,8 @@ from typing import Callable
 
 from torch import nn
 
+from defectscope.errors import UnknownNameError
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -51,5 +53,5 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """
     _ensure_loaded()
     if name not in _MODELS:
-        raise KeyError(f"unknown model '{name}'; known: {', '.join(sorted(_MODELS))}")
+        raise UnknownNameError(f"unknown model '{name}'; known: {', '.join(sorted(_MODELS))}")
     return _MODELS[name](**kwargs)

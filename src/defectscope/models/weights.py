@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from defectscope.errors import DefectscopeError
 
-class WeightsUnavailableError(RuntimeError):
+
+class WeightsUnavailableError(DefectscopeError, RuntimeError):
     """Pretrained weights were asked for but are not available on this machine."""
 
 

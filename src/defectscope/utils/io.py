@@ -44,10 +44,55 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text(target: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``target`` atomically and return the path."""
+    """Write ``text`` (UTF-8) to ``target`` atomically and return the path.
+
+    Characters UTF-8 cannot encode (the surrogate escapes Python uses for file names that are
+    not valid UTF-8) are written as backslash escapes (``\\udce9``), so such a name is still
+    recorded instead of the whole write failing.
+    """
     with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
     return Path(target)
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` as printable text: bytes that are not UTF-8 shown as ``\\xNN`` escapes."""
+    raw = os.fsencode(path)
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def check_output_path(target: str | os.PathLike, kind: str = "file") -> Path:
+    """Check, before any work, that ``target`` can be written as a ``file`` or a ``dir``.
+
+    A file target must not be an existing folder; a folder target must not be an existing file;
+    the nearest existing folder on the way must be a writable folder (missing folders are
+    created by the writers later).
+
+    Raises:
+        OutputPathError: the message names the path and what is wrong with it.
+    """
+    from defectscope.errors import OutputPathError
+
+    target = Path(target)
+    shown = display_path(target)
+    if kind not in ("file", "dir"):
+        raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
+    if kind == "file" and target.is_dir():
+        raise OutputPathError(f"{shown}: is an existing folder; --out expects a file path here")
+    if kind == "dir" and target.exists() and not target.is_dir():
+        raise OutputPathError(f"{shown}: is an existing file; --out expects a folder here")
+    probe = target if kind == "dir" and target.is_dir() else target.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputPathError(f"{shown}: cannot be created: {display_path(probe)} is a file, not a folder")
+    try:  # a real write probe: permissions, read-only mounts and full quotas all show here
+        with tempfile.TemporaryFile(dir=probe, prefix=".defectscope-write-test."):
+            pass
+    except OSError as exc:
+        raise OutputPathError(f"{shown}: cannot be written: folder {display_path(probe)} is not writable "
+                              f"({exc.strerror or exc.__class__.__name__})") from None
+    return target
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> Path:

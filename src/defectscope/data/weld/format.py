@@ -65,6 +65,7 @@ import numpy as np
 from PIL import Image
 
 from defectscope.data.weld.channels import channel_group
+from defectscope.errors import DefectscopeError
 from defectscope.utils.io import atomic_path, write_json
 
 FORMAT_V1 = "defectscope-weld/1"
@@ -80,7 +81,7 @@ RESAMPLING = {"method": "linear", "function": "numpy.interp",
 _CHANNEL_KEYS = {"name", "unit", "wavelength_nm", "group", "description"}
 
 
-class WeldDataError(ValueError):
+class WeldDataError(DefectscopeError, ValueError):
     """A weld data folder is malformed; the message names the file or sample id and the field."""
 
 
@@ -433,6 +434,54 @@ def _read_manifest(root: Path) -> tuple[Path, dict]:
     return mpath, man
 
 
+def _check_manifest_types(man: dict, mpath: Path) -> None:
+    """Type checks of the manifest's JSON before it is used: lists where lists belong, finite
+    positive numbers, text for file names. Raises :class:`WeldDataError` naming file and field."""
+    import math
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def bad(fld: str, expected: str, got: object) -> WeldDataError:
+        return WeldDataError(f"{mpath}: field '{fld}' must be {expected}, got {json.dumps(got)[:80]}")
+
+    if not isinstance(man["classes"], list) or not all(isinstance(c, str) for c in man["classes"]):
+        raise bad("classes", "a list of class names", man["classes"])
+    if "welds_per_sample" in man and (not isinstance(man["welds_per_sample"], int) or isinstance(man["welds_per_sample"], bool)):
+        raise bad("welds_per_sample", "an integer", man["welds_per_sample"])
+    if "wavelengths_nm" in man and man["wavelengths_nm"] is not None and (
+            not isinstance(man["wavelengths_nm"], list) or not all(number(w) for w in man["wavelengths_nm"])):
+        raise bad("wavelengths_nm", "a list of finite numbers", man["wavelengths_nm"])
+    if man.get("sample_rate_hz") is not None and (not number(man["sample_rate_hz"]) or man["sample_rate_hz"] <= 0):
+        raise bad("sample_rate_hz", "a finite number > 0", man["sample_rate_hz"])
+    if "channels" in man and not isinstance(man["channels"], list):
+        raise bad("channels", "a list of channel objects", man["channels"])
+    if not isinstance(man["samples"], list):
+        raise bad("samples", "a list of sample objects", man["samples"])
+    for i, entry in enumerate(man["samples"]):
+        if not isinstance(entry, dict):
+            raise bad(f"samples[{i}]", "an object", entry)
+        for fld in ("image", "mask", "label"):
+            if entry.get(fld) is not None and not isinstance(entry[fld], str):
+                raise bad(f"samples[{i}].{fld}", "text", entry[fld])
+        if not isinstance(entry.get("id", ""), (str, int)) or isinstance(entry.get("id"), bool):
+            raise bad(f"samples[{i}].id", "text or an integer", entry["id"])
+        if not isinstance(entry.get("welds", []), list):
+            raise bad(f"samples[{i}].welds", "a list of weld objects", entry["welds"])
+        for k, weld in enumerate(entry.get("welds", [])):
+            where = f"samples[{i}].welds[{k}]"
+            if not isinstance(weld, dict):
+                raise bad(where, "an object", weld)
+            for fld in ("spectra", "signals", "time_s"):
+                if fld in weld and not isinstance(weld[fld], str):
+                    raise bad(f"{where}.{fld}", "a file name", weld[fld])
+            if "sample_rate_hz" in weld and (not number(weld["sample_rate_hz"]) or weld["sample_rate_hz"] <= 0):
+                raise bad(f"{where}.sample_rate_hz", "a finite number > 0", weld["sample_rate_hz"])
+            if "wavelengths_nm" in weld and (not isinstance(weld["wavelengths_nm"], list)
+                                             or not all(number(w) for w in weld["wavelengths_nm"])):
+                raise bad(f"{where}.wavelengths_nm", "a list of finite numbers", weld["wavelengths_nm"])
+
+
 def read_weld_dataset(root: str | Path, length: int = 560, policy: Literal["resample", "crop"] = "resample",
                       min_length: int | None = None, classes: Sequence[str] | None = None, load_masks: bool = True,
                       require_labels: bool = True) -> WeldDataset:
@@ -472,6 +521,7 @@ def read_weld_dataset(root: str | Path, length: int = 560, policy: Literal["resa
     for key in required:
         if key not in man:
             raise WeldDataError(f"{mpath}: missing top-level field '{key}'")
+    _check_manifest_types(man, mpath)
     vocab = [str(c) for c in man["classes"]]
     if classes is not None and list(classes) != vocab:
         raise WeldDataError(f"{mpath}: field 'classes' {vocab} differs from the expected {list(classes)}")

@@ -41,10 +41,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from defectscope.errors import DefectscopeError
+
 ONNX_FORMAT = "defectscope-onnx/1"
 META_PREFIX = "defectscope."
 
-class DeployError(ValueError):
+class DeployError(DefectscopeError, ValueError):
     """A model file or run cannot be deployed as asked; the message names the file and the field."""
 
 @dataclass

@@ -241,7 +241,66 @@ class OneClassScorer:
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Anomaly scores ``[N]`` (``-decision_function``; > 0 outside the learnt boundary)."""
+        if self.pipeline is None:  # rebuilt from a checkpoint: the same decision function from its arrays
+            a = self._arrays
+            z = (np.asarray(features, dtype=np.float64) - a["mean"]) / a["scale"]
+            from sklearn.metrics.pairwise import rbf_kernel
+
+            return -(rbf_kernel(z, a["support_vectors"], gamma=float(a["gamma"])) @ a["dual_coef"] + float(a["intercept"]))
         return -self.pipeline.decision_function(np.asarray(features, dtype=np.float64))
+
+    def state_dict(self) -> dict:
+        """The fitted scorer as tensors and numbers, for a checkpoint that loads without pickle.
+
+        The one-class SVM decision function is ``f(x) = sum_i alpha_i K(s_i, z) + b`` with
+        ``z = (x - mean) / scale`` (the ``StandardScaler``), ``K(s, z) = exp(-gamma ||s - z||^2)``,
+        support vectors ``s_i`` ``[S, F]``, dual coefficients ``alpha_i`` ``[S]`` and intercept
+        ``b = -rho`` (Schoelkopf et al., Neural Comput. 13, 2001, eq. 3.10).
+
+        Returns:
+            ``{"kind", "nu", "gamma", "mean" [F], "scale" [F], "support_vectors" [S, F],
+            "dual_coef" [S], "intercept"}`` (float64 tensors).
+
+        Raises:
+            RuntimeError: the scorer is not fitted.
+        """
+        import torch
+
+        if self.pipeline is not None:
+            scaler, svm = self.pipeline[0], self.pipeline[-1]
+            if not hasattr(svm, "support_vectors_"):
+                raise RuntimeError("OneClassScorer.state_dict: fit the scorer first")
+            a = {"mean": scaler.mean_, "scale": scaler.scale_, "support_vectors": svm.support_vectors_,
+                 "dual_coef": svm.dual_coef_[0], "intercept": float(svm.intercept_[0]), "gamma": float(svm._gamma),
+                 "nu": float(svm.nu)}
+        else:
+            a = self._arrays
+        out = {"kind": "ocsvm-rbf/1", "nu": float(a["nu"]), "gamma": float(a["gamma"]), "intercept": float(a["intercept"])}
+        for k in ("mean", "scale", "support_vectors", "dual_coef"):
+            out[k] = torch.as_tensor(np.asarray(a[k], dtype=np.float64))
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "OneClassScorer":
+        """Rebuild a fitted scorer from :meth:`state_dict` (no pickle, no refit).
+
+        Raises:
+            ValueError: ``state`` is not a one-class SVM state (wrong kind or shapes).
+        """
+        kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
+        if kind != "ocsvm-rbf/1":
+            raise ValueError(f"OneClassScorer.from_state_dict: not a one-class SVM state (kind {kind!r})")
+        a = {k: np.asarray(state[k], dtype=np.float64) for k in ("mean", "scale", "support_vectors", "dual_coef")}
+        f = a["mean"].shape[0]
+        if a["scale"].shape != (f,) or a["support_vectors"].ndim != 2 or a["support_vectors"].shape[1] != f \
+                or a["dual_coef"].shape != (a["support_vectors"].shape[0],):
+            raise ValueError("OneClassScorer.from_state_dict: inconsistent shapes "
+                             f"{ {k: list(v.shape) for k, v in a.items()} }")
+        a.update(intercept=float(state["intercept"]), gamma=float(state["gamma"]), nu=float(state["nu"]))
+        obj = cls.__new__(cls)
+        obj.pipeline = None
+        obj._arrays = a
+        return obj
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """``[N]`` bool, ``True`` = defective (outside the boundary)."""

@@ -27,6 +27,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from defectscope.errors import UnknownNameError
 from defectscope.models.registry import register_model
 from defectscope.models.weights import efficientnet_lite_weights_path, load_local_weights, map_efficientnet_lite_state_dict
 
@@ -101,7 +102,7 @@ class UNetSegmenter(nn.Module):
                  weights: str | Path | None = None, decoder_channels: tuple[int, ...] | list[int] = (256, 128, 64, 32, 16)) -> None:
         super().__init__()
         if encoder not in UNET_ENCODERS:
-            raise KeyError(f"unknown U-Net encoder '{encoder}'; known: {', '.join(UNET_ENCODERS)}")
+            raise UnknownNameError(f"unknown U-Net encoder '{encoder}'; known: {', '.join(UNET_ENCODERS)}")
         smp_name, mean, std, has_weights = UNET_ENCODERS[encoder]
         if pretrained and weights is None and not has_weights:
             from defectscope.models.weights import WeightsUnavailableError
