@@ -4,8 +4,9 @@ Usage::
 
     python benchmarks/detection_nms.py RUN [--thresholds 0.4 0.5 0.6 0.7]
 
-RUN is a ``defectscope train configs/neudet_fcos.yaml`` run folder. The split is rebuilt from the
-run's ``config.yaml`` (same seed, same files as ``RUN/split/``). Prints one table: COCO mAP@0.5 and
+RUN is a ``defectscope train configs/neudet_fcos.yaml`` run folder (or one fold folder
+``RUN/folds/<k>`` of a ``--folds K`` run). Its parts are the files listed in ``RUN/split/``, read
+from the data root of the run's ``config.yaml``. Prints one table: COCO mAP@0.5 and
 mAP@[.5:.95] of the validation and test images for each threshold; the threshold is chosen on
 validation mAP@0.5 only (the test columns are read, not used). Writes nothing.
 """
@@ -15,18 +16,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from defectscope.engine.detection import (
-    DetectionRecipe,
-    choose_on_validation,
-    load_detector,
-    nms_sweep,
-    prepare_box_splits,
-)
-from defectscope.engine.run import RunError
+from defectscope.engine.detection import DetectionRecipe, box_splits_from_run, choose_on_validation, load_detector, nms_sweep
+from defectscope.engine.run import RunError, RunFolder
 
 
 def main() -> None:
@@ -37,9 +31,9 @@ def main() -> None:
     cfg_file = args.run / "config.yaml"
     if not cfg_file.is_file():
         raise RunError(f"{cfg_file}: missing; RUN must be a detection run folder")
-    recipe = DetectionRecipe(**yaml.safe_load(cfg_file.read_text()))
+    recipe = DetectionRecipe(**RunFolder(args.run).read_config())
     model, payload = load_detector(args.run)
-    splits = prepare_box_splits(recipe.data, recipe.train.val_fraction, None, payload.get("class_names"))
+    splits = box_splits_from_run(args.run, payload.get("class_names"))
     rows = nms_sweep(model, splits, args.thresholds, recipe.model.score_threshold)
     best = choose_on_validation(rows)
     table = Table(title=f"NMS IoU threshold of {args.run} (chosen on validation mAP@0.5)")

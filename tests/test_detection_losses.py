@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from defectscope.engine.detection import flip_target, single_targets
+from defectscope.models.box_heads.lightning_model import flip_target, single_targets
 from defectscope.models.box_heads.losses import (
     SetCriterion,
     cxcywh_to_xyxy,

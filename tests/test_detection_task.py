@@ -134,13 +134,14 @@ def test_other_models_train_end_to_end(tmp_path, neu_root, model):
 
 def check_nms_sweep(run):
     """The NMS threshold sweep of a trained FCOS run: lower IoU thresholds keep fewer boxes; threshold restored."""
-    from defectscope.engine.detection import (DetectionRecipe, choose_on_validation, load_detector, nms_sweep,
-                                              predict_normalised, prepare_box_splits)
+    from defectscope.engine.detection import box_splits_from_run, choose_on_validation, load_detector, nms_sweep, predict_normalised
 
     model, payload = load_detector(run)
     assert payload["model_kwargs"]["nms_thresh"] == 0.6 and model.det.nms_thresh == 0.6
-    recipe = DetectionRecipe(**yaml.safe_load((run / "config.yaml").read_text()))
-    splits = prepare_box_splits(recipe.data, recipe.train.val_fraction, None, payload["class_names"])
+    splits = box_splits_from_run(run, payload["class_names"])
+    for part in ("train", "val", "test"):  # exactly the run's own split lists
+        listed = [line.rsplit(",", 1)[0] for line in (run / "split" / f"{part}.txt").read_text().splitlines()]
+        assert [str(r.image) for r in splits.records[part]] == listed and len(splits.x[part]) == len(listed)
     rows = nms_sweep(model, splits, [0.1, 1.0], score_threshold=0.3)
     assert [r["nms_threshold"] for r in rows] == [0.1, 1.0] and model.det.nms_thresh == 0.6
     assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("val_map_50", "test_map_50", "test_map"))

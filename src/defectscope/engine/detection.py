@@ -23,11 +23,17 @@ Models (``model.name`` / ``model.loss``):
 of every training image: none, horizontal, vertical, both) and trains only the head; the time
 to compute them is counted in ``train_seconds``.
 
-Protocol: stratified split on the image's class (the NEU file-name prefix), ``test_fraction``
-held out with ``split_seed`` and used once after training; ``train.val_fraction`` of the rest
-selects the checkpoint by validation mAP@0.5 (and stops early). Images are resized to
-``image_size``; boxes are kept in normalised coordinates and mapped back to each image's own
-pixels for the metrics and for ``predict``.
+Protocol (the shared pipeline, :mod:`defectscope.engine.pipeline`): samples are the annotated
+images, stratified on the image's class (the NEU file-name prefix, :func:`image_class`);
+``test_fraction`` is held out with ``split_seed`` and used once after training; a stratified
+``train.val_fraction`` of the rest (seed ``seed``) selects the checkpoint by validation mAP@0.5
+(``val/map_50``, max; also early stopping). ``--folds K`` runs stratified K-fold
+cross-validation on the same image classes instead (pooled metrics: mAP etc. over all
+out-of-fold images). Images are resized to ``image_size``; boxes are kept in normalised
+coordinates and mapped back to each image's own pixels for the metrics and for ``predict``.
+
+The Lightning wrapper and the training-only helpers (feature cache, flips, box dataset) live in
+:mod:`defectscope.models.box_heads.lightning_model`.
 """
 
 from __future__ import annotations
@@ -37,26 +43,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from defectscope.config import BaseRecipe, ConfigError, StrictModel
+from defectscope.config import BaseRecipe, ConfigError, StrictModel, resolve_path
 from defectscope.data.boxes import BoxFormatError, ImageBoxes, image_class, read_boxes, write_coco
-from defectscope.data.images import iter_images, load_image, resize_uint8
-from defectscope.data.splits import stratified_split, write_file_list
-from defectscope.engine.classification import expand_inputs, to_float, warmup_cosine
-from defectscope.engine.run import RunFolder
+from defectscope.data.images import expand_inputs, iter_images, load_image, resize_uint8
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
+from defectscope.engine.run import RunError, RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import build_trainer, report_training_curves, set_threads
-from defectscope.evaluation.detection import coco_map, detection_metrics, per_image_quality
+from defectscope.engine.trainer import fit_lightning, report_training_curves, set_threads
+from defectscope.evaluation.detection import detection_metrics, per_image_quality
 from defectscope.evaluation.detection_plots import draw_boxes_pil, plot_box_cases
 from defectscope.evaluation.report import Report
 from defectscope.models import create_model
-from defectscope.models.box_heads.losses import SetCriterion, padded_slot_loss, single_loss
+from defectscope.models.box_heads.lightning_model import (  # noqa: F401  (flip_target, single_targets: re-exported)
+    BoxDataset,
+    DetectionModule,
+    cache_features,
+    collate,
+    flip_target,
+    single_targets,
+)
+from defectscope.models.training import to_float
 from defectscope.utils.io import atomic_path
 
 
@@ -142,7 +154,8 @@ class DetectionModelConfig(StrictModel):
 
 
 class DetectionRecipe(BaseRecipe):
-    """Recipe of the ``detection`` task."""
+    """Recipe of the ``detection`` task; checkpoints are selected (and training stopped early) on
+    ``val/map_50``, the COCO mAP@0.5 of the validation images (max)."""
 
     task: Literal["detection"] = "detection"
     data: DetectionData
@@ -195,15 +208,17 @@ def load_record_images(records: list[ImageBoxes], size: int) -> np.ndarray:
     return out
 
 
-def prepare_box_splits(data: DetectionData, val_fraction: float, run: RunFolder | None,
-                       class_names: list[str] | None = None) -> BoxSplits:
-    """Read the annotations, subset, split (test, then val from train), write file lists, decode images.
+def read_box_records(data: DetectionData, class_names: list[str] | None = None
+                     ) -> tuple[list[ImageBoxes], list[str], np.ndarray]:
+    """The annotated images of ``data.root`` (subset by ``max_per_class``), their class names and image classes.
+
+    Returns:
+        ``(records, class_names, image_labels [N] int)``; the image class is
+        :func:`~defectscope.data.boxes.image_class` (NEU: the file-name prefix).
 
     Raises:
-        DatasetError / BoxFormatError / ImageReadError: bad annotations or images (named).
+        DatasetError / BoxFormatError: bad annotations (named), or none at all.
     """
-    from defectscope.config import resolve_path
-
     records, names = read_boxes(resolve_path(data.root), class_names, data.missing)
     if not records:
         raise BoxFormatError(f"{data.root}: no annotated images")
@@ -213,217 +228,68 @@ def prepare_box_splits(data: DetectionData, val_fraction: float, run: RunFolder 
         keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[: data.max_per_class]
                                        for c in range(len(names))]))
         records, labels = [records[i] for i in keep], labels[keep]
-    trainval, test = stratified_split(labels, data.test_fraction, data.split_seed)
-    parts = {"test": test}
-    if val_fraction > 0:
-        tr, va = stratified_split(labels[trainval], val_fraction, data.split_seed)
-        parts["train"], parts["val"] = trainval[tr], trainval[va]
-    else:
-        parts["train"] = trainval
-    recs = {k: [records[i] for i in v] for k, v in parts.items()}
-    if run is not None:
-        for k, v in parts.items():
-            write_file_list(run.split_dir / f"{k}.txt", [r.image for r in recs[k]], [names[c] for c in labels[v]])
-    return BoxSplits(names, recs, {k: load_record_images(v, data.image_size) for k, v in recs.items()},
-                     {k: [to_target(r, names) for r in v] for k, v in recs.items()},
-                     {k: labels[v] for k, v in parts.items()})
+    return records, names, labels
 
 
-def flip_target(t: dict, hflip: bool, vflip: bool) -> dict:
-    """Normalised xyxy boxes of an image flipped left-right and/or up-down."""
-    b = t["boxes"].clone()
-    if hflip:
-        b[:, [0, 2]] = 1 - t["boxes"][:, [2, 0]]
-    if vflip:
-        b[:, [1, 3]] = 1 - b[:, [3, 1]]
-    return {"boxes": b, "labels": t["labels"]}
+def load_box_samples(data: DetectionData, class_names: list[str] | None = None) -> Samples:
+    """The pipeline's :class:`Samples` of a detection data set: one sample per annotated image.
 
+    ``ids`` are the image files, ``labels`` the image classes (stratification of the split and
+    of the folds), ``data`` is ``{"records": [ImageBoxes], "x": uint8 [N, 3, S, S],
+    "targets": [{"boxes": [M, 4] normalised xyxy, "labels": [M]}]}``.
 
-def flip_images(x: torch.Tensor, variant: int) -> torch.Tensor:
-    """Flip variant ``0..3`` (bit 0: left-right, bit 1: up-down) of ``[..., H, W]``."""
-    if variant & 1:
-        x = x.flip(-1)
-    if variant & 2:
-        x = x.flip(-2)
-    return x
-
-
-class BoxDataset(Dataset):
-    """Images (uint8 ``[N, 3, S, S]``) or cached feature variants with their targets.
-
-    Args:
-        inputs: uint8 images ``[N, 3, S, S]``, or cached features: per flip variant (1 or 4) a list of
-            feature levels ``[N, D, h, w]`` (as :func:`cache_features` returns them).
-        targets: normalised targets per item.
-        augment: draw a random flip variant per item (images are flipped here, features are looked up).
+    Raises:
+        DatasetError / BoxFormatError / ImageReadError: bad annotations or images (named).
     """
-
-    def __init__(self, inputs: torch.Tensor | list[torch.Tensor], targets: list[dict], augment: bool) -> None:
-        self.inputs, self.targets, self.augment = inputs, targets, augment
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        v = int(torch.randint(0, 4, ()).item()) if self.augment else 0
-        if isinstance(self.inputs, list):
-            x = tuple(level[i] for level in self.inputs[v])
-        else:
-            x = flip_images(self.inputs[i], v)
-        return x, flip_target(self.targets[i], bool(v & 1), bool(v & 2))
+    records, names, labels = read_box_records(data, class_names)
+    x = load_record_images(records, data.image_size)
+    targets = [to_target(r, names) for r in records]
+    n_boxes = sum(len(r.labels) for r in records)
+    return Samples([str(r.image) for r in records], labels, names, {"records": records, "x": x, "targets": targets},
+                   description=f"{data.root} ({len(records)} images, {n_boxes} boxes, {len(names)} classes)")
 
 
-def collate(batch):
-    """Stack inputs, keep targets as a list."""
-    xs, ts = zip(*batch)
-    if isinstance(xs[0], tuple):
-        return tuple(torch.stack(level) for level in zip(*xs)), list(ts)
-    return torch.stack(xs), list(ts)
+def _read_split_list(path: Path) -> list[str]:
+    return [line.rsplit(",", 1)[0] for line in path.read_text().splitlines() if line.strip()]
 
 
-@torch.no_grad()
-def cache_features(model: nn.Module, x: np.ndarray, variants: tuple[int, ...], batch_size: int = 64,
-                   bf16: bool = True, channels_last: bool = True) -> list[list[torch.Tensor]]:
-    """Backbone feature maps of uint8 images ``[N, 3, S, S]`` for each flip variant.
+def box_splits_from_run(run_dir: str | Path, class_names: list[str] | None = None) -> BoxSplits:
+    """The train / val / test images of a detection run, as listed in ``RUN/split/*.txt``.
 
-    Returns:
-        Per variant, the list of feature levels, each a bf16 tensor ``[N, D, h, w]`` (bf16 storage
-        halves the memory; NEU-DET's 1296 training images x 4 variants take about 0.6 GB with
-        EfficientNet-Lite0's last map at 200 px).
+    The annotations are read again from the run's ``config.yaml`` data root, and only the
+    listed images are decoded (at the run's ``data.image_size``), so the parts are exactly the
+    ones the run trained, selected its checkpoint and was tested on (also for a fold folder
+    ``RUN/folds/<k>`` of a cross-validation).
+
+    Raises:
+        RunError: no config or split lists, or a listed image the data no longer hold.
+        DatasetError / BoxFormatError / ImageReadError: bad annotations or images (named).
     """
-    model.eval()
-    xt = torch.from_numpy(x)
-    out = []
-    for v in variants:
-        parts = []
-        for i in range(0, len(xt), batch_size):
-            b = flip_images(to_float(xt[i : i + batch_size]), v)
-            if channels_last:
-                b = b.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                parts.append([f.to(torch.bfloat16).contiguous() for f in model.forward_features(b)])
-        out.append([torch.cat(level) for level in zip(*parts)])
+    run = RunFolder(run_dir)
+    recipe = DetectionRecipe(**run.read_config())
+    records, names = read_boxes(resolve_path(recipe.data.root), class_names, recipe.data.missing)
+    by_path = {Path(r.image).resolve(): r for r in records}
+    out = BoxSplits(names, {}, {}, {}, {})
+    for part in ("train", "val", "test"):
+        f = run.split_dir / f"{part}.txt"
+        if not f.is_file():
+            if part == "val":
+                continue
+            raise RunError(f"{f}: not found; is {run.path} a detection run folder?")
+        recs = []
+        for line_no, name in enumerate(_read_split_list(f), 1):
+            r = by_path.get(Path(name).resolve())
+            if r is None:
+                raise RunError(f"{f}, line {line_no}: {name} is not an annotated image of {recipe.data.root}")
+            recs.append(r)
+        out.records[part] = recs
+        out.x[part] = load_record_images(recs, recipe.data.image_size)
+        out.targets[part] = [to_target(r, names) for r in recs]
+        out.image_labels[part] = np.array([image_class(r, names) for r in recs], dtype=int)
     return out
 
 
-# ------------------------------------------------------------------------------------------- training
-
-
-class DetectionModule(L.LightningModule):
-    """Lightning wrapper of a box model: loss per ``loss`` kind, AdamW + warm-up/cosine, val mAP@0.5.
-
-    Args:
-        model: :class:`~defectscope.models.box_heads.SlotDetector` or :class:`~defectscope.models.box_heads.LiteFCOS`.
-        loss: ``single``, ``padded``, ``hungarian`` or ``fcos``.
-        cfg: the model section (loss weights, lr factor, clipping).
-        lr, weight_decay: AdamW settings.
-        features: inputs are cached backbone features (frozen backbone) instead of uint8 images.
-        channels_last: NHWC layout for images and convolutions.
-    """
-
-    def __init__(self, model: nn.Module, loss: str, cfg: DetectionModelConfig, lr: float, weight_decay: float,
-                 features: bool, channels_last: bool) -> None:
-        super().__init__()
-        self.model, self.loss_kind, self.cfg = model, loss, cfg
-        self.lr, self.weight_decay = lr, weight_decay
-        self.features, self.channels_last = features, channels_last
-        self.criterion = SetCriterion(model.num_classes, cfg.w_class, cfg.w_l1, cfg.w_giou, cfg.eos_coef) \
-            if loss == "hungarian" else None
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        if features:
-            self.model.backbone.requires_grad_(False)
-        self._val_preds: list[dict] = []
-        self._val_targets: list[dict] = []
-
-    def _images(self, x: torch.Tensor) -> torch.Tensor:
-        x = to_float(x)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def _outputs(self, x: torch.Tensor) -> dict:
-        if self.features:
-            return self.model.forward_head([f.float() for f in x])
-        return self.model(self._images(x))
-
-    def compute_loss(self, x: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, dict]:
-        """Loss of one batch (inputs as the dataset gives them, normalised targets)."""
-        if self.loss_kind == "fcos":
-            s = x.shape[-1]
-            imgs = list(self._images(x))
-            tt = [{"boxes": t["boxes"] * s, "labels": t["labels"]} for t in targets]
-            parts = self.model(imgs, tt)
-            return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
-        out = self._outputs(x)
-        if self.loss_kind == "single":
-            lab, box = single_targets(targets)
-            dev = out["logits"].device
-            return single_loss(out["logits"][:, 0], out["boxes"][:, 0], lab.to(dev), box.to(dev), self.cfg.box_weight)
-        if self.loss_kind == "padded":
-            return padded_slot_loss(out["logits"], out["boxes"], targets, self.cfg.box_weight)
-        loss, parts = self.criterion(out["logits"], out["boxes"], targets)
-        for logits, boxes in out.get("aux", []):  # auxiliary decoder outputs, same set loss
-            loss = loss + self.criterion(logits, boxes, targets)[0]
-        return loss, parts
-
-    def training_step(self, batch, batch_idx):
-        x, targets = batch
-        loss, parts = self.compute_loss(x, targets)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
-        for k, v in parts.items():
-            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=len(targets))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, targets = batch
-        if self.loss_kind == "fcos":
-            dets = self.model.detect(self._images(x))
-        else:
-            dets = self.model.postprocess(self._outputs(x))
-        self._val_preds += [{k: v.detach().float().cpu() if k != "labels" else v.cpu() for k, v in d.items()} for d in dets]
-        self._val_targets += targets
-
-    def on_validation_epoch_end(self):
-        if self._val_preds:
-            m = coco_map(self._val_preds, self._val_targets, self.model.num_classes)
-            self.log("val/map_50", float(m["map_50"] or 0.0), prog_bar=True)
-            self.log("val/map", float(m["map"] or 0.0))
-        self._val_preds, self._val_targets = [], []
-
-    def on_before_optimizer_step(self, optimizer):
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], self.cfg.grad_clip)
-
-    def configure_optimizers(self):
-        backbone = self.model.backbone if hasattr(self.model, "backbone") else self.model.det.backbone
-        bb_ids = {id(p) for p in backbone.parameters()}
-        head = [p for p in self.parameters() if p.requires_grad and id(p) not in bb_ids]
-        groups = [{"params": head, "lr": self.lr}]
-        bb = [p for p in backbone.parameters() if p.requires_grad]
-        if bb:
-            groups.append({"params": bb, "lr": self.lr * self.cfg.backbone_lr_factor})
-        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
-        sched = warmup_cosine(opt, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def single_targets(targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Section III-C targets: per image the largest box (first on ties) and its class.
-
-    Returns:
-        ``(labels [B], boxes [B, 4])`` normalised xyxy.
-
-    Raises:
-        ValueError: an image without boxes.
-    """
-    labels, boxes = [], []
-    for i, t in enumerate(targets):
-        if len(t["labels"]) == 0:
-            raise ValueError(f"image {i} of the batch has no box; the single-defect model needs one per image")
-        b = t["boxes"]
-        j = int(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).argmax())
-        labels.append(t["labels"][j])
-        boxes.append(b[j])
-    return torch.stack(labels), torch.stack(boxes)
+# ------------------------------------------------------------------------------------- model, metrics
 
 
 def model_kwargs_from(recipe: DetectionRecipe, num_classes: int, num_slots: int) -> dict:
@@ -469,12 +335,9 @@ def load_detector(run_dir: Path) -> tuple[nn.Module, dict]:
     """Rebuild a trained box model from ``RUN/model.ckpt``; returns ``(model in eval mode, payload)``.
 
     Raises:
-        RunError: missing or foreign checkpoint.
+        RunError: missing or foreign checkpoint, or weights that do not fit.
     """
-    payload = RunFolder(run_dir).load_model_payload()
-    model = create_model(payload["model_name"], **payload["model_kwargs"])
-    model.load_state_dict(payload["state_dict"])
-    return model.eval(), payload
+    return RunFolder(run_dir).load_model()
 
 
 def evaluate_records(model: nn.Module, records: list[ImageBoxes], x: np.ndarray, class_names: list[str],
@@ -499,7 +362,7 @@ def nms_sweep(model: nn.Module, splits: BoxSplits, thresholds: list[float], scor
 
     Args:
         model: a trained :class:`~defectscope.models.box_heads.LiteFCOS` (eval mode).
-        splits: from :func:`prepare_box_splits` with the run's split settings.
+        splits: the run's parts (:func:`box_splits_from_run`).
         thresholds: NMS IoU thresholds in (0, 1].
 
     Returns:
@@ -545,11 +408,21 @@ def choose_on_validation(rows: list[dict]) -> dict:
 def write_detection_report(run: RunFolder, title: str, metrics: dict, info: dict, records: list[ImageBoxes],
                            preds: list[dict], targets: list[dict], class_names: list[str], score_threshold: float,
                            prefix: str = "", cases: int = 8) -> None:
-    """Report: metrics, per-class AP, best and worst held-out images with true (green) and predicted (red) boxes."""
+    """Report: metrics, per-class AP, best and worst held-out images with true (green) and predicted (red) boxes.
+
+    ``info["crossval"]`` (from the pipeline) adds the fold table (mean +- std, pooled); the
+    metrics are then those of the pooled out-of-fold predictions.
+    """
     rep = Report(title)
+    info = dict(info)
+    cv = info.pop("crossval", None)
     rep.kv("Run", info)
-    rep.kv("Test metrics", {k: metrics[k] for k in ("n", "n_boxes", "map_50", "map", "map_75", "mar_100", "accuracy",
-                                                      "box_mse", "box_mae", "mean_matched_iou", "box_pairs", "box_unmatched")})
+    keys = ("n", "n_boxes", "map_50", "map", "map_75", "mar_100", "accuracy",
+            "box_mse", "box_mae", "mean_matched_iou", "box_pairs", "box_unmatched")
+    if cv:
+        rep.table("Cross-validation: held-out figures per fold", crossval_table(
+            {**cv, "pooled": metrics}, ["n", "map_50", "map", "accuracy", "box_mae"]))
+    rep.kv("Pooled out-of-fold metrics" if cv else "Test metrics", {k: metrics[k] for k in keys})
     rep.table("Per class AP (COCO, pycocotools)",
               [{"class": n, "AP@0.5": metrics["per_class_ap50"][n], "AP@[.5:.95]": metrics["per_class_ap"][n]}
                for n in class_names], ["class", "AP@0.5", "AP@[.5:.95]"])
@@ -558,102 +431,138 @@ def write_detection_report(run: RunFolder, title: str, metrics: dict, info: dict
     quality = np.array([per_image_quality(p, t, score_threshold) for p, t in zip(preds, targets)])
     order = np.argsort(-quality, kind="stable")
     k = min(cases, len(order))
+    what = "out-of-fold" if cv else "held-out"
     for name, idx in (("best", order[:k]), ("worst", order[::-1][:k])):
         imgs = [load_image(records[i].image) for i in idx]
         titles = [f"{Path(records[i].image).name}  q={quality[i]:.2f}" for i in idx]
         plot_box_cases(imgs, [preds[i] for i in idx], [targets[i] for i in idx], class_names, titles,
                        run.plots / f"{prefix}{name}_cases.png", score_threshold,
-                       suptitle=f"{name} {k} held-out images (green: true, red dashed: predicted, score >= {score_threshold})")
+                       suptitle=f"{name} {k} {what} images (green: true, red dashed: predicted, score >= {score_threshold})")
         rep.image(f"plots/{prefix}{name}_cases.png",
-                  f"The {k} {name} held-out images by q = mean IoU of same-class one-to-one pairs "
+                  f"The {k} {name} {what} images by q = mean IoU of same-class one-to-one pairs "
                   f"(misses and extra detections count 0)")
-    report_training_curves(rep, run, "Training losses and validation mAP per epoch")
+    if not cv:
+        report_training_curves(rep, run, "Training losses and validation mAP per epoch")
     rep.write(run.report_path)
 
 
-class DetectionTask:
-    """The ``detection`` task (registered as such)."""
+# ---------------------------------------------------------------------------------------------- task
+
+
+class DetectionTask(TaskHooks):
+    """The ``detection`` task (registered as such): hooks of the shared pipeline.
+
+    Samples are the annotated images, stratified (split and folds) on the image class. The
+    out-of-fold table has ``pred`` (class of the top-scoring detection, empty when none),
+    ``n_boxes`` (detections with score >= ``model.score_threshold``), ``top_score`` and
+    ``quality`` (mean IoU of same-class one-to-one pairs, :func:`per_image_quality`); pooled
+    metrics are :func:`detection_metrics` over all out-of-fold images together.
+    """
 
     name = "detection"
     recipe = DetectionRecipe
+    monitor = DetectionModule.monitor
+    summary_keys = ("map_50", "map", "accuracy", "box_mae")
+    predict_options = ("save_images",)
+    default_predict_out = "boxes.json"
 
-    def fit(self, recipe: DetectionRecipe, run_dir: Path, source: Path | None = None) -> dict | None:
+    def load_samples(self, recipe: DetectionRecipe) -> Samples:
+        return load_box_samples(recipe.data)
+
+    def split_info(self, recipe: DetectionRecipe) -> dict:
+        return {"seed": recipe.data.split_seed, "test_fraction": recipe.data.test_fraction,
+                "stratified_on": "image class (file-name prefix)"}
+
+    def fit_model(self, recipe: DetectionRecipe, samples: Samples, parts: dict[str, np.ndarray],
+                  run: RunFolder) -> Fitted | None:
         t, m = recipe.train, recipe.model
         set_threads(t)
-        L.seed_everything(recipe.seed, workers=True, verbose=False)
-        run = RunFolder(run_dir).create()
-        splits = prepare_box_splits(recipe.data, t.val_fraction, run)
-        c = len(splits.class_names)
-        most = max(len(tt["labels"]) for tt in splits.targets["train"])
+        names, x, targets = samples.class_names, samples.data["x"], samples.data["targets"]
+        tr, va = parts["train"], parts.get("val")
+        has_val = va is not None and len(va) > 0
+        most = max(len(targets[i]["labels"]) for i in tr)
         k = m.num_slots or most
         if m.name == "slot_detector" and m.loss != "single" and k < most:
             raise ConfigError(f"model.num_slots={k} is fewer than the {most} boxes of one training image")
-        kwargs = model_kwargs_from(recipe, c, k)
+        kwargs = model_kwargs_from(recipe, len(names), k)
         model = create_model(m.name, **kwargs, pretrained=m.pretrained, weights=m.weights)
         weights_source = model.weights_source if m.name == "fcos_lite" else model.backbone.weights_source
         loss = "fcos" if m.name == "fcos_lite" else m.loss
         frozen = m.freeze_backbone
         start = time.perf_counter()
-        bf16 = True  # the feature cache is always computed with bf16 autocast (1.8x faster here)
-        if frozen:
+        if frozen:  # the feature cache is always computed with bf16 autocast (1.8x faster here)
             if t.channels_last:
                 model.to(memory_format=torch.channels_last)
-            train_in: torch.Tensor | list = cache_features(model, splits.x["train"], (0, 1, 2, 3) if t.augment else (0,),
-                                                           bf16=bf16, channels_last=t.channels_last)
-            val_in = cache_features(model, splits.x["val"], (0,), bf16=bf16, channels_last=t.channels_last) \
-                if "val" in splits.x else None
+            train_in: torch.Tensor | list = cache_features(model, x[tr], (0, 1, 2, 3) if t.augment else (0,),
+                                                           bf16=True, channels_last=t.channels_last)
+            val_in = cache_features(model, x[va], (0,), bf16=True, channels_last=t.channels_last) if has_val else None
         else:
-            train_in = torch.from_numpy(splits.x["train"])
-            val_in = torch.from_numpy(splits.x["val"]) if "val" in splits.x else None
+            train_in = torch.from_numpy(x[tr])
+            val_in = torch.from_numpy(x[va]) if has_val else None
         cache_seconds = time.perf_counter() - start
         model.train()
-        module = DetectionModule(model, loss, m, t.lr, t.weight_decay, frozen, t.channels_last)
-        n_train = len(splits.targets["train"])
-        train_loader = DataLoader(BoxDataset(train_in, splits.targets["train"], t.augment), batch_size=t.batch_size,
+        module = DetectionModule(model, loss, t.lr, t.weight_decay, frozen, t.channels_last, box_weight=m.box_weight,
+                                 w_class=m.w_class, w_l1=m.w_l1, w_giou=m.w_giou, eos_coef=m.eos_coef,
+                                 backbone_lr_factor=m.backbone_lr_factor, grad_clip=m.grad_clip)
+        n_train = len(tr)
+        train_loader = DataLoader(BoxDataset(train_in, [targets[i] for i in tr], t.augment), batch_size=t.batch_size,
                                   shuffle=True, num_workers=0, collate_fn=collate, drop_last=n_train > t.batch_size)
-        val_loader = DataLoader(BoxDataset(val_in, splits.targets["val"], False), batch_size=max(32, t.batch_size),
-                                shuffle=False, num_workers=0, collate_fn=collate) if val_in is not None else None
-        trainer = build_trainer(t, run.path, "val/map_50" if val_loader is not None else None)
-        trainer.fit(module, train_loader, val_loader)
-        train_seconds = time.perf_counter() - start
-        if not trainer.is_global_zero:
+        val_loader = DataLoader(BoxDataset(val_in, [targets[i] for i in va], False), batch_size=max(32, t.batch_size),
+                                shuffle=False, num_workers=0, collate_fn=collate) if has_val else None
+        info = fit_lightning(module, train_loader, val_loader, t, run.path, self.monitor, DetectionModule.mode)
+        if info is None:
             return None
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if val_loader is not None else ""
-        if best:
-            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        train_seconds = time.perf_counter() - start
         model = module.model.to(memory_format=torch.contiguous_format).float().eval()
-        metrics, preds, targets, ips = evaluate_records(model, splits.records["test"], splits.x["test"],
-                                                        splits.class_names, list(splits.image_labels["test"]),
-                                                        m.score_threshold)
-        run.save_model(self.name, m.name, kwargs, model.state_dict(), class_names=splits.class_names,
-                       image_size=recipe.data.image_size, score_threshold=m.score_threshold, loss=loss,
-                       normalisation="inside model: input RGB in [0, 1]", weights_source=weights_source,
-                       box_format="normalised xyxy inside the model; COCO [x, y, w, h] pixels in files")
-        epochs = int(trainer.current_epoch)
-        result = {
-            "task": self.name, "model": m.name, "loss": loss, "head": m.head if m.name == "slot_detector" else "fcos",
-            "backbone": m.backbone, "weights": weights_source, "freeze_backbone": frozen, "num_slots": k,
-            "seed": recipe.seed,
-            "split": {"seed": recipe.data.split_seed, "test_fraction": recipe.data.test_fraction,
-                      "stratified_on": "image class (file-name prefix)",
-                      **{s: int(len(v)) for s, v in splits.targets.items()}},
-            "epochs_run": epochs, "best_checkpoint": Path(best).name if best else "last",
-            "train_seconds": round(train_seconds, 1), "feature_cache_seconds": round(cache_seconds, 1),
-            "train_images_per_second": round(n_train * max(1, epochs) / max(1e-9, train_seconds - cache_seconds), 1),
-            "test_images_per_second": round(ips, 1), "precision": t.precision, "channels_last": t.channels_last,
-            "threads": torch.get_num_threads(),
-            "test": metrics,
-        }
-        run.write_metrics(result)
-        info = {"data": recipe.data.root, "model": m.name, "loss": loss, "head": result["head"], "backbone": m.backbone,
-                "weights": weights_source, "frozen backbone": frozen, "slots K": k,
-                "split": f"stratified {1 - recipe.data.test_fraction:.0%}/{recipe.data.test_fraction:.0%}, seed {recipe.data.split_seed}",
-                "train / val / test images": " / ".join(str(len(splits.targets.get(s, []))) for s in ("train", "val", "test")),
-                "epochs run": epochs, "train seconds": round(train_seconds, 1),
-                "test images/s (fp32, batch 32)": round(ips, 1)}
+        epochs = info["epochs_run"]
+        info.update(num_slots=k, train_seconds=round(train_seconds, 1), feature_cache_seconds=round(cache_seconds, 1),
+                    train_images_per_second=round(n_train * max(1, epochs) / max(1e-9, train_seconds - cache_seconds), 1),
+                    precision=t.precision, channels_last=t.channels_last, threads=torch.get_num_threads())
+        ckpt = {"model_name": m.name, "model_kwargs": kwargs, "state_dict": model.state_dict(), "class_names": names,
+                "image_size": recipe.data.image_size, "score_threshold": m.score_threshold, "loss": loss,
+                "normalisation": "inside model: input RGB in [0, 1]", "weights_source": weights_source,
+                "box_format": "normalised xyxy inside the model; COCO [x, y, w, h] pixels in files"}
+        return Fitted(model, ckpt, info)
+
+    def run_info(self, recipe: DetectionRecipe, fitted: Fitted) -> dict:
+        m = recipe.model
+        return {"model": m.name, "loss": fitted.checkpoint["loss"], "head": m.head if m.name == "slot_detector" else "fcos",
+                "backbone": m.backbone, "weights": fitted.checkpoint["weights_source"], "freeze_backbone": m.freeze_backbone}
+
+    def predict_samples(self, recipe: DetectionRecipe, fitted: Fitted, samples: Samples, idx: np.ndarray) -> Predictions:
+        """Pixel detections of the images ``idx``; also sets ``fitted.info["test_images_per_second"]``."""
+        start = time.perf_counter()
+        dets = predict_normalised(fitted.model, samples.data["x"][idx])
+        fitted.info["test_images_per_second"] = round(len(idx) / max(1e-9, time.perf_counter() - start), 1)
+        records = [samples.data["records"][i] for i in idx]
+        preds = to_pixels(dets, records)
+        targets = targets_in_pixels(records, samples.class_names)
+        thr = recipe.model.score_threshold
+        table: dict[str, list] = {"pred": [], "n_boxes": [], "top_score": [], "quality": []}
+        for p, tgt in zip(preds, targets):
+            top = int(p["scores"].argmax()) if len(p["scores"]) else None
+            table["pred"].append("" if top is None else samples.class_names[int(p["labels"][top])])
+            table["n_boxes"].append(int((p["scores"] >= thr).sum()))
+            table["top_score"].append(0.0 if top is None else float(p["scores"][top]))
+            table["quality"].append(per_image_quality(p, tgt, thr))
+        return Predictions(table, preds)
+
+    def compute_metrics(self, recipe: DetectionRecipe, samples: Samples, idx: np.ndarray, preds: Predictions) -> dict:
+        records = [samples.data["records"][i] for i in idx]
+        return detection_metrics(preds.raw, targets_in_pixels(records, samples.class_names),
+                                 [(r.width, r.height) for r in records], [int(v) for v in samples.labels[idx]],
+                                 samples.class_names, recipe.model.score_threshold)
+
+    def write_report(self, run: RunFolder, recipe: DetectionRecipe, samples: Samples, idx: np.ndarray,
+                     preds: Predictions, metrics: dict, info: dict) -> None:
+        m = recipe.model
+        loss = "fcos" if m.name == "fcos_lite" else m.loss
+        records = [samples.data["records"][i] for i in idx]
+        head = {"model": m.name, "loss": loss, "head": m.head if m.name == "slot_detector" else "fcos",
+                "backbone": m.backbone, "frozen backbone": m.freeze_backbone}
         write_detection_report(run, f"defectscope {self.name}: {m.name} ({loss}) on {Path(recipe.data.root).name}",
-                               metrics, info, splits.records["test"], preds, targets, splits.class_names, m.score_threshold)
-        return result
+                               metrics, {**head, **info}, records, preds.raw, targets_in_pixels(records, samples.class_names),
+                               samples.class_names, m.score_threshold)
 
     def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
         """Evaluate a trained run on every annotated image of ``data`` (VOC folder or COCO .json).
@@ -681,11 +590,18 @@ class DetectionTask:
                 score_threshold: float | None = None, **options) -> dict:
         """Detect defects in image files (folders are expanded); unreadable files are skipped and reported.
 
-        Writes ``out`` as COCO JSON: ``images`` (full paths, own sizes), ``categories`` and ``annotations``
-        with ``bbox`` = ``[x, y, w, h]`` pixels of the image's own size and a ``score``; only
-        detections with ``score >= score_threshold`` (default: the run's). ``info`` lists skipped files.
-        With ``save_images``, images with the boxes drawn go to ``<out without suffix>_images/``.
+        Writes ``out`` (default ``boxes.json``) as COCO JSON: ``images`` (full paths, own sizes),
+        ``categories`` and ``annotations`` with ``bbox`` = ``[x, y, w, h]`` pixels of the image's
+        own size and a ``score``; only detections with ``score >= score_threshold`` (default: the
+        run's). ``info`` lists skipped files. With ``save_images``, images with the boxes drawn go
+        to ``<out without suffix>_images/``.
+
+        Raises:
+            ConfigError: an option this task does not support.
+            RunError: no usable ``model.ckpt`` in ``run_dir``.
+            FileNotFoundError: an input path does not exist.
         """
+        self.check_predict_options(options)
         model, payload = load_detector(run_dir)
         names, size = payload["class_names"], payload["image_size"]
         thr = payload["score_threshold"] if score_threshold is None else score_threshold
