@@ -90,10 +90,24 @@ class EvalConfig(StrictModel):
             (paper 000, section 5.1), see :mod:`defectscope.engine.pipeline`.
         group_by: a metadata column or a regular expression on sample ids; samples with the
             same key never span two folds (views of one part, frames of one weld run).
+        escape_rate_targets: target escape rates (share of defective parts accepted) for which
+            operating points are chosen on the validation part or out-of-fold predictions
+            (tasks with an OK-vs-defective decision; see :mod:`defectscope.evaluation.decisions`).
+        decision_target: the target whose threshold ``predict`` / ``serve`` / ``inspect`` apply
+            (``accept`` / ``reject``); default the first of ``escape_rate_targets``.
     """
 
     folds: int = Field(1, ge=1)
     group_by: str | None = None
+    escape_rate_targets: list[float] = [0.05, 0.01, 0.001]
+    decision_target: float | None = None
+
+    @field_validator("escape_rate_targets")
+    @classmethod
+    def _rates(cls, v: list[float]) -> list[float]:
+        if not v or any(not (0 < t < 1) for t in v):
+            raise ValueError("every target escape rate must be in (0, 1), e.g. [0.05, 0.01]")
+        return v
 
 
 class ClassifierTrainConfig(TrainConfig):

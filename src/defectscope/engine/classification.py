@@ -33,7 +33,7 @@ from defectscope.data.images import (
     load_stack,
     resize_uint8,
 )
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, report_sections
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
 from defectscope.engine.trainer import fit_lightning, report_training_curves
@@ -57,6 +57,9 @@ class ClassificationData(StrictModel):
         split_seed: seed of the stratified split.
         max_per_class: keep at most this many images per class (small subsets for
             quick runs and tests); chosen with ``split_seed``.
+        ok_class: the class of good parts; with it, runs report operating points (threshold
+            for a target escape rate on the defect score ``1 - p(ok)``) and ``predict`` adds
+            ``accept`` / ``reject``. Default: a class named good / ok / normal, if there is one.
     """
 
     root: str
@@ -65,6 +68,7 @@ class ClassificationData(StrictModel):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
     max_per_class: int | None = Field(None, ge=2)
+    ok_class: str | None = None
 
 
 class ClassificationModelConfig(StrictModel):
@@ -169,14 +173,15 @@ def write_classification_report(run: RunFolder, title: str, metrics: dict, y_tru
                                 class_names: list[str], info: dict, prefix: str = "", baseline_note: str | None = None) -> None:
     """Report with the metrics table, per-class table, confusion matrix, ROC and training curves.
 
-    ``info["crossval"]`` (from the pipeline) adds the fold table (mean +- std, pooled).
+    ``info["crossval"]`` / ``info["decisions"]`` (from the pipeline) add the fold table (mean +-
+    std, pooled) and the "Decisions" section (operating points, reliability diagram).
     """
     rep = Report(title)
-    cv = info.pop("crossval", None) if isinstance(info, dict) else None
+    info = dict(info)
+    cv = info.pop("crossval", None)
+    dec = info.pop("decisions", None)
     rep.kv("Run", info)
-    if cv:
-        rep.table("Cross-validation: held-out figures per fold", crossval_table(
-            {**cv, "pooled": metrics}, ["n", "accuracy", "weighted_f1", "macro_f1", "macro_auroc"]))
+    report_sections(rep, run, {"crossval": cv}, ["n", "accuracy", "weighted_f1", "macro_f1", "macro_auroc"])
     what = "pooled out-of-fold predictions" if cv else "the held-out split"
     rep.kv("Test metrics" if not cv else "Pooled out-of-fold metrics",
            {k: metrics[k] for k in ("n", "accuracy", "weighted_precision", "weighted_recall",
@@ -191,7 +196,36 @@ def write_classification_report(run: RunFolder, title: str, metrics: dict, y_tru
         report_training_curves(rep, run, "Training loss and validation scores per epoch")
     if baseline_note:
         rep.text(baseline_note)
+    report_sections(rep, run, {"decisions": dec})
     rep.write(run.report_path)
+
+
+OK_NAMES = ("good", "ok", "normal", "pass", "no_defect")
+
+
+def find_ok_class(class_names: list[str], ok_class: str | None) -> str | None:
+    """The OK class: ``ok_class`` if given (must be a class), else a class named good / ok / normal.
+
+    Raises:
+        ConfigError: ``ok_class`` is not one of ``class_names``.
+    """
+    from defectscope.config import ConfigError
+
+    if ok_class is not None:
+        if ok_class not in class_names:
+            raise ConfigError(f"data.ok_class: {ok_class!r} is not a class of the data ({', '.join(class_names)})")
+        return ok_class
+    return next((c for c in class_names if c.lower() in OK_NAMES), None)
+
+
+def scale_probs(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature scaling of probabilities ``[N, K]``: ``softmax(log p / T)`` (= ``softmax(z / T)`` of the logits)."""
+    if temperature == 1.0 or len(probs) == 0:
+        return probs
+    z = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class ClassificationTask(TaskHooks):
@@ -246,6 +280,24 @@ class ClassificationTask(TaskHooks):
     def compute_metrics(self, recipe, samples: Samples, idx: np.ndarray, preds: Predictions) -> dict:
         return classification_metrics(samples.labels[idx], preds.raw, samples.class_names)
 
+    def decision_scores(self, recipe: ClassificationRecipe, samples: Samples, idx: np.ndarray,
+                        preds: Predictions) -> tuple[np.ndarray, np.ndarray] | None:
+        ok = find_ok_class(samples.class_names, recipe.data.ok_class)
+        if ok is None:
+            return None
+        k = samples.class_names.index(ok)
+        return samples.labels[idx] != k, 1.0 - np.asarray(preds.raw)[:, k]
+
+    def class_probs(self, preds: Predictions) -> np.ndarray | None:
+        return np.asarray(preds.raw)
+
+    def ok_class_of(self, recipe: ClassificationRecipe, samples: Samples) -> str | None:
+        """The OK class of the run (recorded with the decision threshold)."""
+        return find_ok_class(samples.class_names, recipe.data.ok_class)
+
+    def with_temperature(self, preds: Predictions, temperature: float) -> Predictions:
+        return Predictions(preds.table, scale_probs(np.asarray(preds.raw), temperature))
+
     def write_report(self, run: RunFolder, recipe: ClassificationRecipe, samples: Samples, idx: np.ndarray,
                      preds: Predictions, metrics: dict, info: dict) -> None:
         write_classification_report(run, f"defectscope {self.name}: {recipe.model.name} on {Path(recipe.data.root).name}",
@@ -270,8 +322,10 @@ class ClassificationTask(TaskHooks):
     def predict(self, run_dir: Path, inputs: list[Path], out: Path, **options) -> dict:
         """Classify image files (folders are expanded); unreadable files are skipped and reported.
 
-        Writes ``out`` as CSV: ``file, class, prob_<name>..., error`` (one row per file;
-        skipped files have an empty class and the error message).
+        Writes ``out`` as CSV: ``file, class, prob_<name>..., [defect_score, decision,] error`` (one
+        row per file; skipped files have an empty class and the error message). Probabilities are
+        temperature-scaled when the run was calibrated; ``decision`` (``accept`` / ``reject``) uses
+        the run's stored threshold when it has an OK class.
         """
         self.check_predict_options(options)
         model, payload = load_classifier(run_dir)
@@ -285,13 +339,21 @@ class ClassificationTask(TaskHooks):
             arrays.append(resize_uint8(img, size).transpose(2, 0, 1))
             ok_files.append(f)
         probs = predict_probs(model, np.stack(arrays)) if arrays else np.zeros((0, len(names)))
+        probs = scale_probs(probs, float(payload.get("temperature", 1.0)))
+        dec = payload.get("decision")
+        ok = dec.get("ok_class") if dec else None
+        extra = ["defect_score", "decision"] if ok in names else []
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["file", "class", *[f"prob_{n}" for n in names], "error"])
+        w.writerow(["file", "class", *[f"prob_{n}" for n in names], *extra, "error"])
         for f, p in zip(ok_files, probs):
-            w.writerow([str(f), names[int(p.argmax())], *[f"{v:.6f}" for v in p], ""])
+            more = []
+            if extra:
+                score = 1.0 - float(p[names.index(ok)])
+                more = [f"{score:.6f}", "reject" if score >= dec["threshold"] else "accept"]
+            w.writerow([str(f), names[int(p.argmax())], *[f"{v:.6f}" for v in p], *more, ""])
         for f, err in skipped:
-            w.writerow([str(f), "", *[""] * len(names), err])
+            w.writerow([str(f), "", *[""] * len(names), *[""] * len(extra), err])
         write_text(out, buf.getvalue())
         return {"predicted": len(ok_files), "skipped": skipped, "out": str(out)}
 

@@ -186,6 +186,20 @@ class TaskHooks:
                      preds: Predictions, metrics: dict, info: dict) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def decision_scores(self, recipe: BaseRecipe, samples: Samples, idx: np.ndarray,
+                        preds: Predictions) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(is_defective bool [n], score float [n])`` of predicted samples for the OK-vs-defective
+        decision (higher score = more likely defective), or ``None`` for tasks without one."""
+        return None
+
+    def class_probs(self, preds: Predictions) -> np.ndarray | None:
+        """Class probabilities ``[n, K]`` of the predictions for calibration, or ``None``."""
+        return None
+
+    def with_temperature(self, preds: Predictions, temperature: float) -> Predictions:
+        """The predictions with temperature-scaled class probabilities (default: unchanged)."""
+        return preds
+
     def run_info(self, recipe: BaseRecipe, fitted: Fitted) -> dict:
         """Task facts for ``metrics.json`` beside the pipeline's (model name, backbone, weights)."""
         return {}
@@ -309,6 +323,7 @@ def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict
     preds = task.predict_samples(recipe, fitted, samples, test)
     infer_seconds = time.perf_counter() - t0
     metrics = task.compute_metrics(recipe, samples, test, preds)
+    decisions = _decisions(task, recipe, samples, parts, fitted, preds, metrics)
     run.save_model(task.name, **fitted.checkpoint)
     sizes = {k: int(len(v)) for k, v in parts.items()}
     result = {
@@ -325,8 +340,94 @@ def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict
     result.update({k: v for k, v in (extra or {}).items() if k != "split"})
     run.write_metrics(result)
     info = {"data": samples.description, "split": result["split"], **fitted.info}
+    if decisions:
+        info["decisions"] = decisions
     task.write_report(run, recipe, samples, test, preds, metrics, info)
     return result, preds
+
+
+def _decisions(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict[str, np.ndarray], fitted: Fitted,
+               preds: Predictions, metrics: dict) -> dict | None:
+    """Calibration (temperature on the validation part) and operating points (chosen on validation).
+
+    Writes ``metrics["calibration"]`` and ``metrics["operating_points"]`` and the checkpoint's
+    ``temperature`` and ``decision`` (threshold used by predict / serve). Never reads the test
+    part to choose anything: the test predictions only re-measure. Returns what the report's
+    "Decisions" section draws, or ``None`` when the task has no decision and no probabilities.
+    """
+    from defectscope.evaluation.calibration import calibrate, logits_from_probs
+
+    val = parts.get("val")
+    test = parts["test"]
+    has_dec = task.decision_scores(recipe, samples, test, preds) is not None
+    probs = task.class_probs(preds)
+    if not has_dec and probs is None:
+        return None
+    if val is None or len(val) == 0:
+        metrics["operating_points_note"] = ("no validation part (train.val_fraction = 0): thresholds and calibration "
+                                            "need one, or use --folds for out-of-fold operating points")
+        return None
+    val_preds = task.predict_samples(recipe, fitted, samples, val)
+    out: dict = {"chosen_on": "validation"}
+    vprobs = task.class_probs(val_preds)
+    if probs is not None and vprobs is not None:
+        cal = calibrate(logits_from_probs(vprobs), samples.labels[val], logits_from_probs(probs), samples.labels[test])
+        metrics["calibration"] = cal
+        fitted.checkpoint["temperature"] = float(cal["temperature"])
+        out.update(calibration=cal, probs_before=probs, y_true=samples.labels[test])
+        val_preds = task.with_temperature(val_preds, cal["temperature"])
+        preds_t = task.with_temperature(preds, cal["temperature"])
+        out["probs_after"] = task.class_probs(preds_t)
+    else:
+        preds_t = preds
+    vd = task.decision_scores(recipe, samples, val, val_preds)
+    td = task.decision_scores(recipe, samples, test, preds_t)
+    if vd is None or td is None:
+        return out
+    ev = getattr(recipe, "eval", None)
+    targets = list(ev.escape_rate_targets) if ev else [0.05, 0.01, 0.001]
+    if not vd[0].any() or vd[0].all():
+        metrics["operating_points_note"] = "the validation part holds only one kind (good or defective): no operating points"
+        return out
+    from defectscope.evaluation.decisions import operating_points
+
+    points = operating_points(vd[1], vd[0], targets, test_scores=td[1], test_defective=td[0])
+    metrics["operating_points"] = points
+    chosen = (ev.decision_target if ev and ev.decision_target else targets[0])
+    point = min(points, key=lambda p: abs(p["target_escape_rate"] - chosen))
+    fitted.checkpoint["decision"] = {k: point[k] for k in ("target_escape_rate", "threshold", "escape_rate_upper_95",
+                                                           "false_call_rate", "n_defective_used")}
+    ok = getattr(task, "ok_class_of", lambda r, s: None)(recipe, samples)
+    if ok is not None:
+        fitted.checkpoint["decision"]["ok_class"] = ok
+    out.update(points=points, val=vd, test=td)
+    return out
+
+
+def report_sections(rep, run: RunFolder, info: dict, keys: list[str] | None = None) -> None:
+    """Add the pipeline's report sections: the cross-validation fold table and the "Decisions" section.
+
+    Every task's ``write_report`` calls it before writing (``info`` as the pipeline passed it;
+    ``keys``: the metrics shown per fold).
+    """
+    cv = info.get("crossval")
+    if cv and keys:
+        rep.table("Cross-validation: held-out figures per fold", crossval_table(cv, keys))
+    dec = info.get("decisions")
+    if not dec:
+        return
+    from defectscope.evaluation.decision_report import add_decisions_section
+
+    if "points" in dec:
+        add_decisions_section(rep, run.path, dec["val"][0], dec["val"][1], dec["points"],
+                              test_defective=dec["test"][0], test_scores=dec["test"][1],
+                              calibration=dec.get("calibration"), probs_before=dec.get("probs_before"),
+                              probs_after=dec.get("probs_after"), y_true=dec.get("y_true"),
+                              chosen_on=dec.get("chosen_on", "validation"))
+    elif dec.get("calibration"):
+        add_decisions_section(rep, run.path, np.zeros(0, bool), np.zeros(0), [], calibration=dec["calibration"],
+                              probs_before=dec.get("probs_before"), probs_after=dec.get("probs_after"),
+                              y_true=dec.get("y_true"))
 
 
 def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_by: str | None = None,
@@ -422,6 +523,15 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
     idx = np.concatenate(order)
     pooled_preds = task.pool(fold_preds)
     pooled = task.compute_metrics(recipe, samples, idx, pooled_preds)
+    decisions = None
+    dec = task.decision_scores(recipe, samples, idx, pooled_preds)
+    if dec is not None and dec[0].any() and not dec[0].all():
+        from defectscope.evaluation.decisions import operating_points
+
+        ev = getattr(recipe, "eval", None)
+        points = operating_points(dec[1], dec[0], list(ev.escape_rate_targets) if ev else [0.05, 0.01, 0.001])
+        pooled["operating_points"] = points
+        decisions = {"points": points, "val": dec, "test": (None, None), "chosen_on": "out-of-fold predictions"}
     mean, std = mean_std(fold_metrics)
     result = {
         "task": task.name,
@@ -442,7 +552,8 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
     info = {"data": samples.description, "protocol": f"stratified {folds}-fold cross-validation, seed {recipe.seed}"
             + (f", grouped by {group_by!r}" if group_by else ""), "samples": len(idx)}
     task.write_report(run, recipe, samples, idx, pooled_preds, pooled,
-                      {**info, "crossval": {"folds": fold_metrics, "mean": mean, "std": std}})
+                      {**info, "crossval": {"folds": fold_metrics, "mean": mean, "std": std, "pooled": pooled},
+                       **({"decisions": decisions} if decisions else {})})
     return result
 
 
