@@ -222,7 +222,7 @@ def load_mask_samples(data: SegmentationData) -> Samples:
     chosen = train + test
     has_test = bool(test)
     extra_keys = list(dict.fromkeys(k for it in chosen for k in it.extra))
-    blocks = [f"{it.split}:{i // BLOCK_ROWS}" for part in (train, test) for i, it in enumerate(part)]
+    blocks = [f"{it.split}:{i // BLOCK_ROWS:04d}" for part in (train, test) for i, it in enumerate(part)]
     columns = {"id": [it.id for it in chosen], "split": [it.split for it in chosen],
                **{k: [it.extra.get(k, "") for it in chosen] for k in extra_keys}, f"block{BLOCK_ROWS}": blocks}
     labels = np.array([int(it.defective) for it in chosen], dtype=int)
