@@ -228,6 +228,25 @@ def resize_uint8(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
 
 
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given, folders expanded to their image files (sorted, recursive; :data:`IMAGE_SUFFIXES`).
+
+    Used by every task's ``predict``.
+
+    Raises:
+        FileNotFoundError: an input path does not exist (named).
+    """
+    files: list[Path] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
 def iter_images(files: list[Path]) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
     """Decode image files one at a time for ``predict``, format warnings silenced.
 

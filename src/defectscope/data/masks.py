@@ -4,7 +4,11 @@ Layout::
 
     <root>/images/NNN.jpg     grey (or RGB) images
     <root>/masks/NNN.png      0/255 masks of the same size (0: good, 255: defect)
-    <root>/manifest.csv       id,split,defective[,...]  (KolektorSDD: train 320 / val 79)
+    <root>/manifest.csv       id,[split,]defective[,...]  (KolektorSDD: train 320 / val 79)
+
+The ``split`` column is optional: without it every row has ``split == ""`` and the task splits the
+images itself. Further columns (KolektorSDD: n_polygons, mask_pixels, width, height) are kept as
+text in :attr:`MaskedImage.extra`.
 
 Images are returned as ``uint8`` RGB (grey repeated), masks as ``uint8`` 0/1.
 Resizing for the network: images bilinear, masks by area (box filter) then
@@ -15,7 +19,7 @@ original pixels under it are.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,7 @@ from PIL import Image
 
 from defectscope.data.images import DatasetError, ImageReadError, load_image, resize_uint8
 
-MANIFEST_FIELDS = ("id", "split", "defective")
+MANIFEST_FIELDS = ("id", "defective")  # required; "split" is optional
 #: ``split`` values :func:`read_manifest` accepts unless told otherwise.
 MANIFEST_SPLITS = ("train", "val", "test")
 
@@ -36,8 +40,9 @@ class MaskedImage:
         id: the manifest id (file stem), e.g. ``"005"``.
         image: image file.
         mask: mask file (PNG, 0/255).
-        split: manifest split (``train``/``val``/...).
+        split: manifest split (``train``/``val``/...); ``""`` when the manifest has no split column.
         defective: manifest flag (the mask is non-empty).
+        extra: the row's other manifest columns, as text (not part of equality or hash).
     """
 
     id: str
@@ -45,6 +50,7 @@ class MaskedImage:
     mask: Path
     split: str
     defective: bool
+    extra: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
 def read_manifest(root: str | Path, splits: tuple[str, ...] | None = MANIFEST_SPLITS) -> list[MaskedImage]:
@@ -64,7 +70,7 @@ def read_manifest(root: str | Path, splits: tuple[str, ...] | None = MANIFEST_SP
     root = Path(root)
     man = root / "manifest.csv"
     if not man.is_file():
-        raise DatasetError(f"{man}: manifest not found (expected id,split,defective columns; KolektorSDD layout)")
+        raise DatasetError(f"{man}: manifest not found (expected id,[split,]defective columns; KolektorSDD layout)")
     try:
         return _read_manifest_rows(root, man, splits)
     except UnicodeDecodeError as exc:
@@ -86,7 +92,8 @@ def _read_manifest_rows(root: Path, man: Path, splits: tuple[str, ...] | None) -
                 raise DatasetError(f"{where}: field 'defective' must be 0 or 1, got {row['defective']!r}")
             if not isinstance(row["id"], str) or not row["id"].strip() or "/" in row["id"] or "\\" in row["id"]:
                 raise DatasetError(f"{where}: field 'id' must be a file stem (no folder), got {row['id']!r}")
-            if not row["split"] or (splits is not None and row["split"] not in splits):
+            has_split = "split" in (reader.fieldnames or [])
+            if has_split and (not row["split"] or (splits is not None and row["split"] not in splits)):
                 raise DatasetError(f"{where}: field 'split' is {row['split']!r}; expected one of {list(splits or ['a non-empty value'])}")
             img = _find_image(root / "images", row["id"])
             if img is None:
@@ -94,10 +101,25 @@ def _read_manifest_rows(root: Path, man: Path, splits: tuple[str, ...] | None) -
             mask = root / "masks" / f"{row['id']}.png"
             if not mask.is_file():
                 raise DatasetError(f"{where}: mask file {mask} missing")
-            items.append(MaskedImage(row["id"], img, mask, row["split"], row["defective"] == "1"))
+            extra = {k: v for k, v in row.items() if k not in ("id", "split", "defective") and k is not None}
+            items.append(MaskedImage(row["id"], img, mask, row.get("split") or "", row["defective"] == "1", extra))
     if not items:
         raise DatasetError(f"{man}: no rows")
     return items
+
+
+def manifest_has_split(root: str | Path) -> bool:
+    """Whether ``root/manifest.csv`` has a ``split`` column (reads only the header line).
+
+    Raises:
+        DatasetError: the manifest is missing.
+    """
+    man = Path(root) / "manifest.csv"
+    if not man.is_file():
+        raise DatasetError(f"{man}: manifest not found (expected id,[split,]defective columns; KolektorSDD layout)")
+    with man.open(newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    return "split" in header
 
 
 def _find_image(folder: Path, stem: str) -> Path | None:
@@ -170,3 +192,44 @@ def load_masked_stack(items: list[MaskedImage], size: tuple[int, int], progress:
         x[i] = resize_uint8(img, (h, w)).transpose(2, 0, 1)
         y[i, 0] = resize_mask(mask, (h, w))
     return x, y
+
+
+class MaskStack:
+    """Images and masks of ``items``, resized to ``size``, decoded on first use and then kept.
+
+    A task's samples hold one stack; training, prediction and reports ask it for the positions they
+    need, so images nobody asks for are never read (cross-validation on KolektorSDD's train split
+    never decodes the val images).
+
+    Args:
+        items: from :func:`read_manifest`.
+        size: ``(H, W)`` of the network input.
+
+    Attributes:
+        loaded: ``[N]`` bool, which positions have been decoded.
+    """
+
+    def __init__(self, items: list[MaskedImage], size: tuple[int, int]) -> None:
+        self.items = list(items)
+        self.size = tuple(size)
+        h, w = self.size
+        self.x = np.zeros((len(self.items), 3, h, w), dtype=np.uint8)
+        self.y = np.zeros((len(self.items), 1, h, w), dtype=np.uint8)
+        self.loaded = np.zeros(len(self.items), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, idx: np.ndarray | list[int], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(x uint8 [n, 3, H, W], y uint8 [n, 1, H, W])`` of positions ``idx`` (copies, in that order).
+
+        Raises:
+            ImageReadError: as :func:`load_masked_stack` (unreadable file, image/mask size mismatch).
+        """
+        idx = np.asarray(idx, dtype=int).reshape(-1)
+        todo = np.unique(idx[~self.loaded[idx]])
+        if len(todo):
+            x, y = load_masked_stack([self.items[i] for i in todo], self.size, progress=progress)
+            self.x[todo], self.y[todo] = x, y
+            self.loaded[todo] = True
+        return self.x[idx], self.y[idx]

@@ -26,9 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from defectscope.config import BaseRecipe, ClassifierTrainConfig, StrictModel
-from defectscope.data.images import (
-    IMAGE_SUFFIXES,
+from defectscope.data.images import (  # noqa: F401  (expand_inputs: re-exported for older imports)
     discover_labelled_images,
+    expand_inputs,
     iter_images,
     load_stack,
     resize_uint8,
@@ -356,23 +356,6 @@ class ClassificationTask(TaskHooks):
             w.writerow([str(f), "", *[""] * len(names), *[""] * len(extra), err])
         write_text(out, buf.getvalue())
         return {"predicted": len(ok_files), "skipped": skipped, "out": str(out)}
-
-
-def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted, recursive).
-
-    Raises:
-        FileNotFoundError: an input path does not exist.
-    """
-    files: list[Path] = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.exists():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    return files
 
 
 register_task(ClassificationTask())
