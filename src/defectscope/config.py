@@ -127,6 +127,32 @@ class ClassifierTrainConfig(TrainConfig):
     class_balance: Literal["auto", "on", "off"] = "auto"
 
 
+class ClassificationData(StrictModel):
+    """Where the labelled images are and how they are split (image-classification tasks:
+    ``classification``, ``multicnn``).
+
+    Attributes:
+        root: data folder (NEU prefix layout or class-per-folder).
+        layout: ``auto``, ``prefix`` or ``folder``.
+        image_size: side in pixels the images are resized to (square).
+        test_fraction: held-out share per class.
+        split_seed: seed of the stratified split.
+        max_per_class: keep at most this many images per class (small subsets for
+            quick runs and tests); chosen with ``split_seed``.
+        ok_class: the class of good parts; with it, runs report operating points (threshold
+            for a target escape rate on the defect score ``1 - p(ok)``) and ``predict`` adds
+            ``accept`` / ``reject``. Default: a class named good / ok / normal, if there is one.
+    """
+
+    root: str
+    layout: Literal["auto", "prefix", "folder"] = "auto"
+    image_size: int = Field(200, ge=16)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+    max_per_class: int | None = Field(None, ge=2)
+    ok_class: str | None = None
+
+
 class BaseRecipe(StrictModel):
     """Top-level keys every recipe has; tasks subclass it with ``data`` and ``model``."""
 

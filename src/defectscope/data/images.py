@@ -300,3 +300,60 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
     return files
+
+
+@dataclass
+class LabelledImages:
+    """A decoded labelled image collection (see :func:`load_labelled_samples`).
+
+    Attributes:
+        files: ``N`` image files, in discovery order.
+        labels: ``[N]`` int class indices into ``class_names``.
+        class_names: class names in index order.
+        x: ``uint8 [N, 3, S, S]`` images resized to ``S x S``.
+        layout: the layout used (``prefix`` or ``folder``).
+        description: one line naming the folder, layout, image and class counts.
+    """
+
+    files: list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+    x: np.ndarray
+    layout: str
+    description: str
+
+
+def load_labelled_samples(root: str | Path, image_size: int, layout: str = "auto", max_per_class: int | None = None,
+                          subset_seed: int = 0, progress: bool = False) -> LabelledImages:
+    """Discover the labelled images of ``root``, keep at most ``max_per_class`` per class, decode them.
+
+    Shared by every image-classification task (``classification``, ``multicnn``).
+
+    Args:
+        root: data folder (see :func:`discover_labelled_images`).
+        image_size: side ``S`` in pixels of the decoded square images.
+        layout: ``auto``, ``prefix`` or ``folder``.
+        max_per_class: keep at most this many images per class (``None``: all), chosen at random
+            with ``subset_seed`` and kept in discovery order.
+        subset_seed: seed of that choice.
+        progress: show a progress bar while decoding.
+
+    Returns:
+        :class:`LabelledImages`.
+
+    Raises:
+        DatasetError: bad folder or layout (named).
+        ImageReadError: a corrupt image (named).
+    """
+    items, class_names, layout_used = discover_labelled_images(root, layout)
+    labels = np.array([it.label for it in items])
+    if max_per_class:
+        rng = np.random.default_rng(subset_seed)
+        keep = np.sort(np.concatenate([
+            rng.permutation(np.flatnonzero(labels == c))[:max_per_class] for c in range(len(class_names))
+        ]))
+        items, labels = [items[i] for i in keep], labels[keep]
+    files = [it.path for it in items]
+    x = load_stack(files, image_size, progress=progress)
+    return LabelledImages(files, labels, list(class_names), x, layout_used,
+                          f"{root} ({layout_used} layout, {len(files)} images, {len(class_names)} classes)")

@@ -25,11 +25,12 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defectscope.config import BaseRecipe, ClassifierTrainConfig, StrictModel
+from defectscope.config import BaseRecipe, ClassificationData, ClassifierTrainConfig, StrictModel  # noqa: F401 (ClassificationData re-exported)
 from defectscope.data.images import (  # noqa: F401  (expand_inputs: re-exported for older imports)
     discover_labelled_images,
     expand_inputs,
     iter_images,
+    load_labelled_samples,
     load_stack,
     resize_uint8,
 )
@@ -44,31 +45,6 @@ from defectscope.models import create_model
 from defectscope.models.classifier.lightning_model import ImageClassifierModule
 from defectscope.models.training import build_loss, random_flips, to_float, to_model_input, warmup_cosine  # noqa: F401
 from defectscope.utils.io import write_text
-
-
-class ClassificationData(StrictModel):
-    """Where the images are and how they are split.
-
-    Attributes:
-        root: data folder (NEU prefix layout or class-per-folder).
-        layout: ``auto``, ``prefix`` or ``folder``.
-        image_size: side in pixels the images are resized to (square).
-        test_fraction: held-out share per class.
-        split_seed: seed of the stratified split.
-        max_per_class: keep at most this many images per class (small subsets for
-            quick runs and tests); chosen with ``split_seed``.
-        ok_class: the class of good parts; with it, runs report operating points (threshold
-            for a target escape rate on the defect score ``1 - p(ok)``) and ``predict`` adds
-            ``accept`` / ``reject``. Default: a class named good / ok / normal, if there is one.
-    """
-
-    root: str
-    layout: Literal["auto", "prefix", "folder"] = "auto"
-    image_size: int = Field(200, ge=16)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int = 0
-    max_per_class: int | None = Field(None, ge=2)
-    ok_class: str | None = None
 
 
 class ClassificationModelConfig(StrictModel):
@@ -106,24 +82,16 @@ class ClassificationRecipe(BaseRecipe):
 def load_labelled(data: ClassificationData, progress: bool = False) -> Samples:
     """Discover the labelled images of ``data.root`` (subset by ``max_per_class``) and decode them.
 
+    A thin wrapper of :func:`defectscope.data.images.load_labelled_samples`.
+
     Returns:
         :class:`Samples` whose ``data`` is ``{"x": uint8 [N, 3, S, S]}`` (``S = data.image_size``).
 
     Raises:
         DatasetError / ImageReadError: bad folder or a corrupt image (named).
     """
-    items, class_names, layout = discover_labelled_images(data.root, data.layout)
-    labels = np.array([it.label for it in items])
-    if data.max_per_class:
-        rng = np.random.default_rng(data.split_seed)
-        keep = np.sort(np.concatenate([
-            rng.permutation(np.flatnonzero(labels == c))[: data.max_per_class] for c in range(len(class_names))
-        ]))
-        items, labels = [items[i] for i in keep], labels[keep]
-    files = [it.path for it in items]
-    x = load_stack(files, data.image_size, progress=progress)
-    return Samples([str(f) for f in files], labels, list(class_names), {"x": x},
-                   description=f"{data.root} ({layout} layout, {len(files)} images, {len(class_names)} classes)")
+    d = load_labelled_samples(data.root, data.image_size, data.layout, data.max_per_class, data.split_seed, progress)
+    return Samples([str(f) for f in d.files], d.labels, d.class_names, {"x": d.x}, description=d.description)
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:

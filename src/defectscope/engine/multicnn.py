@@ -1,4 +1,4 @@
-"""The ``multicnn`` task: multi-CNN feature fusion classifier (paper 003).
+"""The ``multicnn`` task: multi-CNN feature fusion classifier (paper 003), on the shared pipeline.
 
 Recipe (``task: multicnn``)::
 
@@ -9,32 +9,37 @@ Recipe (``task: multicnn``)::
     train:   {epochs: 3, batch_size: 16, lr: 1.0e-3, lr_end: 1.0e-4, loss: ce}     # each member
     fusion:  {epochs: 50, batch_size: 40, lr: 1.0e-3, lr_end: 1.0e-4, dropout: 0.5}
 
-Protocol (paper 003, sections 2.4 and 3):
+Protocol (paper 003, sections 2.4 and 3), for the training part the pipeline hands over (the
+single split's, or each cross-validation fold's; ``train.val_fraction`` of it is the validation
+part):
 
 1. Each member (a registry backbone + global pooling + dropout 0.5 + linear) is
    fine-tuned with its first ``freeze`` stages/layers frozen, RMSprop with the
    learning rate decaying exponentially from ``lr`` to ``lr_end`` over the run,
    cross-entropy, and online augmentation (horizontal/vertical flips, rotation by
-   an arbitrary angle, colour change). The checkpoint with the best validation
-   weighted F1 is kept; each member is a complete ``classification`` run folder
-   under ``RUN/members/<name>``.
+   an arbitrary angle, colour change)
+   (:class:`~defectscope.models.multicnn.lightning_model.MemberModule`). The checkpoint
+   with the best validation weighted F1 (``val/weighted_f1``, max) is kept; each member is
+   a complete ``classification`` run folder under ``RUN/members/<name>``.
 2. Feature fusion: the fine-tuned extractors are frozen, their pooled features
    (cached on disk, see :mod:`defectscope.models.multicnn.feature_cache`) are
-   concatenated in member order and only dropout + linear is trained (best
-   validation epoch kept).
+   concatenated in member order and only dropout + linear is trained; the epoch with the
+   best validation weighted F1 (ties: lower validation loss) is kept
+   (:func:`~defectscope.models.multicnn.lightning_model.train_fusion_head`).
 3. Late fusion: the members' softmax probabilities are averaged.
 
-The held-out test split is used once at the end. ``metrics.json`` holds the
-fused model under ``test`` and one entry per single model plus ``late_fusion``
-under ``members``; ``comparison`` is the Tables 2-3 layout.
+The held-out part is predicted once, after training. ``metrics.json`` ``test`` holds the
+fused model's figures, ``test.members`` one entry per single model plus ``late_fusion``, and
+``test.comparison`` the Tables 2-3 layout; the top-level ``members`` holds each member's
+training facts (freezing, epochs, seconds). With ``--folds K`` the same figures are pooled over
+the out-of-fold predictions (``crossval.json`` ``pooled``) and averaged over folds
+(``mean`` / ``std``, e.g. ``members.lite0.weighted_f1``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -46,41 +51,34 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defectscope.config import BaseRecipe, ClassifierTrainConfig, StrictModel
-from defectscope.engine.classification import (
-    ClassificationData,
-    ClassificationModelConfig,
-    ClassificationRecipe,
-    ClassificationTask,
-    ImageClassifierModule,
-    random_flips,
-    to_float,
-    write_classification_report,
-)
-from defectscope.data.images import discover_labelled_images, load_stack
-from defectscope.data.splits import stratified_split, write_file_list
+from defectscope.config import BaseRecipe, ClassificationData, ClassifierTrainConfig, StrictModel, TrainConfig
+from defectscope.data.images import load_labelled_samples
+from defectscope.data.splits import write_file_list
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
 from defectscope.engine.run import RunFolder
-from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import build_trainer, csv_log_path, set_threads
+from defectscope.engine.tasks import get_task, register_task
+from defectscope.engine.trainer import csv_log_path, fit_lightning
 from defectscope.evaluation.classification import classification_metrics
 from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
 from defectscope.evaluation.report import Report
 from defectscope.models import create_model
-from defectscope.models.multicnn import (
-    FeatureCache,
-    FeatureFusionClassifier,
-    data_fingerprint,
-    freeze_first,
-    late_fusion,
-    resize_to,
+from defectscope.models.multicnn import FeatureCache, FeatureFusionClassifier, data_fingerprint, freeze_first, late_fusion
+from defectscope.models.multicnn.lightning_model import (
+    MemberModule,
+    extract_features,
+    predict_member_probs,
+    train_fusion_head,
 )
+
+RESERVED_NAMES = ("feature_fusion", "late_fusion")
 
 
 class MemberConfig(StrictModel):
     """One single model of the ensemble.
 
     Attributes:
-        name: unique name (default: the backbone name); the run folder ``members/<name>``.
+        name: unique name (default: the backbone name); the run folder ``members/<name>``
+            (letters, digits, ``_ . -``; not ``feature_fusion`` / ``late_fusion``).
         backbone: registry backbone name.
         pretrained: real ImageNet weights (only EfficientNet-Lite here).
         weights: a local state-dict file for the backbone.
@@ -92,7 +90,7 @@ class MemberConfig(StrictModel):
         epochs, batch_size: override ``train.epochs`` / ``train.batch_size`` for this member.
     """
 
-    name: str | None = None
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     backbone: str
     pretrained: bool = True
     weights: str | None = None
@@ -126,20 +124,28 @@ class AugmentConfig(StrictModel):
     saturation: float = Field(0.2, ge=0, lt=1)
 
 
-class MultiCNNTrainConfig(ClassifierTrainConfig):
-    """Member fine-tuning settings: :class:`TrainConfig` plus RMSprop and augmentation.
+class MultiCNNTrainConfig(TrainConfig):
+    """Member fine-tuning settings: :class:`TrainConfig` plus the loss, RMSprop and augmentation.
+
+    Each member's checkpoint is selected (and early stopping decided) on ``val/weighted_f1``
+    (max) of the validation part. ``epochs`` and ``max_minutes`` apply to each member.
 
     Attributes:
         lr: initial RMSprop learning rate (paper 003 Table 1: 1e-3).
         lr_end: final learning rate of the exponential decay (paper: 1e-4).
+        weight_decay: RMSprop weight decay.
+        loss: ``ce`` (paper 003) or ``focal``; ``focal_gamma`` its focusing parameter.
+        label_smoothing: for ``ce``.
         rmsprop_alpha: RMSprop smoothing constant (Keras' rho, 0.9).
-        augmentation: :class:`AugmentConfig`.
+        augmentation: :class:`AugmentConfig` (used when ``augment`` is true).
     """
 
     lr: float = Field(1e-3, gt=0)
     lr_end: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     loss: Literal["focal", "ce"] = "ce"
+    focal_gamma: float = Field(2.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     rmsprop_alpha: float = Field(0.9, gt=0, lt=1)
     augmentation: AugmentConfig = AugmentConfig()
 
@@ -147,12 +153,15 @@ class MultiCNNTrainConfig(ClassifierTrainConfig):
 class FusionConfig(StrictModel):
     """Training of the feature-fusion classifier on cached features (paper 003 section 3.2).
 
+    The epoch with the best validation weighted F1 (ties: lower validation loss) is kept.
+
     Attributes:
         epochs, batch_size: passes over the cached training features and batch size.
         lr, lr_end: RMSprop learning rate, decaying exponentially (paper: 1e-3 -> 1e-4).
         dropout: before the linear layer (paper: 0.5).
-        cache_dir: feature cache folder (default ``RUN/feature_cache``); point several runs
-            at one folder to share entries (keys include the model and data fingerprints).
+        cache_dir: feature cache folder (default ``RUN/feature_cache``, per fold under
+            cross-validation); point several runs at one folder to share entries (keys include
+            the model and data fingerprints).
     """
 
     epochs: int = Field(50, ge=1)
@@ -164,7 +173,8 @@ class FusionConfig(StrictModel):
 
 
 class MultiCNNRecipe(BaseRecipe):
-    """Recipe of the ``multicnn`` task."""
+    """Recipe of the ``multicnn`` task; members are selected on ``val/weighted_f1`` (max), the
+    fusion head on the validation weighted F1 of its epochs. Single process only (``train.devices: 1``)."""
 
     task: Literal["multicnn"] = "multicnn"
     data: ClassificationData
@@ -173,419 +183,336 @@ class MultiCNNRecipe(BaseRecipe):
     fusion: FusionConfig = FusionConfig()
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "MultiCNNRecipe":
+    def _check(self) -> "MultiCNNRecipe":
         keys = [m.key for m in self.members]
         if len(set(keys)) != len(keys):
             raise ValueError(f"members: names must be unique (set 'name' when a backbone repeats), got {keys}")
+        reserved = sorted(set(keys) & set(RESERVED_NAMES))
+        if reserved:
+            raise ValueError(f"members: {reserved} name the fused models' rows; choose another member name")
+        if self.train.devices > 1:
+            raise ValueError("train.devices: multicnn trains its members one after another in one process; "
+                             f"use 1 (got {self.train.devices})")
         return self
 
 
-def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate each square image of ``[B, C, S, S]`` about its centre by ``angles`` ``[B]`` (radians).
-
-    Bilinear ``grid_sample`` with reflection padding (no black corners).
-    """
-    cos, sin = angles.cos(), angles.sin()
-    theta = torch.zeros(x.shape[0], 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def online_augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-image flips, rotation by a random angle and colour change of ``[B, 3, S, S]`` in [0, 1].
-
-    Rotation uses ``affine_grid``/``grid_sample`` (bilinear, reflection padding) on
-    square images; colour change scales brightness, contrast (around each image's
-    mean) and saturation (around its luminance). Output is clamped to [0, 1].
-    """
-    b = x.shape[0]
-    if cfg.flips:
-        x = random_flips(x, generator)
-    if cfg.rotation > 0:
-        x = rotate(x, (torch.rand(b, generator=generator) * 2 - 1) * math.radians(cfg.rotation))
-
-    def factor(v: float) -> torch.Tensor:
-        return (1 + (torch.rand(b, generator=generator) * 2 - 1) * v).to(x.dtype).view(b, 1, 1, 1)
-
-    if cfg.brightness:
-        x = x * factor(cfg.brightness)
-    if cfg.contrast:
-        m = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - m) * factor(cfg.contrast) + m
-    if cfg.saturation:
-        grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = grey + (x - grey) * factor(cfg.saturation)
-    return x.clamp_(0, 1)
-
-
-def exponential_decay(opt: torch.optim.Optimizer, total_steps: int, lr: float, lr_end: float):
-    """Per-step exponential decay of the learning rate from ``lr`` to ``lr_end`` over ``total_steps``."""
-    total = max(1, total_steps - 1)
-    ratio = lr_end / lr
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: ratio ** (min(step, total) / total))
-
-
-class MemberModule(ImageClassifierModule):
-    """Fine-tuning of one member: :class:`ImageClassifierModule` with RMSprop, lr decay and paper-003 augmentation.
-
-    Args:
-        model: a ``classifier`` model (partially frozen) mapping ``[B, 3, S, S]`` to logits ``[B, K]``.
-        num_classes: ``K``.
-        cfg: :class:`MultiCNNTrainConfig` (lr, lr_end, rmsprop_alpha, loss, augmentation).
-        image_size: the member's input side; inputs of another size are resized.
-    """
-
-    def __init__(self, model: nn.Module, num_classes: int, cfg: MultiCNNTrainConfig, image_size: int) -> None:
-        super().__init__(model, num_classes, cfg.lr, cfg.weight_decay, cfg.loss, cfg.focal_gamma, cfg.label_smoothing,
-                         cfg.augment, cfg.channels_last)
-        self.cfg = cfg
-        self.image_size = image_size
-
-    def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        x = resize_to(to_float(x), self.image_size)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        x = self._prep(x)
-        if self.augment:
-            x = online_augment(x, self.cfg.augmentation)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-        loss = self.loss_fn(self.model(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        return loss
-
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.RMSprop(params, lr=self.cfg.lr, alpha=self.cfg.rmsprop_alpha, eps=1e-7,
-                                  weight_decay=self.cfg.weight_decay)
-        sched = exponential_decay(opt, int(self.trainer.estimated_stepping_batches), self.cfg.lr, self.cfg.lr_end)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class _Sized(nn.Module):
-    """Resize inputs to ``size`` before ``model`` (members whose input size differs from the data's)."""
-
-    def __init__(self, model: nn.Module, size: int) -> None:
-        super().__init__()
-        self.model, self.size = model, size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(resize_to(x, self.size))
-
-
-@torch.no_grad()
-def predict_member_probs(model: nn.Module, x: np.ndarray, size: int, batch_size: int = 32) -> np.ndarray:
-    """Softmax probabilities ``[N, K]`` of a member on uint8 images ``[N, 3, H, W]`` resized to ``size``."""
-    from defectscope.engine.classification import predict_probs
-
-    return predict_probs(_Sized(model, size), x, batch_size)
-
-
-@torch.no_grad()
-def extract_features(model: FeatureFusionClassifier, i: int, x: np.ndarray, batch_size: int = 32) -> torch.Tensor:
-    """Pooled features ``[N, C_i]`` (float32, eval mode) of member ``i`` on uint8 images ``[N, 3, H, W]``.
-
-    The same computation as :meth:`FeatureFusionClassifier.member_features`, batched.
-    """
-    model.eval()
-    xt = torch.as_tensor(x)
-    out = [model.member_features(i, to_float(xt[j : j + batch_size])) for j in range(0, len(xt), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, model.dims[i])
-
-
-def train_fusion_head(model: FeatureFusionClassifier, feats: dict[str, torch.Tensor], ys: dict[str, np.ndarray],
-                      cfg: FusionConfig, seed: int) -> dict:
-    """Train ``model.head`` (dropout + linear) on cached concatenated features; keeps the best validation epoch.
-
-    Args:
-        model: the fusion model; only ``head`` is optimised (RMSprop, exponential decay, cross-entropy).
-        feats: ``{"train": [N, D], "val": [M, D] (optional)}`` concatenated features.
-        ys: class indices per split.
-        cfg: :class:`FusionConfig`.
-        seed: shuffling and dropout seed.
-
-    Returns:
-        ``{"best_epoch", "epochs", "history": [{epoch, train_loss, val_loss, val_weighted_f1}]}``.
-    """
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    x_tr, y_tr = feats["train"], torch.as_tensor(ys["train"]).long()
-    steps = cfg.epochs * math.ceil(len(x_tr) / cfg.batch_size)
-    opt = torch.optim.RMSprop(model.head.parameters(), lr=cfg.lr, alpha=0.9, eps=1e-7)
-    sched = exponential_decay(opt, steps, cfg.lr, cfg.lr_end)
-    has_val = "val" in feats and len(feats["val"])
-    best, best_state, history = (-1.0, math.inf), None, []
-    for epoch in range(cfg.epochs):
-        model.drop.train()
-        order = torch.randperm(len(x_tr), generator=gen)
-        total = 0.0
-        for j in range(0, len(order), cfg.batch_size):
-            idx = order[j : j + cfg.batch_size]
-            loss = F.cross_entropy(model.forward_head(x_tr[idx]), y_tr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        row = {"epoch": epoch + 1, "train_loss": total / len(x_tr)}
-        model.drop.eval()
-        if has_val:
-            with torch.no_grad():
-                logits = model.forward_head(feats["val"])
-            yv = torch.as_tensor(ys["val"]).long()
-            row["val_loss"] = float(F.cross_entropy(logits, yv))
-            m = classification_metrics(ys["val"], F.softmax(logits, 1).numpy(), [str(c) for c in range(logits.shape[1])])
-            row["val_weighted_f1"] = m["weighted_f1"]
-            score = (row["val_weighted_f1"], row["val_loss"])
-            if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
-                best, best_state, row["best"] = score, {k: v.clone() for k, v in model.head.state_dict().items()}, True
-        history.append(row)
-    if best_state is not None:
-        model.head.load_state_dict(best_state)
-    model.eval()
-    best_epoch = max((r["epoch"] for r in history if r.get("best")), default=cfg.epochs)
-    return {"best_epoch": best_epoch, "epochs": cfg.epochs, "history": history}
-
-
-def _row(name: str, kind: str, m: dict, **extra) -> dict:
-    return {"model": name, "kind": kind, "accuracy": m["accuracy"], "weighted_precision": m["weighted_precision"],
-            "weighted_recall": m["weighted_recall"], "weighted_f1": m["weighted_f1"], "macro_auroc": m["macro_auroc"],
-            **extra}
-
-
-# legacy split helper (multi-CNN has not moved onto the pipeline hooks yet)
 @dataclass
-class ImageSplits:
-    """The three splits as uint8 arrays ``[N, 3, S, S]`` with labels ``[N]`` and file lists."""
+class Member:
+    """A fine-tuned single model: ``classifier`` in eval mode, its input side, its training facts."""
 
-    class_names: list[str]
-    files: dict[str, list[Path]]
-    x: dict[str, np.ndarray]
-    y: dict[str, np.ndarray]
+    model: nn.Module
+    size: int
+    facts: dict
 
 
-def prepare_splits(data: ClassificationData, val_fraction: float, seed: int, run: RunFolder | None,
-                   progress: bool = False) -> ImageSplits:
-    """Discover, subset, split (test, then val from train), write file lists and decode images.
+@dataclass
+class MultiCNNModel:
+    """What :meth:`MultiCNNTask.fit_model` returns as ``Fitted.model``.
 
-    Raises:
-        DatasetError / ImageReadError: bad folder or a corrupt image (named).
+    Attributes:
+        fused: the :class:`FeatureFusionClassifier` (frozen fine-tuned extractors + trained head).
+        members: the members by name, in fusion order.
+        cache: the run's :class:`FeatureCache`.
+        cache_stats: ``{"dir", "hits", "misses", "entries"}``, updated by every :meth:`features`
+            call (training parts and the predicted part); the same dict is ``Fitted.info["feature_cache"]``.
     """
-    items, class_names, _ = discover_labelled_images(data.root, data.layout)
-    labels = np.array([it.label for it in items])
-    if data.max_per_class:
-        rng = np.random.default_rng(data.split_seed)
-        keep = np.concatenate([
-            rng.permutation(np.flatnonzero(labels == c))[: data.max_per_class] for c in range(len(class_names))
-        ])
-        items = [items[i] for i in np.sort(keep)]
-        labels = labels[np.sort(keep)]
-    trainval_idx, test_idx = stratified_split(labels, data.test_fraction, data.split_seed)
-    parts = {"test": test_idx}
-    if val_fraction > 0:
-        tr, va = stratified_split(labels[trainval_idx], val_fraction, data.split_seed)
-        parts["train"], parts["val"] = trainval_idx[tr], trainval_idx[va]
-    else:
-        parts["train"] = trainval_idx
-    files = {k: [items[i].path for i in v] for k, v in parts.items()}
-    ys = {k: labels[v] for k, v in parts.items()}
-    if run is not None:
-        for k in parts:
-            write_file_list(run.split_dir / f"{k}.txt", files[k], [class_names[c] for c in ys[k]])
-    xs = {k: load_stack(files[k], data.image_size, progress=progress) for k in parts}
-    return ImageSplits(class_names, files, xs, ys)
+
+    fused: FeatureFusionClassifier
+    members: dict[str, Member]
+    cache: FeatureCache
+    cache_stats: dict
+
+    def features(self, files: list[Path], x: np.ndarray, part: str) -> torch.Tensor:
+        """Concatenated pooled features ``[N, sum_i C_i]`` (members in order) of uint8 images ``x`` ``[N, 3, S, S]``.
+
+        Read from the cache when the extractor, the ordered ``files`` (their bytes) and the sizes
+        match an entry; computed and stored otherwise. ``part`` names the cache files.
+        """
+        fp = data_fingerprint(files)
+        blocks = []
+        for i, (key, member) in enumerate(self.members.items()):
+            f, hit = self.cache.get_or_compute(
+                self.fused.extractors[i], files, self.fused.image_size,
+                lambda i=i: extract_features(self.fused, i, x), prefix=f"{key}-{part}", data_fp=fp,
+                member_size=member.size)
+            blocks.append(f)
+            self.cache_stats["entries"].append({"member": key, "split": part, "hit": hit, "shape": list(f.shape)})
+        self.cache_stats["hits"], self.cache_stats["misses"] = self.cache.hits, self.cache.misses
+        return torch.cat(blocks, dim=1)
 
 
+def _loader(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
+    """Batches of ``(uint8 [B, 3, S, S], int64 [B])``; a partial last batch is dropped when shuffling more than one batch."""
+    return DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y).long()), batch_size=batch_size,
+                      shuffle=shuffle, num_workers=0, drop_last=shuffle and len(y) > batch_size)
 
-class MultiCNNTask(ClassificationTask):
-    """The ``multicnn`` task; ``evaluate`` and ``predict`` are the classification ones (the saved model is the fused one)."""
+
+def _row(name: str, kind: str, m: dict) -> dict:
+    return {"model": name, "kind": kind, "accuracy": m["accuracy"], "weighted_precision": m["weighted_precision"],
+            "weighted_recall": m["weighted_recall"], "weighted_f1": m["weighted_f1"], "macro_auroc": m["macro_auroc"]}
+
+
+class MultiCNNTask(TaskHooks):
+    """The ``multicnn`` task: hooks of the shared pipeline (:mod:`defectscope.engine.pipeline`).
+
+    The saved model (``multicnn_fusion``) keeps the classification checkpoint contract
+    (``class_names``, ``image_size``, input RGB in [0, 1]), so ``evaluate`` and ``predict`` are the
+    ``classification`` task's, reached through the task registry.
+    """
 
     name = "multicnn"
     recipe = MultiCNNRecipe
+    monitor = "val/weighted_f1"
+    summary_keys = ("accuracy", "weighted_f1", "macro_auroc")
 
-    def _fit_member(self, recipe: MultiCNNRecipe, m: MemberConfig, splits, run: RunFolder) -> dict:
-        """Fine-tune one member; writes ``RUN/members/<name>`` as a classification run. Returns model, probs, metrics."""
+    def load_samples(self, recipe: MultiCNNRecipe) -> Samples:
+        """The labelled images of ``data.root`` (as in ``classification``); ``data`` holds ``x`` and ``files``."""
+        d = recipe.data
+        imgs = load_labelled_samples(d.root, d.image_size, d.layout, d.max_per_class, d.split_seed, recipe.train.progress)
+        return Samples([str(f) for f in imgs.files], imgs.labels, imgs.class_names, {"x": imgs.x, "files": imgs.files},
+                       description=imgs.description)
+
+    def _member_config(self, recipe: MultiCNNRecipe, m: MemberConfig, mt: MultiCNNTrainConfig, size: int) -> dict:
+        """The ``classification`` recipe a member run folder records (validated by that task's schema)."""
+        train = {f: getattr(mt, f) for f in ClassifierTrainConfig.model_fields if f in MultiCNNTrainConfig.model_fields}
+        raw = {"task": "classification", "seed": recipe.seed,
+               "data": {**recipe.data.model_dump(mode="json"), "image_size": size},
+               "model": {"name": "classifier", "backbone": m.backbone, "pretrained": m.pretrained,
+                         "weights": m.weights, "dropout": m.dropout},
+               "train": {**train, "class_balance": "off"}}
+        return get_task("classification").recipe.model_validate(raw).model_dump(mode="json")
+
+    def _fit_member(self, recipe: MultiCNNRecipe, m: MemberConfig, samples: Samples, parts: dict[str, np.ndarray],
+                    run: RunFolder) -> Member:
+        """Fine-tune one member on ``parts['train']`` (checkpoint on ``parts['val']``) into ``RUN/members/<name>``.
+
+        The member folder gets its config (a ``classification`` recipe), split lists and
+        ``model.ckpt`` here; its ``metrics.json`` and ``report.html`` once the held-out part is
+        predicted (:meth:`write_report`).
+        """
         t = recipe.train
-        k = len(splits.class_names)
+        x, y, names = samples.data["x"], samples.labels, samples.class_names
         size = m.image_size or recipe.data.image_size
         mt = t.model_copy(update={"epochs": m.epochs or t.epochs, "batch_size": m.batch_size or t.batch_size})
         mrun = RunFolder(run.path / "members" / m.key).create()
+        mrun.write_config(self._member_config(recipe, m, mt, size))
+        for part, idx in parts.items():
+            write_file_list(mrun.split_dir / f"{part}.txt", [samples.ids[i] for i in idx], [names[y[i]] for i in idx])
         L.seed_everything(recipe.seed, workers=True, verbose=False)
-        kwargs = {"backbone": m.backbone, "num_classes": k, "image_size": size, "dropout": m.dropout}
+        kwargs = {"backbone": m.backbone, "num_classes": len(names), "image_size": size, "dropout": m.dropout}
         model = create_model("classifier", **kwargs, pretrained=m.pretrained, weights=m.weights)
         freeze = freeze_first(model.backbone.body, m.freeze, m.freeze_unit)
-        module = MemberModule(model, k, mt, size)
-        loader = lambda s, shuffle: DataLoader(  # noqa: E731
-            TensorDataset(torch.from_numpy(splits.x[s]), torch.from_numpy(splits.y[s]).long()),
-            batch_size=mt.batch_size, shuffle=shuffle, num_workers=0,
-            drop_last=shuffle and len(splits.y[s]) > mt.batch_size)
-        has_val = "val" in splits.x
-        trainer = build_trainer(mt, mrun.path, "val/weighted_f1" if has_val else None)
-        start = time.perf_counter()
-        trainer.fit(module, loader("train", True), loader("val", False) if has_val else None)
-        seconds = time.perf_counter() - start
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if has_val else ""
-        if best:
-            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        module = MemberModule(model, len(names), size, lr=mt.lr, lr_end=mt.lr_end, rmsprop_alpha=mt.rmsprop_alpha,
+                              weight_decay=mt.weight_decay, loss=mt.loss, focal_gamma=mt.focal_gamma,
+                              label_smoothing=mt.label_smoothing, augment=mt.augment, augmentation=mt.augmentation,
+                              channels_last=mt.channels_last)
+        tr, val = parts["train"], parts.get("val")
+        has_val = val is not None and len(val) > 0
+        info = fit_lightning(module, _loader(x[tr], y[tr], mt.batch_size, True),
+                             _loader(x[val], y[val], mt.batch_size, False) if has_val else None,
+                             mt, mrun.path, MemberModule.monitor, MemberModule.mode)
         model = module.model.to(memory_format=torch.contiguous_format).float().eval()
-        probs = predict_member_probs(model, splits.x["test"], size)
-        metrics = classification_metrics(splits.y["test"], probs, splits.class_names)
-        # the member folder is a complete classification run (predict/evaluate work on it)
-        base = {f: getattr(mt, f) for f in ClassifierTrainConfig.model_fields}
-        member_recipe = ClassificationRecipe(
-            seed=recipe.seed, data=recipe.data.model_copy(update={"image_size": size}), train=ClassifierTrainConfig(**base),
-            model=ClassificationModelConfig(name="classifier", backbone=m.backbone, pretrained=m.pretrained,
-                                            weights=m.weights, dropout=m.dropout))
-        mrun.write_config(member_recipe.model_dump(mode="json"))
-        mrun.save_model("classification", "classifier", kwargs, model.state_dict(), class_names=splits.class_names,
-                        image_size=size, normalisation="inside model: input RGB in [0, 1]",
-                        weights_source=model.backbone.weights_source)
-        result = {"task": "classification", "member_of": str(run.path), "backbone": m.backbone,
-                  "weights": model.backbone.weights_source, "seed": recipe.seed, "image_size": size,
-                  "freeze": freeze.as_dict(), "epochs_run": int(trainer.current_epoch),
-                  "best_checkpoint": Path(best).name if best else "last", "train_seconds": round(seconds, 1),
-                  "test": metrics}
-        mrun.write_metrics(result)
-        write_classification_report(mrun, f"defectscope multicnn member {m.key}", metrics, splits.y["test"], probs,
-                                    splits.class_names, {"backbone": m.backbone, "weights": model.backbone.weights_source,
-                                                         "frozen": f"first {freeze.n} {freeze.unit}: {freeze.frozen_params:,} of {freeze.total_params:,} parameters",
-                                                         "epochs run": trainer.current_epoch, "train seconds": round(seconds, 1)})
-        return {"model": model, "probs": probs, "metrics": metrics, "result": result, "freeze": freeze,
-                "seconds": seconds, "size": size}
+        weights = model.backbone.weights_source
+        mrun.save_model("classification", "classifier", kwargs, model.state_dict(), class_names=names,
+                        image_size=size, normalisation="inside model: input RGB in [0, 1]", weights_source=weights)
+        facts = {"backbone": m.backbone, "weights": weights, "image_size": size, "freeze": freeze.as_dict(),
+                 "frozen": f"first {freeze.n} {freeze.unit}: {freeze.frozen_params:,} of {freeze.total_params:,} parameters",
+                 **info}
+        return Member(model, size, facts)
 
-    def fit(self, recipe: MultiCNNRecipe, run_dir: Path, source: Path | None = None) -> dict | None:
-        t = recipe.train
-        if t.devices > 1:
-            raise ValueError("multicnn: train.devices > 1 is not supported (members are trained one after another)")
-        set_threads(t)
+    def fit_model(self, recipe: MultiCNNRecipe, samples: Samples, parts: dict[str, np.ndarray],
+                  run: RunFolder) -> Fitted:
+        """Fine-tune every member, then train the fusion head on their cached features (train / val parts only)."""
         t0 = time.perf_counter()
-        run = RunFolder(run_dir).create()
-        splits = prepare_splits(recipe.data, t.val_fraction, recipe.seed, run, progress=t.progress)
-        k = len(splits.class_names)
-
-        members = {}
-        for m in recipe.members:
-            members[m.key] = self._fit_member(recipe, m, splits, run)
+        x, y, files = samples.data["x"], samples.labels, samples.data["files"]
+        members = {m.key: self._fit_member(recipe, m, samples, parts, run) for m in recipe.members}
         member_seconds = time.perf_counter() - t0
 
         # feature fusion: frozen fine-tuned extractors, cached pooled features, dropout + linear
-        spec = [{"name": m.key, "backbone": m.backbone, "image_size": members[m.key]["size"]} for m in recipe.members]
-        fusion_kwargs = {"members": spec, "num_classes": k, "dropout": recipe.fusion.dropout,
+        spec = [{"name": k, "backbone": m.backbone, "image_size": members[k].size}
+                for k, m in zip(members, recipe.members)]
+        fusion_kwargs = {"members": spec, "num_classes": len(samples.class_names), "dropout": recipe.fusion.dropout,
                          "image_size": recipe.data.image_size}
-        fused = FeatureFusionClassifier(**fusion_kwargs)
-        for i, m in enumerate(recipe.members):
-            fused.extractors[i].load_state_dict(members[m.key]["model"].backbone.state_dict())
+        fused = create_model("multicnn_fusion", **fusion_kwargs)
+        for i, member in enumerate(members.values()):
+            fused.extractors[i].load_state_dict(member.model.backbone.state_dict())
         fused.eval()
-        cache = FeatureCache(Path(recipe.fusion.cache_dir) if recipe.fusion.cache_dir else run.path / "feature_cache")
+        cfg = recipe.fusion
+        stats = {"dir": cfg.cache_dir or "feature_cache (in the run folder)", "hits": 0, "misses": 0, "entries": []}
+        ens = MultiCNNModel(fused, members, FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else run.path / "feature_cache"),
+                            stats)
         t1 = time.perf_counter()
-        feats, cache_log = {}, []
-        for s in splits.x:
-            fp = data_fingerprint(splits.files[s])
-            blocks = []
-            for i, m in enumerate(recipe.members):
-                f, hit = cache.get_or_compute(
-                    fused.extractors[i], splits.files[s], recipe.data.image_size,
-                    lambda i=i, s=s: extract_features(fused, i, splits.x[s]), prefix=f"{m.key}-{s}", data_fp=fp,
-                    member_size=members[m.key]["size"])
-                blocks.append(f)
-                cache_log.append({"member": m.key, "split": s, "hit": hit, "shape": list(f.shape)})
-            feats[s] = torch.cat(blocks, dim=1)  # member order, see fused.feature_slices()
+        fit_parts = [s for s in ("train", "val") if len(parts.get(s, ()))]
+        feats = {s: ens.features([files[i] for i in parts[s]], x[parts[s]], s) for s in fit_parts}
         feature_seconds = time.perf_counter() - t1
         t2 = time.perf_counter()
-        head_log = train_fusion_head(fused, feats, splits.y, recipe.fusion, recipe.seed)
+        head_log = train_fusion_head(fused, feats, {s: y[parts[s]] for s in fit_parts}, cfg.epochs, cfg.batch_size,
+                                     cfg.lr, cfg.lr_end, recipe.seed)
         fusion_seconds = time.perf_counter() - t2
-        with torch.no_grad():
-            fused_probs = F.softmax(fused.forward_head(feats["test"]), dim=1).numpy()
-        test = classification_metrics(splits.y["test"], fused_probs, splits.class_names)
-        late_probs = late_fusion([members[m.key]["probs"] for m in recipe.members])
-        late = classification_metrics(splits.y["test"], late_probs, splits.class_names)
-        train_seconds = time.perf_counter() - t0
-
-        run.save_model(self.name, "multicnn_fusion", fusion_kwargs, fused.state_dict(), class_names=splits.class_names,
-                       image_size=recipe.data.image_size, normalisation="inside model: input RGB in [0, 1]",
-                       feature_order=fused.feature_slices())
-        members_out = {m.key: {**members[m.key]["metrics"], "backbone": m.backbone,
-                               "weights": members[m.key]["result"]["weights"], "freeze": members[m.key]["freeze"].as_dict(),
-                               "train_seconds": round(members[m.key]["seconds"], 1),
-                               "epochs_run": members[m.key]["result"]["epochs_run"]} for m in recipe.members}
-        members_out["late_fusion"] = late
-        comparison = [_row(m.key, "single", members[m.key]["metrics"], train_seconds=round(members[m.key]["seconds"], 1))
-                      for m in recipe.members]
-        comparison.append(_row("feature_fusion", "fused", test, train_seconds=round(fusion_seconds, 2)))
-        comparison.append(_row("late_fusion", "late", late, train_seconds=0.0))
-        best_single = max(comparison[: len(recipe.members)], key=lambda r: r["weighted_f1"])
-        result = {
-            "task": self.name,
-            "model": "multicnn_fusion",
-            "members_order": [m.key for m in recipe.members],
+        checkpoint = {"model_name": "multicnn_fusion", "model_kwargs": fusion_kwargs, "state_dict": fused.state_dict(),
+                      "class_names": samples.class_names, "image_size": recipe.data.image_size,
+                      "normalisation": "inside model: input RGB in [0, 1]", "feature_order": fused.feature_slices()}
+        info = {
+            "members_order": list(members),
             "feature_order": [{"member": n, "start": a, "end": b} for n, a, b in fused.feature_slices()],
-            "seed": recipe.seed,
-            "split": {"seed": recipe.data.split_seed, "test_fraction": recipe.data.test_fraction,
-                      **{s: int(len(v)) for s, v in splits.y.items()}},
-            "train_seconds": round(train_seconds, 1),
+            "members": {k: m.facts for k, m in members.items()},
+            "cut_short": any(m.facts.get("cut_short") for m in members.values()),
+            "train_seconds": round(time.perf_counter() - t0, 1),
             "member_seconds": round(member_seconds, 1),
             "feature_seconds": round(feature_seconds, 1),
             "fusion_seconds": round(fusion_seconds, 2),
-            "feature_cache": {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses, "entries": cache_log},
-            "fusion_training": {"best_epoch": head_log["best_epoch"], "epochs": head_log["epochs"]},
-            "best_single": best_single["model"],
-            "fusion_beats_best_single": test["weighted_f1"] >= best_single["weighted_f1"],
-            "comparison": comparison,
-            "test": test,
-            "members": members_out,
+            "feature_cache": stats,
+            "fusion_training": head_log,
         }
-        run.write_metrics(result)
-        self._report(recipe, run, result, splits, members, fused_probs, late_probs, head_log)
-        return result
+        return Fitted(ens, checkpoint, info)
 
-    def _report(self, recipe, run: RunFolder, result: dict, splits, members: dict, fused_probs, late_probs,
-                head_log: dict) -> None:
-        names = splits.class_names
-        rep = Report(f"defectscope multicnn: feature fusion of {', '.join(result['members_order'])} "
-                     f"on {Path(recipe.data.root).name}")
-        rep.kv("Run", {"data": recipe.data.root,
-                       "split": f"stratified {1 - recipe.data.test_fraction:.0%}/{recipe.data.test_fraction:.0%}, seed {recipe.data.split_seed}",
-                       "train / val / test images": " / ".join(str(result["split"].get(s, 0)) for s in ("train", "val", "test")),
-                       "total seconds": result["train_seconds"], "members seconds": result["member_seconds"],
-                       "feature extraction seconds": result["feature_seconds"], "fusion head seconds": result["fusion_seconds"],
-                       "feature cache": f"{result['feature_cache']['hits']} hits, {result['feature_cache']['misses']} misses"})
-        rep.table("Comparison on the held-out split (paper 003 Tables 2-3 layout)", result["comparison"],
-                  ["model", "kind", "accuracy", "weighted_precision", "weighted_recall", "weighted_f1", "macro_auroc",
-                   "train_seconds"])
-        test = result["test"]
-        rows = [{"class": n, **v} for n, v in test["per_class"].items()]
-        rows.append({"class": "weighted average", "precision": test["weighted_precision"], "recall": test["weighted_recall"],
-                     "f1": test["weighted_f1"], "support": test["n"]})
-        rep.table("Per class, feature fusion (paper 003 Table 4 layout)", rows, ["class", "precision", "recall", "f1", "support"])
-        rep.table("Fusion order of the concatenated features", result["feature_order"], ["member", "start", "end"])
-        rep.table("Members", [{"member": m.key, "backbone": m.backbone, "weights": result["members"][m.key]["weights"],
-                               "input px": members[m.key]["size"], "frozen": f"first {members[m.key]['freeze'].n} {m.freeze_unit}",
-                               **{k: result["members"][m.key]["freeze"][k] for k in ("frozen_params", "trainable_params")},
-                               "epochs run": result["members"][m.key]["epochs_run"]} for m in recipe.members])
-        all_probs = {m.key: members[m.key]["probs"] for m in recipe.members}
-        all_probs["feature_fusion"], all_probs["late_fusion"] = fused_probs, late_probs
-        for key, probs in all_probs.items():
-            metrics = result["test"] if key == "feature_fusion" else result["members"][key]
-            plot_confusion_matrix(metrics["confusion_matrix"], names, run.plots / f"{key}_confusion_matrix.png",
-                                  title=f"{key} (weighted F1 {metrics['weighted_f1']:.4f})")
-            rep.image(f"plots/{key}_confusion_matrix.png", f"Confusion matrix, {key} (rows: true class)")
-        plot_roc_curves(splits.y["test"], fused_probs, names, run.plots / "feature_fusion_roc_curves.png")
-        rep.image("plots/feature_fusion_roc_curves.png", "One-vs-rest ROC curves, feature fusion")
+    def run_info(self, recipe: MultiCNNRecipe, fitted: Fitted) -> dict:
+        return {"model": "multicnn_fusion"}
+
+    def predict_samples(self, recipe: MultiCNNRecipe, fitted: Fitted, samples: Samples, idx: np.ndarray) -> Predictions:
+        """Fused, per-member and late-fusion probabilities of the samples ``idx``.
+
+        Returns:
+            ``table``: ``pred`` and ``prob_<class>`` of the fused model, ``pred_<member>`` and
+            ``pred_late_fusion``; ``raw``: ``{<member>: [n, K], "feature_fusion": [n, K],
+            "late_fusion": [n, K]}`` probabilities.
+        """
+        ens: MultiCNNModel = fitted.model
+        x = samples.data["x"][idx]
+        feats = ens.features([samples.data["files"][i] for i in idx], x, "test")
+        with torch.no_grad():
+            fused = F.softmax(ens.fused.forward_head(feats), dim=1).numpy()
+        raw = {k: predict_member_probs(m.model, x, m.size) for k, m in ens.members.items()}
+        raw["feature_fusion"] = fused
+        raw["late_fusion"] = late_fusion([raw[k] for k in ens.members])
+        names = samples.class_names
+        table = {"pred": [names[int(c)] for c in fused.argmax(1)],
+                 **{f"prob_{n}": fused[:, c].tolist() for c, n in enumerate(names)},
+                 **{f"pred_{k}": [names[int(c)] for c in raw[k].argmax(1)] for k in [*ens.members, "late_fusion"]}}
+        return Predictions(table, raw)
+
+    def compute_metrics(self, recipe: MultiCNNRecipe, samples: Samples, idx: np.ndarray, preds: Predictions) -> dict:
+        """Classification metrics of the fused model, plus ``members`` (each member and ``late_fusion``),
+        ``comparison`` (paper 003 Tables 2-3 rows), ``best_single`` and ``fusion_beats_best_single``."""
+        y, names, raw = samples.labels[idx], samples.class_names, preds.raw
+        keys = [m.key for m in recipe.members]
+        fused = classification_metrics(y, raw["feature_fusion"], names)
+        members = {k: classification_metrics(y, raw[k], names) for k in [*keys, "late_fusion"]}
+        comparison = [_row(k, "single", members[k]) for k in keys]
+        comparison += [_row("feature_fusion", "fused", fused), _row("late_fusion", "late", members["late_fusion"])]
+        best = max(comparison[: len(keys)], key=lambda r: r["weighted_f1"])
+        return {**fused, "members": members, "comparison": comparison, "best_single": best["model"],
+                "fusion_beats_best_single": fused["weighted_f1"] >= best["weighted_f1"]}
+
+    def write_report(self, run: RunFolder, recipe: MultiCNNRecipe, samples: Samples, idx: np.ndarray,
+                     preds: Predictions, metrics: dict, info: dict) -> None:
+        """``report.html`` of the run (or of the cross-validation); completes the member run folders."""
+        if "crossval" not in info:
+            self._finish_members(run, recipe, samples, idx, preds, metrics, info)
+        self._report(run, recipe, samples, idx, preds, metrics, info)
+
+    def _finish_members(self, run: RunFolder, recipe: MultiCNNRecipe, samples: Samples, idx: np.ndarray,
+                        preds: Predictions, metrics: dict, info: dict) -> None:
+        """Each member folder's ``metrics.json`` and ``report.html`` (the ``classification`` task's report)."""
+        cls = get_task("classification")
         for m in recipe.members:
-            p = plot_training_curves(csv_log_path(run.path / "members" / m.key),
-                                     run.plots / f"{m.key}_training_curves.png")
-            if p:
-                rep.image(f"plots/{m.key}_training_curves.png", f"Fine-tuning curves, {m.key}")
-        rep.table("Fusion classifier training (cached features)", head_log["history"],
-                  ["epoch", "train_loss", "val_loss", "val_weighted_f1", "best"])
-        verdict = ("helps" if result["fusion_beats_best_single"] else "does NOT help")
-        rep.text(f"Feature fusion {verdict} here: fused weighted F1 {test['weighted_f1']:.4f} vs best single "
-                 f"({result['best_single']}) {result['members'][result['best_single']]['weighted_f1']:.4f}; "
-                 f"late fusion {result['members']['late_fusion']['weighted_f1']:.4f}.")
+            mrun = RunFolder(run.path / "members" / m.key)
+            facts, mm = info["members"][m.key], metrics["members"][m.key]
+            mrun.write_metrics({"task": "classification", "member_of": "../..", "model": "classifier",
+                                "backbone": m.backbone, "weights": facts["weights"], "seed": recipe.seed,
+                                "image_size": facts["image_size"], "freeze": facts["freeze"],
+                                "data": info.get("data"), "split": info.get("split"),
+                                **{k: facts.get(k) for k in ("epochs_run", "best_checkpoint", "train_seconds",
+                                                             "cut_short", "stopped_by")},
+                                "test": mm})
+            member_recipe = cls.recipe.model_validate(mrun.read_config())
+            cls.write_report(mrun, member_recipe, samples, idx, Predictions({}, preds.raw[m.key]), mm,
+                             {"member of": "the multicnn run ../..", "data": info.get("data"),
+                              "frozen": facts["frozen"], "epochs run": facts.get("epochs_run"),
+                              "train seconds": facts.get("train_seconds")})
+
+    def _report(self, run: RunFolder, recipe: MultiCNNRecipe, samples: Samples, idx: np.ndarray,
+                preds: Predictions, metrics: dict, info: dict) -> None:
+        names, keys = samples.class_names, [m.key for m in recipe.members]
+        cv = info.get("crossval")
+        rep = Report(f"defectscope multicnn: feature fusion of {', '.join(keys)} on {Path(recipe.data.root).name}"
+                     + (" (cross-validation)" if cv else ""))
+        if cv:
+            where = "the pooled out-of-fold predictions"
+            rep.kv("Run", {k: v for k, v in info.items() if k != "crossval"})
+            rep.table("Cross-validation: feature fusion on each fold's held-out part", crossval_table(
+                {**cv, "pooled": metrics}, ["n", "accuracy", "weighted_f1", "macro_f1", "macro_auroc"]))
+            rows = []
+            for k in [*keys, "feature_fusion", "late_fusion"]:
+                pre = "" if k == "feature_fusion" else f"members.{k}."
+                pooled = metrics if k == "feature_fusion" else metrics["members"][k]
+                rows.append({"model": k, **{f"{s} (mean +- std)": f"{cv['mean'][pre + s]:.4f} +- {cv['std'][pre + s]:.4f}"
+                                             for s in ("accuracy", "weighted_f1") if pre + s in cv["mean"]},
+                             "pooled weighted_f1": pooled["weighted_f1"]})
+            rep.table("Every model over the folds", rows)
+            comparison = metrics["comparison"]
+        else:
+            where = "the held-out split"
+            split, cache = info["split"], info["feature_cache"]
+            how = (f"fold {split['fold']} of {split['folds']} (cross-validation, seed {split.get('cv_seed')})"
+                   if "fold" in split else
+                   f"stratified {1 - split['test_fraction']:.0%}/{split['test_fraction']:.0%}, seed {split['seed']}")
+            rep.kv("Run", {"data": info["data"], "split": how,
+                           "train / val / test images": " / ".join(str(split.get(s, 0)) for s in ("train", "val", "test")),
+                           "total seconds": info["train_seconds"], "members seconds": info["member_seconds"],
+                           "feature extraction seconds": info["feature_seconds"],
+                           "fusion head seconds": info["fusion_seconds"],
+                           "feature cache": f"{cache['hits']} hits, {cache['misses']} misses"})
+            secs = {k: info["members"][k].get("train_seconds") for k in keys}
+            secs.update(feature_fusion=info["fusion_seconds"], late_fusion=0.0)
+            comparison = [{**r, "train_seconds": secs[r["model"]]} for r in metrics["comparison"]]
+        rep.table(f"Comparison on {where} (paper 003 Tables 2-3 layout)", comparison,
+                  ["model", "kind", "accuracy", "weighted_precision", "weighted_recall", "weighted_f1", "macro_auroc",
+                   *([] if cv else ["train_seconds"])])
+        rows = [{"class": n, **v} for n, v in metrics["per_class"].items()]
+        rows.append({"class": "weighted average", "precision": metrics["weighted_precision"],
+                     "recall": metrics["weighted_recall"], "f1": metrics["weighted_f1"], "support": metrics["n"]})
+        rep.table("Per class, feature fusion (paper 003 Table 4 layout)", rows, ["class", "precision", "recall", "f1", "support"])
+        if not cv:
+            rep.table("Fusion order of the concatenated features", info["feature_order"], ["member", "start", "end"])
+            rep.table("Members", [{"member": m.key, "backbone": m.backbone, "weights": info["members"][m.key]["weights"],
+                                   "input px": info["members"][m.key]["image_size"],
+                                   "frozen": f"first {info['members'][m.key]['freeze']['n']} {m.freeze_unit}",
+                                   **{k: info["members"][m.key]["freeze"][k] for k in ("frozen_params", "trainable_params")},
+                                   "epochs run": info["members"][m.key].get("epochs_run")} for m in recipe.members])
+        y = samples.labels[idx]
+        for key in [*keys, "feature_fusion", "late_fusion"]:
+            mk = metrics if key == "feature_fusion" else metrics["members"][key]
+            plot_confusion_matrix(mk["confusion_matrix"], names, run.plots / f"{key}_confusion_matrix.png",
+                                  title=f"{key} (weighted F1 {mk['weighted_f1']:.4f})")
+            rep.image(f"plots/{key}_confusion_matrix.png", f"Confusion matrix on {where}, {key} (rows: true class)")
+        plot_roc_curves(y, preds.raw["feature_fusion"], names, run.plots / "feature_fusion_roc_curves.png")
+        rep.image("plots/feature_fusion_roc_curves.png", f"One-vs-rest ROC curves on {where}, feature fusion")
+        if not cv:
+            for k in keys:
+                if plot_training_curves(csv_log_path(run.path / "members" / k), run.plots / f"{k}_training_curves.png"):
+                    rep.image(f"plots/{k}_training_curves.png", f"Fine-tuning curves, {k}")
+            rep.table("Fusion classifier training (cached features)", info["fusion_training"]["history"],
+                      ["epoch", "train_loss", "val_loss", "val_weighted_f1", "best"])
+        best = metrics["best_single"]
+        verdict = "helps" if metrics["fusion_beats_best_single"] else "does NOT help"
+        rep.text(f"Feature fusion {verdict} on {where}: fused weighted F1 {metrics['weighted_f1']:.4f} vs best single "
+                 f"({best}) {metrics['members'][best]['weighted_f1']:.4f}; "
+                 f"late fusion {metrics['members']['late_fusion']['weighted_f1']:.4f}.")
         rep.write(run.report_path)
+
+    def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
+        """Evaluate the fused model on the labelled images of ``data`` (the ``classification`` task's evaluation)."""
+        return get_task("classification").evaluate(run_dir, data, out)
+
+    def predict(self, run_dir: Path, inputs: list[Path], out: Path, **options) -> dict:
+        """Classify image files with the fused model (the ``classification`` task's CSV writer).
+
+        Raises:
+            ConfigError: an option this task does not support.
+        """
+        self.check_predict_options(options)
+        return get_task("classification").predict(run_dir, inputs, out, **options)
 
 
 register_task(MultiCNNTask())

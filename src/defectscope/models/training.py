@@ -58,9 +58,22 @@ def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_fraction:
 
 
 def exponential_decay(opt: torch.optim.Optimizer, total_steps: int, lr: float, lr_end: float):
-    """Per-step exponential decay from ``lr`` to ``lr_end`` over ``total_steps`` (paper 003's schedule)."""
-    gamma = (lr_end / lr) ** (1.0 / max(1, total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: gamma ** step)
+    """Per-step exponential decay of the learning rate from ``lr`` to ``lr_end`` (paper 003, Table 1).
+
+    The factor at step ``s`` is ``(lr_end / lr) ** (min(s, T - 1) / (T - 1))`` with ``T = total_steps``:
+    the first step uses ``lr``, the last of the ``T`` steps exactly ``lr_end`` (and any later step too).
+
+    Args:
+        opt: the optimizer whose learning rates are scaled (its base rate should be ``lr``).
+        total_steps: optimizer steps of the whole run (values < 2 keep ``lr`` for the first step).
+        lr, lr_end: initial and final learning rate (> 0).
+
+    Returns:
+        A ``LambdaLR`` to be stepped once per optimizer step.
+    """
+    total = max(1, total_steps - 1)
+    ratio = lr_end / lr
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: ratio ** (min(step, total) / total))
 
 
 def build_loss(kind: str, gamma: float = 2.0, label_smoothing: float = 0.0,

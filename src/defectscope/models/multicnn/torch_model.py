@@ -40,22 +40,28 @@ class FeatureFusionClassifier(nn.Module):
         num_classes: ``K``.
         dropout: before the linear layer (paper 003: 0.5).
         image_size: nominal input side of the fused model (the data's size).
-        pretrained / weights: ignored for the extractors' final values (they are
-            replaced by the fine-tuned members' weights); kept for a uniform
-            :func:`create_model` signature.
+
+    The extractors start from random weights: the task loads the fine-tuned members'
+    weights into them (:meth:`RunFolder.load_model` loads the saved state dict).
 
     Forward:
         ``x``: ``[B, 3, H, W]`` in [0, 1]; returns logits ``[B, K]``.
 
     Raises:
-        ValueError: no members, or duplicate member names.
+        ValueError: no members, a member without exactly the keys ``name``, ``backbone``,
+            ``image_size``, or duplicate member names.
     """
 
-    def __init__(self, members: list[dict], num_classes: int, dropout: float = 0.5, image_size: int = 200,
-                 pretrained: bool = False, weights: str | None = None, **_: object) -> None:
+    MEMBER_KEYS = ("name", "backbone", "image_size")
+
+    def __init__(self, members: list[dict], num_classes: int, dropout: float = 0.5, image_size: int = 200) -> None:
         super().__init__()
         if not members:
             raise ValueError("multicnn_fusion: at least one member is needed")
+        for i, m in enumerate(members):
+            if set(m) != set(self.MEMBER_KEYS):
+                raise ValueError(f"multicnn_fusion: members[{i}] must have exactly the keys "
+                                 f"{list(self.MEMBER_KEYS)}, got {sorted(m)}")
         names = [m["name"] for m in members]
         if len(set(names)) != len(names):
             raise ValueError(f"multicnn_fusion: member names must be unique, got {names}")
