@@ -81,7 +81,7 @@ def test_anomaly_cross_validation_predicts_every_train_image_once_and_never_fits
         # the checkpoint holds tensors and plain data only, and reloaded models give the fold's scores
         payload = torch.load(fold / "model.ckpt", weights_only=True)
         assert payload["peer"]["model_name"] == "patchcore" and isinstance(payload["ocsvm"]["support_vectors"], torch.Tensor)
-        files = sorted(test)
+        files = [r["file"] for r in rows if r["fold"] == k]  # the fold's order: the same batches as in the run
         preds = tmp_path / f"preds_{k}.csv"
         res = CliRunner().invoke(app, ["predict", str(fold), *files, "--out", str(preds)])
         assert res.exit_code == 0, res.output

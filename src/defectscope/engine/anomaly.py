@@ -95,8 +95,9 @@ class AnomalyData(StrictModel):
         calibration_fraction: share of the good train images kept out of model fitting
             (one-class SVM / threshold fitted on them); 0 = the paper's setting (the SVM
             is then fitted on the training images themselves).
-        max_fit, max_test: keep at most this many fitting / test images (quick runs and
-            tests; the test subset keeps defective and good images in proportion).
+        max_fit, max_test: keep at most this many fitting / test images of the protocol (quick
+            runs and tests; the test subset keeps defective and good images in proportion). They
+            act when the images are read, so cross-validation runs on the kept train-split images.
     """
 
     root: str = "../shared/datasets/kolektorsdd"
@@ -738,6 +739,7 @@ class AnomalyTask(TaskHooks):
                     "test": test_text, "files": "split/fit.txt, split/calibration.txt, split/test.txt",
                     "images": {"fit": int(len(fit_idx)), "calibration": int(len(cal_idx))}, "defective_in_fit": 0}
         info.update({
+            "weights": grad.backbone.weights_source,
             "protocol": protocol,
             "grad_fit_seconds": round(grad_seconds, 1),
             "feature": {"dim": spec.dim, "grid": list(spec.grid), "bins": spec.bins, "hist_range": list(spec.hist_range),
@@ -753,8 +755,7 @@ class AnomalyTask(TaskHooks):
         return Fitted(models, ckpt, info)
 
     def run_info(self, recipe: AnomalyRecipe, fitted: Fitted) -> dict:
-        return {"model": "grad_mobilenet", "backbone": recipe.model.backbone,
-                "weights": fitted.checkpoint["weights_source"], "image_size": list(recipe.data.image_size)}
+        return {"model": "grad_mobilenet", "backbone": recipe.model.backbone, "image_size": list(recipe.data.image_size)}
 
     def predict_samples(self, recipe: AnomalyRecipe, fitted: Fitted, samples: Samples, idx: np.ndarray) -> Predictions:
         """Scores of both methods; table ``pred`` (good/defective at the SVM boundary), ``image_score``,
@@ -804,7 +805,7 @@ class AnomalyTask(TaskHooks):
                                  tuple(d.image_size), crossval=cv)
             return
         pr = info.get("protocol", {}).get("images", {})
-        kv.update({"trunk weights": info.get("weights_source", "-"),
+        kv.update({"trunk weights": info.get("weights", "-"),
                    "fit / calibration / test images": f"{pr.get('fit')} / {pr.get('calibration')} / {len(idx)} "
                                                       f"({int(samples.labels[idx].sum())} defective in test, none in fitting)",
                    "one-class SVM fitted on": info.get("ocsvm", {}).get("fit_on"), "epochs": recipe.train.epochs,
