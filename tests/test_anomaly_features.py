@@ -156,3 +156,40 @@ def test_patchcore_score_border_leaves_edge_cells_out_of_the_image_score():
     torch.testing.assert_close(m_full, m_inner)  # the map keeps the edge cells
     with pytest.raises(ValueError, match="score_border"):
         create_model("patchcore", backbone="efficientnet_lite0", layers=[2], pretrained=False, score_border=-1)
+
+
+def test_one_class_svm_state_reloads_without_pickle_and_scores_identically(tmp_path):
+    """The fitted boundary is stored as tensors (weights_only load) and rebuilt scores equal the run's bit for bit;
+    both agree with scikit-learn's own decision function."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import OneClassSVM
+
+    rng = np.random.default_rng(1)
+    normal = rng.normal(0, 1, size=(120, 6)) * np.array([1, 2, 3, 0.5, 10, 1]) + 4
+    test = np.r_[rng.normal(0, 1, size=(30, 6)) + 4, rng.normal(9, 1, size=(10, 6))]
+    scorer = OneClassScorer(nu=0.1).fit(normal)
+    path = tmp_path / "ocsvm.pt"
+    torch.save({"ocsvm": scorer.state_dict()}, path)
+    state = torch.load(path, weights_only=True)["ocsvm"]
+    assert all(isinstance(v, (torch.Tensor, float)) for v in state.values())
+    reloaded = OneClassScorer.from_state(state)
+    np.testing.assert_array_equal(reloaded.score(test), scorer.score(test))
+    ref = make_pipeline(StandardScaler(), OneClassSVM(kernel="rbf", nu=0.1, gamma="scale")).fit(normal)
+    np.testing.assert_allclose(scorer.score(test), -ref.decision_function(test), rtol=1e-9, atol=1e-12)
+    assert (scorer.predict(test) == (ref.predict(test) == -1)).all()
+    bad = dict(state)
+    del bad["dual_coef"]
+    with pytest.raises(ValueError, match="model.ckpt: one-class SVM state lacks dual_coef"):
+        OneClassScorer.from_state(bad, "model.ckpt")
+    with pytest.raises(ValueError, match="not fitted"):
+        OneClassScorer().score(test)
+
+
+def test_constructors_refuse_unknown_keywords():
+    from defectscope.models import create_model
+
+    with pytest.raises(TypeError, match="dropuot"):
+        create_model("grad_mobilenet", backbone="efficientnet_lite0", dropuot=0.1)
+    with pytest.raises(TypeError, match="corset_ratio"):
+        create_model("patchcore", backbone="efficientnet_lite0", layers=[2], pretrained=False, corset_ratio=0.1)

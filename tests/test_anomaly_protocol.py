@@ -59,6 +59,7 @@ def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path, peer_size):
     With ``peer_size`` PatchCore reads its own, larger input (its maps are resized for the report).
     """
     from defectscope.config import validate
+    from defectscope.engine.pipeline import train
     from defectscope.engine.tasks import get_task
 
     task = get_task("anomaly")
@@ -71,7 +72,7 @@ def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path, peer_size):
            "train": {"epochs": 1, "batch_size": 3, "progress": False, "logger": [], "num_threads": 2}}
     recipe = validate(raw, task.recipe, "test")
     run = tmp_path / "run"
-    res = task.fit(recipe, run)
+    res = train(recipe, run, task=task)
     fit_lines = (run / "split" / "fit.txt").read_text().splitlines()
     assert fit_lines and all(line.endswith(",good") for line in fit_lines)
     assert all(line.endswith(",good") for line in (run / "split" / "calibration.txt").read_text().splitlines())

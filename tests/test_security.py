@@ -122,7 +122,7 @@ def test_one_class_scorer_round_trips_through_plain_tensors():
     rebuilt = OneClassScorer.from_state_dict(state)
     np.testing.assert_allclose(rebuilt.score(test), scorer.score(test), rtol=1e-9, atol=1e-9)
     np.testing.assert_array_equal(rebuilt.predict(test), scorer.predict(test))
-    with pytest.raises(ValueError, match="not a one-class SVM state"):
+    with pytest.raises(ValueError, match="one-class SVM state lacks"):
         OneClassScorer.from_state_dict({"kind": "other"})
 
 

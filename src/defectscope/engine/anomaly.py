@@ -11,44 +11,58 @@ Recipe (``configs/ksdd_gradmobilenet.yaml``)::
 
 Protocol (KolektorSDD, :func:`defectscope.data.kolektor.anomaly_protocol`): the good
 images of the manifest's ``train`` split are the only images any model is fitted
-on; ``calibration_fraction`` of them is kept out of network training / the
-memory bank and used to fit the one-class SVM (Grad-MobileNet) and the decision
-threshold (PatchCore) on normal images the models have not seen. The test set
-is every ``val`` image plus the defective ``train`` images. The file lists are
-written to ``RUN/split/{fit,calibration,test}.txt``.
+on; ``calibration_fraction`` of them (a seeded draw, flagged once per image) is kept
+out of network training / the memory bank and used to fit the one-class SVM
+(Grad-MobileNet) and the decision threshold (PatchCore) on normal images the models
+have not seen. The test set is every ``val`` image plus the defective ``train``
+images. The file lists are written to ``RUN/split/{fit,calibration,train,test}.txt``
+(``train`` = fit + calibration).
+
+Cross-validation (``--folds K``, :func:`defectscope.engine.pipeline.cross_validate`) runs on
+the manifest's ``train`` split (``val`` is the data's own test split and is left out):
+folds are stratified over good and defective images; fold ``k`` fits on the good images
+of the other folds (their calibration-flagged ones fit the SVM / threshold) and predicts
+all of its own images, good and defective. Defective images are never fitted on, and
+every image is predicted exactly once.
+
+There is no validation part and no checkpoint selection (monitor: none): Grad-MobileNet
+is trained for ``train.epochs`` to overfit the normal images and its last weights are
+kept, so ``train.val_fraction`` and ``train.early_stopping_patience`` must be 0.
 
 Clustering of defect types (paper 001, section 4.4.2) runs on a separate data
-source (KolektorSDD has one defect type): ``neu`` trains a second Grad-MobileNet on
-one NEU class held as the normal reference and clusters held-out images of the
-other five classes by t-SNE + K-means. New sources (the simulated welds) register
-a loader in :data:`CLUSTERING_SOURCES`.
+source (KolektorSDD has one defect type), once, in a single-split run: ``neu`` trains
+a second Grad-MobileNet on one NEU class held as the normal reference and clusters
+held-out images of the other five classes by t-SNE + K-means. New sources (the
+simulated welds) register a loader in :data:`CLUSTERING_SOURCES`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from defectscope.config import BaseRecipe, StrictModel, TrainConfig
-from defectscope.data.images import DatasetError, iter_images, load_stack, resize_uint8
+from defectscope.data.images import DatasetError, expand_inputs, iter_images, load_stack, resize_uint8
 from defectscope.data.kolektor import KolektorItem, anomaly_protocol, load_mask, read_kolektor_manifest
 from defectscope.data.splits import write_file_list
-from defectscope.engine.classification import expand_inputs, random_flips, to_float, warmup_cosine
-from defectscope.engine.run import RunFolder
+from defectscope.engine.crossval import flatten_scalars
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
+from defectscope.engine.run import RunError, RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import build_trainer, report_training_curves, set_threads
+from defectscope.engine.trainer import fit_lightning, report_training_curves
 from defectscope.evaluation.anomaly import (
     clustering_metrics,
     image_metrics,
@@ -61,13 +75,9 @@ from defectscope.evaluation.anomaly import (
 from defectscope.evaluation.plots import plt, save_figure
 from defectscope.evaluation.report import Report
 from defectscope.models import create_model
-from defectscope.models.grad_mobilenet import (
-    GradientFeatureSpec,
-    OneClassScorer,
-    artificial_landmark,
-    gradient_norm,
-    input_gradient,
-)
+from defectscope.models.grad_mobilenet import GradientFeatureSpec, OneClassScorer, blur_maps, gradient_maps
+from defectscope.models.grad_mobilenet.lightning_model import GradMobileNetModule
+from defectscope.models.patchcore import patchcore_fit, patchcore_score
 from defectscope.utils.io import write_text
 
 # ---------------------------------------------------------------- recipe
@@ -85,8 +95,9 @@ class AnomalyData(StrictModel):
         calibration_fraction: share of the good train images kept out of model fitting
             (one-class SVM / threshold fitted on them); 0 = the paper's setting (the SVM
             is then fitted on the training images themselves).
-        max_fit, max_test: keep at most this many fitting / test images (quick runs and
-            tests; the test subset keeps defective and good images in proportion).
+        max_fit, max_test: keep at most this many fitting / test images of the protocol (quick
+            runs and tests; the test subset keeps defective and good images in proportion). They
+            act when the images are read, so cross-validation runs on the kept train-split images.
     """
 
     root: str = "../shared/datasets/kolektorsdd"
@@ -191,157 +202,74 @@ class ClusteringConfig(StrictModel):
     perplexity: float = Field(30.0, gt=1)
 
 
+
+
+class AnomalyTrainConfig(TrainConfig):
+    """:class:`TrainConfig` of Grad-MobileNet's network training (PatchCore is not trained).
+
+    No validation part and no early stopping: the network is trained for ``epochs`` to overfit
+    the normal images and its last weights are kept (the checkpoint monitor is none), so
+    ``val_fraction`` and ``early_stopping_patience`` are 0 and any other value is refused.
+    """
+
+    val_fraction: float = 0.0
+    early_stopping_patience: int = 0
+
+    @field_validator("val_fraction", "early_stopping_patience")
+    @classmethod
+    def _no_validation_part(cls, v: float) -> float:
+        if v != 0:
+            raise ValueError("must be 0 for task 'anomaly': Grad-MobileNet has no validation part or checkpoint "
+                             "selection (it is trained to overfit the good images; data.calibration_fraction "
+                             "holds good images out for the one-class SVM and the PatchCore threshold)")
+        return v
+
+
 class AnomalyRecipe(BaseRecipe):
-    """Recipe of the ``anomaly`` task."""
+    """Recipe of the ``anomaly`` task; no checkpoint selection (monitor: none, the last weights are kept)."""
 
     task: Literal["anomaly"] = "anomaly"
     data: AnomalyData = AnomalyData()
     model: GradModelConfig = GradModelConfig()
     peer: PeerConfig = PeerConfig()
     clustering: ClusteringConfig = ClusteringConfig()
-    train: TrainConfig = TrainConfig(epochs=8, lr=1e-3, augment=False, val_fraction=0.0, early_stopping_patience=0)
+    train: AnomalyTrainConfig = AnomalyTrainConfig(epochs=8, lr=1e-3, augment=False)
 
 
 # ---------------------------------------------------------------- training (section 4.1)
 
 
-class GradMobileNetModule(L.LightningModule):
-    """Lightning wrapper: cross-entropy toward the fixed target ``y = 0`` on normal images only.
-
-    Args:
-        model: maps ``[B, 3, H, W]`` in [0, 1] to logits ``[B, K]``.
-        target: the fixed class (eq. 2).
-        lr, weight_decay: AdamW; warm-up + cosine schedule per step.
-        augment: random flips (off by default: the model is meant to overfit).
-        channels_last: NHWC layout.
-    """
-
-    def __init__(self, model: nn.Module, target: int, lr: float, weight_decay: float, augment: bool = False,
-                 channels_last: bool = True) -> None:
-        super().__init__()
-        self.model, self.target = model, target
-        self.lr, self.weight_decay, self.augment, self.channels_last = lr, weight_decay, augment, channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-
-    def training_step(self, batch, batch_idx):
-        (x,) = batch
-        x = to_float(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.augment:
-            x = random_flips(x)
-        logits = self.model(x)
-        y = torch.full((x.shape[0],), self.target, dtype=torch.long, device=x.device)
-        loss = F.cross_entropy(logits.float(), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = warmup_cosine(opt, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def train_grad_model(cfg: GradModelConfig, t: TrainConfig, x_fit: np.ndarray, run_dir: Path | None,
-                     epochs: int | None = None, log_name: str = "logs") -> tuple[nn.Module, float, dict]:
+def fit_grad_mobilenet(cfg: GradModelConfig, t: TrainConfig, x_fit: np.ndarray,
+                       run_dir: Path) -> tuple[nn.Module, dict, dict] | None:
     """Train a Grad-MobileNet on normal images ``x_fit`` (uint8 ``[N, 3, H, W]``) toward ``y = target``.
 
+    Uses :func:`defectscope.engine.trainer.fit_lightning` without a validation loader (the last
+    weights are kept); logs and Lightning checkpoints go to ``run_dir``.
+
     Returns:
-        ``(model in eval mode, fp32, contiguous; train seconds; model kwargs)``.
+        ``(model in eval mode, fp32, contiguous; model_kwargs; training info)``, ``None`` on DDP
+        ranks other than 0.
     """
     kwargs = {"backbone": cfg.backbone, "num_classes": cfg.num_classes}
     model = create_model("grad_mobilenet", **kwargs, pretrained=cfg.pretrained, weights=cfg.weights)
     module = GradMobileNetModule(model, cfg.target, t.lr, t.weight_decay, t.augment, t.channels_last)
-    t2 = t.model_copy(update={"epochs": epochs or t.epochs, "early_stopping_patience": 0})
-    if run_dir is None:
-        t2 = t2.model_copy(update={"logger": []})
-        trainer = L.Trainer(max_epochs=t2.epochs, accelerator=t.accelerator, devices=1, precision=t.precision,
-                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False)
-    else:
-        trainer = build_trainer(t2, run_dir, None)
     loader = DataLoader(TensorDataset(torch.from_numpy(x_fit)), batch_size=t.batch_size, shuffle=True,
                         num_workers=0, drop_last=len(x_fit) > t.batch_size)
-    start = time.perf_counter()
-    trainer.fit(module, loader)
-    seconds = time.perf_counter() - start
+    info = fit_lightning(module, loader, None, t, run_dir, None)
+    if info is None:
+        return None
     model = module.model.to(memory_format=torch.contiguous_format).float().eval()
-    return model, seconds, kwargs
-
-
-# ---------------------------------------------------------------- gradient features (eq. 2-3, section 4.3)
-
-
-def blur_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing of ``[N, H, W]`` maps (``sigma`` in pixels; 0 = unchanged)."""
-    if sigma <= 0:
-        return maps
-    from torchvision.transforms.functional import gaussian_blur
-
-    k = int(2 * round(4 * sigma) + 1)
-    return gaussian_blur(maps[:, None], [k, k], [sigma, sigma])[:, 0]
-
-
-def gradient_maps(model: nn.Module, x: np.ndarray, cfg: GradModelConfig, progress: bool = False,
-                  label: str = "gradients") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 2-3 and the landmark for uint8 images ``[N, 3, H, W]``.
-
-    Returns:
-        ``(gnorm [N, H, W] float32, landmark [N], max softmax probability of the target [N])``.
-    """
-    model.eval()
-    gn, lm, pt = [], [], []
-    steps = range(0, len(x), cfg.grad_batch_size)
-    if progress:
-        from rich.progress import track
-
-        steps = track(steps, description=label, transient=True)
-    for i in steps:
-        xb = to_float(torch.from_numpy(x[i : i + cfg.grad_batch_size]))
-        g = input_gradient(model, xb, cfg.target)
-        gn.append(gradient_norm(g))
-        lm.append(artificial_landmark(xb, cfg.landmark_low, cfg.landmark_high))
-        with torch.no_grad():
-            pt.append(F.softmax(model(xb).float(), dim=1)[:, cfg.target])
-    return torch.cat(gn), torch.cat(lm), torch.cat(pt)
-
-
-# ---------------------------------------------------------------- PatchCore helpers
-
-
-def patchcore_fit(cfg: PeerConfig, x_fit: np.ndarray, seed: int) -> tuple[nn.Module, dict, dict]:
-    """Build PatchCore and fill its memory bank from normal images ``x_fit``; returns ``(model, kwargs, info)``."""
-    kwargs = {"backbone": cfg.backbone, "layers": list(cfg.layers), "score_border": cfg.score_border}
-    model = create_model("patchcore", **kwargs, pretrained=cfg.pretrained, weights=cfg.weights)
-    embs = []
-    for i in range(0, len(x_fit), cfg.batch_size):
-        e = model.embed(to_float(torch.from_numpy(x_fit[i : i + cfg.batch_size])))
-        embs.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]))
-    patches = torch.cat(embs)
-    total = len(patches)
-    g = torch.Generator().manual_seed(seed)
-    if total > cfg.max_patches:
-        patches = patches[torch.randperm(total, generator=g)[: cfg.max_patches]]
-    size = max(1, int(round(cfg.coreset_ratio * total)))
-    model.fit(patches, size, seed=seed)
-    kwargs["bank_size"] = int(model.memory_bank.shape[0])
-    info = {"patches": total, "presampled": int(len(patches)), "memory_bank": kwargs["bank_size"],
-            "feature_dim": int(patches.shape[1]), "weights": model.backbone.weights_source}
     return model, kwargs, info
 
 
-def patchcore_score(model: nn.Module, x: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, torch.Tensor]:
-    """Image scores ``[N]`` and anomaly maps ``[N, H, W]`` of uint8 images."""
-    s, m = [], []
-    for i in range(0, len(x), batch_size):
-        a, b = model(to_float(torch.from_numpy(x[i : i + batch_size])))
-        s.append(a)
-        m.append(b)
-    return torch.cat(s).numpy(), torch.cat(m)
+def _features(model: nn.Module, x: np.ndarray, cfg: GradModelConfig, progress: bool = False,
+              label: str = "gradients") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gradient_maps(model, x, cfg.target, cfg.landmark_low, cfg.landmark_high, cfg.grad_batch_size,
+                         progress, label)
 
 
 # ---------------------------------------------------------------- clustering sources
+
 
 
 @dataclass
@@ -408,6 +336,9 @@ CLUSTERING_SOURCES: dict[str, Callable[[ClusteringConfig, int], ClusterData]] = 
 def run_clustering(recipe: AnomalyRecipe, run: RunFolder) -> dict:
     """Train Grad-MobileNet on the reference class, embed held-out images, t-SNE + K-means the defect classes.
 
+    The second network trains in a temporary folder (no logs or checkpoints kept in the run);
+    the t-SNE figure goes to ``RUN/plots/tsne_clusters.png``.
+
     Returns:
         metrics: ``cluster_accuracy``, ``nmi``, ``ari`` over the defect classes, the one-class
         SVM's ``image_auroc`` (reference vs the rest), sizes and seconds.
@@ -415,18 +346,21 @@ def run_clustering(recipe: AnomalyRecipe, run: RunFolder) -> dict:
     Raises:
         KeyError: unknown ``clustering.source``.
     """
-    c = recipe.clustering
+    c, m = recipe.clustering, recipe.model
     if c.source not in CLUSTERING_SOURCES:
         raise KeyError(f"clustering.source '{c.source}' unknown; known: {', '.join(sorted(CLUSTERING_SOURCES))} "
                        "(the simulated weld set registers 'weld_sim' when it lands)")
     start = time.perf_counter()
     data = CLUSTERING_SOURCES[c.source](c, recipe.seed)
-    model, train_s, _ = train_grad_model(recipe.model, recipe.train, data.fit, None, epochs=c.epochs)
-    gn_fit, lm_fit, _ = gradient_maps(model, data.fit, recipe.model)
-    gn, lm, _ = gradient_maps(model, data.eval_x, recipe.model)
-    spec = GradientFeatureSpec(tuple(recipe.model.grid), recipe.model.bins).fit_range(gn_fit)
+    t = recipe.train.model_copy(update={"epochs": c.epochs, "logger": [], "devices": 1, "strategy": "auto",
+                                        "max_minutes": None})
+    with tempfile.TemporaryDirectory(prefix="defectscope-clustering-") as tmp:
+        model, _, info = fit_grad_mobilenet(m, t, data.fit, Path(tmp))
+    gn_fit, lm_fit, _ = _features(model, data.fit, m)
+    gn, lm, _ = _features(model, data.eval_x, m)
+    spec = GradientFeatureSpec(tuple(m.grid), m.bins).fit_range(gn_fit)
     f_fit, f_eval = spec(gn_fit, lm_fit).numpy(), spec(gn, lm).numpy()
-    scorer = OneClassScorer(recipe.model.nu, recipe.model.gamma).fit(f_fit)
+    scorer = OneClassScorer(m.nu, m.gamma).fit(f_fit)
     is_def = data.eval_y != data.reference
     binary = image_metrics(is_def, scorer.score(f_eval), scorer.predict(f_eval))
     defect_classes = [k for k in range(len(data.class_names)) if k != data.reference]
@@ -438,11 +372,39 @@ def run_clustering(recipe: AnomalyRecipe, run: RunFolder) -> dict:
     return {"source": c.source, "reference_class": data.class_names[data.reference],
             "classes": [data.class_names[k] for k in defect_classes], "k": len(defect_classes),
             **metrics, "one_class": {k: binary[k] for k in ("image_auroc", "image_ap", "f1")},
-            "fit_images": int(len(data.fit)), "train_seconds": round(train_s, 1),
+            "fit_images": int(len(data.fit)), "train_seconds": info["train_seconds"],
             "seconds": round(time.perf_counter() - start, 1), "description": data.description}
 
 
-# ---------------------------------------------------------------- the task
+# ---------------------------------------------------------------- samples (the KolektorSDD protocol)
+
+
+
+
+def protocol_items(d: AnomalyData, seed: int) -> tuple[list[KolektorItem], np.ndarray]:
+    """The images the task reads, in manifest order, and which good ones are calibration images.
+
+    :func:`defectscope.data.kolektor.anomaly_protocol` draws the calibration images (seed
+    ``seed``); ``max_fit`` keeps the first ``max_fit`` fitting and ``max(2, max_fit // 4)``
+    calibration images, ``max_test`` a proportional subset of the protocol's test images.
+
+    Returns:
+        ``(items, calibration [N] bool)``.
+
+    Raises:
+        DatasetError: a bad manifest (named), no good train image or an empty test set.
+    """
+    items = read_kolektor_manifest(d.root)
+    parts = anomaly_protocol(items, d.calibration_fraction, seed)
+    fit, cal = parts["fit"], parts["calibration"]
+    if d.max_fit:
+        fit = fit[: d.max_fit]
+        cal = cal[: max(2, d.max_fit // 4)] if cal else []
+    test = _subset_test(parts["test"], d.max_test, seed)
+    keep = {id(it) for it in fit + cal + test}
+    kept = [it for it in items if id(it) in keep]
+    cal_ids = {id(it) for it in cal}
+    return kept, np.array([id(it) in cal_ids for it in kept], dtype=bool)
 
 
 def _subset_test(items: list[KolektorItem], n: int | None, seed: int) -> list[KolektorItem]:
@@ -456,6 +418,15 @@ def _subset_test(items: list[KolektorItem], n: int | None, seed: int) -> list[Ko
     return [it for it in items if id(it) in keep]
 
 
+def _is_single_split(samples: Samples, parts: dict[str, np.ndarray]) -> bool:
+    """A single-split fit covers every sample (train + test); a cross-validation fold never does
+    (it leaves out the other folds' defective images and the ``val`` split)."""
+    return sum(len(v) for v in parts.values()) == len(samples)
+
+
+# ---------------------------------------------------------------- the trained pair
+
+
 @dataclass
 class Scored:
     """Everything scored on one image set: scores, decisions, maps (``[N, H, W]``), features."""
@@ -467,34 +438,75 @@ class Scored:
     p_target: np.ndarray | None = None
 
 
+class NestedCheckpoint(RunFolder):
+    """A model stored inside a run's ``model.ckpt`` payload (the anomaly task's peer), rebuilt by the
+    one loader :meth:`RunFolder.load_model` (errors name the run's ``model.ckpt``).
+
+    Args:
+        run_dir: the run folder holding ``model.ckpt``.
+        payload: the nested ``{"model_name", "model_kwargs", "state_dict", ...}``.
+    """
+
+    def __init__(self, run_dir: str | Path, payload: dict) -> None:
+        super().__init__(run_dir)
+        self._payload = payload
+
+    def load_model_payload(self) -> dict:
+        return self._payload
+
+
 class AnomalyModels:
-    """The trained pair rebuilt from a checkpoint payload (used by ``predict`` and ``evaluate``)."""
+    """The trained pair: Grad-MobileNet + its one-class SVM, and PatchCore with its threshold.
 
-    def __init__(self, payload: dict) -> None:
-        self.payload = payload
-        self.cfg = GradModelConfig(**payload["grad_config"])
-        self.image_size = tuple(payload["image_size"])
-        self.grad = create_model("grad_mobilenet", **payload["model_kwargs"])
-        self.grad.load_state_dict(payload["state_dict"])
-        self.grad.eval()
-        self.spec = GradientFeatureSpec(tuple(payload["feature_spec"]["grid"]), payload["feature_spec"]["bins"],
-                                        tuple(payload["feature_spec"]["hist_range"]))
-        self.scorer = OneClassScorer.from_state_dict(payload["ocsvm"])
-        self.peer = None
-        if payload.get("peer_kwargs"):
-            self.peer = create_model("patchcore", **payload["peer_kwargs"], pretrained=False)
-            self.peer.load_state_dict(payload["peer_state_dict"])
-            self.peer.eval()
-        self.peer_threshold = payload.get("peer_threshold")
-        self.peer_size = tuple(payload.get("peer_image_size") or self.image_size)
+    Built by ``fit_model`` (the run's own predictions) or by :meth:`load` from a run folder
+    (``predict`` / ``evaluate``); both score with the same code, so reloaded scores are the run's.
 
-    def load(self, paths: list) -> tuple[np.ndarray, np.ndarray]:
+    Args:
+        grad: Grad-MobileNet in eval mode; cfg: its settings; image_size: ``(H, W)`` of its input.
+        spec: the fitted feature layout; scorer: the fitted one-class SVM (threshold 0).
+        peer: PatchCore in eval mode or ``None``; peer_threshold: its decision threshold;
+        peer_size: ``(H, W)`` of its input; peer_batch_size: images per forward pass.
+    """
+
+    def __init__(self, grad: nn.Module, cfg: GradModelConfig, image_size: tuple[int, int], spec: GradientFeatureSpec,
+                 scorer: OneClassScorer, peer: nn.Module | None = None, peer_threshold: float | None = None,
+                 peer_size: tuple[int, int] | None = None, peer_batch_size: int = 16) -> None:
+        self.grad, self.cfg, self.image_size, self.spec, self.scorer = grad, cfg, tuple(image_size), spec, scorer
+        self.peer, self.peer_threshold = peer, peer_threshold
+        self.peer_size = tuple(peer_size or image_size)
+        self.peer_batch_size = peer_batch_size
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "AnomalyModels":
+        """Rebuild the pair from ``RUN/model.ckpt`` (tensors and plain data only).
+
+        Raises:
+            RunError: missing/unreadable checkpoint, or one that lacks the anomaly task's fields.
+        """
+        folder = RunFolder(run_dir)
+        grad, payload = folder.load_model()
+        try:
+            cfg = GradModelConfig(**payload["grad_config"])
+            fs = payload["feature_spec"]
+            spec = GradientFeatureSpec(tuple(fs["grid"]), fs["bins"], tuple(fs["hist_range"]))
+            scorer = OneClassScorer.from_state(payload["ocsvm"], str(folder.model_path))
+            peer_payload = payload.get("peer")
+            peer = NestedCheckpoint(folder.path, peer_payload).load_model()[0] if peer_payload else None
+            return cls(grad, cfg, tuple(payload["image_size"]), spec, scorer, peer,
+                       peer_payload["threshold"] if peer_payload else None,
+                       tuple(peer_payload["image_size"]) if peer_payload else None,
+                       int(peer_payload["config"]["batch_size"]) if peer_payload else 16)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunError(f"{folder.model_path}: not an anomaly-task checkpoint of this version ({exc})") from None
+
+    def load_images(self, paths: list) -> tuple[np.ndarray, np.ndarray]:
         """uint8 stacks of image files at Grad-MobileNet's size and at the peer's (the same array if equal)."""
         x = load_stack(paths, self.image_size)
         return x, (x if self.peer_size == self.image_size else load_stack(paths, self.peer_size))
 
-    def score_grad(self, x: np.ndarray) -> Scored:
-        gn, lm, pt = gradient_maps(self.grad, x, self.cfg)
+    def score_grad(self, x: np.ndarray, progress: bool = False) -> Scored:
+        """Grad-MobileNet on uint8 images ``[N, 3, H, W]``: SVM scores (> 0 defective), blurred maps, features."""
+        gn, lm, pt = _features(self.grad, x, self.cfg, progress, "gradients (test)")
         f = self.spec(gn, lm).numpy()
         s = self.scorer.score(f)
         return Scored(s, s > 0, blur_maps(gn, self.cfg.map_blur_sigma), f, pt.numpy())
@@ -503,12 +515,12 @@ class AnomalyModels:
         """PatchCore scores of uint8 images ``[N, 3, *peer_size]``; maps at ``peer_size``."""
         if self.peer is None:
             return None
-        s, m = patchcore_score(self.peer, x)
+        s, m = patchcore_score(self.peer, x, self.peer_batch_size)
         return Scored(s, s > self.peer_threshold, m)
 
 
-def _maps_pixel_auroc(maps: torch.Tensor, masks: np.ndarray, stride: int = 2) -> float | None:
-    return pixel_auroc(maps[:, ::stride, ::stride].numpy(), masks[:, ::stride, ::stride])
+def _maps_pixel_auroc(maps: np.ndarray | torch.Tensor, masks: np.ndarray, stride: int = 2) -> float | None:
+    return pixel_auroc(np.asarray(maps)[:, ::stride, ::stride], masks[:, ::stride, ::stride])
 
 
 def _pixel_stride(size: tuple[int, int]) -> int:
@@ -524,32 +536,56 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None].float(), size=tuple(size), mode=mode)[:, 0]
 
 
-def write_anomaly_report(run: RunFolder, title: str, info: dict, metrics: dict, y: np.ndarray,
-                         test_items: list[KolektorItem], x_test: np.ndarray, masks: np.ndarray,
-                         grad: Scored, peer: Scored | None, grad_thr: float, clustering: dict | None) -> None:
-    """The report: results table, score histograms, overlays against true masks, t-SNE, curves."""
+
+# ---------------------------------------------------------------- report
+
+#: cross-validation table columns (``peer.*``: PatchCore's figures)
+CV_KEYS = ["n", "n_defective", "image_auroc", "image_ap", "f1", "pixel_auroc",
+           "peer.image_auroc", "peer.image_ap", "peer.f1", "peer.pixel_auroc"]
+
+
+def write_anomaly_report(run: RunFolder, title: str, info: dict, metrics: dict, samples: Samples, idx: np.ndarray,
+                         raw: dict, peer_threshold: float | None, image_size: tuple[int, int],
+                         clustering: dict | None = None, crossval: dict | None = None) -> None:
+    """The report: results table (and fold table), score histograms, overlays against true masks, t-SNE, curves.
+
+    Args:
+        metrics: Grad-MobileNet's figures with PatchCore's under ``peer`` (``None`` when off).
+        samples, idx: the images scored (positions into ``samples``), in the order of ``raw``.
+        raw: :meth:`AnomalyTask.predict_samples`' arrays (``score``, ``decision``, ``maps``,
+            ``peer_score``, ``peer_maps`` ...).
+        peer_threshold: PatchCore's decision drawn in the histogram (``None``: one per fold).
+        crossval: ``{"folds", "mean", "std"}`` of a cross-validation (adds the fold table).
+    """
     rep = Report(title)
     rep.kv("Run", info)
-    rows = [{"method": "Grad-MobileNet + one-class SVM", **metrics["test"]}]
-    if peer is not None:
-        rows.append({"method": "PatchCore (peer)", **metrics["peer"]})
-    rep.table("Test metrics (defective = positive class)", rows,
+    peer = metrics.get("peer")
+    if crossval:
+        rep.table("Cross-validation: held-out figures per fold (peer.* = PatchCore)", crossval_table(
+            {"folds": [flatten_scalars(f) for f in crossval["folds"]], "mean": crossval["mean"], "std": crossval["std"],
+             "pooled": flatten_scalars(metrics)}, CV_KEYS))
+    rows = [{"method": "Grad-MobileNet + one-class SVM", **{k: v for k, v in metrics.items() if k != "peer"}}]
+    if peer:
+        rows.append({"method": "PatchCore (peer)", **peer})
+    rep.table(("Pooled out-of-fold" if crossval else "Test") + " metrics (defective = positive class)", rows,
               ["method", "image_auroc", "image_ap", "f1", "precision", "recall", "accuracy", "pixel_auroc", "n", "n_defective"])
-    hist_rows = [("Grad-MobileNet (-OCSVM decision)", grad.score, y, grad_thr)]
-    if peer is not None:
-        hist_rows.append(("PatchCore (max patch distance)", peer.score, y, metrics["peer_threshold"]))
+    y = samples.labels[idx]
+    hist_rows = [("Grad-MobileNet (-OCSVM decision)", raw["score"], y, 0.0)]
+    if peer:
+        hist_rows.append(("PatchCore (max patch distance)", raw["peer_score"], y, peer_threshold))
     plot_score_histograms(hist_rows, run.plots / "score_histograms.png")
     rep.image("plots/score_histograms.png", "Score histograms of good and defective test images; dashed: the decision")
-    # overlays: the 8 most anomalous defective images by Grad-MobileNet score + 2 good ones
+    # overlays: the 4 most and 2 least anomalous defective images by Grad-MobileNet score + 2 good ones
     bad = np.flatnonzero(y == 1)
     good = np.flatnonzero(y == 0)
-    pick = list(bad[np.argsort(-grad.score[bad])][:4]) + list(bad[np.argsort(grad.score[bad])][:2]) + list(good[:2])
-    imgs = x_test[pick].transpose(0, 2, 3, 1)
-    maps = [("Grad-MobileNet |dL/dx|", grad.maps[pick].numpy())]
-    if peer is not None:
-        maps.append(("PatchCore", peer.maps[pick].numpy()))
-    titles = [f"{test_items[i].id} {'defect' if y[i] else 'good'}" for i in pick]
-    plot_overlays(imgs, masks[pick], maps, titles, run.plots / "overlays.png")
+    pick = list(bad[np.argsort(-raw["score"][bad])][:4]) + list(bad[np.argsort(raw["score"][bad])][:2]) + list(good[:2])
+    pos = idx[pick]
+    imgs = samples.data["x"][pos].transpose(0, 2, 3, 1)
+    maps = [("Grad-MobileNet |dL/dx|", raw["maps"][pick])]
+    if peer:
+        maps.append(("PatchCore", resize_maps(torch.from_numpy(raw["peer_maps"][pick]), image_size).numpy()))
+    titles = [f"{samples.columns['id'][i]} {'defect' if samples.labels[i] else 'good'}" for i in pos]
+    plot_overlays(imgs, samples.data["masks"][pos], maps, titles, run.plots / "overlays.png")
     rep.image("plots/overlays.png", "Anomaly maps over the image; true mask outline in red/white "
               "(4 highest- and 2 lowest-scored defective images by Grad-MobileNet, 2 good ones)")
     if clustering is not None:
@@ -558,139 +594,230 @@ def write_anomaly_report(run: RunFolder, title: str, info: dict, metrics: dict, 
         rep.image("plots/tsne_clusters.png", "t-SNE of the gradient features, coloured by cluster and by true label")
     rep.text("Grad-MobileNet needs a backward pass per image (eq. 2), so it cannot be exported to ONNX as a "
              "forward-only graph; PatchCore's feature extractor can.")
-    report_training_curves(rep, run, "Training loss toward y = 0 (normal images only)")
+    if not crossval:
+        report_training_curves(rep, run, "Training loss toward y = 0 (normal images only)")
     rep.write(run.report_path)
 
 
-class AnomalyTask:
-    """The ``anomaly`` task (registered as such)."""
+# ---------------------------------------------------------------- the task
+
+
+class AnomalyTask(TaskHooks):
+    """The ``anomaly`` task (registered as such): hooks of the shared pipeline.
+
+    Samples are KolektorSDD images (label defective 0/1); only good images are trainable;
+    the manifest's ``val`` split is the data's own test split (single split: tested;
+    cross-validation: left out).
+    """
 
     name = "anomaly"
     recipe = AnomalyRecipe
+    monitor = ""  # no checkpoint selection: the last weights of the overfit network are kept
+    summary_keys = ("image_auroc", "image_ap", "f1", "pixel_auroc")
+    predict_options = ()
+    default_predict_out = "preds.csv"
 
-    def fit(self, recipe: AnomalyRecipe, run_dir: Path, source: Path | None = None) -> dict:
-        t = recipe.train
-        set_threads(t)
-        L.seed_everything(recipe.seed, workers=True, verbose=False)
-        run = RunFolder(run_dir).create()
-        d, m = recipe.data, recipe.model
-        wall = time.perf_counter()
-        items = read_kolektor_manifest(d.root)
-        parts = anomaly_protocol(items, d.calibration_fraction, recipe.seed)
-        if d.max_fit:
-            parts["fit"] = parts["fit"][: d.max_fit]
-            parts["calibration"] = parts["calibration"][: max(2, d.max_fit // 4)] if parts["calibration"] else []
-        parts["test"] = _subset_test(parts["test"], d.max_test, recipe.seed)
-        assert not any(it.defective for it in parts["fit"] + parts["calibration"]), "defective image in fitting data"
-        for k, v in parts.items():
-            write_file_list(run.split_dir / f"{k}.txt", [it.image for it in v],
-                            ["defective" if it.defective else "good" for it in v])
+    def load_samples(self, recipe: AnomalyRecipe) -> Samples:
+        """Every image of :func:`protocol_items`, decoded at ``data.image_size`` (and the peer's size).
+
+        ``data``: ``items``, ``calibration [N] bool``, ``x`` / ``xp`` uint8 ``[N, 3, H, W]`` (Grad-MobileNet's /
+        PatchCore's input), ``masks`` / ``pmasks`` bool ``[N, H, W]``.
+        """
+        d = recipe.data
+        items, calibration = protocol_items(d, recipe.seed)
         size = tuple(d.image_size)
-        x = {k: load_stack([it.image for it in v], size, progress=t.progress) for k, v in parts.items()}
-        y = np.array([int(it.defective) for it in parts["test"]])
-        masks = np.stack([load_mask(it.mask, size) for it in parts["test"]])
+        psize = tuple(recipe.peer.image_size or size) if recipe.peer.enabled else size
+        paths = [it.image for it in items]
+        x = load_stack(paths, size, progress=recipe.train.progress)
+        masks = np.stack([load_mask(it.mask, size) for it in items])
+        if psize == size:
+            xp, pmasks = x, masks
+        else:
+            xp = load_stack(paths, psize, progress=recipe.train.progress)
+            pmasks = np.stack([load_mask(it.mask, psize) for it in items])
+        labels = np.array([int(it.defective) for it in items])
+        split = np.array([it.split for it in items])
+        return Samples([str(p) for p in paths], labels, ["good", "defective"],
+                       {"items": items, "calibration": calibration, "x": x, "xp": xp, "masks": masks, "pmasks": pmasks},
+                       columns={"id": [it.id for it in items], "split": split.tolist()},
+                       test_only=split == "val", trainable=labels == 0,
+                       description=f"{d.root} (KolektorSDD manifest: {len(items)} images, {int(labels.sum())} defective, "
+                                   f"{int((split == 'val').sum())} in val)")
 
-        # Grad-MobileNet (section 4.1-4.4.1)
-        grad_model, train_s, kwargs = train_grad_model(m, t, x["fit"], run.path)
-        gn_fit, lm_fit, pt_fit = gradient_maps(grad_model, x["fit"], m, t.progress, "gradients (fit)")
+    def split(self, recipe: AnomalyRecipe, samples: Samples) -> dict[str, np.ndarray]:
+        """The protocol's single split: fit on the good ``train`` images; test on ``val`` + the defective ``train`` images."""
+        idx = np.arange(len(samples))
+        test = samples.test_only | (samples.labels == 1)
+        return {"trainval": idx[~test], "test": idx[test]}
+
+    def split_info(self, recipe: AnomalyRecipe) -> dict:
+        items, calibration = protocol_items(recipe.data, recipe.seed)
+        good_train = np.array([it.split == "train" and not it.defective for it in items])
+        test_defective = sum(it.defective for it in items)
+        return {"protocol": "KolektorSDD anomaly protocol (data/kolektor.py anomaly_protocol)", "seed": recipe.seed,
+                "calibration_fraction": recipe.data.calibration_fraction,
+                "fit": int((good_train & ~calibration).sum()), "calibration": int(calibration.sum()),
+                "test_defective": int(test_defective)}
+
+    def fit_model(self, recipe: AnomalyRecipe, samples: Samples, parts: dict[str, np.ndarray],
+                  run: RunFolder) -> Fitted | None:
+        """Train Grad-MobileNet on the fit images, fit its SVM and PatchCore (bank + threshold).
+
+        ``parts["train"]`` holds good images only; its calibration-flagged images fit the SVM
+        (``model.ocsvm_fit_on``) and PatchCore's threshold, the rest train the network and fill
+        the memory bank. In a single-split run the clustering study runs too.
+
+        Raises:
+            DatasetError: no fitting image left in the training part.
+        """
+        t, m, p, d = recipe.train, recipe.model, recipe.peer, recipe.data
+        train = parts["train"]
+        if samples.labels[train].any():
+            raise RuntimeError("anomaly: a defective image reached the fitting data")  # the pipeline's trainable rule
+        is_cal = samples.data["calibration"][train]
+        fit_idx, cal_idx = train[~is_cal], train[is_cal]
+        if len(fit_idx) == 0:
+            raise DatasetError(f"{d.root}: no good image left to fit on ({len(cal_idx)} calibration images); "
+                               "lower data.calibration_fraction or use more images")
+        single = _is_single_split(samples, parts)
+        start = time.perf_counter()
+        size = tuple(d.image_size)
+        x = samples.data["x"]
+        res = fit_grad_mobilenet(m, t, x[fit_idx], run.path)
+        if res is None:
+            return None
+        grad, kwargs, info = res
+        for name, pos in (("fit", fit_idx), ("calibration", cal_idx)):
+            write_file_list(run.split_dir / f"{name}.txt", [samples.ids[i] for i in pos], ["good"] * len(pos))
+
+        # Grad-MobileNet features and the one-class SVM (section 4.3-4.4.1)
+        gn_fit, lm_fit, pt_fit = _features(grad, x[fit_idx], m, t.progress, "gradients (fit)")
         spec = GradientFeatureSpec(tuple(m.grid), m.bins).fit_range(gn_fit)
         feats = {"fit": spec(gn_fit, lm_fit).numpy()}
         del gn_fit
-        if len(x["calibration"]):
-            gn_cal, lm_cal, _ = gradient_maps(grad_model, x["calibration"], m)
+        if len(cal_idx):
+            gn_cal, lm_cal, _ = _features(grad, x[cal_idx], m)
             feats["calibration"] = spec(gn_cal, lm_cal).numpy()
-        gn_test, lm_test, pt_test = gradient_maps(grad_model, x["test"], m, t.progress, "gradients (test)")
-        feats["test"] = spec(gn_test, lm_test).numpy()
-        fit_on = m.ocsvm_fit_on if "calibration" in feats else "fit"
+        fit_on = m.ocsvm_fit_on
+        if not len(cal_idx) or (len(cal_idx) < 2 and fit_on == "calibration"):
+            fit_on = "fit"  # an SVM needs two rows
         train_feats = {"fit": feats["fit"], "calibration": feats.get("calibration"),
                        "both": np.concatenate([feats["fit"], feats.get("calibration", feats["fit"][:0])])}[fit_on]
         scorer = OneClassScorer(m.nu, m.gamma).fit(train_feats)
-        gs = scorer.score(feats["test"])
-        grad = Scored(gs, gs > 0, blur_maps(gn_test, m.map_blur_sigma), feats["test"], pt_test.numpy())
-        del gn_test
-        test_metrics = {**image_metrics(y, grad.score, grad.decision),
-                        "pixel_auroc": _maps_pixel_auroc(grad.maps, masks)}
-        grad_seconds = time.perf_counter() - wall
+        grad_seconds = time.perf_counter() - start
 
-        # PatchCore (peer)
-        peer = None
-        peer_payload: dict = {}
-        result_peer: dict = {}
-        if recipe.peer.enabled:
+        # PatchCore (peer): memory bank from the fit images, threshold from the calibration images
+        peer = peer_payload = None
+        peer_info: dict | None = None
+        thr = None
+        if p.enabled:
             p0 = time.perf_counter()
-            psize = tuple(recipe.peer.image_size or size)
-            xp = x if psize == size else {k: load_stack([it.image for it in v], psize, progress=t.progress)
-                                          for k, v in parts.items()}
-            pmasks = masks if psize == size else np.stack([load_mask(it.mask, psize) for it in parts["test"]])
-            pc, pkw, pinfo = patchcore_fit(recipe.peer, xp["fit"], recipe.seed)
-            ref = xp["calibration"] if len(xp["calibration"]) else xp["fit"]
-            ref_scores, _ = patchcore_score(pc, ref, recipe.peer.batch_size)
-            thr = float(np.quantile(ref_scores, recipe.peer.threshold_quantile))
-            ps, pm = patchcore_score(pc, xp["test"], recipe.peer.batch_size)
-            peer = Scored(ps, ps > thr, resize_maps(pm, size))
-            result_peer = {**image_metrics(y, ps, peer.decision),
-                           "pixel_auroc": _maps_pixel_auroc(pm, pmasks, _pixel_stride(psize)),
-                           "image_size": list(psize), "threshold": thr,
-                           "threshold_from": "calibration" if len(x["calibration"]) else "fit",
-                           **pinfo, "seconds": round(time.perf_counter() - p0, 1)}
-            peer_payload = {"peer_kwargs": pkw, "peer_state_dict": pc.state_dict(), "peer_threshold": thr,
-                            "peer_image_size": list(psize), "peer_config": recipe.peer.model_dump(mode="json")}
-            del xp, pm, pmasks
+            xp = samples.data["xp"]
+            psize = tuple(xp.shape[-2:])
+            peer, pkw, pinfo = patchcore_fit(xp[fit_idx], p.backbone, p.layers, p.pretrained, p.weights, p.score_border,
+                                             p.coreset_ratio, p.max_patches, p.batch_size, recipe.seed)
+            ref_scores, _ = patchcore_score(peer, xp[cal_idx] if len(cal_idx) else xp[fit_idx], p.batch_size)
+            thr = float(np.quantile(ref_scores, p.threshold_quantile))
+            peer_info = {"image_size": list(psize), "threshold": thr,
+                         "threshold_from": "calibration" if len(cal_idx) else "fit",
+                         **pinfo, "seconds": round(time.perf_counter() - p0, 1)}
+            peer_payload = {"model_name": "patchcore", "model_kwargs": pkw, "state_dict": peer.state_dict(),
+                            "threshold": thr, "image_size": list(psize), "config": p.model_dump(mode="json")}
 
-        clustering = run_clustering(recipe, run) if recipe.clustering.enabled else None
-
-        run.save_model(self.name, "grad_mobilenet", kwargs, grad_model.state_dict(), image_size=list(size),
-                       grad_config=m.model_dump(mode="json"),
-                       feature_spec={"grid": list(spec.grid), "bins": spec.bins, "hist_range": list(spec.hist_range)},
-                       ocsvm=scorer.state_dict(), normalisation="inside model: input RGB in [0, 1]",
-                       weights_source=grad_model.backbone.weights_source, **peer_payload)
-        protocol = {"fit": "good images of the manifest's train split"
-                           + (f" minus a {d.calibration_fraction:.0%} calibration draw (seed {recipe.seed})" if d.calibration_fraction else ""),
-                    "calibration": "held-out good train images: one-class SVM fit (ocsvm_fit_on="
-                                   f"{fit_on}) and PatchCore threshold",
-                    "test": "every val image + the defective train images",
-                    "files": "split/fit.txt, split/calibration.txt, split/test.txt",
-                    "defective_in_fit": 0}
-        result = {
-            "task": self.name,
-            "model": "grad_mobilenet",
-            "backbone": m.backbone,
-            "weights": grad_model.backbone.weights_source,
-            "seed": recipe.seed,
-            "image_size": list(size),
+        clustering = run_clustering(recipe, run) if single and recipe.clustering.enabled else None
+        models = AnomalyModels(grad, m, size, spec, scorer, peer, thr, tuple(samples.data["xp"].shape[-2:]), p.batch_size)
+        ckpt = {"model_name": "grad_mobilenet", "model_kwargs": kwargs, "state_dict": grad.state_dict(),
+                "image_size": list(size), "grad_config": m.model_dump(mode="json"),
+                "feature_spec": {"grid": [int(v) for v in spec.grid], "bins": int(spec.bins),
+                                 "hist_range": [float(v) for v in spec.hist_range]},
+                "ocsvm": scorer.state_dict(), "normalisation": "inside model: input RGB in [0, 1]",
+                "weights_source": grad.backbone.weights_source, "peer": peer_payload}
+        test_text = ("every val image + the defective train images" if single
+                     else "this fold's images of the train split, good and defective")
+        protocol = {"fit": "good images of the training part" + (" minus the calibration draw" if len(cal_idx) else ""),
+                    "calibration": f"held-out good images: one-class SVM fit (ocsvm_fit_on={fit_on}) and PatchCore threshold",
+                    "test": test_text, "files": "split/fit.txt, split/calibration.txt, split/test.txt",
+                    "images": {"fit": int(len(fit_idx)), "calibration": int(len(cal_idx))}, "defective_in_fit": 0}
+        info.update({
+            "weights": grad.backbone.weights_source,
             "protocol": protocol,
-            "split": {k: int(len(v)) for k, v in parts.items()} | {"test_defective": int(y.sum())},
-            "train_seconds": round(train_s, 1),
-            "grad_seconds_total": round(grad_seconds, 1),
-            "wall_seconds": round(time.perf_counter() - wall, 1),
+            "grad_fit_seconds": round(grad_seconds, 1),
             "feature": {"dim": spec.dim, "grid": list(spec.grid), "bins": spec.bins, "hist_range": list(spec.hist_range),
                         "layout": "log10 pooled |dL/dx| map (grid cells), histogram of log10 |dL/dx| (shares), landmark"},
-            "ocsvm": {"nu": m.nu, "gamma": m.gamma, "fit_on": fit_on, "n_fit": int(len(train_feats))},
+            "ocsvm": {"nu": m.nu, "gamma": m.gamma, "gamma_value": scorer.state["gamma"], "fit_on": fit_on,
+                      "n_fit": int(len(train_feats)), "support_vectors": int(scorer.state["support_vectors"].shape[0])},
             "p_target_fit_mean": float(pt_fit.mean()),
-            "test": test_metrics,
-            "peer_name": recipe.peer.name if peer is not None else None,
-            "peer": result_peer or None,
-            "peer_threshold": result_peer.get("threshold"),
+            "peer_name": p.name if p.enabled else None,
+            "peer": peer_info,
+            "peer_threshold": thr,
             "clustering": clustering,
-        }
-        result["wall_seconds"] = round(time.perf_counter() - wall, 1)
-        run.write_metrics(result)
-        info = {"data": d.root, "input size (H x W)": f"{size[0]} x {size[1]}", "trunk": m.backbone,
-                "trunk weights": grad_model.backbone.weights_source,
-                "peer": f"PatchCore on {recipe.peer.backbone} ({result_peer.get('weights', '-')})" if peer else "off",
-                "fit / calibration / test images": f"{len(parts['fit'])} / {len(parts['calibration'])} / {len(parts['test'])} "
-                                                   f"({int(y.sum())} defective in test, none in fitting)",
-                "one-class SVM fitted on": fit_on, "epochs": t.epochs, "train seconds": round(train_s, 1),
-                "wall seconds": result["wall_seconds"], "seed": recipe.seed}
-        write_anomaly_report(run, f"defectscope anomaly: Grad-MobileNet vs PatchCore on {Path(d.root).name}", info,
-                             result, y, parts["test"], x["test"], masks, grad, peer, 0.0, clustering)
-        return result
+        })
+        return Fitted(models, ckpt, info)
+
+    def run_info(self, recipe: AnomalyRecipe, fitted: Fitted) -> dict:
+        return {"model": "grad_mobilenet", "backbone": recipe.model.backbone, "image_size": list(recipe.data.image_size)}
+
+    def predict_samples(self, recipe: AnomalyRecipe, fitted: Fitted, samples: Samples, idx: np.ndarray) -> Predictions:
+        """Scores of both methods; table ``pred`` (good/defective at the SVM boundary), ``image_score``,
+        ``peer_pred``, ``peer_score``; ``raw`` the arrays and maps (the peer's at its own size)."""
+        models: AnomalyModels = fitted.model
+        g = models.score_grad(samples.data["x"][idx], recipe.train.progress)
+        table = {"pred": ["defective" if v else "good" for v in g.decision], "image_score": g.score.tolist()}
+        raw = {"score": g.score, "decision": g.decision, "maps": g.maps.numpy(), "p_target": g.p_target}
+        pr = models.score_peer(samples.data["xp"][idx])
+        if pr is not None:
+            table.update(peer_pred=["defective" if v else "good" for v in pr.decision], peer_score=pr.score.tolist())
+            raw.update(peer_score=pr.score, peer_decision=pr.decision, peer_maps=pr.maps.numpy())
+        return Predictions(table, raw)
+
+    def compute_metrics(self, recipe: AnomalyRecipe, samples: Samples, idx: np.ndarray, preds: Predictions) -> dict:
+        """Grad-MobileNet's image and pixel figures; PatchCore's under ``peer`` (``None`` when off)."""
+        raw, y = preds.raw, samples.labels[idx]
+        out = {**image_metrics(y, raw["score"], raw["decision"]),
+               "pixel_auroc": _maps_pixel_auroc(raw["maps"], samples.data["masks"][idx])}
+        out["peer"] = None
+        if "peer_score" in raw:
+            psize = tuple(raw["peer_maps"].shape[-2:])
+            out["peer"] = {**image_metrics(y, raw["peer_score"], raw["peer_decision"]),
+                           "pixel_auroc": _maps_pixel_auroc(raw["peer_maps"], samples.data["pmasks"][idx],
+                                                            _pixel_stride(psize))}
+        return out
+
+    def write_report(self, run: RunFolder, recipe: AnomalyRecipe, samples: Samples, idx: np.ndarray,
+                     preds: Predictions, metrics: dict, info: dict) -> None:
+        """The report; a run's (or fold's) ``metrics.json`` ``peer`` block gets PatchCore's test figures
+        beside its fit facts (the layout of ``metrics.json`` before the pipeline)."""
+        d, m = recipe.data, recipe.model
+        cv = info.get("crossval")
+        peer_fit = info.get("peer")
+        if cv is None and metrics.get("peer") and isinstance(peer_fit, dict) and run.metrics_path.is_file():
+            saved = json.loads(run.metrics_path.read_text())
+            saved["peer"] = {**metrics["peer"], **peer_fit}
+            run.write_metrics(saved)
+        kv = {"data": info.get("data", d.root), "input size (H x W)": f"{d.image_size[0]} x {d.image_size[1]}",
+              "trunk": m.backbone, "peer": f"PatchCore on {recipe.peer.backbone}" if recipe.peer.enabled else "off",
+              "seed": recipe.seed}
+        title = f"defectscope anomaly: Grad-MobileNet vs PatchCore on {Path(d.root).name}"
+        if cv:
+            kv.update(protocol=info.get("protocol"), images=f"{len(idx)} ({int(samples.labels[idx].sum())} defective), "
+                      "each predicted once by the fold that did not fit on it")
+            write_anomaly_report(run, title + " (cross-validation)", kv, metrics, samples, idx, preds.raw, None,
+                                 tuple(d.image_size), crossval=cv)
+            return
+        pr = info.get("protocol", {}).get("images", {})
+        kv.update({"trunk weights": info.get("weights", "-"),
+                   "fit / calibration / test images": f"{pr.get('fit')} / {pr.get('calibration')} / {len(idx)} "
+                                                      f"({int(samples.labels[idx].sum())} defective in test, none in fitting)",
+                   "one-class SVM fitted on": info.get("ocsvm", {}).get("fit_on"), "epochs": recipe.train.epochs,
+                   "train seconds": info.get("train_seconds")})
+        write_anomaly_report(run, title, kv, metrics, samples, idx, preds.raw, info.get("peer_threshold"),
+                             tuple(d.image_size), info.get("clustering"))
 
     def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
         """Score every image of a KolektorSDD-style folder (manifest + masks) with a trained run."""
-        models = AnomalyModels(RunFolder(run_dir).load_model_payload())
+        models = AnomalyModels.load(run_dir)
         items = read_kolektor_manifest(data)
-        x, xp = models.load([it.image for it in items])
+        x, xp = models.load_images([it.image for it in items])
         y = np.array([int(it.defective) for it in items])
         masks = np.stack([load_mask(it.mask, models.image_size) for it in items])
         g = models.score_grad(x)
@@ -712,8 +839,12 @@ class AnomalyTask:
 
         A PNG per image (image, Grad-MobileNet map, PatchCore map) is written to
         ``<out stem>_maps/``; unreadable files are skipped and reported.
+
+        Raises:
+            ConfigError: an option this task does not support (``--save-images``: maps are always written).
         """
-        models = AnomalyModels(RunFolder(run_dir).load_model_payload())
+        self.check_predict_options(options)
+        models = AnomalyModels.load(run_dir)
         files = expand_inputs(inputs)
         out = Path(out)
         map_dir = out.parent / f"{out.stem}_maps"

@@ -5,7 +5,9 @@ from defectscope.models.grad_mobilenet.torch_model import (
     GradientFeatureSpec,
     OneClassScorer,
     artificial_landmark,
+    blur_maps,
     gradient_features,
+    gradient_maps,
     gradient_norm,
     input_gradient,
 )
@@ -15,7 +17,9 @@ __all__ = [
     "GradientFeatureSpec",
     "OneClassScorer",
     "artificial_landmark",
+    "blur_maps",
     "gradient_features",
+    "gradient_maps",
     "gradient_norm",
     "input_gradient",
 ]

@@ -35,6 +35,7 @@ from torch import nn
 
 from defectscope.models.backbones import create_backbone
 from defectscope.models.registry import register_model
+from defectscope.models.training import to_float
 
 #: added to ``||Grad||_2`` before the logarithm, so a zero gradient gives a finite feature
 LOG_EPS = 1e-20
@@ -61,7 +62,7 @@ class GradMobileNet(nn.Module):
     """
 
     def __init__(self, backbone: str = "mobilenetv3_large_100", num_classes: int = 2, pretrained: bool = False,
-                 weights: str | None = None, **_: object) -> None:
+                 weights: str | None = None) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"grad_mobilenet: num_classes must be >= 2 (got {num_classes}); "
@@ -208,22 +209,33 @@ def gradient_features(gnorm: torch.Tensor, landmark: torch.Tensor, spec: Gradien
 
 
 class OneClassScorer:
-    """Standardisation + scikit-learn ``OneClassSVM`` (RBF) fitted on normal features (section 4.4.1).
+    """Standardisation + an RBF one-class SVM fitted on normal features (section 4.4.1).
+
+    Fitting uses scikit-learn (``StandardScaler`` then ``OneClassSVM(kernel="rbf")``, libsvm).
+    The fitted boundary is then kept as plain tensors (:meth:`state_dict`) and scored from them
+    (:meth:`score`), both right after fitting and after reloading (:meth:`from_state`): a
+    checkpoint holds no sklearn object and loads with ``torch.load(weights_only=True)``, and
+    reloaded scores are identical to the run's. The decision function is libsvm's
+    (Schoelkopf et al., Neural Computation 13, 2001)::
+
+        z = (f - mean) / scale
+        decision(f) = sum_i alpha_i * exp(-gamma * ||z - sv_i||^2) + intercept      (intercept = -rho)
 
     Args:
         nu: upper bound on the share of training points outside the boundary.
-        gamma: RBF kernel width (``"scale"`` or a float).
+        gamma: RBF kernel width (``"scale"``: ``1 / (F * var(z))`` of the standardised
+            fitting features, as scikit-learn; or a float).
 
-    ``score(F)`` is the anomaly score (``-decision_function``, higher = more
-    anomalous); ``predict(F)`` is ``True`` for defective (decision < 0).
+    ``score(F)`` is the anomaly score (``-decision``, higher = more anomalous, > 0 outside the
+    boundary: the decision threshold is 0); ``predict(F)`` is ``True`` for defective.
     """
 
-    def __init__(self, nu: float = 0.1, gamma: str | float = "scale") -> None:
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-        from sklearn.svm import OneClassSVM
+    #: keys of :meth:`state_dict`
+    STATE_KEYS = ("mean", "scale", "support_vectors", "dual_coef", "intercept", "gamma", "nu")
 
-        self.pipeline = make_pipeline(StandardScaler(), OneClassSVM(kernel="rbf", nu=nu, gamma=gamma))
+    def __init__(self, nu: float = 0.1, gamma: str | float = "scale") -> None:
+        self.nu, self.gamma = nu, gamma
+        self.state: dict | None = None
 
     def fit(self, features: np.ndarray) -> "OneClassScorer":
         """Fit on normal features ``[N, F]``.
@@ -231,77 +243,122 @@ class OneClassScorer:
         Raises:
             ValueError: fewer than 2 rows or non-finite values.
         """
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        from sklearn.svm import OneClassSVM
+
         features = np.asarray(features, dtype=np.float64)
         if features.ndim != 2 or len(features) < 2:
             raise ValueError(f"OneClassScorer.fit: need a [N >= 2, F] array, got shape {features.shape}")
         if not np.isfinite(features).all():
             raise ValueError("OneClassScorer.fit: features contain NaN or inf")
-        self.pipeline.fit(features)
+        pipe = make_pipeline(StandardScaler(), OneClassSVM(kernel="rbf", nu=self.nu, gamma=self.gamma)).fit(features)
+        scaler, svm = pipe[0], pipe[1]
+        self.state = {
+            "mean": torch.from_numpy(np.array(scaler.mean_, dtype=np.float64)),
+            "scale": torch.from_numpy(np.array(scaler.scale_, dtype=np.float64)),
+            "support_vectors": torch.from_numpy(np.array(svm.support_vectors_, dtype=np.float64)),
+            "dual_coef": torch.from_numpy(np.array(svm.dual_coef_[0], dtype=np.float64)),
+            "intercept": float(svm.intercept_[0]),
+            "gamma": float(svm._gamma),  # the resolved width ("scale" -> a number); sklearn keeps it here
+            "nu": float(self.nu),
+        }
         return self
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """Anomaly scores ``[N]`` (``-decision_function``; > 0 outside the learnt boundary)."""
-        if self.pipeline is None:  # rebuilt from a checkpoint: the same decision function from its arrays
-            a = self._arrays
-            z = (np.asarray(features, dtype=np.float64) - a["mean"]) / a["scale"]
-            from sklearn.metrics.pairwise import rbf_kernel
-
-            return -(rbf_kernel(z, a["support_vectors"], gamma=float(a["gamma"])) @ a["dual_coef"] + float(a["intercept"]))
-        return -self.pipeline.decision_function(np.asarray(features, dtype=np.float64))
-
     def state_dict(self) -> dict:
-        """The fitted scorer as tensors and numbers, for a checkpoint that loads without pickle.
+        """The fitted boundary as tensors and floats (``float64``): :attr:`STATE_KEYS`.
 
-        The one-class SVM decision function is ``f(x) = sum_i alpha_i K(s_i, z) + b`` with
-        ``z = (x - mean) / scale`` (the ``StandardScaler``), ``K(s, z) = exp(-gamma ||s - z||^2)``,
-        support vectors ``s_i`` ``[S, F]``, dual coefficients ``alpha_i`` ``[S]`` and intercept
-        ``b = -rho`` (Schoelkopf et al., Neural Comput. 13, 2001, eq. 3.10).
-
-        Returns:
-            ``{"kind", "nu", "gamma", "mean" [F], "scale" [F], "support_vectors" [S, F],
-            "dual_coef" [S], "intercept"}`` (float64 tensors).
+        ``mean, scale [F]``, ``support_vectors [S, F]`` (standardised), ``dual_coef [S]``,
+        ``intercept``, ``gamma``, ``nu``.
 
         Raises:
-            RuntimeError: the scorer is not fitted.
+            ValueError: not fitted.
         """
-        import torch
-
-        if self.pipeline is not None:
-            scaler, svm = self.pipeline[0], self.pipeline[-1]
-            if not hasattr(svm, "support_vectors_"):
-                raise RuntimeError("OneClassScorer.state_dict: fit the scorer first")
-            a = {"mean": scaler.mean_, "scale": scaler.scale_, "support_vectors": svm.support_vectors_,
-                 "dual_coef": svm.dual_coef_[0], "intercept": float(svm.intercept_[0]), "gamma": float(svm._gamma),
-                 "nu": float(svm.nu)}
-        else:
-            a = self._arrays
-        out = {"kind": "ocsvm-rbf/1", "nu": float(a["nu"]), "gamma": float(a["gamma"]), "intercept": float(a["intercept"])}
-        for k in ("mean", "scale", "support_vectors", "dual_coef"):
-            out[k] = torch.as_tensor(np.asarray(a[k], dtype=np.float64))
-        return out
+        if self.state is None:
+            raise ValueError("OneClassScorer: not fitted; call fit(features) first")
+        return dict(self.state)
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "OneClassScorer":
-        """Rebuild a fitted scorer from :meth:`state_dict` (no pickle, no refit).
+    def from_state(cls, state: dict, source: str = "checkpoint") -> "OneClassScorer":
+        """Rebuild a fitted scorer from :meth:`state_dict` (no pickle, no sklearn object).
 
         Raises:
-            ValueError: ``state`` is not a one-class SVM state (wrong kind or shapes).
+            ValueError: a key is missing or the shapes do not fit (the message names ``source``).
         """
-        kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
-        if kind != "ocsvm-rbf/1":
-            raise ValueError(f"OneClassScorer.from_state_dict: not a one-class SVM state (kind {kind!r})")
-        a = {k: np.asarray(state[k], dtype=np.float64) for k in ("mean", "scale", "support_vectors", "dual_coef")}
-        f = a["mean"].shape[0]
-        if a["scale"].shape != (f,) or a["support_vectors"].ndim != 2 or a["support_vectors"].shape[1] != f \
-                or a["dual_coef"].shape != (a["support_vectors"].shape[0],):
-            raise ValueError("OneClassScorer.from_state_dict: inconsistent shapes "
-                             f"{ {k: list(v.shape) for k, v in a.items()} }")
-        a.update(intercept=float(state["intercept"]), gamma=float(state["gamma"]), nu=float(state["nu"]))
-        obj = cls.__new__(cls)
-        obj.pipeline = None
-        obj._arrays = a
-        return obj
+        missing = [k for k in cls.STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"{source}: one-class SVM state lacks {', '.join(missing)}")
+        s = {k: (torch.as_tensor(state[k], dtype=torch.float64) if k in ("mean", "scale", "support_vectors", "dual_coef")
+                 else float(state[k])) for k in cls.STATE_KEYS}
+        f = s["mean"].shape[0]
+        if s["scale"].shape != (f,) or s["support_vectors"].ndim != 2 or s["support_vectors"].shape[1] != f \
+                or s["dual_coef"].shape != (s["support_vectors"].shape[0],):
+            raise ValueError(f"{source}: one-class SVM state has inconsistent shapes (mean {tuple(s['mean'].shape)}, "
+                             f"support_vectors {tuple(s['support_vectors'].shape)}, dual_coef {tuple(s['dual_coef'].shape)})")
+        out = cls(s["nu"], s["gamma"])
+        out.state = s
+        return out
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Anomaly scores ``[N]`` float64 of features ``[N, F]`` (``-decision``; > 0 outside the learnt boundary).
+
+        Raises:
+            ValueError: not fitted, or ``F`` differs from the fitted features.
+        """
+        from sklearn.metrics.pairwise import rbf_kernel
+
+        s = self.state_dict()
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != s["mean"].shape[0]:
+            raise ValueError(f"OneClassScorer.score: expected [N, {s['mean'].shape[0]}] features, got {f.shape}")
+        z = (f - s["mean"].numpy()) / s["scale"].numpy()
+        k = rbf_kernel(z, s["support_vectors"].numpy(), gamma=s["gamma"])
+        return -(k @ s["dual_coef"].numpy() + s["intercept"])
+
+    @classmethod
+    def from_state_dict(cls, state: dict, source: str = "checkpoint") -> "OneClassScorer":
+        """Same as :meth:`from_state` (the name ``load_state_dict``-style callers use).
+
+        Raises:
+            ValueError: a key is missing or the shapes do not fit.
+        """
+        return cls.from_state(state, source)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """``[N]`` bool, ``True`` = defective (outside the boundary)."""
         return self.score(features) > 0
+
+
+def blur_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing of ``[N, H, W]`` maps (``sigma`` in pixels; 0 = unchanged)."""
+    if sigma <= 0:
+        return maps
+    from torchvision.transforms.functional import gaussian_blur
+
+    k = int(2 * round(4 * sigma) + 1)
+    return gaussian_blur(maps[:, None], [k, k], [sigma, sigma])[:, 0]
+
+
+def gradient_maps(model: nn.Module, x: np.ndarray, target: int = 0, landmark_low: int = 0, landmark_high: int = 50,
+                  batch_size: int = 8, progress: bool = False,
+                  label: str = "gradients") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 2-3 and the landmark (section 4.3) of uint8 images ``[N, 3, H, W]``, ``batch_size`` per backward pass.
+
+    Returns:
+        ``(gnorm [N, H, W] float32, landmark [N], softmax probability of the target [N])``.
+    """
+    model.eval()
+    gn, lm, pt = [], [], []
+    steps = range(0, len(x), batch_size)
+    if progress:
+        from rich.progress import track
+
+        steps = track(steps, description=label, transient=True)
+    for i in steps:
+        xb = to_float(torch.from_numpy(x[i : i + batch_size]))
+        g = input_gradient(model, xb, target)
+        gn.append(gradient_norm(g))
+        lm.append(artificial_landmark(xb, landmark_low, landmark_high))
+        with torch.no_grad():
+            pt.append(F.softmax(model(xb).float(), dim=1)[:, target])
+    return torch.cat(gn), torch.cat(lm), torch.cat(pt)

@@ -106,7 +106,7 @@ class PatchCore(nn.Module):
 
     def __init__(self, backbone: str = "efficientnet_lite0", layers: tuple[int, ...] | list[int] = (2, 4),
                  pretrained: bool = True, weights: str | None = None, neighbourhood: int = 3,
-                 blur_sigma: float = 4.0, score_border: int = 0, bank_size: int = 0, **_: object) -> None:
+                 blur_sigma: float = 4.0, score_border: int = 0, bank_size: int = 0) -> None:
         super().__init__()
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
         body = self.backbone.body
