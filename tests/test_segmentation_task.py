@@ -142,6 +142,17 @@ def test_cross_validation_pools_every_train_image_once_and_never_reads_the_test_
         assert not ((test | seen) & val_files)
         assert (fold / "config.yaml").is_file() and (fold / "model.ckpt").is_file()
     assert "oof_image_level_curves.png" in (out / "report.html").read_text()
+    # operating points chosen on the out-of-fold image scores (issue: decisions at the line)
+    from defectscope.evaluation.decisions import choose_threshold
+
+    points = cv["pooled"]["operating_points"]
+    assert [p["target_escape_rate"] for p in points] == [0.05, 0.01, 0.001]
+    oof_scores = np.array([float(r["image_score"]) for r in rows])
+    oof_def = np.array([r["true"] == "defective" for r in rows])
+    assert points[0]["threshold"] == pytest.approx(choose_threshold(oof_scores, oof_def, 0.05), abs=1e-5)
+    assert points[0]["n_defective_used"] == 4 and not points[0]["bound_reaches_target"]
+    assert points[0]["n_defective_needed"] == 59  # zero escapes in 59 defects bound the escape rate by 5 %
+    assert "Decisions" in (out / "report.html").read_text()
     assert (out / "plots" / "oof_image_level_curves.png").is_file()
 
     # the benchmark's table of (flips, image score) rules, from the fold models on their OOF images

@@ -59,7 +59,7 @@ from defectscope.data.images import DatasetError, expand_inputs, iter_images, lo
 from defectscope.data.kolektor import KolektorItem, anomaly_protocol, load_mask, read_kolektor_manifest
 from defectscope.data.splits import write_file_list
 from defectscope.engine.crossval import flatten_scalars
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections
 from defectscope.engine.run import RunError, RunFolder
 from defectscope.engine.tasks import register_task
 from defectscope.engine.trainer import fit_lightning, report_training_curves
@@ -546,7 +546,7 @@ CV_KEYS = ["n", "n_defective", "image_auroc", "image_ap", "f1", "pixel_auroc",
 
 def write_anomaly_report(run: RunFolder, title: str, info: dict, metrics: dict, samples: Samples, idx: np.ndarray,
                          raw: dict, peer_threshold: float | None, image_size: tuple[int, int],
-                         clustering: dict | None = None, crossval: dict | None = None) -> None:
+                         clustering: dict | None = None, crossval: dict | None = None, decisions: dict | None = None) -> None:
     """The report: results table (and fold table), score histograms, overlays against true masks, t-SNE, curves.
 
     Args:
@@ -596,6 +596,7 @@ def write_anomaly_report(run: RunFolder, title: str, info: dict, metrics: dict, 
              "forward-only graph; PatchCore's feature extractor can.")
     if not crossval:
         report_training_curves(rep, run, "Training loss toward y = 0 (normal images only)")
+    report_sections(rep, run, {"decisions": decisions})
     rep.write(run.report_path)
 
 
@@ -783,6 +784,12 @@ class AnomalyTask(TaskHooks):
                                                             _pixel_stride(psize))}
         return out
 
+    def decision_scores(self, recipe: AnomalyRecipe, samples: Samples, idx: np.ndarray,
+                        preds: Predictions) -> tuple[np.ndarray, np.ndarray]:
+        """Defective images and Grad-MobileNet's image anomaly scores (operating points need
+        defective images outside the test part: out-of-fold predictions, ``--folds``)."""
+        return samples.labels[idx] == 1, np.asarray(preds.table["image_score"], dtype=float)
+
     def write_report(self, run: RunFolder, recipe: AnomalyRecipe, samples: Samples, idx: np.ndarray,
                      preds: Predictions, metrics: dict, info: dict) -> None:
         """The report; a run's (or fold's) ``metrics.json`` ``peer`` block gets PatchCore's test figures
@@ -802,7 +809,7 @@ class AnomalyTask(TaskHooks):
             kv.update(protocol=info.get("protocol"), images=f"{len(idx)} ({int(samples.labels[idx].sum())} defective), "
                       "each predicted once by the fold that did not fit on it")
             write_anomaly_report(run, title + " (cross-validation)", kv, metrics, samples, idx, preds.raw, None,
-                                 tuple(d.image_size), crossval=cv)
+                                 tuple(d.image_size), crossval=cv, decisions=info.get("decisions"))
             return
         pr = info.get("protocol", {}).get("images", {})
         kv.update({"trunk weights": info.get("weights", "-"),

@@ -54,7 +54,7 @@ from defectscope.config import BaseRecipe, StrictModel, TrainConfig
 from defectscope.data.images import DatasetError, expand_inputs, iter_images, resize_uint8
 from defectscope.data.masks import MaskedImage, MaskStack, load_masked_stack, read_manifest
 from defectscope.data.rle import masks_to_records, write_rle_csv
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
 from defectscope.engine.trainer import fit_lightning, report_training_curves
@@ -249,7 +249,7 @@ def load_segmenter(run_dir: Path) -> tuple[nn.Module, dict]:
 
 def write_segmentation_report(run: RunFolder, title: str, metrics: dict, x: np.ndarray, y: np.ndarray, probs: np.ndarray,
                               ids: list[str], scores: np.ndarray, dice: np.ndarray, info: dict, threshold: float,
-                              prefix: str = "", crossval: dict | None = None) -> None:
+                              prefix: str = "", crossval: dict | None = None, decisions: dict | None = None) -> None:
     """Report: run facts, metrics, image-level ROC/PR, overlays on defective and good images, training curves.
 
     Args:
@@ -287,6 +287,7 @@ def write_segmentation_report(run: RunFolder, title: str, metrics: dict, x: np.n
                       f"{caption}: predicted mask red, true mask green outline; s = image score, d = Dice")
     if not prefix and not crossval:
         report_training_curves(rep, run, "Training loss per epoch")
+    report_sections(rep, run, {"decisions": decisions})
     rep.write(run.report_path)
 
 
@@ -365,11 +366,17 @@ class SegmentationTask(TaskHooks):
         met = segmentation_metrics(preds.raw, y, recipe.model.threshold, seed=recipe.seed, score_method=recipe.model.image_score)
         return {k: v for k, v in met.items() if k not in ("image_scores", "per_image_dice")}
 
+    def decision_scores(self, recipe: SegmentationRecipe, samples: Samples, idx: np.ndarray,
+                        preds: Predictions) -> tuple[np.ndarray, np.ndarray]:
+        """Defective images (manifest flag) and their image scores (``model.image_score`` rule)."""
+        return samples.labels[idx] == 1, np.asarray(preds.table["image_score"], dtype=float)
+
     def write_report(self, run: RunFolder, recipe: SegmentationRecipe, samples: Samples, idx: np.ndarray,
                      preds: Predictions, metrics: dict, info: dict) -> None:
         d, m = recipe.data, recipe.model
         info = dict(info)
         cv = info.pop("crossval", None)
+        decisions = info.pop("decisions", None)
         x, y = samples.data.get(idx)
         ids = [samples.data.items[i].id for i in idx]
         facts = {"encoder": m.encoder, "input (H x W)": f"{d.height} x {d.width} (resized)",
@@ -377,7 +384,7 @@ class SegmentationTask(TaskHooks):
         title = f"defectscope {self.name}: U-Net {m.encoder} on {Path(d.root).name}"
         write_segmentation_report(run, title + (" (cross-validation)" if cv else ""), metrics, x, y, preds.raw, ids,
                                   preds.table["image_score"], preds.table["dice"], facts, m.threshold,
-                                  prefix="oof_" if cv else "", crossval=cv)
+                                  prefix="oof_" if cv else "", crossval=cv, decisions=decisions)
 
     def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
         """Evaluate a trained run on every image of a KolektorSDD-layout folder; writes ``out`` (default ``RUN/evaluations/<name>``)."""
