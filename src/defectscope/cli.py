@@ -249,12 +249,14 @@ def data_check(
     near: Annotated[int, typer.Option("--near", help="pHash Hamming distance (of 64 bits) for near duplicates.")] = 8,
 ) -> None:
     """Health of a data set: images per class, sizes, modes, bit depths, unreadable files, duplicates, empty classes."""
+    from rich.markup import escape
+
     from defectscope.data.check import check_dataset, render_table
 
     result = check_dataset(folder, out, near_threshold=near)
     Console().print(render_table(result))
     for w in result["warnings"]:
-        console.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if not result["warnings"]:
         console.print("no problems found", highlight=False)
     if out is not None:

@@ -554,7 +554,8 @@ def render_table(result: dict[str, Any]):
             dup_count[c] += 1
     table = Table(title=f"data check: {result['folder']} ({result['task']}, {result['layout']})")
     for col in ("class", "images", "sizes", "modes", "bits", "unreadable", "in duplicates"):
-        table.add_column(col, justify="left" if col in ("class", "sizes", "modes") else "right")
+        table.add_column(col, justify="left" if col in ("class", "sizes", "modes") else "right",
+                         overflow="fold")
     for k, v in result["classes"].items():
         table.add_row(k, str(v["images"]), ", ".join(list(v["sizes"])[:3]) + (" ..." if len(v["sizes"]) > 3 else ""),
                       ", ".join(v["modes"]), ", ".join(v["bit_depths"]), str(v["unreadable"]), str(dup_count[k]))
