@@ -9,8 +9,8 @@ noise on an 8-image test split. :func:`size_recipe` instead derives the settings
   :func:`drop_last` tells the loader to keep the last partial batch unless it is a negligible
   share of the data (``n >= 20 b``).
 - **Optimizer steps**: ``max(MIN_STEPS, MIN_EPOCHS * steps_per_epoch)`` (fine-tuning a pretrained
-  backbone needs on the order of a hundred steps whatever the data size; large sets get at least
-  ``MIN_EPOCHS`` passes), capped by the compute budget ``budget_minutes`` for the whole run
+  backbone needs a few dozen steps whatever the data size, see :data:`MIN_STEPS`; large sets get
+  at least ``MIN_EPOCHS`` passes), capped by the compute budget ``budget_minutes`` for the whole run
   (all folds) at the measured CPU cost of a training image, then expressed as ``train.epochs``.
 - **Image size**: from the median image size: classification / detection take the short side,
   clipped to [64, 224] (NEU 200 px stays 200; no up-sampling beyond the backbone's 224);
@@ -37,7 +37,11 @@ from pathlib import Path
 from typing import Any
 
 MAX_BATCH = 16
-MIN_STEPS = 100
+#: Fewest optimizer steps of a fine-tuning run. Measured (NEU, 6 images per class = 36 training
+#: images, batch 12, 200 px, tf_efficientnet_lite0 ImageNet, AdamW 5e-4 warm-up + cosine, flips;
+#: tested on 60 other NEU images): 40 steps 0.833 accuracy (train loss 0.011), 100 steps 0.817,
+#: linear probe 0.533. 60 leaves a margin over 40 at half the cost of 100.
+MIN_STEPS = 60
 MIN_EPOCHS = 5
 IMBALANCE_RATIO = 3.0
 MIN_TEST_PER_CLASS = 10
