@@ -353,6 +353,32 @@ def convert_run(
     console.print(f"rewrote {escape(str(path))}: tensors and plain data only; it now loads with weights_only=True", highlight=False)
 
 
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect data folders before training.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+@friendly
+def data_check(
+    folder: Annotated[Path, typer.Argument(help="Data folder (any layout defectscope reads).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for data_check.json, report.html, thumbnails/.")] = None,
+    near: Annotated[int, typer.Option("--near", help="pHash Hamming distance (of 64 bits) for near duplicates.")] = 8,
+) -> None:
+    """Health of a data set: images per class, sizes, modes, bit depths, unreadable files, duplicates, empty classes."""
+    from rich.markup import escape
+
+    from defectscope.data.check import check_dataset, render_table
+
+    result = check_dataset(folder, out, near_threshold=near)
+    Console().print(render_table(result))
+    for w in result["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    if not result["warnings"]:
+        console.print("no problems found", highlight=False)
+    if out is not None:
+        console.print(f"written: {out / 'data_check.json'}, {out / 'report.html'}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,11 @@
+"""Linear probe: logistic regression on a frozen backbone's pooled features (the small-data reference)."""
+
+from defectscope.models.linear_probe.torch_model import (
+    LinearProbeClassifier,
+    extract_features,
+    fit_linear_probe,
+    fit_logistic,
+    train_linear_probe,
+)
+
+__all__ = ["LinearProbeClassifier", "extract_features", "fit_linear_probe", "fit_logistic", "train_linear_probe"]
