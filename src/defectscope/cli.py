@@ -124,24 +124,83 @@ def _run_task_obj(run: Path):
     return _get_task(_run_task(run), f"{RunFolder(run).config_path}: field 'task'")
 
 
+def _recipe_for_folder(folder: Path, task: str | None, override: list[str] | None) -> tuple[dict, dict]:
+    """A recipe sized to an unknown data folder: data check, layout guess, :func:`size_recipe`.
+
+    Returns ``(raw recipe, data check result)``; prints the evidence, the warnings and the choices.
+    """
+    import yaml
+
+    from defectscope.config import _set_dotted, parse_overrides
+    from defectscope.data.check import check_dataset, warn_on_leaks
+    from defectscope.data.layout import guess_layout
+    from defectscope.engine.autorecipe import explain, size_recipe
+
+    guess = guess_layout(folder, task)
+    check = check_dataset(folder) if guess.task in ("classification", "segmentation", "detection") else {}
+    for line in warn_on_leaks(check) if check else []:
+        console.print(f"[bold red]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    d = guess.details
+    console.print(f"{escape(str(folder))}: {guess.task} ({guess.layout} layout); " + "; ".join(map(escape, guess.evidence)),
+                  highlight=False, soft_wrap=True)
+    args = (guess.task, d["n_images"], d.get("class_counts"), d.get("image_hw"))
+    raw = size_recipe(*args, root=d["root"], layout=guess.layout)
+    if guess.task in ("segmentation", "detection"):
+        layout = raw.get("data", {}).pop("layout", None)
+        if guess.task == "segmentation" and layout not in (None, "kolektor"):
+            from defectscope.data.images import DatasetError
+
+            raise DatasetError(f"{folder}: segmentation data in the '{layout}' layout needs a manifest.csv "
+                               "(id,split,defective) beside images/ and masks/ (see README, Data layouts)")
+    for key, value in parse_overrides(override):
+        _set_dotted(raw, key, value, f"{folder} (override)")
+    console.print(escape(explain(*args, root=d["root"], layout=guess.layout)), highlight=False, soft_wrap=True)
+    console.print("[bold]recipe[/] (written to RUN/config.yaml; edit it and run 'defectscope train RUN/config.yaml'):\n"
+                  + escape(yaml.safe_dump(raw, sort_keys=False)), highlight=False)
+    return raw, check
+
+
 @app.command()
 @friendly
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see configs/).")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see configs/), or a data folder: the layout is recognised and a recipe sized to it.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
     override: Annotated[Optional[list[str]], typer.Option("-o", "--override", help="key.sub=value, repeatable.")] = None,
     folds: Annotated[Optional[int], typer.Option("--folds", help="1: one held-out split; K >= 2: stratified K-fold cross-validation (default: the recipe's eval.folds).")] = None,
     group_by: Annotated[Optional[str], typer.Option("--group-by", help="Metadata column or regex on sample ids; matching samples share a fold.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder (only once the new run succeeded).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted train into --out from its last checkpoints (same recipe and options).")] = False,
+    task_name: Annotated[Optional[str], typer.Option("--task", help="With a data folder: the task to train (overrides the guess).")] = None,
 ) -> None:
-    """Train a recipe, evaluate its held-out split (or K folds) and write the run folder."""
-    from defectscope.config import load_raw
+    """Train a recipe (or a data folder with a recipe sized to it), evaluate it and write the run folder.
 
-    raw = load_raw(recipe, override)
-    task, result = _train(raw, str(recipe), out, folds, group_by, overwrite, resume)
+    With a data folder, the data are checked first (duplicates across classes, empty classes,
+    unreadable files are warned about) and k-fold cross-validation is chosen when a single split
+    would hold fewer than 10 test images of some class; ``--folds 1`` forces a single split.
+    """
+    from defectscope.config import load_raw
+    from defectscope.utils.io import write_json
+
+    check = None
+    if recipe.is_dir():
+        raw, check = _recipe_for_folder(recipe, task_name, override)
+        source = str(recipe)
+        folds_eff = folds if folds is not None else raw.get("eval", {}).get("folds")
+        if folds_eff and folds_eff > 1:
+            console.print(f"evaluation: {folds_eff}-fold cross-validation (a single split would leave fewer than "
+                          "10 test images of some class; --folds 1 forces one split)", highlight=False)
+    else:
+        if task_name:
+            from defectscope.config import ConfigError
+
+            raise ConfigError("--task is for data folders; a recipe names its task in its 'task' key")
+        raw = load_raw(recipe, override)
+        source = str(recipe)
+    task, result = _train(raw, source, out, folds, group_by, overwrite, resume)
     if result is None:  # a non-zero DDP rank
         return
+    if check:
+        write_json(out / "data_check.json", check)
     _print_result(task, out, result)
 
 

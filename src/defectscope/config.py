@@ -126,6 +126,11 @@ class ClassifierTrainConfig(TrainConfig):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_balance: Literal["auto", "on", "off"] = "auto"
 
+    @field_validator("class_balance", mode="before")
+    @classmethod
+    def _balance_bool(cls, v: object) -> object:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
 
 class ClassificationData(StrictModel):
     """Where the labelled images are and how they are split (image-classification tasks:

@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from defectscope.config import BaseRecipe, StrictModel, TrainConfig
 from defectscope.data.images import DatasetError, expand_inputs, iter_images, load_stack, resize_uint8
 from defectscope.data.kolektor import KolektorItem, anomaly_protocol, load_mask, read_kolektor_manifest
+from defectscope.data.mvtec import load_item_mask
 from defectscope.data.splits import write_file_list
 from defectscope.engine.crossval import flatten_scalars
 from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections
@@ -87,7 +88,9 @@ class AnomalyData(StrictModel):
     """KolektorSDD-style data and the protocol.
 
     Attributes:
-        root: folder with ``images/``, ``masks/``, ``manifest.csv``.
+        root: folder with ``images/``, ``masks/``, ``manifest.csv`` (``layout: kolektor``), or an
+            MVTec AD category folder ``train/good``, ``test/<defect>``, ``ground_truth/<defect>``
+            (``layout: mvtec``; good test images have no mask, pixel metrics use the defect masks).
         image_size: ``[H, W]`` the images are resized to. KolektorSDD images are about
             1250 x 500 (H x W, aspect 2.5); ``[384, 160]`` keeps the aspect (2.4) at about
             0.31 of the resolution, both sides multiples of 32 (chosen for the time the
@@ -101,6 +104,7 @@ class AnomalyData(StrictModel):
     """
 
     root: str = "../shared/datasets/kolektorsdd"
+    layout: Literal["kolektor", "mvtec"] = "kolektor"
     image_size: tuple[int, int] = (384, 160)
     calibration_fraction: float = Field(0.15, ge=0, lt=1)
     max_fit: int | None = Field(None, ge=2)
@@ -394,8 +398,14 @@ def protocol_items(d: AnomalyData, seed: int) -> tuple[list[KolektorItem], np.nd
     Raises:
         DatasetError: a bad manifest (named), no good train image or an empty test set.
     """
-    items = read_kolektor_manifest(d.root)
-    parts = anomaly_protocol(items, d.calibration_fraction, seed)
+    if d.layout == "mvtec":
+        from defectscope.data.mvtec import mvtec_protocol, read_mvtec
+
+        items = read_mvtec(d.root)
+        parts = mvtec_protocol(items, d.calibration_fraction, seed)
+    else:
+        items = read_kolektor_manifest(d.root)
+        parts = anomaly_protocol(items, d.calibration_fraction, seed)
     fit, cal = parts["fit"], parts["calibration"]
     if d.max_fit:
         fit = fit[: d.max_fit]
@@ -630,20 +640,21 @@ class AnomalyTask(TaskHooks):
         psize = tuple(recipe.peer.image_size or size) if recipe.peer.enabled else size
         paths = [it.image for it in items]
         x = load_stack(paths, size, progress=recipe.train.progress)
-        masks = np.stack([load_mask(it.mask, size) for it in items])
+        masks = np.stack([load_item_mask(it, size) for it in items])
         if psize == size:
             xp, pmasks = x, masks
         else:
             xp = load_stack(paths, psize, progress=recipe.train.progress)
-            pmasks = np.stack([load_mask(it.mask, psize) for it in items])
+            pmasks = np.stack([load_item_mask(it, psize) for it in items])
         labels = np.array([int(it.defective) for it in items])
         split = np.array([it.split for it in items])
+        held = "test" if d.layout == "mvtec" else "val"
         return Samples([str(p) for p in paths], labels, ["good", "defective"],
                        {"items": items, "calibration": calibration, "x": x, "xp": xp, "masks": masks, "pmasks": pmasks},
                        columns={"id": [it.id for it in items], "split": split.tolist()},
-                       test_only=split == "val", trainable=labels == 0,
-                       description=f"{d.root} (KolektorSDD manifest: {len(items)} images, {int(labels.sum())} defective, "
-                                   f"{int((split == 'val').sum())} in val)")
+                       test_only=split == held, trainable=labels == 0,
+                       description=f"{d.root} ({'MVTec AD layout' if d.layout == 'mvtec' else 'KolektorSDD manifest'}: "
+                                   f"{len(items)} images, {int(labels.sum())} defective, {int((split == held).sum())} in {held})")
 
     def split(self, recipe: AnomalyRecipe, samples: Samples) -> dict[str, np.ndarray]:
         """The protocol's single split: fit on the good ``train`` images; test on ``val`` + the defective ``train`` images."""
@@ -655,7 +666,9 @@ class AnomalyTask(TaskHooks):
         items, calibration = protocol_items(recipe.data, recipe.seed)
         good_train = np.array([it.split == "train" and not it.defective for it in items])
         test_defective = sum(it.defective for it in items)
-        return {"protocol": "KolektorSDD anomaly protocol (data/kolektor.py anomaly_protocol)", "seed": recipe.seed,
+        proto = ("MVTec AD protocol (data/mvtec.py mvtec_protocol)" if recipe.data.layout == "mvtec"
+                 else "KolektorSDD anomaly protocol (data/kolektor.py anomaly_protocol)")
+        return {"protocol": proto, "seed": recipe.seed,
                 "calibration_fraction": recipe.data.calibration_fraction,
                 "fit": int((good_train & ~calibration).sum()), "calibration": int(calibration.sum()),
                 "test_defective": int(test_defective)}

@@ -43,6 +43,7 @@ from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves
 from defectscope.evaluation.report import Report
 from defectscope.models import create_model
 from defectscope.models.classifier.lightning_model import ImageClassifierModule
+from defectscope.models.linear_probe.torch_model import train_linear_probe
 from defectscope.models.training import build_loss, random_flips, to_float, to_model_input, warmup_cosine  # noqa: F401
 from defectscope.utils.io import write_text
 
@@ -57,9 +58,14 @@ class ClassificationModelConfig(StrictModel):
         weights: a local state-dict file for the backbone (any backbone).
         low_res: key/value resolution of the multiscale model.
         embed_dim, num_heads, num_layers, dropout: attention settings.
+        linear_probe_reference: also fit a logistic regression (scikit-learn) on the frozen
+            backbone's pooled features of the same training images and report it beside the
+            model (``reference.linear_probe``) on the same test part or folds, so a run shows
+            whether fine-tuning earned its cost. ``name: linear_probe`` makes that probe the
+            model itself (seconds to train; a sensible choice for a few dozen images).
     """
 
-    name: Literal["multiscale", "classifier"] = "multiscale"
+    name: Literal["multiscale", "classifier", "linear_probe"] = "multiscale"
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
     weights: str | None = None
@@ -68,6 +74,7 @@ class ClassificationModelConfig(StrictModel):
     num_heads: int = Field(8, ge=1)
     num_layers: int = Field(1, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
+    linear_probe_reference: bool = True
 
 
 class ClassificationRecipe(BaseRecipe):
@@ -154,6 +161,18 @@ def write_classification_report(run: RunFolder, title: str, metrics: dict, y_tru
     rep.kv("Test metrics" if not cv else "Pooled out-of-fold metrics",
            {k: metrics[k] for k in ("n", "accuracy", "weighted_precision", "weighted_recall",
                                     "weighted_f1", "macro_f1", "macro_auroc")})
+    ref = metrics.get("reference", {}).get("linear_probe")
+    if ref:
+        keys = ("accuracy", "weighted_f1", "macro_f1", "macro_auroc")
+        rows = [{"model": "this run's model", **{k: metrics[k] for k in keys}},
+                {"model": "linear probe (logistic regression on frozen pooled features)", **{k: ref[k] for k in keys}}]
+        if cv:
+            for name, pre in (("this run's model", ""), ("linear probe", "reference.linear_probe.")):
+                rows.append({"model": f"{name}: mean +- std over folds",
+                             **{k: (f"{cv['mean'][pre + k]:.4f} +- {cv['std'][pre + k]:.4f}" if pre + k in cv["mean"] else None)
+                                for k in keys}})
+        rep.table("Did fine-tuning earn its cost? The model against a linear-probe reference on the same "
+                  + ("folds" if cv else "test part"), rows)
     rep.table("Per class", [{"class": n, **v} for n, v in metrics["per_class"].items()],
               ["class", "precision", "recall", "f1", "auroc", "support"])
     plot_confusion_matrix(metrics["confusion_matrix"], class_names, run.plots / f"{prefix}confusion_matrix.png")
@@ -212,6 +231,39 @@ class ClassificationTask(TaskHooks):
         t, m = recipe.train, recipe.model
         x, y = samples.data["x"], samples.labels
         k = len(samples.class_names)
+        seen = np.sort(np.concatenate([parts["train"], parts.get("val", np.zeros(0, int))]))
+        if m.name == "linear_probe":
+            return self._fit_probe(recipe, samples, seen)
+        fitted = self._fit_network(recipe, samples, parts, run)
+        if fitted is not None and m.linear_probe_reference:
+            import time as _time
+
+            t0 = _time.perf_counter()
+            fitted.extras["probe"] = train_linear_probe(x[seen], y[seen], k, backbone=m.backbone,
+                                                        pretrained=m.pretrained, weights=m.weights)
+            fitted.info["linear_probe_seconds"] = round(_time.perf_counter() - t0, 1)
+        return fitted
+
+    def _fit_probe(self, recipe: ClassificationRecipe, samples: Samples, seen: np.ndarray) -> Fitted:
+        """``model.name: linear_probe``: logistic regression on frozen pooled features of train + val."""
+        import time as _time
+
+        m = recipe.model
+        t0 = _time.perf_counter()
+        probe = train_linear_probe(samples.data["x"][seen], samples.labels[seen], len(samples.class_names),
+                                   backbone=m.backbone, pretrained=m.pretrained, weights=m.weights)
+        info = {"epochs_run": 0, "best_checkpoint": "none (closed-form fit)", "train_seconds": round(_time.perf_counter() - t0, 1),
+                "cut_short": False, "stopped_by": "fit"}
+        ckpt = {"model_name": "linear_probe", "model_kwargs": probe.model_kwargs(), "state_dict": probe.state_dict(),
+                "class_names": samples.class_names, "image_size": recipe.data.image_size,
+                "normalisation": "inside model: input RGB in [0, 1]", "weights_source": probe.backbone.weights_source}
+        return Fitted(probe, ckpt, info)
+
+    def _fit_network(self, recipe: ClassificationRecipe, samples: Samples, parts: dict[str, np.ndarray],
+                     run: RunFolder) -> Fitted | None:
+        t, m = recipe.train, recipe.model
+        x, y = samples.data["x"], samples.labels
+        k = len(samples.class_names)
         kwargs = model_kwargs_from(recipe, k)
         model = create_model(m.name, **kwargs, pretrained=m.pretrained, weights=m.weights)
         weights_source = model.backbone.weights_source
@@ -243,10 +295,19 @@ class ClassificationTask(TaskHooks):
         names = samples.class_names
         table = {"pred": [names[int(p.argmax())] for p in probs],
                  **{f"prob_{n}": probs[:, c].tolist() for c, n in enumerate(names)}}
-        return Predictions(table, probs)
+        extra = {}
+        if "probe" in fitted.extras:
+            extra["linear_probe"] = predict_probs(fitted.extras["probe"], samples.data["x"][idx])
+            table["linear_probe_pred"] = [names[int(p.argmax())] for p in extra["linear_probe"]]
+        return Predictions(table, probs, extra)
 
     def compute_metrics(self, recipe, samples: Samples, idx: np.ndarray, preds: Predictions) -> dict:
-        return classification_metrics(samples.labels[idx], preds.raw, samples.class_names)
+        met = classification_metrics(samples.labels[idx], preds.raw, samples.class_names)
+        if "linear_probe" in preds.extra:
+            ref = classification_metrics(samples.labels[idx], preds.extra["linear_probe"], samples.class_names)
+            met["reference"] = {"linear_probe": {k: ref[k] for k in ("n", "accuracy", "weighted_f1", "macro_f1",
+                                                                      "macro_auroc")}}
+        return met
 
     def decision_scores(self, recipe: ClassificationRecipe, samples: Samples, idx: np.ndarray,
                         preds: Predictions) -> tuple[np.ndarray, np.ndarray] | None:

@@ -89,11 +89,13 @@ class Fitted:
             ``model_name``, ``model_kwargs``, ``state_dict`` and the task's extras.
         info: facts for ``metrics.json`` (``epochs_run``, ``best_checkpoint``,
             ``train_seconds``, ``cut_short`` ...).
+        extras: anything else the task's own hooks need later (e.g. a reference model).
     """
 
     model: Any
     checkpoint: dict
     info: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -104,10 +106,13 @@ class Predictions:
         table: columns for ``oof_predictions.csv`` (``pred`` and the task's scores), each a
             list with one entry per predicted sample.
         raw: the task's full outputs (probabilities, masks, boxes) for its metrics and report.
+        extra: further per-sample arrays (first axis = samples), e.g. a reference model's
+            probabilities; pooled by concatenation.
     """
 
     table: dict[str, list]
     raw: Any = None
+    extra: dict = field(default_factory=dict)
 
 
 class TaskHooks:
@@ -180,7 +185,8 @@ class TaskHooks:
                        else [v for r in raws for v in r[k]]) for k in raws[0]}
         else:
             raw = raws
-        return Predictions(table, raw)
+        extra = {k: np.concatenate([p.extra[k] for p in preds]) for k in preds[0].extra}
+        return Predictions(table, raw, extra)
 
     def write_report(self, run: RunFolder, recipe: BaseRecipe, samples: Samples, idx: np.ndarray,
                      preds: Predictions, metrics: dict, info: dict) -> None:  # pragma: no cover - interface
