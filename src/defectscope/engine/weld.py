@@ -613,6 +613,22 @@ def load_weld_run(run_dir: Path) -> tuple[WeldPredictor, dict, WeldRecipe]:
     return pred, payload, recipe
 
 
+def run_models(run_dir: Path) -> list[Path]:
+    """The run folders whose models predict for ``run_dir``: itself, or for a cross-validation run
+    (``crossval.json``, no ``model.ckpt``) its K fold runs ``folds/<k>`` (their probabilities are averaged).
+
+    Raises:
+        RunError: neither a model nor fold models.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "model.ckpt").is_file() or not (run_dir / "crossval.json").is_file():
+        return [run_dir]
+    folds = sorted((p for p in (run_dir / "folds").glob("*") if (p / "model.ckpt").is_file()), key=lambda p: int(p.name))
+    if not folds:
+        raise RunError(f"{run_dir}: a cross-validation run without fold models (folds/<k>/model.ckpt)")
+    return folds
+
+
 def _read_for_run(run_dir: Path, data: Path, require_labels: bool):
     """Read ``data`` as the run was trained (``T``, length policy), check welds and channels; raw signals in the run's channel order."""
     pred, payload, recipe = load_weld_run(run_dir)
@@ -900,17 +916,30 @@ class WeldTask(TaskHooks):
 
     # -------------------------------------------------------------------------------- run-level
 
+    def _predict_folder(self, run_dir: Path, data: Path, require_labels: bool):
+        """``(dataset, probabilities [N, K], seam masks of the first model or None, payload)``; a
+        cross-validation run averages the probabilities of its fold models (:func:`run_models`)."""
+        probs, masks = [], None
+        for k, r in enumerate(run_models(Path(run_dir))):
+            ds, spectra, pred, payload = _read_for_run(r, data, require_labels)
+            res = pred.predict([s.image for s in ds.samples], spectra)
+            probs.append(res["probs"])
+            masks = res["masks"] if k == 0 else masks
+        return ds, np.mean(probs, axis=0), masks, payload
+
     def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
         """Evaluate a trained run on a labelled weld folder; writes metrics and a report to ``out``.
+
+        A cross-validation run (``--folds K``) is evaluated with the mean probabilities of its K fold models.
 
         Raises:
             WeldDataError: the folder is not in the format, or its classes, channels or welds differ from the run's.
         """
-        ds, spectra, pred, payload = _read_for_run(Path(run_dir), Path(data), require_labels=True)
-        res = pred.predict([s.image for s in ds.samples], spectra)
-        metrics = classification_metrics(ds.labels, res["probs"], payload["class_names"])
-        if res["masks"] is not None and ds.has_masks:
-            metrics["seam_dice"] = float(np.mean([dice_score(p, s.mask) for p, s in zip(res["masks"], ds.samples)]))
+        ds, probs, masks, payload = self._predict_folder(run_dir, Path(data), require_labels=True)
+        metrics = classification_metrics(ds.labels, probs, payload["class_names"])
+        metrics["seam_dice"] = None
+        if masks is not None and ds.has_masks:
+            metrics["seam_dice"] = float(np.mean([dice_score(p, s.mask) for p, s in zip(masks, ds.samples)]))
         out = Path(out) if out else Path(run_dir) / "evaluations" / Path(data).name
         ev = RunFolder(out).create()
         ev.write_metrics({"task": self.name, "run": str(run_dir), "data": str(data), "synthetic": ds.synthetic, "test": metrics})
@@ -925,6 +954,7 @@ class WeldTask(TaskHooks):
         """Classify every sample of one or more weld data folders (labels optional).
 
         The folders' channels are matched to the run's by name (v2; v1: by wavelength), in any order.
+        A cross-validation run (``--folds K``) predicts with the mean probabilities of its K fold models.
         Writes ``out`` as CSV: ``folder, id, class, prob_<name>...`` (one row per sample).
 
         Raises:
@@ -939,8 +969,7 @@ class WeldTask(TaskHooks):
         for folder in map(Path, inputs):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{folder}: not a weld data folder (expected a folder with manifest.json)")
-            ds, spectra, pred, payload = _read_for_run(Path(run_dir), folder, require_labels=False)
-            probs = pred.predict([s.image for s in ds.samples], spectra)["probs"]
+            ds, probs, _, payload = self._predict_folder(run_dir, folder, require_labels=False)
             if names is None:
                 names = payload["class_names"]
                 w.writerow(["folder", "id", "class", *[f"prob_{n}" for n in names]])
