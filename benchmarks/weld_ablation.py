@@ -90,6 +90,28 @@ def base_raw(args) -> dict:
     return raw
 
 
+def feasible_folds(root: Path, folds: int) -> int:
+    """``folds``, lowered to the smallest class size and, when every sample has a group, to the number
+    of groups (the pipeline groups by the data's group field), with a note on stderr.
+
+    Raises:
+        SystemExit: fewer than 2 folds are possible.
+    """
+    man = json.loads((root / "manifest.json").read_text())
+    labels = [s.get("label") for s in man["samples"]]
+    groups = [s.get("group") for s in man["samples"]]
+    limits = {"the smallest class": min(labels.count(c) for c in set(labels))}
+    if all(g is not None for g in groups):
+        limits[f"the number of {man.get('group_field') or 'group'} groups"] = len(set(groups))
+    why, k = min(limits.items(), key=lambda kv: kv[1])
+    if k < 2:
+        raise SystemExit(f"{root}: cross-validation impossible: {why} has {k} member(s)")
+    if k < folds:
+        print(f"--folds {folds} lowered to {k}: {why} has {k}", file=sys.stderr)
+        return k
+    return folds
+
+
 def variant_recipe(raw: dict, name: str) -> WeldRecipe:
     """The base recipe with the variant's model settings (and raw crops for the ``raw`` variants)."""
     _, overrides, crops = VARIANTS[name]
@@ -172,7 +194,7 @@ def render(out: Path, settings: dict) -> str:
         return "no finished variant\n"
     r0 = next(iter(results.values()))
     seconds = sum(r["seconds"] for r in results.values())
-    note = (f"{'SYNTHETIC data' if r0['synthetic'] else 'real data'} ({r0['data']}): {r0['n']} samples, "
+    note = (f"{'SYNTHETIC data' if r0['synthetic'] else 'real data'}: {r0['data']}; "
             f"{settings['folds']}-fold stratified CV{' grouped by ' + repr(r0['group_by']) if r0['group_by'] else ''} "
             f"(seed {settings['seed']}), at most {settings['epochs']} epochs per fold, AdamW lr {settings['lr']}, recipe "
             f"{settings['recipe']}{' with ' + ', '.join(settings['override']) if settings['override'] else ''}; "
@@ -181,7 +203,7 @@ def render(out: Path, settings: dict) -> str:
     head = ("| variant | paper | crops | channels | weighted P (%) | weighted R (%) | weighted F1 (%) | pooled F1 (%) | "
             "params (M) | GFLOPs / sample | samples/s | CV time (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = "".join(
-        f"| {n} | {r['table']} | {_uses(r, 'image', r['crops'])} | {_uses(r, 'spectra', r['channels'])} | "
+        f"| {n} | {r['table']} | {_uses(r, 'image', r['crops'] if r['seam_unet'].startswith('trained') else 'fixed band')} | {_uses(r, 'spectra', r['channels'])} | "
         f"{_fmt(r['weighted_precision'])} | {_fmt(r['weighted_recall'])} | **{_fmt(r['weighted_f1'])}** | "
         f"{100 * r['pooled_weighted_f1']:.1f} | {r['params_m']:.2f} | {r['gflops']:.3f} | {r['samples_per_s']:.0f} | "
         f"{r['seconds']:.0f} |\n" for n, r in results.items())
@@ -224,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             if n not in names:
                 names.append(n)
     raw = base_raw(args)
+    if args.data is not None:
+        args.folds = feasible_folds(args.data, args.folds)
     settings = {"epochs": args.epochs, "lr": args.lr, "folds": args.folds, "seed": args.seed,
                 "recipe": str(args.recipe.relative_to(ROOT) if args.recipe.is_relative_to(ROOT) else args.recipe),
                 "override": list(args.override), "data": str(args.data) if args.data else f"simulated {args.samples}"}
