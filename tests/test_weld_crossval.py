@@ -20,7 +20,8 @@ from defectscope.cli import app
 from defectscope.data.weld import WeldDataError
 from defectscope.engine.pipeline import Samples
 from defectscope.engine.tasks import get_task
-from defectscope.engine.weld import WeldModelConfig, WeldRecipe, fit_spectral_prep
+from defectscope.data.weld.prepare import fit_spectral_prep
+from defectscope.engine.weld import WeldRecipe
 from weld_fixtures import write_messy_recordings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +214,7 @@ def test_channel_selection_without_wavelengths_is_balanced_over_the_groups():
     base = rng.normal(size=(3, 200))
     # channels 0-1 electrical (near copies of one source), 2-3 gas, 4-5 acoustic
     x = np.stack([base[g] + 0.05 * rng.normal(size=200) for g in (0, 0, 1, 1, 2, 2)])[None, None]
-    prep = fit_spectral_prep(x, WeldModelConfig(num_channels=3), None, ["electrical"] * 2 + ["gas"] * 2 + ["acoustic"] * 2)
+    prep = fit_spectral_prep(x, "select", 3, True, None, ["electrical"] * 2 + ["gas"] * 2 + ["acoustic"] * 2)
     assert sorted(i // 2 for i in prep.selected) == [0, 1, 2]  # one channel of each group
-    prep = fit_spectral_prep(x, WeldModelConfig(num_channels=9), None, ["a"] * 6)
+    prep = fit_spectral_prep(x, "select", 9, True, None, ["a"] * 6)
     assert prep.selected == list(range(6)) and prep.lo.shape == (6,)  # capped at the channel count

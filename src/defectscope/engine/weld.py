@@ -36,31 +36,36 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
 from defectscope.config import BaseRecipe, StrictModel, TrainConfig
-from defectscope.data.weld.channels import (
-    minmax_normalise,
-    minmax_stats,
-    pearson_matrix,
-    select_channels,
-    select_channels_by_group,
-)
 from defectscope.data.weld.format import WeldDataError, WeldDataset, read_weld_dataset
+from defectscope.data.weld.prepare import SpectralPrep, crop_welds, fit_spectral_prep
 from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
 from defectscope.engine.run import RunError, RunFolder
 from defectscope.engine.tasks import register_task
 from defectscope.engine.trainer import fit_lightning, report_training_curves, set_threads
 from defectscope.evaluation.classification import classification_metrics
-from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves, save_figure
+from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves
 from defectscope.evaluation.report import Report
+from defectscope.evaluation.weld_plots import (
+    TABLE4_COLUMNS,
+    percent_strings,
+    plot_attention_overlays,
+    plot_correlation,
+    plot_seam_examples,
+    plot_spectra_examples,
+    seam_dice,
+    table4_rows,
+)
 from defectscope.models import create_model
 from defectscope.models.weld_fusion.lightning_model import (
     SeamUNetModule,
     WeldModule,
+    cached_features,
     predict_masks,
+    predict_weld_probs,
     seam_loader,
     weld_loader,
 )
@@ -199,96 +204,6 @@ class WeldRecipe(BaseRecipe):
 # ------------------------------------------------------------------------------------------ inputs
 
 
-def dice_score(pred: np.ndarray, true: np.ndarray) -> float:
-    """Dice ``2|P n T| / (|P| + |T|)`` of two binary masks (1.0 when both are empty)."""
-    p, t = pred.astype(bool), true.astype(bool)
-    denom = p.sum() + t.sum()
-    return 1.0 if denom == 0 else float(2 * (p & t).sum() / denom)
-
-
-def crop_welds(image: np.ndarray, mask: np.ndarray | None, n_welds: int, size: tuple[int, int], segmented: bool) -> np.ndarray:
-    """Crop each weld (paper 000 section 4.2): uint8 ``[W, 3, h, w]``, the first crop flipped vertically.
-
-    Weld ``k`` is searched in the ``k``-th of ``n_welds`` horizontal bands of the image; its box spans
-    the mask's columns (+-4 px) and is centred on the mask's mean row, with the aspect ratio of
-    ``size``. Without mask pixels in a band (or without a mask: no seam U-Net) the box spans the
-    band's full width, centred on the band (a fixed band), unmasked. With ``segmented`` the pixels
-    outside the (3 px dilated) seam mask are set to 0 before resizing (bilinear) to ``size``.
-    """
-    h_img, w_img = image.shape[:2]
-    ch, cw = size
-    crops = []
-    for k in range(n_welds):
-        b0, b1 = int(round(k * h_img / n_welds)), int(round((k + 1) * h_img / n_welds))
-        band = mask[b0:b1] if mask is not None else None
-        found = band is not None and bool(band.any())
-        if found:
-            rows, cols = np.nonzero(band)
-            x0, x1 = max(cols.min() - 4, 0), min(cols.max() + 5, w_img)
-            yc = b0 + rows.mean()
-        else:
-            x0, x1, yc = 0, w_img, (b0 + b1) / 2
-        bh = max(8, int(round((x1 - x0) * ch / cw)))
-        y0 = int(round(yc - bh / 2))
-        y0 = min(max(y0, 0), max(h_img - bh, 0))
-        y1 = min(y0 + bh, h_img)
-        img = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1).float()
-        if segmented and found:  # no seam found in this band: keep the raw crop rather than a black one
-            m = torch.from_numpy(mask[y0:y1, x0:x1]).float()[None, None]
-            m = F.max_pool2d(m, 7, 1, 3)[0]
-            img = img * m
-        crop = F.interpolate(img[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
-        if k == 0:
-            crop = crop.flip(-2)
-        crops.append(crop.round().clamp(0, 255).to(torch.uint8).numpy())
-    return np.stack(crops)
-
-
-@dataclass
-class SpectralPrep:
-    """Channel selection and normalisation fitted on the training part (stored in the checkpoint).
-
-    Attributes:
-        corr: ``[C, C]`` Pearson matrix of the training signals (eq. 1; empty when loaded from a run).
-        selected: indices of the kept channels (sorted); lo, hi: their ``[C_sel]`` training min / max.
-    """
-
-    corr: np.ndarray
-    selected: list[int]
-    lo: np.ndarray
-    hi: np.ndarray
-
-    def apply(self, spectra: np.ndarray) -> np.ndarray:
-        """Raw ``[N, W, C_all, T]`` -> normalised selected ``[N, W, C_sel, T]`` (float32)."""
-        return minmax_normalise(spectra[:, :, self.selected], self.lo, self.hi)
-
-
-def fit_spectral_prep(spectra_train: np.ndarray, mcfg: WeldModelConfig, wavelengths: list[float] | None = None,
-                      groups: list[str] | None = None) -> SpectralPrep:
-    """Pearson matrix (eq. 1) on the training signals, channel selection, min-max statistics.
-
-    Args:
-        spectra_train: raw ``[N, W, C, T]`` of the training part.
-        mcfg: ``channels`` (``select`` / ``all``), ``num_channels`` (capped at ``C``), ``per_band``.
-        wavelengths: ``[C]`` nm when every channel has one: the paper's VIS/NIR-balanced selection
-            (:func:`select_channels`).
-        groups: ``[C]`` channel groups, used when ``wavelengths`` is ``None``
-            (:func:`select_channels_by_group`; a single group or ``per_band=False``: global).
-    """
-    corr = pearson_matrix(spectra_train)
-    c = spectra_train.shape[2]
-    k = min(mcfg.num_channels, c)
-    if mcfg.channels == "all":
-        selected = list(range(c))
-    elif wavelengths is not None:
-        selected = select_channels(corr, k, wavelengths, mcfg.per_band)
-    else:
-        selected = select_channels_by_group(corr, k, groups if mcfg.per_band else None)
-    selected = [int(i) for i in selected]
-    lo, hi = minmax_stats(spectra_train[:, :, selected])
-    return SpectralPrep(corr, selected, lo, hi)
-
-
 def model_kwargs(mcfg: WeldModelConfig, num_classes: int, channels: int, seq_len: int, welds: int) -> dict:
     """Arguments of ``create_model(mcfg.name, ...)`` that rebuild the architecture (no weights).
 
@@ -319,42 +234,6 @@ def build_weld_model(mcfg: WeldModelConfig, kwargs: dict) -> nn.Module:
     if "image" in MODALITIES[mcfg.name]:
         return create_model(mcfg.name, **kwargs, pretrained=mcfg.pretrained, weights=mcfg.weights)
     return create_model(mcfg.name, **kwargs)
-
-
-@torch.no_grad()
-def cached_features(backbone: nn.Module, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Feature maps of a frozen backbone for uint8 crops ``[N, W, 3, h, w]`` -> float32 ``[N, W, C, h', w']`` (bf16 autocast)."""
-    backbone.eval()
-    out = []
-    flat = crops.reshape(-1, *crops.shape[2:])
-    for i in range(0, len(flat), batch_size):
-        x = torch.from_numpy(flat[i : i + batch_size]).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out.append(backbone(x).float())
-    f = torch.cat(out).numpy() if out else np.zeros((0, 1, 1, 1), np.float32)
-    return f.reshape(crops.shape[0], crops.shape[1], *f.shape[1:])
-
-
-@torch.no_grad()
-def predict_weld_probs(model: nn.Module, crops: np.ndarray, spectra: np.ndarray, batch_size: int = 32,
-                       with_attention: bool = False):
-    """Softmax probabilities ``[N, K]`` (and the fusion attention per batch when asked), fp32, eval mode."""
-    model.eval()
-    probs, attns = [], []
-    for i in range(0, len(crops), batch_size):
-        x = torch.from_numpy(crops[i : i + batch_size]).float() / 255.0
-        s = torch.from_numpy(spectra[i : i + batch_size])
-        if with_attention and hasattr(model, "forward_with_attention"):
-            logits, attn = model.forward_with_attention(x, s)
-            attns.append({k: v.numpy() for k, v in attn.items()})
-        else:
-            logits = model(x, s)
-        probs.append(F.softmax(logits.float(), dim=1).numpy())
-    p = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
-    if not with_attention:
-        return p
-    merged = {k: np.concatenate([a[k] for a in attns]) for k in (attns[0] if attns else {})}
-    return p, merged
 
 
 @dataclass
@@ -421,17 +300,25 @@ def _run_channels(payload: dict) -> list[dict]:
 
 
 def check_channels(ds: WeldDataset, payload: dict) -> list[int]:
-    """Positions in ``ds``'s channels of the trained run's channels, matched by name (order may differ).
+    """Positions in ``ds``'s channels of the trained run's channels (order may differ).
+
+    Channels are matched by wavelength when every channel on both sides has one (a v1 folder's
+    ``"317 nm"`` is the simulator's ``"VIS 317"``), else by name.
 
     Raises:
-        WeldDataError: names missing or extra, a unit that differs, or other wavelengths (v1
-            folders: field ``wavelengths_nm``; v2: field ``channels``), naming the manifest.
+        WeldDataError: channels missing or extra, or a unit that differs, naming the manifest and
+            its field (``wavelengths_nm`` for v1 folders, ``channels`` for v2).
     """
     mpath = ds.root / "manifest.json"
     run = _run_channels(payload)
-    names = [c["name"] for c in run]
+    by_wavelength = all(c.get("wavelength_nm") is not None for c in run) and ds.wavelengths_nm is not None
+    if by_wavelength:
+        names = [f"{float(c['wavelength_nm']):g} nm" for c in run]
+        have = [f"{float(w):g} nm" for w in ds.wavelengths_nm]
+    else:
+        names = [c["name"] for c in run]
+        have = ds.channel_names
     fld = "wavelengths_nm" if ds.format_version == 1 else "channels"
-    have = ds.channel_names
     missing = [n for n in names if n not in have]
     extra = [n for n in have if n not in names]
     if missing or extra:
@@ -444,141 +331,6 @@ def check_channels(ds: WeldDataset, payload: dict) -> list[int]:
         if "unit" in c and c["unit"] != unit:
             raise WeldDataError(f"{mpath}: field '{fld}': channel '{c['name']}' is in {unit!r}, the run was trained on {c['unit']!r}")
     return pos
-
-
-# ------------------------------------------------------------------------------------------ plots
-
-
-def plot_correlation(corr: np.ndarray, labels: list[str], selected: list[int], path: Path) -> Path:
-    """Pearson heat map (eq. 1) of the channels with the selected channels marked (red)."""
-    import matplotlib.pyplot as plt
-
-    c = len(labels)
-    fig, ax = plt.subplots(figsize=(8.5, 7.5))
-    im = ax.imshow(corr, cmap="coolwarm", vmin=-1, vmax=1)
-    short = [lab[:-3] if lab.endswith(" nm") else lab for lab in labels]
-    ax.set_xticks(range(c), short, rotation=90, fontsize=6)
-    ax.set_yticks(range(c), short, fontsize=6)
-    for i in selected:
-        ax.get_xticklabels()[i].set_color("red")
-        ax.get_yticklabels()[i].set_color("red")
-        ax.axhline(i, color="k", lw=0.4, alpha=0.5)
-        ax.axvline(i, color="k", lw=0.4, alpha=0.5)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title("Pearson correlation of the channels (train split); selected: " + ", ".join(labels[i] for i in selected), fontsize=9)
-    ax.set_xlabel("wavelength (nm)" if all(lab.endswith(" nm") for lab in labels) else "channel")
-    return save_figure(fig, path)
-
-
-def plot_attention_overlays(crops: np.ndarray, attn: dict, grid: tuple[int, int], ids: list[str], true: list[str],
-                            pred: list[str], channel_names: list[str], path: Path) -> Path | None:
-    """Fig. 14: cross-attention over each weld crop.
-
-    ``v2s`` ``[n, W, h, N, M]``: one panel per spectral token (channel), the weight image tokens give it;
-    ``s2v`` ``[n, W, h, M, N]``: the attention of the spectral tokens over the image, averaged.
-    """
-    import matplotlib.pyplot as plt
-
-    key = "v2s" if "v2s" in attn else "s2v" if "s2v" in attn else None
-    if key is None:
-        return None
-    a = attn[key].mean(2)  # heads
-    if key == "s2v":
-        maps = a.mean(2)[..., None]  # [n, W, N, 1]
-        names = ["spectra -> image"]
-    else:
-        maps = a  # [n, W, N, M]
-        m = maps.shape[-1]
-        if m > 8:  # vanilla embedding: 560 time tokens; show their mean
-            maps = maps.mean(-1, keepdims=True)
-            names = ["mean over time tokens"]
-        else:
-            names = channel_names[:m]
-    n, w = maps.shape[:2]
-    cols = 1 + maps.shape[-1]
-    fig, axes = plt.subplots(n * w, cols, figsize=(2.6 * cols, 0.9 * n * w + 0.6), squeeze=False)
-    gh, gw = grid
-    for i in range(n):
-        for k in range(w):
-            r = i * w + k
-            img = crops[i, k].transpose(1, 2, 0)
-            axes[r, 0].imshow(img)
-            axes[r, 0].set_title(f"{ids[i]} weld {k + 1}: {true[i]} -> {pred[i]}", fontsize=6)
-            for j in range(maps.shape[-1]):
-                heat = maps[i, k, :, j].reshape(gh, gw)
-                up = F.interpolate(torch.from_numpy(heat)[None, None].float(), size=img.shape[:2], mode="bilinear",
-                                   align_corners=False)[0, 0].numpy()
-                axes[r, j + 1].imshow(img)
-                axes[r, j + 1].imshow(up, cmap="jet", alpha=0.5)
-                if r == 0:
-                    axes[r, j + 1].set_title(names[j], fontsize=7)
-            for ax in axes[r]:
-                ax.axis("off")
-    fig.suptitle("Cross-attention over the weld crops (first weld flipped vertically)", fontsize=8)
-    return save_figure(fig, path)
-
-
-def plot_seam_examples(samples: list, masks: list[np.ndarray], crops: np.ndarray, path: Path) -> Path:
-    """Raw image, predicted seam mask (true mask contour) and the crops for a few samples (Fig. 7/8).
-
-    Args:
-        samples: the :class:`WeldSample` objects shown; masks, crops: their predicted masks and crops.
-    """
-    import matplotlib.pyplot as plt
-
-    n = len(samples)
-    fig, axes = plt.subplots(n, 2 + crops.shape[1], figsize=(3 * (2 + crops.shape[1]), 2.6 * n), squeeze=False)
-    for r, s in enumerate(samples):
-        axes[r, 0].imshow(s.image)
-        axes[r, 0].set_title(f"{s.id} ({s.label})", fontsize=7)
-        axes[r, 1].imshow(masks[r], cmap="gray")
-        if s.mask is not None:
-            axes[r, 1].contour(s.mask, levels=[0.5], colors="r", linewidths=0.5)
-        axes[r, 1].set_title("predicted seam (red: true)", fontsize=7)
-        for k in range(crops.shape[1]):
-            axes[r, 2 + k].imshow(crops[r, k].transpose(1, 2, 0))
-            axes[r, 2 + k].set_title(f"crop {k + 1}" + (" (flipped)" if k == 0 else ""), fontsize=7)
-        for ax in axes[r]:
-            ax.axis("off")
-    return save_figure(fig, path)
-
-
-def plot_spectra_examples(ds: WeldDataset, selected: list[int], path: Path) -> Path:
-    """Mean selected-channel series per class (weld 1), the signal side of Fig. 8 (raw values, in the channel's unit)."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(selected), figsize=(3.2 * len(selected), 3), squeeze=False)
-    labels = ds.labels
-    names = ds.channel_labels
-    x = np.stack([s.spectra[0] for s in ds.samples])
-    for j, c in enumerate(selected):
-        ax = axes[0, j]
-        for k, name in enumerate(ds.classes):
-            if (labels == k).any():
-                ax.plot(x[labels == k, c].mean(0), lw=0.8, label=name)
-        ax.set_title(names[c], fontsize=8)
-        ax.set_xlabel("time step")
-    axes[0, 0].set_ylabel("class mean (raw)" if ds.wavelengths_nm is None else "counts (class mean)")
-    axes[0, -1].legend(fontsize=6)
-    return save_figure(fig, path)
-
-
-def table4_rows(metrics: dict) -> list[dict]:
-    """Per-class rows in paper 000's Table-4 layout (precision, recall, F1, AUROC in %)."""
-    rows = []
-    for name, v in metrics["per_class"].items():
-        rows.append({"class": name, "precision (%)": round(100 * v["precision"], 1), "recall (%)": round(100 * v["recall"], 1),
-                     "F1 (%)": round(100 * v["f1"], 1), "AUROC (%)": None if v["auroc"] is None else round(100 * v["auroc"], 1),
-                     "support": v["support"]})
-    return rows
-
-
-def _percent_strings(rows: list[dict]) -> list[dict]:
-    """Floats as ``"97.8"`` strings for the HTML table (the report's default is 4 decimals)."""
-    return [{k: f"{v:.1f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]
-
-
-_TABLE4 = ["class", "precision (%)", "recall (%)", "F1 (%)", "AUROC (%)", "support"]
 
 
 # ------------------------------------------------------------------------------------------ the task
@@ -752,7 +504,7 @@ class WeldTask(TaskHooks):
             unet_seconds = time.perf_counter() - t0
         else:
             print(f"weld: seam U-Net {seam_note}", file=sys.stderr, flush=True)
-        prep = fit_spectral_prep(spectra[tr], m, ds.wavelengths_nm, ds.channel_groups)
+        prep = fit_spectral_prep(spectra[tr], m.channels, m.num_channels, m.per_band, ds.wavelengths_nm, ds.channel_groups)
         predictor = WeldPredictor(None, unet, prep, d.seg_size, (d.crop_height, d.crop_width), d.segmented, ds.welds_per_sample)
         t0 = time.perf_counter()
         images = [ds.samples[i].image for i in fit_idx]
@@ -831,11 +583,7 @@ class WeldTask(TaskHooks):
         ds: WeldDataset = samples.data["ds"]
         metrics = classification_metrics(samples.labels[idx], preds.raw["probs"], samples.class_names)
         masks = preds.raw.get("masks")
-        dice = None
-        if masks is not None:
-            pairs = [(mk, ds.samples[i].mask) for mk, i in zip(masks, idx) if ds.samples[i].mask is not None]
-            dice = float(np.mean([dice_score(p, q) for p, q in pairs])) if pairs else None
-        metrics["seam_dice"] = dice
+        metrics["seam_dice"] = None if masks is None else seam_dice(masks, [ds.samples[i].mask for i in idx])
         return metrics
 
     def pool(self, preds: list[Predictions]) -> Predictions:
@@ -878,7 +626,7 @@ class WeldTask(TaskHooks):
         rep.kv("Test metrics" if not cv else "Pooled out-of-fold metrics",
                {k: metrics[k] for k in ("n", "accuracy", "weighted_precision", "weighted_recall", "weighted_f1",
                                         "macro_f1", "macro_auroc", "seam_dice")})
-        rep.table("Per class (paper 000 Table 4 layout)", _percent_strings(table4_rows(metrics)), _TABLE4)
+        rep.table("Per class (paper 000 Table 4 layout)", percent_strings(table4_rows(metrics)), TABLE4_COLUMNS)
         plot_confusion_matrix(metrics["confusion_matrix"], ds.classes, run.plots / "confusion_matrix.png")
         rep.image("plots/confusion_matrix.png", f"Confusion matrix on {what} (rows: true class)")
         plot_roc_curves(y, probs, ds.classes, run.plots / "roc_curves.png")
@@ -937,14 +685,12 @@ class WeldTask(TaskHooks):
         """
         ds, probs, masks, payload = self._predict_folder(run_dir, Path(data), require_labels=True)
         metrics = classification_metrics(ds.labels, probs, payload["class_names"])
-        metrics["seam_dice"] = None
-        if masks is not None and ds.has_masks:
-            metrics["seam_dice"] = float(np.mean([dice_score(p, s.mask) for p, s in zip(masks, ds.samples)]))
+        metrics["seam_dice"] = None if masks is None else seam_dice(masks, [s.mask for s in ds.samples])
         out = Path(out) if out else Path(run_dir) / "evaluations" / Path(data).name
         ev = RunFolder(out).create()
         ev.write_metrics({"task": self.name, "run": str(run_dir), "data": str(data), "synthetic": ds.synthetic, "test": metrics})
         rep = Report(f"defectscope evaluate: {Path(run_dir).name} on {Path(data).name}", synthetic=ds.synthetic)
-        rep.table("Per class (Table 4 layout)", _percent_strings(table4_rows(metrics)), _TABLE4)
+        rep.table("Per class (Table 4 layout)", percent_strings(table4_rows(metrics)), TABLE4_COLUMNS)
         plot_confusion_matrix(metrics["confusion_matrix"], payload["class_names"], ev.plots / "confusion_matrix.png")
         rep.image("plots/confusion_matrix.png", "Confusion matrix")
         rep.write(ev.report_path)
@@ -953,7 +699,7 @@ class WeldTask(TaskHooks):
     def predict(self, run_dir: Path, inputs: list[Path], out: Path, **options) -> dict:
         """Classify every sample of one or more weld data folders (labels optional).
 
-        The folders' channels are matched to the run's by name (v2; v1: by wavelength), in any order.
+        The folders' channels are matched to the run's by wavelength (all channels have one) or by name, in any order.
         A cross-validation run (``--folds K``) predicts with the mean probabilities of its K fold models.
         Writes ``out`` as CSV: ``folder, id, class, prob_<name>...`` (one row per sample).
 

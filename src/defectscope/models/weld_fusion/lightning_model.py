@@ -8,7 +8,9 @@
   permutation per epoch, so a seeded run gives the same U-Net every time.
 
 Both are fitted by :func:`defectscope.engine.trainer.fit_lightning`; the helpers :func:`seam_inputs`
-and :func:`predict_masks` turn images into U-Net inputs and the U-Net's logits into binary masks.
+and :func:`predict_masks` turn images into U-Net inputs and the U-Net's logits into binary masks,
+:func:`cached_features` computes a frozen backbone's feature maps once, :func:`predict_weld_probs`
+gives a weld model's probabilities (and fusion attention).
 """
 
 from __future__ import annotations
@@ -192,3 +194,42 @@ def predict_masks(model: nn.Module, images: list[np.ndarray], size: int, batch_s
             up = F.interpolate(lg[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0, 0]
             out.append((up > 0).numpy().astype(np.uint8))
     return out
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+
+@torch.no_grad()
+def cached_features(backbone: nn.Module, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Feature maps of a frozen backbone for uint8 crops ``[N, W, 3, h, w]`` -> float32 ``[N, W, C, h', w']`` (bf16 autocast)."""
+    backbone.eval()
+    out = []
+    flat = crops.reshape(-1, *crops.shape[2:])
+    for i in range(0, len(flat), batch_size):
+        x = torch.from_numpy(flat[i : i + batch_size]).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out.append(backbone(x).float())
+    f = torch.cat(out).numpy() if out else np.zeros((0, 1, 1, 1), np.float32)
+    return f.reshape(crops.shape[0], crops.shape[1], *f.shape[1:])
+
+
+@torch.no_grad()
+def predict_weld_probs(model: nn.Module, crops: np.ndarray, spectra: np.ndarray, batch_size: int = 32,
+                       with_attention: bool = False):
+    """Softmax probabilities ``[N, K]`` (and the fusion attention per batch when asked), fp32, eval mode."""
+    model.eval()
+    probs, attns = [], []
+    for i in range(0, len(crops), batch_size):
+        x = torch.from_numpy(crops[i : i + batch_size]).float() / 255.0
+        s = torch.from_numpy(spectra[i : i + batch_size])
+        if with_attention and hasattr(model, "forward_with_attention"):
+            logits, attn = model.forward_with_attention(x, s)
+            attns.append({k: v.numpy() for k, v in attn.items()})
+        else:
+            logits = model(x, s)
+        probs.append(F.softmax(logits.float(), dim=1).numpy())
+    p = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
+    if not with_attention:
+        return p
+    merged = {k: np.concatenate([a[k] for a in attns]) for k in (attns[0] if attns else {})}
+    return p, merged
