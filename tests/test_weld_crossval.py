@@ -218,3 +218,13 @@ def test_channel_selection_without_wavelengths_is_balanced_over_the_groups():
     assert sorted(i // 2 for i in prep.selected) == [0, 1, 2]  # one channel of each group
     prep = fit_spectral_prep(x, "select", 9, True, None, ["a"] * 6)
     assert prep.selected == list(range(6)) and prep.lo.shape == (6,)  # capped at the channel count
+
+
+@pytest.mark.parametrize("key", ["augment", "channels_last", "class_balance"])
+def test_train_settings_the_weld_task_does_not_use_are_rejected(key):
+    from defectscope.config import ConfigError, validate
+
+    value = "on" if key == "class_balance" else True
+    with pytest.raises(ConfigError, match=rf"train.{key}: .*not a setting of task 'weld'"):
+        validate({"task": "weld", "train": {key: value}}, WeldRecipe, "r.yaml")
+    validate({"task": "weld", "train": {"loss": "ce", "augment": False}}, WeldRecipe, "r.yaml")
