@@ -59,10 +59,16 @@ def test_cached_features_give_the_same_logits(inputs):
         torch.testing.assert_close(model(images, spectra), model(feats, spectra))
 
 
+BASELINE_KWARGS = {"weld_vision": {"embed_dim": 16, "num_heads": 4},
+                   "weld_dlinear": {"channels": C, "seq_len": T, "welds": W, "spectral_dim": 16},
+                   "weld_informer": {"channels": C, "seq_len": T, "welds": W, "embed_dim": 16, "num_heads": 4},
+                   "weld_inverted": {"channels": C, "seq_len": T, "embed_dim": 16, "spectral_dim": 16, "num_heads": 4}}
+
+
 @pytest.mark.parametrize("name", ["weld_vision", "weld_dlinear", "weld_informer", "weld_inverted"])
 def test_baselines_shapes_and_gradients(inputs, name):
     images, spectra = inputs
-    model = create_model(name, num_classes=5, channels=C, seq_len=T, welds=W, embed_dim=16, spectral_dim=16, num_heads=4)
+    model = create_model(name, num_classes=5, **BASELINE_KWARGS[name])
     logits = model(images, spectra)
     assert logits.shape == (B, 5)
     logits.sum().backward()
@@ -98,3 +104,20 @@ def test_seam_unet_shapes_and_divisibility_error():
     assert unet(torch.rand(1, 3, 64, 96)).shape == (1, 1, 64, 96)
     with pytest.raises(ValueError, match="divisible by 8"):
         unet(torch.rand(1, 3, 60, 64))
+
+
+@pytest.mark.parametrize("name", ["weld_fusion", "weld_vision", "weld_dlinear", "weld_informer", "weld_inverted", "weld_seam_unet"])
+def test_constructors_reject_unknown_keywords(name):
+    with pytest.raises(TypeError, match="dropuot"):
+        create_model(name, dropuot=0.1, **({} if name == "weld_seam_unet" else {"num_classes": 3}),
+                     **({"channels": C} if name not in ("weld_vision", "weld_seam_unet") else {}))
+
+
+def test_recipe_model_kwargs_build_every_weld_model():
+    from defectscope.engine.weld import WeldModelConfig, build_weld_model, model_kwargs
+
+    for name in ["weld_fusion", "weld_vision", "weld_dlinear", "weld_informer", "weld_inverted"]:
+        mcfg = WeldModelConfig(name=name, pretrained=False, embed_dim=16, spectral_dim=16)
+        model = build_weld_model(mcfg, model_kwargs(mcfg, 3, C, T, W)).eval()
+        with torch.no_grad():
+            assert model(torch.rand(B, W, 3, 32, 64), torch.rand(B, W, C, T)).shape == (B, 3)

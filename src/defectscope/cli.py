@@ -360,9 +360,9 @@ def demo(
         _set_dotted(raw, key, value, "demo (override)")
     task, result = _train(raw, "demo", out, None, None, overwrite)
     _print_result(task, out, result, f"weld demo (SYNTHETIC data): {out}")
-    if "seam_dice_test" in result:
-        console.print(f"seam Dice={result['seam_dice_test']}  channels={result.get('selected_wavelengths_nm')} nm  "
-                      f"total_seconds={result.get('total_seconds')}")
+    if result is not None and "selected_channel_names" in result:
+        console.print(f"seam Dice={result['test'].get('seam_dice')}  channels={', '.join(result['selected_channel_names'])}",
+                      highlight=False)
 
 
 signals_app = typer.Typer(no_args_is_help=True, help="Bring your own process recordings (CSV, audio, photos) into the weld format.")

@@ -29,6 +29,7 @@ sections and its prediction writer for files. Everything else is here, once:
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import os
 import shutil
@@ -124,7 +125,12 @@ class TaskHooks:
         monitor: what selects the checkpoint / stops early (stated in the schema docs).
 
     Hooks (``parts`` maps ``train`` / ``val`` / ``test`` to sorted position arrays):
-        load_samples(recipe) -> Samples
+        load_samples(recipe) -> Samples     (or ``load_samples(recipe, run_dir)``: data the recipe
+                                            generates, e.g. a simulated set, go into the run folder)
+        default_folds(recipe, samples) -> int | None     (optional: folds when neither ``--folds``
+                                            nor ``eval.folds`` is given; default ``None``: the recipe's)
+        default_group_by(recipe, samples) -> str | None  (optional: a ``columns`` name to group by
+                                            when neither ``--group-by`` nor ``eval.group_by`` is given)
         fit_model(recipe, samples, parts, run) -> Fitted | None  (``None`` on DDP ranks > 0)
         predict_samples(recipe, fitted, samples, idx) -> Predictions
         compute_metrics(recipe, samples, idx, preds) -> dict
@@ -143,6 +149,17 @@ class TaskHooks:
 
     def load_samples(self, recipe: BaseRecipe) -> Samples:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def default_folds(self, recipe: BaseRecipe, samples: Samples) -> int | None:
+        """Folds to use when neither ``--folds`` nor the recipe's ``eval.folds`` is set (``None``: ``eval.folds``' default).
+
+        A task overrides it to cross-validate small data sets by default.
+        """
+        return None
+
+    def default_group_by(self, recipe: BaseRecipe, samples: Samples) -> str | None:
+        """A ``samples.columns`` name to group by when neither ``--group-by`` nor ``eval.group_by`` is set (``None``: no groups)."""
+        return None
 
     def split(self, recipe: BaseRecipe, samples: Samples) -> dict[str, np.ndarray]:
         """Single-split test part: the data's own test split, else stratified ``data.test_fraction``."""
@@ -466,6 +483,8 @@ def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_b
 
     task = task or get_task(recipe.task)
     ev = getattr(recipe, "eval", None)
+    folds_given = folds is not None or (ev is not None and "folds" in ev.model_fields_set)
+    group_given = group_by is not None or (ev is not None and "group_by" in ev.model_fields_set)
     folds = int(folds if folds is not None else (ev.folds if ev else 1))
     group_by = group_by if group_by is not None else (ev.group_by if ev else None)
     if folds < 1:
@@ -479,7 +498,24 @@ def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_b
                 run.write_config(recipe.model_dump(mode="json"))
             return task.fit(recipe, stage)
     with StagedRun(Path(out), overwrite, resume) as stage:
-        samples = task.load_samples(recipe)
+        if "run_dir" in inspect.signature(task.load_samples).parameters:
+            samples = task.load_samples(recipe, run_dir=stage)
+        else:
+            samples = task.load_samples(recipe)
+        if not folds_given:
+            k = task.default_folds(recipe, samples)
+            if k is not None and k != folds:
+                folds = int(k)
+                print(f"{task.name}: {len(samples)} samples: {folds}-fold cross-validation by default "
+                      f"(--folds 1 or eval.folds: 1 for a single split)", flush=True)
+        if not group_given:
+            g = task.default_group_by(recipe, samples)
+            if g:
+                group_by = g
+                print(f"{task.name}: grouped by the data's {g!r} field ({len(set(map(str, samples.columns[g])))} groups): "
+                      f"a group never spans two folds, nor train and validation (--group-by '' to ungroup)", flush=True)
+        if folds < 1:
+            raise ConfigError(f"folds must be >= 1, got {folds}")
         groups = groups_from(group_by, samples.ids, samples.columns)
         if folds == 1:
             split = task.split(recipe, samples)

@@ -1,52 +1,81 @@
-"""Multimodal laser-weld classification task (paper 000, sections 4-5): ``task: weld``.
+"""Multimodal laser-weld classification task (paper 000, sections 4-5): ``task: weld``, on the pipeline hooks.
 
-Pipeline of :meth:`WeldTask.fit`:
+What the hooks do (:mod:`defectscope.engine.pipeline` does the splits, folds, run folders):
 
-1. read a weld data folder (:mod:`defectscope.data.weld.format`) or simulate one (``data.simulate``);
-2. stratified 8:2 split (``data.test_fraction``, ``data.split_seed``), validation share from the training part;
-3. train the seam U-Net on the training masks, predict masks for every sample, report the seam Dice
-   on the held-out split; crop each weld (the first flipped vertically, section 4.2), optionally
-   blank the background outside the predicted seam (``data.segmented``);
-4. min-max normalise the spectra with training statistics; Pearson correlation over the training
-   spectra (eq. 1) and selection of the least redundant channels (stored with the model);
-5. train the weld model (fusion by default) with focal loss (eq. 14) and AdamW;
-6. evaluate the held-out split: Table-4 layout per class (precision, recall, F1, AUROC), confusion
-   matrix, ROC, correlation heat map with the chosen wavelengths, cross-attention overlays (Fig. 14),
-   seam masks; the report is marked synthetic when the data is.
+1. :meth:`WeldTask.load_samples`: read a weld data folder (:mod:`defectscope.data.weld.format`, v1 or
+   v2) or simulate one into ``RUN/data`` (``data.simulate``); ``ids`` are the sample ids, ``labels``
+   the class indices, ``columns`` the data's group field (e.g. ``batch``) and the per-sample metadata,
+   so ``--group-by batch`` keeps a batch in one fold. Data sets under :data:`CV_BELOW` samples are
+   cross-validated by default (:meth:`WeldTask.default_folds`), grouped by the data's group field when
+   every sample has one (:meth:`WeldTask.default_group_by`).
+2. :meth:`WeldTask.fit_model` on the ``train`` part (``val`` selects the checkpoint):
+   the seam U-Net (compact, Fig. 7; :class:`~defectscope.models.weld_fusion.lightning_model.SeamUNetModule`)
+   when ``segmentation.enabled`` and every sample has a seam mask, else fixed bands; one crop per weld
+   (the first flipped vertically, section 4.2), optionally blanked outside the predicted seam
+   (``data.segmented``); min-max statistics and Pearson channel selection (eq. 1) on the training
+   spectra, balanced over VIS/NIR (wavelengths) or the channel groups (no wavelengths); the weld model
+   (:class:`~defectscope.models.weld_fusion.lightning_model.WeldModule`, focal loss eq. 14, AdamW).
+3. :meth:`WeldTask.predict_samples` / :meth:`WeldTask.compute_metrics`: probabilities, Table-4 metrics
+   and the seam Dice of the predicted masks where true masks exist.
+4. :meth:`WeldTask.write_report`: confusion matrix, ROC, correlation heat map with the selected
+   channels, class-mean signals, seam masks and crops, cross-attention overlays (Fig. 14); under
+   cross-validation the fold table and the pooled figures. Reports on simulated data are marked.
+
+A sample with several images (views) is classified from its first view (``images[0]``).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from defectscope.config import BaseRecipe, ClassifierTrainConfig, StrictModel, TrainConfig
-from defectscope.data.splits import stratified_split, write_file_list
-from defectscope.data.weld.channels import minmax_normalise, minmax_stats, pearson_matrix, select_channels
+from defectscope.config import BaseRecipe, StrictModel, TrainConfig
 from defectscope.data.weld.format import WeldDataError, WeldDataset, read_weld_dataset
-from defectscope.engine.classification import build_loss, warmup_cosine
-from defectscope.engine.run import RunFolder
+from defectscope.data.weld.prepare import SpectralPrep, crop_welds, fit_spectral_prep
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
+from defectscope.engine.run import RunError, RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import build_trainer, report_training_curves, set_threads
+from defectscope.engine.trainer import fit_lightning, report_training_curves, set_threads
 from defectscope.evaluation.classification import classification_metrics
-from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves, save_figure
+from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves
 from defectscope.evaluation.report import Report
+from defectscope.evaluation.weld_plots import (
+    TABLE4_COLUMNS,
+    percent_strings,
+    plot_attention_overlays,
+    plot_correlation,
+    plot_seam_examples,
+    plot_spectra_examples,
+    seam_dice,
+    table4_rows,
+)
 from defectscope.models import create_model
+from defectscope.models.weld_fusion.lightning_model import (
+    SeamUNetModule,
+    WeldModule,
+    cached_features,
+    predict_masks,
+    predict_weld_probs,
+    seam_loader,
+    weld_loader,
+)
 from defectscope.models.weld_fusion.torch_model import MODALITIES
 from defectscope.utils.io import write_text
+
+#: data sets with fewer samples are cross-validated by default (a single 8:2 split leaves a handful of test samples)
+CV_BELOW = 200
+#: folds of the default cross-validation (fewer when the smallest class or the number of groups is smaller)
+DEFAULT_FOLDS = 5
 
 
 class SimulateConfig(StrictModel):
@@ -65,11 +94,11 @@ class WeldData(StrictModel):
             written (default ``RUN/data``).
         simulate: simulate the set first (the demo); ``None`` reads ``root``.
         seq_len: ``T`` time steps per series (paper 000: 560); ``length_policy`` resample or crop.
-        test_fraction, split_seed: the stratified held-out split (paper: 8:2).
+        test_fraction, split_seed: the stratified held-out split of a single-split run (paper: 8:2).
         crop_height, crop_width: size (px) each weld crop is resized to for the vision encoder.
         seg_size: side (px) images are resized to for the seam U-Net.
         segmented: blank the background outside the (predicted) seam in the crops (paper's
-            "segmented images"); ``False`` feeds raw crops.
+            "segmented images"); ``False`` feeds raw crops. No effect without a seam U-Net.
     """
 
     root: str | None = None
@@ -85,7 +114,11 @@ class WeldData(StrictModel):
 
 
 class SegmentationConfig(StrictModel):
-    """Seam U-Net (compact, Fig. 7) training: ``enabled=False`` crops fixed bands (no masks needed)."""
+    """Seam U-Net (compact, Fig. 7) training.
+
+    ``enabled``: train it when every sample has a seam mask (otherwise, and with ``enabled=False``,
+    each weld's crop is a fixed band of the image, see :func:`crop_welds`).
+    """
 
     enabled: bool = True
     base_channels: int = Field(8, ge=2)
@@ -96,7 +129,7 @@ class SegmentationConfig(StrictModel):
 
 
 class WeldModelConfig(StrictModel):
-    """Weld model and spectral settings.
+    """Weld model and signal settings.
 
     Attributes:
         name: ``weld_fusion`` (paper 000), ``weld_vision``, ``weld_dlinear``, ``weld_informer``, ``weld_inverted``.
@@ -108,7 +141,9 @@ class WeldModelConfig(StrictModel):
         channels: ``select`` (Pearson selection of ``num_channels``), or ``all``.
         freeze_backbone: keep the (ImageNet) vision encoder fixed and train on its cached feature
             maps, computed once; the CPU demo uses it (the paper fine-tunes the encoder).
-        num_channels: channels kept by the selection (paper: 4); ``per_band`` balances VIS/NIR.
+        num_channels: channels kept by the selection (paper: 4; at most the data's channel count).
+        per_band: balance the selection over VIS/NIR (channels with wavelengths, the paper's
+            2 + 2) or over the channel groups (e.g. electrical, gas, acoustic) when wavelengths are absent.
     """
 
     name: Literal["weld_fusion", "weld_vision", "weld_dlinear", "weld_informer", "weld_inverted"] = "weld_fusion"
@@ -128,162 +163,119 @@ class WeldModelConfig(StrictModel):
     per_band: bool = True
 
 
-def _weld_train_defaults() -> ClassifierTrainConfig:
-    return ClassifierTrainConfig(epochs=10, batch_size=16, lr=2e-4, early_stopping_patience=4, augment=False)
+class WeldTrainConfig(TrainConfig):
+    """:class:`TrainConfig` plus the classification loss of the weld models.
+
+    Attributes:
+        loss: ``focal`` (paper 000, eq. 14) or ``ce`` (cross-entropy).
+        focal_gamma: focusing parameter lambda of eq. 14.
+        label_smoothing: for ``ce`` only.
+        augment, channels_last: always ``false`` here: weld crops are not flipped (the orientation
+            of the first crop carries meaning, section 4.2) and the inputs are 5-D.
+    """
+
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    early_stopping_patience: int = Field(4, ge=0)
+    augment: bool = False
+    channels_last: bool = False
+    loss: Literal["focal", "ce"] = "focal"
+    focal_gamma: float = Field(2.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("augment", "channels_last")
+    @classmethod
+    def _not_used(cls, v: bool, info) -> bool:
+        if v:
+            raise ValueError(f"not a setting of task 'weld' (it would do nothing here): set {info.field_name}: false")
+        return v
 
 
 class WeldRecipe(BaseRecipe):
-    """Recipe of the ``weld`` task."""
+    """Recipe of the ``weld`` task; checkpoints are selected on ``val/weighted_f1`` (max), early stopping too."""
 
     task: Literal["weld"] = "weld"
     data: WeldData = WeldData()
     segmentation: SegmentationConfig = SegmentationConfig()
     model: WeldModelConfig = WeldModelConfig()
-    train: ClassifierTrainConfig = Field(default_factory=_weld_train_defaults)
+    train: WeldTrainConfig = WeldTrainConfig()
 
 
-# ------------------------------------------------------------------------------------------ seam U-Net
+# ------------------------------------------------------------------------------------------ inputs
 
 
-def _dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    prob = torch.sigmoid(logits)
-    inter = (prob * target).sum((1, 2, 3))
-    dice = 1 - (2 * inter + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + dice.mean()
+def model_kwargs(mcfg: WeldModelConfig, num_classes: int, channels: int, seq_len: int, welds: int) -> dict:
+    """Arguments of ``create_model(mcfg.name, ...)`` that rebuild the architecture (no weights).
 
-
-def _seg_inputs(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` images -> float ``[N, 3, size, size]`` in [0, 1]."""
-    x = [F.interpolate(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float() / 255.0, size=(size, size), mode="bilinear",
-                       align_corners=False) for im in images]
-    return torch.cat(x)
-
-
-def train_seam_unet(images: list[np.ndarray], masks: list[np.ndarray], cfg: SegmentationConfig, size: int, seed: int) -> nn.Module:
-    """Train the seam U-Net (BCE + Dice loss, AdamW) on images and binary masks resized to ``size``.
-
-    Returns the model in eval mode.
+    Only the arguments the model takes (its constructor rejects any other).
     """
-    torch.manual_seed(seed)
-    model = create_model("weld_seam_unet", base=cfg.base_channels, depth=cfg.depth)
-    x = _seg_inputs(images, size)
-    y = torch.cat([F.interpolate(torch.from_numpy(m)[None, None].float(), size=(size, size), mode="nearest") for m in masks])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    steps = cfg.epochs * max(1, -(-len(x) // cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(cfg.epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = _dice_bce(model(x[idx]).float(), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+    name = mcfg.name
+    if name == "weld_fusion":
+        return {"num_classes": num_classes, "channels": channels, "seq_len": seq_len, "backbone": mcfg.backbone,
+                "fusion": mcfg.fusion, "embedding": mcfg.embedding, "spectral_dim": mcfg.spectral_dim,
+                "embed_dim": mcfg.embed_dim, "num_heads": mcfg.num_heads, "num_layers": mcfg.num_layers, "dropout": mcfg.dropout}
+    if name == "weld_vision":
+        return {"num_classes": num_classes, "backbone": mcfg.backbone, "embed_dim": mcfg.embed_dim,
+                "num_heads": mcfg.num_heads, "num_layers": mcfg.num_layers, "dropout": mcfg.dropout}
+    if name == "weld_dlinear":
+        return {"num_classes": num_classes, "channels": channels, "seq_len": seq_len, "welds": welds,
+                "spectral_dim": mcfg.spectral_dim, "dropout": mcfg.dropout}
+    if name == "weld_informer":
+        return {"num_classes": num_classes, "channels": channels, "seq_len": seq_len, "welds": welds,
+                "embed_dim": mcfg.embed_dim, "num_heads": mcfg.num_heads, "num_layers": mcfg.num_layers, "dropout": mcfg.dropout}
+    if name == "weld_inverted":
+        return {"num_classes": num_classes, "channels": channels, "seq_len": seq_len, "spectral_dim": mcfg.spectral_dim,
+                "embed_dim": mcfg.embed_dim, "num_heads": mcfg.num_heads, "num_layers": mcfg.num_layers, "dropout": mcfg.dropout}
+    raise ValueError(f"unknown weld model {name!r}")
 
 
-@torch.no_grad()
-def predict_masks(model: nn.Module, images: list[np.ndarray], size: int, batch_size: int = 16) -> list[np.ndarray]:
-    """Binary seam masks (uint8 ``[H, W]`` per image, original size) from the U-Net."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i : i + batch_size]
-        logits = model(_seg_inputs(chunk, size))
-        for im, lg in zip(chunk, logits):
-            up = F.interpolate(lg[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-            out.append((up > 0).numpy().astype(np.uint8))
-    return out
-
-
-def dice_score(pred: np.ndarray, true: np.ndarray) -> float:
-    """Dice ``2|P n T| / (|P| + |T|)`` of two binary masks (1.0 when both are empty)."""
-    p, t = pred.astype(bool), true.astype(bool)
-    denom = p.sum() + t.sum()
-    return 1.0 if denom == 0 else float(2 * (p & t).sum() / denom)
-
-
-def crop_welds(image: np.ndarray, mask: np.ndarray | None, n_welds: int, size: tuple[int, int], segmented: bool) -> np.ndarray:
-    """Crop each weld (paper 000 section 4.2): uint8 ``[W, 3, h, w]``, the first crop flipped vertically.
-
-    Weld ``k`` is searched in the ``k``-th horizontal band of the image; its box spans the mask's
-    columns (+-4 px) and is centred on the mask's mean row, with the aspect ratio of ``size``. Without
-    mask pixels in a band (or without a mask) the whole band is taken, unmasked. With ``segmented``
-    the pixels outside the (3 px dilated) seam mask are set to 0 before resizing.
-    """
-    h_img, w_img = image.shape[:2]
-    ch, cw = size
-    crops = []
-    for k in range(n_welds):
-        b0, b1 = int(round(k * h_img / n_welds)), int(round((k + 1) * h_img / n_welds))
-        band = mask[b0:b1] if mask is not None else None
-        found = band is not None and bool(band.any())
-        if found:
-            rows, cols = np.nonzero(band)
-            x0, x1 = max(cols.min() - 4, 0), min(cols.max() + 5, w_img)
-            yc = b0 + rows.mean()
-        else:
-            x0, x1, yc = 0, w_img, (b0 + b1) / 2
-        bh = max(8, int(round((x1 - x0) * ch / cw)))
-        y0 = int(round(yc - bh / 2))
-        y0 = min(max(y0, 0), max(h_img - bh, 0))
-        y1 = min(y0 + bh, h_img)
-        img = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1).float()
-        if segmented and found:  # no seam found in this band: keep the raw crop rather than a black one
-            m = torch.from_numpy(mask[y0:y1, x0:x1]).float()[None, None]
-            m = F.max_pool2d(m, 7, 1, 3)[0]
-            img = img * m
-        crop = F.interpolate(img[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
-        if k == 0:
-            crop = crop.flip(-2)
-        crops.append(crop.round().clamp(0, 255).to(torch.uint8).numpy())
-    return np.stack(crops)
-
-
-# ------------------------------------------------------------------------------------------ pipeline
+def build_weld_model(mcfg: WeldModelConfig, kwargs: dict) -> nn.Module:
+    """``create_model(mcfg.name, **kwargs)``, with the backbone's weights for models that read images."""
+    if "image" in MODALITIES[mcfg.name]:
+        return create_model(mcfg.name, **kwargs, pretrained=mcfg.pretrained, weights=mcfg.weights)
+    return create_model(mcfg.name, **kwargs)
 
 
 @dataclass
-class WeldInputs:
-    """Everything a weld classifier is trained and evaluated on.
+class WeldPredictor:
+    """A trained weld classifier with everything it needs to turn a weld folder into probabilities.
 
     Attributes:
-        dataset: the data as read.
-        crops: uint8 ``[N, W, 3, h, w]`` (segmented or raw per the recipe).
-        spectra: float32 ``[N, W, C_all, T]`` raw (not normalised), all channels.
-        labels: ``[N]``; ``split``: index arrays ``train``/``val``/``test``.
-        masks: predicted seam masks; ``seam_dice``: mean Dice on the test split (``None`` without masks).
+        model: the weld model (eval mode, fp32).
+        unet: the seam U-Net, or ``None`` (fixed bands are cropped).
+        prep: the fitted channel selection and min-max statistics.
+        seg_size: U-Net input side (px); crop_size: ``(h, w)`` of each weld crop; segmented: blank
+            outside the predicted seam; welds: ``W``.
     """
 
-    dataset: WeldDataset
-    crops: np.ndarray
-    spectra: np.ndarray
-    labels: np.ndarray
-    split: dict[str, np.ndarray]
-    masks: list[np.ndarray] | None
-    seam_dice: float | None
+    model: nn.Module
     unet: nn.Module | None
-    unet_seconds: float
+    prep: SpectralPrep
+    seg_size: int
+    crop_size: tuple[int, int]
+    segmented: bool
+    welds: int
+
+    def masks(self, images: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Predicted seam masks (uint8 ``[H, W]`` per image), ``None`` without a U-Net."""
+        return None if self.unet is None else predict_masks(self.unet, images, self.seg_size)
+
+    def crops(self, images: list[np.ndarray], masks: list[np.ndarray] | None) -> np.ndarray:
+        """uint8 ``[N, W, 3, h, w]`` weld crops of the images (see :func:`crop_welds`)."""
+        return np.stack([crop_welds(im, None if masks is None else masks[i], self.welds, self.crop_size, self.segmented)
+                         for i, im in enumerate(images)])
+
+    def predict(self, images: list[np.ndarray], spectra: np.ndarray, with_attention: bool = False) -> dict:
+        """``{"probs" [N, K], "masks", "crops", "attn"}`` for first-view images and raw signals ``[N, W, C_all, T]``."""
+        masks = self.masks(images)
+        crops = self.crops(images, masks)
+        out = predict_weld_probs(self.model, crops, self.prep.apply(spectra), with_attention=with_attention)
+        probs, attn = out if with_attention else (out, {})
+        return {"probs": probs, "masks": masks, "crops": crops, "attn": attn}
 
 
-def split_indices(labels: np.ndarray, test_fraction: float, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Stratified test split, then a stratified validation share of the rest (``val_fraction`` 0: none)."""
-    trainval, test = stratified_split(labels, test_fraction, seed)
-    out = {"test": test}
-    if val_fraction > 0 and len(trainval) >= 2 * len(np.unique(labels[trainval])):
-        try:
-            tr, va = stratified_split(labels[trainval], val_fraction, seed)
-            out["train"], out["val"] = trainval[tr], trainval[va]
-            return out
-        except ValueError:
-            pass
-    out["train"] = trainval
-    return out
-
-
-def load_weld_data(data: WeldData, run_dir: Path | None, progress: bool = False) -> WeldDataset:
-    """Read ``data.root``, simulating it first when ``data.simulate`` is set.
+def load_weld_data(data: WeldData, run_dir: Path | None) -> WeldDataset:
+    """Read ``data.root``, simulating it first when ``data.simulate`` is set (into ``run_dir/data`` without a root).
 
     Raises:
         WeldDataError: invalid folder; ValueError: neither ``root`` nor ``simulate``.
@@ -300,457 +292,405 @@ def load_weld_data(data: WeldData, run_dir: Path | None, progress: bool = False)
     return read_weld_dataset(data.root, data.seq_len, data.length_policy)
 
 
-def prepare_inputs(ds: WeldDataset, recipe: WeldRecipe, split: dict[str, np.ndarray], unet: nn.Module | None = None,
-                   segmented: bool | None = None) -> WeldInputs:
-    """Seam U-Net (trained on ``split['train']`` unless given), crops and raw spectra for every sample."""
-    d, seg = recipe.data, recipe.segmentation
-    segmented = d.segmented if segmented is None else segmented
-    images = [s.image for s in ds.samples]
-    masks, dice, secs = None, None, 0.0
-    if seg.enabled:
-        if unet is None:
-            if not ds.has_masks:
-                missing = [s.id for s in ds.samples if s.mask is None][:5]
-                raise WeldDataError(f"{ds.root}: segmentation.enabled needs a 'mask' for every sample; missing e.g. for {missing} "
-                                    "(or set segmentation.enabled=false)")
-            t0 = time.perf_counter()
-            tr = split["train"]
-            unet = train_seam_unet([images[i] for i in tr], [ds.samples[i].mask for i in tr], seg, d.seg_size, recipe.seed)
-            secs = time.perf_counter() - t0
-        masks = predict_masks(unet, images, d.seg_size)
-        if ds.has_masks:
-            dice = float(np.mean([dice_score(masks[i], ds.samples[i].mask) for i in split["test"]]))
-    crops = np.stack([crop_welds(im, masks[i] if masks else None, ds.welds_per_sample, (d.crop_height, d.crop_width), segmented)
-                      for i, im in enumerate(images)])
-    spectra = np.stack([s.spectra for s in ds.samples]).astype(np.float32)
-    return WeldInputs(ds, crops, spectra, ds.labels, split, masks, dice, unet, secs)
+def _run_channels(payload: dict) -> list[dict]:
+    """The trained run's channels (v2 checkpoints store them; older ones only their wavelengths)."""
+    if payload.get("channels"):
+        return payload["channels"]
+    return [{"name": f"{float(w):g} nm", "unit": "counts", "wavelength_nm": float(w)} for w in payload["wavelengths_nm"]]
 
 
-@dataclass
-class SpectralPrep:
-    """Channel selection and normalisation fitted on the training split (stored in the checkpoint)."""
+def check_channels(ds: WeldDataset, payload: dict) -> list[int]:
+    """Positions in ``ds``'s channels of the trained run's channels (order may differ).
 
-    corr: np.ndarray
-    selected: list[int]
-    lo: np.ndarray
-    hi: np.ndarray
+    Channels are matched by wavelength when every channel on both sides has one (a v1 folder's
+    ``"317 nm"`` is the simulator's ``"VIS 317"``), else by name.
 
-    def apply(self, spectra: np.ndarray) -> np.ndarray:
-        """Raw ``[N, W, C_all, T]`` -> normalised selected ``[N, W, C_sel, T]``."""
-        return minmax_normalise(spectra[:, :, self.selected], self.lo, self.hi)
-
-
-def fit_spectral_prep(spectra_train: np.ndarray, wavelengths: list[float], mcfg: WeldModelConfig) -> SpectralPrep:
-    """Pearson matrix (eq. 1) on the training spectra, channel selection, min-max statistics."""
-    corr = pearson_matrix(spectra_train)
-    c = spectra_train.shape[2]
-    selected = list(range(c)) if mcfg.channels == "all" else select_channels(corr, min(mcfg.num_channels, c), wavelengths, mcfg.per_band)
-    lo, hi = minmax_stats(spectra_train[:, :, selected])
-    return SpectralPrep(corr, selected, lo, hi)
-
-
-def model_kwargs(mcfg: WeldModelConfig, num_classes: int, channels: int, seq_len: int, welds: int) -> dict:
-    """Arguments for ``create_model`` (architecture only, no weights)."""
-    return {"num_classes": num_classes, "channels": channels, "seq_len": seq_len, "welds": welds, "backbone": mcfg.backbone,
-            "fusion": mcfg.fusion, "embedding": mcfg.embedding, "spectral_dim": mcfg.spectral_dim,
-            "embed_dim": mcfg.embed_dim, "num_heads": mcfg.num_heads, "num_layers": mcfg.num_layers, "dropout": mcfg.dropout}
-
-
-class WeldModule(L.LightningModule):
-    """Lightning wrapper of a weld model: focal/CE loss, AdamW + warm-up cosine, weighted-F1 validation.
-
-    Batches are ``(crops uint8 [B, W, 3, h, w], spectra float [B, W, C, T], labels [B])``.
+    Raises:
+        WeldDataError: channels missing or extra, or a unit that differs, naming the manifest and
+            its field (``wavelengths_nm`` for v1 folders, ``channels`` for v2).
     """
-
-    def __init__(self, model: nn.Module, num_classes: int, cfg: TrainConfig) -> None:
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.loss_fn = build_loss(cfg.loss, cfg.focal_gamma, cfg.label_smoothing)
-        self.val_f1 = MulticlassF1Score(num_classes, average="weighted")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-
-    def forward(self, crops: torch.Tensor, spectra: torch.Tensor) -> torch.Tensor:
-        x = crops.float() / 255.0 if crops.dtype == torch.uint8 else crops  # cached features pass through
-        return self.model(x, spectra)
-
-    def training_step(self, batch, batch_idx):
-        x, s, y = batch
-        loss = self.loss_fn(self(x, s), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, s, y = batch
-        logits = self(x, s).float()
-        self.log("val/loss", self.loss_fn(logits, y), on_epoch=True)
-        self.val_f1.update(logits, y)
-        self.val_acc.update(logits, y)
-
-    def on_validation_epoch_end(self):
-        self.log("val/weighted_f1", self.val_f1.compute(), prog_bar=True)
-        self.log("val/accuracy", self.val_acc.compute())
-        self.val_f1.reset()
-        self.val_acc.reset()
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        sched = warmup_cosine(opt, int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def _loader(crops: np.ndarray, spectra: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool) -> DataLoader:
-    ds = TensorDataset(torch.from_numpy(crops), torch.from_numpy(spectra), torch.from_numpy(labels).long())
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=0, drop_last=shuffle and len(labels) > batch_size)
-
-
-def train_weld_model(recipe: WeldRecipe, inputs: WeldInputs, prep: SpectralPrep, run_dir: Path,
-                     train_cfg: TrainConfig | None = None) -> tuple[nn.Module, dict, dict]:
-    """Train the recipe's model on ``inputs.split['train']`` (checkpoint selection on ``val``).
-
-    Returns ``(model in eval mode, fp32, model kwargs, info)`` with ``epochs_run``, ``train_seconds``,
-    ``best_checkpoint``, ``weights_source``.
-    """
-    t = train_cfg or recipe.train
-    ds = inputs.dataset
-    spectra = prep.apply(inputs.spectra)
-    kwargs = model_kwargs(recipe.model, len(ds.classes), len(prep.selected), recipe.data.seq_len, ds.welds_per_sample)
-    model = create_model(recipe.model.name, **kwargs, pretrained=recipe.model.pretrained and "image" in MODALITIES[recipe.model.name],
-                         weights=recipe.model.weights)
-    weights_source = getattr(getattr(getattr(model, "vision", None), "backbone", None), "weights_source", "n/a (no vision encoder)")
-    module = WeldModule(model, len(ds.classes), t)
-    sp = inputs.split
-    images = inputs.crops
-    if recipe.model.freeze_backbone and hasattr(model, "vision"):
-        backbone = model.vision.backbone
-        backbone.requires_grad_(False)
-        images = cached_features(backbone, inputs.crops)
-    has_val = "val" in sp and len(sp["val"]) > 0
-    trainer = build_trainer(t, run_dir, "val/weighted_f1" if has_val else None)
-    start = time.perf_counter()
-    trainer.fit(module, _loader(images[sp["train"]], spectra[sp["train"]], inputs.labels[sp["train"]], t.batch_size, True),
-                _loader(images[sp["val"]], spectra[sp["val"]], inputs.labels[sp["val"]], t.batch_size, False) if has_val else None)
-    secs = time.perf_counter() - start
-    best = getattr(trainer.checkpoint_callback, "best_model_path", "") if has_val else ""
-    if best:
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
-    model = module.model.float().eval()
-    return model, kwargs, {"epochs_run": int(trainer.current_epoch), "train_seconds": round(secs, 1),
-                           "best_checkpoint": Path(best).name if best else "last", "weights_source": weights_source}
-
-
-@torch.no_grad()
-def cached_features(backbone: nn.Module, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Feature maps of a frozen backbone for uint8 crops ``[N, W, 3, h, w]`` -> float32 ``[N, W, C, h', w']`` (bf16 autocast)."""
-    backbone.eval()
-    out = []
-    flat = crops.reshape(-1, *crops.shape[2:])
-    for i in range(0, len(flat), batch_size):
-        x = torch.from_numpy(flat[i : i + batch_size]).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out.append(backbone(x).float())
-    f = torch.cat(out).numpy()
-    return f.reshape(crops.shape[0], crops.shape[1], *f.shape[1:])
-
-
-@torch.no_grad()
-def predict_weld_probs(model: nn.Module, crops: np.ndarray, spectra: np.ndarray, batch_size: int = 32,
-                       with_attention: bool = False):
-    """Softmax probabilities ``[N, K]`` (and the fusion attention per batch when asked), fp32, eval mode."""
-    model.eval()
-    probs, attns = [], []
-    for i in range(0, len(crops), batch_size):
-        x = torch.from_numpy(crops[i : i + batch_size]).float() / 255.0
-        s = torch.from_numpy(spectra[i : i + batch_size])
-        if with_attention and hasattr(model, "forward_with_attention"):
-            logits, attn = model.forward_with_attention(x, s)
-            attns.append({k: v.numpy() for k, v in attn.items()})
-        else:
-            logits = model(x, s)
-        probs.append(F.softmax(logits.float(), dim=1).numpy())
-    p = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
-    if not with_attention:
-        return p
-    merged = {k: np.concatenate([a[k] for a in attns]) for k in (attns[0] if attns else {})}
-    return p, merged
-
-
-# ------------------------------------------------------------------------------------------ plots
-
-
-def plot_correlation(corr: np.ndarray, wavelengths: list[float], selected: list[int], path: Path) -> Path:
-    """Pearson heat map (eq. 1) with the selected channels' wavelengths marked."""
-    import matplotlib.pyplot as plt
-
-    c = len(wavelengths)
-    fig, ax = plt.subplots(figsize=(8.5, 7.5))
-    im = ax.imshow(corr, cmap="coolwarm", vmin=-1, vmax=1)
-    labels = [f"{w:.0f}" for w in wavelengths]
-    ax.set_xticks(range(c), labels, rotation=90, fontsize=6)
-    ax.set_yticks(range(c), labels, fontsize=6)
-    for i in selected:
-        ax.get_xticklabels()[i].set_color("red")
-        ax.get_yticklabels()[i].set_color("red")
-        ax.axhline(i, color="k", lw=0.4, alpha=0.5)
-        ax.axvline(i, color="k", lw=0.4, alpha=0.5)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title("Pearson correlation of the channels (train split); selected: "
-                 + ", ".join(f"{wavelengths[i]:.0f} nm" for i in selected), fontsize=9)
-    ax.set_xlabel("wavelength (nm)")
-    return save_figure(fig, path)
-
-
-def plot_attention_overlays(crops: np.ndarray, attn: dict, grid: tuple[int, int], ids: list[str], true: list[str],
-                            pred: list[str], channel_names: list[str], path: Path) -> Path | None:
-    """Fig. 14: cross-attention over each weld crop.
-
-    ``v2s`` ``[n, W, h, N, M]``: one panel per spectral token (channel), the weight image tokens give it;
-    ``s2v`` ``[n, W, h, M, N]``: the attention of the spectral tokens over the image, averaged.
-    """
-    import matplotlib.pyplot as plt
-
-    key = "v2s" if "v2s" in attn else "s2v" if "s2v" in attn else None
-    if key is None:
-        return None
-    a = attn[key].mean(2)  # heads
-    if key == "s2v":
-        maps = a.mean(2)[..., None]  # [n, W, N, 1]
-        names = ["spectra -> image"]
+    mpath = ds.root / "manifest.json"
+    run = _run_channels(payload)
+    by_wavelength = all(c.get("wavelength_nm") is not None for c in run) and ds.wavelengths_nm is not None
+    if by_wavelength:
+        names = [f"{float(c['wavelength_nm']):g} nm" for c in run]
+        have = [f"{float(w):g} nm" for w in ds.wavelengths_nm]
     else:
-        maps = a  # [n, W, N, M]
-        m = maps.shape[-1]
-        if m > 8:  # vanilla embedding: 560 time tokens; show their mean
-            maps = maps.mean(-1, keepdims=True)
-            names = ["mean over time tokens"]
-        else:
-            names = channel_names[:m]
-    n, w = maps.shape[:2]
-    cols = 1 + maps.shape[-1]
-    fig, axes = plt.subplots(n * w, cols, figsize=(2.6 * cols, 0.9 * n * w + 0.6), squeeze=False)
-    gh, gw = grid
-    for i in range(n):
-        for k in range(w):
-            r = i * w + k
-            img = crops[i, k].transpose(1, 2, 0)
-            axes[r, 0].imshow(img)
-            axes[r, 0].set_title(f"{ids[i]} weld {k + 1}: {true[i]} -> {pred[i]}", fontsize=6)
-            for j in range(maps.shape[-1]):
-                heat = maps[i, k, :, j].reshape(gh, gw)
-                up = F.interpolate(torch.from_numpy(heat)[None, None].float(), size=img.shape[:2], mode="bilinear",
-                                   align_corners=False)[0, 0].numpy()
-                axes[r, j + 1].imshow(img)
-                axes[r, j + 1].imshow(up, cmap="jet", alpha=0.5)
-                if r == 0:
-                    axes[r, j + 1].set_title(names[j], fontsize=7)
-            for ax in axes[r]:
-                ax.axis("off")
-    fig.suptitle("Cross-attention over the weld crops (first weld flipped vertically)", fontsize=8)
-    return save_figure(fig, path)
-
-
-def plot_seam_examples(ds: WeldDataset, masks: list[np.ndarray], crops: np.ndarray, idx: list[int], path: Path) -> Path:
-    """Raw image, predicted seam mask (true mask contour) and the crops for a few samples (Fig. 7/8)."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(idx), 2 + crops.shape[1], figsize=(3 * (2 + crops.shape[1]), 2.6 * len(idx)), squeeze=False)
-    for r, i in enumerate(idx):
-        s = ds.samples[i]
-        axes[r, 0].imshow(s.image)
-        axes[r, 0].set_title(f"{s.id} ({s.label})", fontsize=7)
-        axes[r, 1].imshow(masks[i], cmap="gray")
-        if s.mask is not None:
-            axes[r, 1].contour(s.mask, levels=[0.5], colors="r", linewidths=0.5)
-        axes[r, 1].set_title("predicted seam (red: true)", fontsize=7)
-        for k in range(crops.shape[1]):
-            axes[r, 2 + k].imshow(crops[i, k].transpose(1, 2, 0))
-            axes[r, 2 + k].set_title(f"crop {k + 1}" + (" (flipped)" if k == 0 else ""), fontsize=7)
-        for ax in axes[r]:
-            ax.axis("off")
-    return save_figure(fig, path)
-
-
-def plot_spectra_examples(ds: WeldDataset, selected: list[int], path: Path) -> Path:
-    """Mean selected-channel series per class (weld 1), the spectral side of Fig. 8."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(selected), figsize=(3.2 * len(selected), 3), squeeze=False)
-    labels = ds.labels
-    x = np.stack([s.spectra[0] for s in ds.samples])
-    for j, c in enumerate(selected):
-        ax = axes[0, j]
-        for k, name in enumerate(ds.classes):
-            if (labels == k).any():
-                ax.plot(x[labels == k, c].mean(0), lw=0.8, label=name)
-        ax.set_title(f"{ds.wavelengths_nm[c]:.0f} nm", fontsize=8)
-        ax.set_xlabel("time step")
-    axes[0, 0].set_ylabel("counts (class mean)")
-    axes[0, -1].legend(fontsize=6)
-    return save_figure(fig, path)
-
-
-def table4_rows(metrics: dict) -> list[dict]:
-    """Per-class rows in paper 000's Table-4 layout (precision, recall, F1, AUROC in %)."""
-    rows = []
-    for name, v in metrics["per_class"].items():
-        rows.append({"class": name, "precision (%)": round(100 * v["precision"], 1), "recall (%)": round(100 * v["recall"], 1),
-                     "F1 (%)": round(100 * v["f1"], 1), "AUROC (%)": None if v["auroc"] is None else round(100 * v["auroc"], 1),
-                     "support": v["support"]})
-    return rows
-
-
-def _percent_strings(rows: list[dict]) -> list[dict]:
-    """Floats as ``"97.8"`` strings for the HTML table (the report's default is 4 decimals)."""
-    return [{k: f"{v:.1f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+        names = [c["name"] for c in run]
+        have = ds.channel_names
+    fld = "wavelengths_nm" if ds.format_version == 1 else "channels"
+    missing = [n for n in names if n not in have]
+    extra = [n for n in have if n not in names]
+    if missing or extra:
+        raise WeldDataError(f"{mpath}: field '{fld}' differs from the trained run's {len(names)} channels: "
+                            f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+                            f"not in the run {extra[:6]}{'...' if len(extra) > 6 else ''}")
+    pos = [have.index(n) for n in names]
+    for c, p in zip(run, pos):
+        unit = ds.channels[p].get("unit", "")
+        if "unit" in c and c["unit"] != unit:
+            raise WeldDataError(f"{mpath}: field '{fld}': channel '{c['name']}' is in {unit!r}, the run was trained on {c['unit']!r}")
+    return pos
 
 
 # ------------------------------------------------------------------------------------------ the task
 
 
-def _load_run(run_dir: Path) -> tuple[nn.Module, nn.Module | None, dict]:
-    payload = RunFolder(run_dir).load_model_payload()
-    model = create_model(payload["model_name"], **payload["model_kwargs"])
-    model.load_state_dict(payload["state_dict"])
-    unet = None
-    if payload.get("unet_state_dict") is not None:
+def _load_unet(run: RunFolder, payload: dict) -> nn.Module | None:
+    """The checkpoint's seam U-Net (strict load), or ``None`` when the run cropped fixed bands."""
+    if payload.get("unet_state_dict") is None:
+        return None
+    try:
         unet = create_model("weld_seam_unet", **payload["unet_kwargs"])
         unet.load_state_dict(payload["unet_state_dict"])
-        unet.eval()
-    return model.eval(), unet, payload
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise RunError(f"{run.model_path}: cannot rebuild the seam U-Net ({str(exc).splitlines()[0]})") from None
+    return unet.eval()
 
 
-def _recipe_from_payload(payload: dict) -> WeldRecipe:
-    return WeldRecipe.model_validate(payload["recipe"])
+def load_weld_run(run_dir: Path) -> tuple[WeldPredictor, dict, WeldRecipe]:
+    """Rebuild a trained weld run: ``(predictor, checkpoint payload, recipe)``.
+
+    Raises:
+        RunError: missing or unreadable checkpoint, or weights that do not fit.
+    """
+    run = RunFolder(run_dir)
+    model, payload = run.load_model()
+    recipe = WeldRecipe.model_validate(payload["recipe"])
+    prep = SpectralPrep(np.zeros((0, 0)), list(payload["selected_channels"]), np.asarray(payload["minmax_lo"], np.float32),
+                        np.asarray(payload["minmax_hi"], np.float32))
+    crop = tuple(payload.get("crop_size", [recipe.data.crop_height, recipe.data.crop_width]))
+    pred = WeldPredictor(model.float().eval(), _load_unet(run, payload), prep, recipe.data.seg_size, crop,
+                         recipe.data.segmented, int(payload["welds_per_sample"]))
+    return pred, payload, recipe
 
 
-def _prepare_for_run(run_dir: Path, data: Path, require_labels: bool):
-    model, unet, payload = _load_run(run_dir)
-    recipe = _recipe_from_payload(payload)
+def run_models(run_dir: Path) -> list[Path]:
+    """The run folders whose models predict for ``run_dir``: itself, or for a cross-validation run
+    (``crossval.json``, no ``model.ckpt``) its K fold runs ``folds/<k>`` (their probabilities are averaged).
+
+    Raises:
+        RunError: neither a model nor fold models.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "model.ckpt").is_file() or not (run_dir / "crossval.json").is_file():
+        return [run_dir]
+    folds = sorted((p for p in (run_dir / "folds").glob("*") if (p / "model.ckpt").is_file()), key=lambda p: int(p.name))
+    if not folds:
+        raise RunError(f"{run_dir}: a cross-validation run without fold models (folds/<k>/model.ckpt)")
+    return folds
+
+
+def _read_for_run(run_dir: Path, data: Path, require_labels: bool):
+    """Read ``data`` as the run was trained (``T``, length policy), check welds and channels; raw signals in the run's channel order."""
+    pred, payload, recipe = load_weld_run(run_dir)
     ds = read_weld_dataset(data, recipe.data.seq_len, recipe.data.length_policy, require_labels=require_labels,
-                           load_masks=require_labels)
-    if ds.wavelengths_nm != payload["wavelengths_nm"]:
-        raise WeldDataError(f"{data}/manifest.json: field 'wavelengths_nm' differs from the trained run's "
-                            f"{payload['wavelengths_nm'][:3]}... ({len(payload['wavelengths_nm'])} channels)")
+                           load_masks=require_labels, classes=payload["class_names"] if require_labels else None)
     if ds.welds_per_sample != payload["welds_per_sample"]:
         raise WeldDataError(f"{data}/manifest.json: field 'welds_per_sample' is {ds.welds_per_sample}, the run was "
                             f"trained with {payload['welds_per_sample']}")
-    split = {"train": np.zeros(0, int), "test": np.arange(len(ds.samples))}
-    if not recipe.segmentation.enabled:
-        unet = None
-    inputs = prepare_inputs(ds, recipe, split, unet=unet) if unet is not None or not recipe.segmentation.enabled else None
-    if inputs is None:
-        raise WeldDataError(f"{run_dir}: the checkpoint has no seam U-Net")
-    prep = SpectralPrep(np.zeros(0), payload["selected_channels"], np.asarray(payload["minmax_lo"]), np.asarray(payload["minmax_hi"]))
-    probs = predict_weld_probs(model, inputs.crops, prep.apply(inputs.spectra))
-    return ds, probs, payload, inputs
+    pos = check_channels(ds, payload)
+    spectra = np.stack([s.spectra for s in ds.samples]).astype(np.float32)[:, :, pos]
+    return ds, spectra, pred, payload
 
 
-class WeldTask:
-    """The ``weld`` task (registered as such)."""
+def _unet_train_config(t: WeldTrainConfig, seg: SegmentationConfig) -> TrainConfig:
+    """Trainer settings of the seam U-Net: ``segmentation.*`` epochs/batch/lr, bf16 autocast, no validation, no logger."""
+    return TrainConfig(epochs=seg.epochs, batch_size=seg.batch_size, lr=seg.lr, precision="bf16-mixed",
+                       channels_last=False, val_fraction=0.0, early_stopping_patience=0, strategy="auto", devices=1,
+                       accelerator=t.accelerator, num_threads=t.num_threads, augment=False, logger=[], progress=t.progress)
+
+
+def train_seam_unet(images: list[np.ndarray], masks: list[np.ndarray], seg: SegmentationConfig, size: int, seed: int,
+                    train_cfg: WeldTrainConfig, run_dir: Path) -> tuple[nn.Module, dict]:
+    """Train the seam U-Net (:class:`SeamUNetModule`, BCE + Dice, AdamW, one-cycle) on images and binary masks.
+
+    The model is initialised from ``torch.manual_seed(seed)``; batches are one seeded permutation per
+    epoch; the trainer runs inside ``torch.random.fork_rng`` so the global random state afterwards is
+    that of the seeded initialisation (what follows, e.g. the weld model, does not depend on the
+    trainer's internals). Logs and the last checkpoint go to ``run_dir/seam_unet``.
+
+    Returns:
+        ``(U-Net in eval mode, fp32, fit info)``.
+    """
+    torch.manual_seed(seed)
+    model = create_model("weld_seam_unet", base=seg.base_channels, depth=seg.depth)
+    loader = seam_loader(images, masks, size, seg.batch_size, seed)
+    module = SeamUNetModule(model, seg.lr, seg.epochs * len(loader))
+    with torch.random.fork_rng(devices=[]):
+        info = fit_lightning(module, loader, None, _unet_train_config(train_cfg, seg), Path(run_dir) / "seam_unet", None)
+    return module.model.float().eval(), info or {}
+
+
+class WeldTask(TaskHooks):
+    """The ``weld`` task (registered as such): hooks of the shared pipeline."""
 
     name = "weld"
     recipe = WeldRecipe
+    monitor = "val/weighted_f1"
+    summary_keys = ("accuracy", "weighted_f1", "macro_auroc", "seam_dice")
+    predict_options = ()
+    default_predict_out = "preds.csv"
 
-    def fit(self, recipe: WeldRecipe, run_dir: Path, source: Path | None = None) -> dict | None:
-        t = recipe.train
+    # -------------------------------------------------------------------------------- data
+
+    def load_samples(self, recipe: WeldRecipe, run_dir: Path | None = None) -> Samples:
+        """The weld folder (or the simulated set, written to ``run_dir/data``) as :class:`Samples`.
+
+        ``data`` holds ``{"ds": WeldDataset, "spectra": float32 [N, W, C, T]}``; ``columns`` the data's
+        group field (e.g. ``batch``) when every sample has a group, and every metadata key all samples share.
+        """
+        ds = load_weld_data(recipe.data, run_dir)
+        spectra = np.stack([s.spectra for s in ds.samples]).astype(np.float32)
+        columns: dict[str, list] = {}
+        metas = ds.metadata
+        for key in metas[0] if metas else {}:
+            if all(key in m for m in metas):
+                columns[key] = [m[key] for m in metas]
+        if ds.has_groups:
+            columns[ds.group_field or "group"] = list(ds.groups)
+        where = "RUN/data (simulated)" if recipe.data.simulate is not None and not recipe.data.root else str(ds.root)
+        views = ds.views_per_sample
+        desc = (f"{where}: {len(ds.samples)} samples, {len(ds.classes)} classes, {len(ds.channels)} channels, "
+                f"{ds.welds_per_sample} weld(s) per sample, format v{ds.format_version}"
+                + (f", {min(views)}-{max(views)} views per sample (the first is used)" if max(views) > 1 else "")
+                + (", synthetic" if ds.synthetic else ""))
+        return Samples([s.id for s in ds.samples], ds.labels, list(ds.classes), {"ds": ds, "spectra": spectra},
+                       columns, description=desc)
+
+    def default_folds(self, recipe: WeldRecipe, samples: Samples) -> int | None:
+        """K-fold cross-validation for data sets under :data:`CV_BELOW` samples: ``min(5, smallest class, groups)``.
+
+        ``None`` (a single split) for larger sets, or when fewer than 2 folds are possible.
+        """
+        if len(samples) >= CV_BELOW:
+            return None
+        counts = np.bincount(samples.labels)
+        k = min(DEFAULT_FOLDS, int(counts[counts > 0].min()))
+        group = self.default_group_by(recipe, samples)
+        if group:
+            k = min(k, len(set(samples.columns[group])))
+        return k if k >= 2 else None
+
+    def default_group_by(self, recipe: WeldRecipe, samples: Samples) -> str | None:
+        """The data's group field (e.g. ``batch``) when every sample has a group id, else ``None``."""
+        ds = samples.data["ds"]
+        return (ds.group_field or "group") if ds.has_groups else None
+
+    # -------------------------------------------------------------------------------- fit
+
+    def _use_unet(self, recipe: WeldRecipe, ds: WeldDataset) -> tuple[bool, str]:
+        if not recipe.segmentation.enabled:
+            return False, "off (segmentation.enabled=false): fixed bands"
+        if not ds.has_masks:
+            missing = sum(s.mask is None for s in ds.samples)
+            return False, f"off ({missing} of {len(ds.samples)} samples have no seam mask): fixed bands"
+        return True, "trained on the training part's masks"
+
+    def fit_model(self, recipe: WeldRecipe, samples: Samples, parts: dict[str, np.ndarray], run: RunFolder) -> Fitted | None:
+        t, m, d = recipe.train, recipe.model, recipe.data
         set_threads(t)
-        L.seed_everything(recipe.seed, workers=True, verbose=False)
-        run = RunFolder(run_dir).create()
-        t_total = time.perf_counter()
+        ds: WeldDataset = samples.data["ds"]
+        spectra = samples.data["spectra"]
+        tr = parts["train"]
+        va = parts.get("val", np.zeros(0, int))
+        fit_idx = np.concatenate([tr, va])
+        use_unet, seam_note = self._use_unet(recipe, ds)
+        unet, unet_info, unet_seconds = None, {}, 0.0
+        if use_unet:
+            t0 = time.perf_counter()
+            unet, unet_info = train_seam_unet([ds.samples[i].image for i in tr], [ds.samples[i].mask for i in tr],
+                                              recipe.segmentation, d.seg_size, recipe.seed, t, run.path)
+            unet_seconds = time.perf_counter() - t0
+        else:
+            print(f"weld: seam U-Net {seam_note}", file=sys.stderr, flush=True)
+        prep = fit_spectral_prep(spectra[tr], m.channels, m.num_channels, m.per_band, ds.wavelengths_nm, ds.channel_groups)
+        predictor = WeldPredictor(None, unet, prep, d.seg_size, (d.crop_height, d.crop_width), d.segmented, ds.welds_per_sample)
         t0 = time.perf_counter()
-        ds = load_weld_data(recipe.data, run.path)
-        data_seconds = time.perf_counter() - t0
-        split = split_indices(ds.labels, recipe.data.test_fraction, t.val_fraction, recipe.data.split_seed)
-        for k, idx in split.items():
-            write_file_list(run.split_dir / f"{k}.txt", [Path(ds.samples[i].id) for i in idx], [ds.samples[i].label for i in idx])
+        images = [ds.samples[i].image for i in fit_idx]
+        crops = predictor.crops(images, predictor.masks(images))
+        crops_seconds = time.perf_counter() - t0
+        kwargs = model_kwargs(m, len(ds.classes), len(prep.selected), d.seq_len, ds.welds_per_sample)
+        model = build_weld_model(m, kwargs)
+        weights_source = getattr(getattr(getattr(model, "vision", None), "backbone", None), "weights_source", "n/a (no vision encoder)")
+        module = WeldModule(model, len(ds.classes), t.lr, t.weight_decay, t.loss, t.focal_gamma, t.label_smoothing)
+        x = crops
         t0 = time.perf_counter()
-        inputs = prepare_inputs(ds, recipe, split)
-        prepare_seconds = time.perf_counter() - t0
-        prep = fit_spectral_prep(inputs.spectra[split["train"]], ds.wavelengths_nm, recipe.model)
-        t0 = time.perf_counter()
-        model, kwargs, info = train_weld_model(recipe, inputs, prep, run.path)
-        fit_seconds = time.perf_counter() - t0
-        spectra = prep.apply(inputs.spectra)
-        test = split["test"]
-        t0 = time.perf_counter()
-        probs, attn = predict_weld_probs(model, inputs.crops[test], spectra[test], with_attention=True)
-        eval_seconds = time.perf_counter() - t0
-        metrics = classification_metrics(inputs.labels[test], probs, ds.classes)
-        selected_nm = [ds.wavelengths_nm[i] for i in prep.selected]
-        run.save_model(self.name, recipe.model.name, kwargs, model.state_dict(), class_names=ds.classes,
-                       recipe=recipe.model_dump(mode="json"), selected_channels=prep.selected, selected_wavelengths_nm=selected_nm,
-                       minmax_lo=prep.lo.tolist(), minmax_hi=prep.hi.tolist(), wavelengths_nm=ds.wavelengths_nm,
-                       welds_per_sample=ds.welds_per_sample, crop_size=[recipe.data.crop_height, recipe.data.crop_width],
-                       unet_kwargs={"base": recipe.segmentation.base_channels, "depth": recipe.segmentation.depth},
-                       unet_state_dict=inputs.unet.state_dict() if inputs.unet is not None else None,
-                       synthetic=ds.synthetic, weights_source=info["weights_source"])
-        result = {
-            "task": self.name, "model": recipe.model.name, "fusion": recipe.model.fusion if recipe.model.name == "weld_fusion" else None,
-            "embedding": recipe.model.embedding, "backbone": recipe.model.backbone, "weights": info["weights_source"],
-            "synthetic": ds.synthetic, "seed": recipe.seed, "data": str(ds.root),
-            "split": {"seed": recipe.data.split_seed, "test_fraction": recipe.data.test_fraction,
-                      **{k: int(len(v)) for k, v in split.items()}},
-            "selected_channels": prep.selected, "selected_wavelengths_nm": selected_nm,
-            "seam_dice_test": inputs.seam_dice, "unet_train_seconds": round(inputs.unet_seconds, 1),
-            "data_seconds": round(data_seconds, 1), "prepare_seconds": round(prepare_seconds, 1),
-            "features_and_train_seconds": round(fit_seconds, 1), "test_inference_seconds": round(eval_seconds, 1),
-            "epochs_run": info["epochs_run"],
-            "best_checkpoint": info["best_checkpoint"], "train_seconds": info["train_seconds"],
-            "total_seconds": None, "crop_size": [recipe.data.crop_height, recipe.data.crop_width],
-            "segmented": recipe.data.segmented, "test": metrics,
+        if m.freeze_backbone and hasattr(model, "vision"):
+            backbone = model.vision.backbone
+            backbone.requires_grad_(False)
+            x = cached_features(backbone, crops)
+        features_seconds = time.perf_counter() - t0
+        s = prep.apply(spectra[fit_idx])
+        y = samples.labels[fit_idx]
+        n_tr = len(tr)
+        has_val = len(va) > 0
+        info = fit_lightning(module, weld_loader(x[:n_tr], s[:n_tr], y[:n_tr], t.batch_size, True),
+                             weld_loader(x[n_tr:], s[n_tr:], y[n_tr:], t.batch_size, False) if has_val else None,
+                             t, run.path, self.monitor, "max")
+        if info is None:
+            return None
+        model = module.model.float().eval()
+        predictor.model = model
+        labels = ds.channel_labels
+        info.update({
+            "selected_channels": prep.selected,
+            "selected_channel_names": [ds.channel_names[i] for i in prep.selected],
+            "selected_wavelengths_nm": None if ds.wavelengths_nm is None else [ds.wavelengths_nm[i] for i in prep.selected],
+            "seam_unet": seam_note, "unet_train_seconds": round(unet_seconds, 1),
+            "crops_seconds": round(crops_seconds, 1), "features_seconds": round(features_seconds, 1),
+        })
+        ckpt = {
+            "model_name": m.name, "model_kwargs": kwargs, "state_dict": model.state_dict(),
+            "class_names": list(ds.classes), "recipe": recipe.model_dump(mode="json"),
+            "selected_channels": prep.selected, "selected_channel_names": info["selected_channel_names"],
+            "selected_wavelengths_nm": info["selected_wavelengths_nm"],
+            "minmax_lo": [float(v) for v in prep.lo], "minmax_hi": [float(v) for v in prep.hi],
+            "channels": [{"name": c["name"], "unit": c["unit"], "wavelength_nm": c.get("wavelength_nm"), "group": c["group"]}
+                         for c in ds.channels],
+            "channel_labels": labels, "wavelengths_nm": ds.wavelengths_nm,
+            "welds_per_sample": ds.welds_per_sample, "crop_size": [d.crop_height, d.crop_width],
+            "unet_kwargs": {"base": recipe.segmentation.base_channels, "depth": recipe.segmentation.depth},
+            "unet_state_dict": unet.state_dict() if unet is not None else None,
+            "synthetic": ds.synthetic, "weights_source": weights_source,
         }
-        # report
-        rep = Report(f"defectscope weld: {recipe.model.name} ({recipe.model.fusion if recipe.model.name == 'weld_fusion' else 'baseline'})"
-                     f" on {ds.root.name}", synthetic=ds.synthetic)
-        rep.kv("Run", {"data": str(ds.root), "samples": len(ds.samples), "classes": len(ds.classes),
-                       "split": f"stratified {1 - recipe.data.test_fraction:.0%}/{recipe.data.test_fraction:.0%}, seed {recipe.data.split_seed}",
-                       "train / val / test": f"{len(split['train'])} / {len(split.get('val', []))} / {len(test)}",
-                       "model": recipe.model.name, "fusion": recipe.model.fusion, "embedding": f"{recipe.model.embedding}, D={recipe.model.spectral_dim}",
-                       "vision encoder": f"{recipe.model.backbone} ({info['weights_source']})",
-                       "crop size (h x w)": f"{recipe.data.crop_height} x {recipe.data.crop_width}, segmented={recipe.data.segmented}",
-                       "selected channels": ", ".join(f"{w:.0f} nm" for w in selected_nm),
-                       "seam Dice (test)": inputs.seam_dice, "epochs run": info["epochs_run"], "train seconds": info["train_seconds"],
-                       "stage seconds": f"data {data_seconds:.0f} (simulation included), seam U-Net + crops {prepare_seconds:.0f}, "
-                                        f"features + training {fit_seconds:.0f}, test inference {eval_seconds:.0f}"})
-        rep.kv("Test metrics", {k: metrics[k] for k in ("n", "accuracy", "weighted_precision", "weighted_recall", "weighted_f1",
-                                                          "macro_f1", "macro_auroc")})
-        rep.table("Per class (paper 000 Table 4 layout)", _percent_strings(table4_rows(metrics)),
-                  ["class", "precision (%)", "recall (%)", "F1 (%)", "AUROC (%)", "support"])
+        return Fitted(predictor, ckpt, info)
+
+    def run_info(self, recipe: WeldRecipe, fitted: Fitted) -> dict:
+        m = recipe.model
+        return {"model": m.name, "fusion": m.fusion if m.name == "weld_fusion" else None, "embedding": m.embedding,
+                "backbone": m.backbone, "weights": fitted.checkpoint["weights_source"], "synthetic": fitted.checkpoint["synthetic"],
+                "crop_size": [recipe.data.crop_height, recipe.data.crop_width], "segmented": recipe.data.segmented}
+
+    # -------------------------------------------------------------------------------- predict / metrics
+
+    def predict_samples(self, recipe: WeldRecipe, fitted: Fitted, samples: Samples, idx: np.ndarray) -> Predictions:
+        ds: WeldDataset = samples.data["ds"]
+        pred: WeldPredictor = fitted.model
+        out = pred.predict([ds.samples[i].image for i in idx], samples.data["spectra"][idx], with_attention=True)
+        probs = out["probs"]
+        names = samples.class_names
+        table = {"pred": [names[int(p.argmax())] for p in probs],
+                 **{f"prob_{n}": probs[:, c].tolist() for c, n in enumerate(names)}}
+        labels = ds.channel_labels
+        raw = {**out, "grid": getattr(pred.model, "grid", None), "corr": pred.prep.corr, "selected": pred.prep.selected,
+               "selected_labels": [[labels[i] for i in pred.prep.selected]]}
+        return Predictions(table, raw)
+
+    def compute_metrics(self, recipe: WeldRecipe, samples: Samples, idx: np.ndarray, preds: Predictions) -> dict:
+        """Table-4 classification metrics plus ``seam_dice``: mean Dice of the predicted seam masks
+        against the true masks of the evaluated samples (``None`` without a U-Net or true masks)."""
+        ds: WeldDataset = samples.data["ds"]
+        metrics = classification_metrics(samples.labels[idx], preds.raw["probs"], samples.class_names)
+        masks = preds.raw.get("masks")
+        metrics["seam_dice"] = None if masks is None else seam_dice(masks, [ds.samples[i].mask for i in idx])
+        return metrics
+
+    def pool(self, preds: list[Predictions]) -> Predictions:
+        """Concatenate folds: table columns, probabilities and masks; the selected channels of each fold."""
+        table = {k: [v for p in preds for v in p.table[k]] for k in preds[0].table}
+        masks = None if any(p.raw["masks"] is None for p in preds) else [mk for p in preds for mk in p.raw["masks"]]
+        raw = {"probs": np.concatenate([p.raw["probs"] for p in preds]), "masks": masks,
+               "selected_labels": [lab for p in preds for lab in p.raw["selected_labels"]]}
+        return Predictions(table, raw)
+
+    # -------------------------------------------------------------------------------- report
+
+    def write_report(self, run: RunFolder, recipe: WeldRecipe, samples: Samples, idx: np.ndarray, preds: Predictions,
+                     metrics: dict, info: dict) -> None:
+        ds: WeldDataset = samples.data["ds"]
+        m = recipe.model
+        cv = info.pop("crossval", None)
+        probs = preds.raw["probs"]
+        y = samples.labels[idx]
+        title = f"defectscope weld: {m.name} ({m.fusion if m.name == 'weld_fusion' else 'baseline'}) on {ds.root.name}"
+        rep = Report(title, synthetic=ds.synthetic)
+        what = "pooled out-of-fold predictions" if cv else "the held-out split"
+        sel = preds.raw["selected_labels"]
+        run_kv = {"data": samples.description, **{k: v for k, v in info.items() if k in ("protocol", "samples", "split")},
+                  "model": m.name, "fusion": m.fusion, "embedding": f"{m.embedding}, D={m.spectral_dim}",
+                  "vision encoder": m.backbone,
+                  "crop size (h x w)": f"{recipe.data.crop_height} x {recipe.data.crop_width}, segmented={recipe.data.segmented}",
+                  "seam U-Net": info.get("seam_unet", self._use_unet(recipe, ds)[1]),
+                  "selected channels": ", ".join(sel[0]) if len(sel) == 1 else
+                  "; ".join(f"fold {k + 1}: {', '.join(s)}" for k, s in enumerate(sel)),
+                  "seam Dice": metrics.get("seam_dice")}
+        if not cv:
+            run_kv.update({"epochs run": info.get("epochs_run"), "train seconds": info.get("train_seconds"),
+                           "stage seconds": f"seam U-Net {info.get('unet_train_seconds')}, crops {info.get('crops_seconds')}, "
+                                            f"frozen features {info.get('features_seconds')}"})
+        rep.kv("Run", run_kv)
+        if cv:
+            rep.table("Cross-validation: held-out figures per fold", crossval_table(
+                {**cv, "pooled": metrics}, ["n", "accuracy", "weighted_f1", "macro_f1", "macro_auroc", "seam_dice"]))
+        rep.kv("Test metrics" if not cv else "Pooled out-of-fold metrics",
+               {k: metrics[k] for k in ("n", "accuracy", "weighted_precision", "weighted_recall", "weighted_f1",
+                                        "macro_f1", "macro_auroc", "seam_dice")})
+        rep.table("Per class (paper 000 Table 4 layout)", percent_strings(table4_rows(metrics)), TABLE4_COLUMNS)
         plot_confusion_matrix(metrics["confusion_matrix"], ds.classes, run.plots / "confusion_matrix.png")
-        rep.image("plots/confusion_matrix.png", "Confusion matrix on the held-out split (rows: true class)")
-        plot_roc_curves(inputs.labels[test], probs, ds.classes, run.plots / "roc_curves.png")
-        rep.image("plots/roc_curves.png", "One-vs-rest ROC curves on the held-out split")
-        plot_correlation(prep.corr, ds.wavelengths_nm, prep.selected, run.plots / "channel_correlation.png")
-        rep.image("plots/channel_correlation.png", "Pearson correlation between the spectral channels (eq. 1) and the selected channels (red)")
-        plot_spectra_examples(ds, prep.selected, run.plots / "spectra_by_class.png")
-        rep.image("plots/spectra_by_class.png", "Selected channels, class means of weld 1 (raw counts)")
-        if inputs.masks is not None:
-            pick = [int(test[np.flatnonzero(inputs.labels[test] == c)[0]]) for c in range(len(ds.classes)) if (inputs.labels[test] == c).any()][:4]
-            plot_seam_examples(ds, inputs.masks, inputs.crops, pick, run.plots / "seam_segmentation.png")
-            rep.image("plots/seam_segmentation.png", f"Seam U-Net on held-out samples (mean Dice {inputs.seam_dice:.3f}) and the weld crops")
-        if attn:
-            pick = [int(np.flatnonzero(inputs.labels[test] == c)[0]) for c in range(len(ds.classes)) if (inputs.labels[test] == c).any()][:5]
-            names = [f"{w:.0f} nm" for w in selected_nm]
-            done = plot_attention_overlays(inputs.crops[test][pick], {k: v[pick] for k, v in attn.items()}, model.grid,
-                                           [ds.samples[test[i]].id for i in pick], [ds.classes[inputs.labels[test[i]]] for i in pick],
-                                           [ds.classes[int(probs[i].argmax())] for i in pick], names, run.plots / "attention_overlays.png")
+        rep.image("plots/confusion_matrix.png", f"Confusion matrix on {what} (rows: true class)")
+        plot_roc_curves(y, probs, ds.classes, run.plots / "roc_curves.png")
+        rep.image("plots/roc_curves.png", f"One-vs-rest ROC curves on {what}")
+        if cv:
+            rep.write(run.report_path)
+            return
+        labels = ds.channel_labels
+        selected = preds.raw["selected"]
+        plot_correlation(preds.raw["corr"], labels, selected, run.plots / "channel_correlation.png")
+        rep.image("plots/channel_correlation.png", "Pearson correlation between the channels (eq. 1) and the selected channels (red)")
+        plot_spectra_examples(ds, selected, run.plots / "spectra_by_class.png")
+        rep.image("plots/spectra_by_class.png", "Selected channels, class means of weld 1 (raw values)")
+        masks, crops = preds.raw["masks"], preds.raw["crops"]
+        present = [c for c in range(len(ds.classes)) if (y == c).any()]
+        if masks is not None:
+            pick = [int(np.flatnonzero(y == c)[0]) for c in present][:4]
+            plot_seam_examples([ds.samples[idx[j]] for j in pick], [masks[j] for j in pick], crops[pick],
+                               run.plots / "seam_segmentation.png")
+            dice = metrics.get("seam_dice")
+            rep.image("plots/seam_segmentation.png", "Seam U-Net on held-out samples"
+                      + (f" (mean Dice {dice:.3f})" if dice is not None else "") + " and the weld crops")
+        attn = preds.raw["attn"]
+        if attn and preds.raw["grid"] is not None:
+            pick = [int(np.flatnonzero(y == c)[0]) for c in present][:5]
+            done = plot_attention_overlays(crops[pick], {k: v[pick] for k, v in attn.items()}, preds.raw["grid"],
+                                           [ds.samples[idx[j]].id for j in pick], [ds.classes[y[j]] for j in pick],
+                                           [ds.classes[int(probs[j].argmax())] for j in pick], [labels[i] for i in selected],
+                                           run.plots / "attention_overlays.png")
             if done:
-                rep.image("plots/attention_overlays.png", "Cross-attention weights over the weld crops (Fig. 14): per spectral "
+                rep.image("plots/attention_overlays.png", "Cross-attention weights over the weld crops (Fig. 14): per signal "
                           "channel token, how strongly each image region attends to it")
         report_training_curves(rep, run, "Training loss and validation scores per epoch")
-        result["total_seconds"] = round(time.perf_counter() - t_total, 1)
-        run.write_metrics(result)
         rep.write(run.report_path)
-        return result
+
+    # -------------------------------------------------------------------------------- run-level
+
+    def _predict_folder(self, run_dir: Path, data: Path, require_labels: bool):
+        """``(dataset, probabilities [N, K], seam masks of the first model or None, payload)``; a
+        cross-validation run averages the probabilities of its fold models (:func:`run_models`)."""
+        probs, masks = [], None
+        for k, r in enumerate(run_models(Path(run_dir))):
+            ds, spectra, pred, payload = _read_for_run(r, data, require_labels)
+            res = pred.predict([s.image for s in ds.samples], spectra)
+            probs.append(res["probs"])
+            masks = res["masks"] if k == 0 else masks
+        return ds, np.mean(probs, axis=0), masks, payload
 
     def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
-        """Evaluate a trained run on a labelled weld folder; writes metrics and a report to ``out``."""
-        ds, probs, payload, inputs = _prepare_for_run(Path(run_dir), Path(data), require_labels=True)
+        """Evaluate a trained run on a labelled weld folder; writes metrics and a report to ``out``.
+
+        A cross-validation run (``--folds K``) is evaluated with the mean probabilities of its K fold models.
+
+        Raises:
+            WeldDataError: the folder is not in the format, or its classes, channels or welds differ from the run's.
+        """
+        ds, probs, masks, payload = self._predict_folder(run_dir, Path(data), require_labels=True)
         metrics = classification_metrics(ds.labels, probs, payload["class_names"])
+        metrics["seam_dice"] = None if masks is None else seam_dice(masks, [s.mask for s in ds.samples])
         out = Path(out) if out else Path(run_dir) / "evaluations" / Path(data).name
         ev = RunFolder(out).create()
         ev.write_metrics({"task": self.name, "run": str(run_dir), "data": str(data), "synthetic": ds.synthetic, "test": metrics})
         rep = Report(f"defectscope evaluate: {Path(run_dir).name} on {Path(data).name}", synthetic=ds.synthetic)
-        rep.table("Per class (Table 4 layout)", _percent_strings(table4_rows(metrics)), ["class", "precision (%)", "recall (%)", "F1 (%)", "AUROC (%)", "support"])
+        rep.table("Per class (Table 4 layout)", percent_strings(table4_rows(metrics)), TABLE4_COLUMNS)
         plot_confusion_matrix(metrics["confusion_matrix"], payload["class_names"], ev.plots / "confusion_matrix.png")
         rep.image("plots/confusion_matrix.png", "Confusion matrix")
         rep.write(ev.report_path)
@@ -759,11 +699,15 @@ class WeldTask:
     def predict(self, run_dir: Path, inputs: list[Path], out: Path, **options) -> dict:
         """Classify every sample of one or more weld data folders (labels optional).
 
+        The folders' channels are matched to the run's by wavelength (all channels have one) or by name, in any order.
+        A cross-validation run (``--folds K``) predicts with the mean probabilities of its K fold models.
         Writes ``out`` as CSV: ``folder, id, class, prob_<name>...`` (one row per sample).
 
         Raises:
-            WeldDataError: a folder is not in the format, or its channels/welds differ from the run's.
+            WeldDataError: a folder is not in the format, or its channels (names, units) or welds differ from the run's.
+            FileNotFoundError: an input is not a folder.
         """
+        self.check_predict_options(options)
         buf = io.StringIO()
         w = csv.writer(buf)
         names: list[str] | None = None
@@ -771,7 +715,7 @@ class WeldTask:
         for folder in map(Path, inputs):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{folder}: not a weld data folder (expected a folder with manifest.json)")
-            ds, probs, payload, _ = _prepare_for_run(Path(run_dir), folder, require_labels=False)
+            ds, probs, _, payload = self._predict_folder(run_dir, folder, require_labels=False)
             if names is None:
                 names = payload["class_names"]
                 w.writerow(["folder", "id", "class", *[f"prob_{n}" for n in names]])
@@ -786,12 +730,13 @@ register_task(WeldTask())
 
 
 def demo_recipe(n_samples: int = 603) -> dict:
-    """The recipe of ``defectscope demo`` (same values as ``configs/weld_fusion.yaml``, data simulated).
+    """The recipe of ``defectscope demo`` (same values as ``configs/weld_fusion.yaml``, data simulated, one split).
 
     Sized for a shared 2-core CPU in <= 15 minutes: 256 px coupons, compact seam U-Net at 128 px for
     4 epochs, weld crops of 48 x 192 px, EfficientNet-Lite0 with ImageNet weights kept frozen (its
     feature maps are computed once), then up to 30 epochs of the fusion and head (5-minute cap), one
-    torch thread (on an oversubscribed machine two threads were 7x slower than one).
+    torch thread (on an oversubscribed machine two threads were 7x slower than one). The demo is a
+    single stratified 8:2 split at any size (``eval.folds: 1``).
     """
     return {"task": "weld", "seed": 0,
             "data": {"simulate": {"n_samples": n_samples, "seed": 0, "image_size": 256}, "crop_height": 48, "crop_width": 192,
@@ -800,4 +745,5 @@ def demo_recipe(n_samples: int = 603) -> dict:
             "model": {"name": "weld_fusion", "fusion": "v2s", "embedding": "inverted", "spectral_dim": 96, "embed_dim": 128,
                       "backbone": "efficientnet_lite0", "pretrained": True, "freeze_backbone": True, "num_channels": 4},
             "train": {"epochs": 30, "batch_size": 16, "lr": 2.0e-4, "early_stopping_patience": 6, "max_minutes": 5.0,
-                      "num_threads": 1, "augment": False, "channels_last": False}}
+                      "num_threads": 1, "augment": False, "channels_last": False},
+            "eval": {"folds": 1}}

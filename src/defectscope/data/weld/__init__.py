@@ -10,6 +10,8 @@
   YAML spec (``defectscope signals import``).
 - :mod:`.channels`: Pearson correlation (eq. 1) and least-redundant channel selection, balanced over
   VIS/NIR (paper 000) or over any channel groups.
+- :mod:`.prepare`: the model inputs: weld crops (section 4.2) and the fitted channel selection with
+  its min-max statistics.
 """
 
 from defectscope.data.weld.format import (

@@ -185,10 +185,13 @@ class BidirectionalFusion(_Fusion):
 class AddFusion(_Fusion):
     """Eq. 10, element-wise addition; the spectral tokens are mean-pooled and broadcast over the image tokens.
 
+    ``num_heads`` and ``dropout`` are accepted for :func:`build_fusion`'s uniform call and unused
+    (the operation has no parameters).
+
     Forward: -> ``(fused [B, N, d], {})``.
     """
 
-    def __init__(self, dim: int, *_, **__) -> None:
+    def __init__(self, dim: int, num_heads: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.out_dim = dim
 
@@ -199,10 +202,12 @@ class AddFusion(_Fusion):
 class ConcatFusion(_Fusion):
     """Eq. 11, channel concatenation ``[X_img, X_spec]`` -> ``[B, N, 2d]`` (spectral tokens mean-pooled, broadcast).
 
+    ``num_heads`` and ``dropout`` are accepted for :func:`build_fusion`'s uniform call and unused.
+
     Forward: -> ``(fused [B, N, 2d], {})``.
     """
 
-    def __init__(self, dim: int, *_, **__) -> None:
+    def __init__(self, dim: int, num_heads: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.out_dim = 2 * dim
 

@@ -96,7 +96,7 @@ class WeldFusionNet(nn.Module):
     def __init__(self, num_classes: int, channels: int, seq_len: int = 560, backbone: str = "efficientnet_lite0",
                  fusion: str = "v2s", embedding: str = "inverted", spectral_dim: int = 96, embed_dim: int = 128,
                  num_heads: int = 4, num_layers: int = 1, dropout: float = 0.1, pretrained: bool = False,
-                 weights: str | None = None, **_: object) -> None:
+                 weights: str | None = None) -> None:
         super().__init__()
         self.channels, self.seq_len, self.fusion_kind = channels, seq_len, fusion
         self.vision = _VisionTokens(backbone, embed_dim, pretrained, weights)
@@ -137,8 +137,7 @@ class WeldVisionOnly(nn.Module):
     """
 
     def __init__(self, num_classes: int, backbone: str = "efficientnet_lite0", embed_dim: int = 128, num_heads: int = 4,
-                 num_layers: int = 1, dropout: float = 0.1, pretrained: bool = False, weights: str | None = None,
-                 **_: object) -> None:
+                 num_layers: int = 1, dropout: float = 0.1, pretrained: bool = False, weights: str | None = None) -> None:
         super().__init__()
         self.vision = _VisionTokens(backbone, embed_dim, pretrained, weights)
         self.head = SelfAttentionHead(embed_dim, num_classes, num_heads, num_layers, dropout=dropout)
@@ -158,7 +157,7 @@ class WeldDLinear(nn.Module):
     """
 
     def __init__(self, num_classes: int, channels: int, seq_len: int = 560, welds: int = 2, spectral_dim: int = 96,
-                 kernel: int = 25, dropout: float = 0.1, **_: object) -> None:
+                 kernel: int = 25, dropout: float = 0.1) -> None:
         super().__init__()
         self.channels, self.seq_len = channels, seq_len
         self.decomp = SeriesDecomposition(kernel)
@@ -187,7 +186,7 @@ class WeldInformer(nn.Module):
     """
 
     def __init__(self, num_classes: int, channels: int, seq_len: int = 560, welds: int = 2, embed_dim: int = 64,
-                 num_heads: int = 4, num_layers: int = 2, dropout: float = 0.1, **_: object) -> None:
+                 num_heads: int = 4, num_layers: int = 2, dropout: float = 0.1) -> None:
         super().__init__()
         from defectscope.models.weld_fusion.layers import sinusoidal_positions
 
@@ -216,7 +215,7 @@ class WeldInvertedEncoder(nn.Module):
     """
 
     def __init__(self, num_classes: int, channels: int, seq_len: int = 560, spectral_dim: int = 96, embed_dim: int = 128,
-                 num_heads: int = 4, num_layers: int = 1, dropout: float = 0.1, **_: object) -> None:
+                 num_heads: int = 4, num_layers: int = 1, dropout: float = 0.1) -> None:
         super().__init__()
         self.channels, self.seq_len = channels, seq_len
         self.embed = InvertedEmbedding(seq_len, spectral_dim, dropout)
@@ -231,7 +230,7 @@ class WeldInvertedEncoder(nn.Module):
 
 
 @register_model("weld_seam_unet")
-def weld_seam_unet(base: int = 8, depth: int = 3, **_: object) -> nn.Module:
+def weld_seam_unet(base: int = 8, depth: int = 3) -> nn.Module:
     """The compact seam U-Net (:class:`defectscope.models.weld_fusion.layers.CompactUNet`)."""
     from defectscope.models.weld_fusion.layers import build_seam_unet
 
