@@ -44,7 +44,7 @@ from defectscope.evaluation.report import Report
 from defectscope.models import create_model
 from defectscope.models.classifier.lightning_model import ImageClassifierModule
 from defectscope.models.linear_probe.torch_model import train_linear_probe
-from defectscope.models.training import build_loss, random_flips, to_float, to_model_input, warmup_cosine  # noqa: F401
+from defectscope.models.training import build_loss, random_flips, scale_probs, to_float, to_model_input, warmup_cosine  # noqa: F401
 from defectscope.utils.io import write_text
 
 
@@ -203,16 +203,6 @@ def find_ok_class(class_names: list[str], ok_class: str | None) -> str | None:
             raise ConfigError(f"data.ok_class: {ok_class!r} is not a class of the data ({', '.join(class_names)})")
         return ok_class
     return next((c for c in class_names if c.lower() in OK_NAMES), None)
-
-
-def scale_probs(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Temperature scaling of probabilities ``[N, K]``: ``softmax(log p / T)`` (= ``softmax(z / T)`` of the logits)."""
-    if temperature == 1.0 or len(probs) == 0:
-        return probs
-    z = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class ClassificationTask(TaskHooks):

@@ -42,7 +42,8 @@ from torch import nn
 from defectscope.config import BaseRecipe, StrictModel, TrainConfig
 from defectscope.data.weld.format import WeldDataError, WeldDataset, read_weld_dataset
 from defectscope.data.weld.prepare import SpectralPrep, crop_welds, fit_spectral_prep
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
+from defectscope.models.training import scale_probs
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections
 from defectscope.engine.run import RunError, RunFolder
 from defectscope.engine.tasks import register_task
 from defectscope.engine.trainer import fit_lightning, report_training_curves, set_threads
@@ -632,6 +633,7 @@ class WeldTask(TaskHooks):
         plot_roc_curves(y, probs, ds.classes, run.plots / "roc_curves.png")
         rep.image("plots/roc_curves.png", f"One-vs-rest ROC curves on {what}")
         if cv:
+            report_sections(rep, run, {"decisions": info.get("decisions")})
             rep.write(run.report_path)
             return
         labels = ds.channel_labels
@@ -660,7 +662,29 @@ class WeldTask(TaskHooks):
                 rep.image("plots/attention_overlays.png", "Cross-attention weights over the weld crops (Fig. 14): per signal "
                           "channel token, how strongly each image region attends to it")
         report_training_curves(rep, run, "Training loss and validation scores per epoch")
+        report_sections(rep, run, {"decisions": info.get("decisions")})
         rep.write(run.report_path)
+
+    # -------------------------------------------------------------------------------- decisions
+
+    def ok_class_of(self, recipe: WeldRecipe, samples: Samples) -> str | None:
+        """The good-weld class: ``baseline`` (paper 000's reference condition) or a class named good / ok."""
+        return next((c for c in samples.class_names if c.lower() in ("baseline", "good", "ok", "normal")), None)
+
+    def decision_scores(self, recipe: WeldRecipe, samples: Samples, idx: np.ndarray,
+                        preds: Predictions) -> tuple[np.ndarray, np.ndarray] | None:
+        """Defective welds (class other than the OK class) and the defect score ``1 - p(OK class)``."""
+        ok = self.ok_class_of(recipe, samples)
+        if ok is None:
+            return None
+        k = samples.class_names.index(ok)
+        return samples.labels[idx] != k, 1.0 - np.asarray(preds.raw["probs"])[:, k]
+
+    def class_probs(self, preds: Predictions) -> np.ndarray | None:
+        return np.asarray(preds.raw["probs"])
+
+    def with_temperature(self, preds: Predictions, temperature: float) -> Predictions:
+        return Predictions(preds.table, {**preds.raw, "probs": scale_probs(np.asarray(preds.raw["probs"]), temperature)})
 
     # -------------------------------------------------------------------------------- run-level
 
@@ -716,11 +740,19 @@ class WeldTask(TaskHooks):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{folder}: not a weld data folder (expected a folder with manifest.json)")
             ds, probs, _, payload = self._predict_folder(run_dir, folder, require_labels=False)
+            probs = scale_probs(probs, float(payload.get("temperature", 1.0)))
+            dec = payload.get("decision") or {}
             if names is None:
                 names = payload["class_names"]
-                w.writerow(["folder", "id", "class", *[f"prob_{n}" for n in names]])
+                ok = dec.get("ok_class") if dec.get("ok_class") in names else None
+                w.writerow(["folder", "id", "class", *[f"prob_{n}" for n in names],
+                            *(["defect_score", "decision"] if ok else [])])
             for s, p in zip(ds.samples, probs):
-                w.writerow([str(folder), s.id, names[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+                more = []
+                if ok:
+                    score = 1.0 - float(p[names.index(ok)])
+                    more = [f"{score:.6f}", "reject" if score >= dec["threshold"] else "accept"]
+                w.writerow([str(folder), s.id, names[int(p.argmax())], *[f"{v:.6f}" for v in p], *more])
                 count += 1
         write_text(out, buf.getvalue())
         return {"predicted": count, "skipped": [], "out": str(out)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -98,3 +99,19 @@ def build_loss(kind: str, gamma: float = 2.0, label_smoothing: float = 0.0,
 def flip_variants(x: torch.Tensor) -> list[torch.Tensor]:
     """The four flips of ``[B, C, H, W]``: identity, horizontal, vertical, both (test-time augmentation)."""
     return [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
+
+
+def scale_probs(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature scaling of probabilities ``[N, K]``: ``softmax(log p / T)``.
+
+    Equals ``softmax(z / T)`` of the logits ``z`` (``log p`` differs from ``z`` by a per-row
+    constant), so a temperature fitted on logits (Guo et al., "On Calibration of Modern Neural
+    Networks", 2017) applies to stored probabilities.
+    """
+    probs = np.asarray(probs)
+    if temperature == 1.0 or len(probs) == 0:
+        return probs
+    z = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
