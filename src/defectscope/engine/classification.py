@@ -188,6 +188,31 @@ def write_classification_report(run: RunFolder, title: str, metrics: dict, y_tru
 
 
 OK_NAMES = ("good", "ok", "normal", "pass", "no_defect")
+#: sliding-window size and false-alarm rate per window of the stored drift reference
+DRIFT_WINDOW, DRIFT_ALPHA = 32, 0.001
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Global-average-pooled backbone features ``[N, C]`` of uint8 images ``[N, 3, S, S]`` (the drift features)."""
+    model.eval()
+    xt = torch.as_tensor(x)
+    out = [model.backbone(to_float(xt[i : i + batch_size])).float().mean(dim=(2, 3)) for i in range(0, len(xt), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.backbone.out_channels), np.float32)
+
+
+def drift_reference(model: nn.Module, x_train: np.ndarray, seed: int, max_images: int = 600) -> dict | None:
+    """The drift reference of a trained classifier: :class:`~defectscope.deploy.drift.DriftReference`
+    (MMD with a resampling-calibrated threshold) of the pooled backbone features of at most
+    ``max_images`` training images, as plain lists for ``model.ckpt``; ``None`` when there are fewer
+    than ``2 * DRIFT_WINDOW`` training images or the model has no ``backbone``."""
+    from defectscope.deploy.drift import DriftReference
+
+    if not hasattr(model, "backbone") or len(x_train) < 2 * DRIFT_WINDOW:
+        return None
+    pick = np.random.default_rng(seed).permutation(len(x_train))[:max_images]
+    feats = pooled_features(model, x_train[np.sort(pick)])
+    return DriftReference.fit(feats, window=DRIFT_WINDOW, alpha=DRIFT_ALPHA, seed=seed).to_dict()
 
 
 def find_ok_class(class_names: list[str], ok_class: str | None) -> str | None:
@@ -223,8 +248,15 @@ class ClassificationTask(TaskHooks):
         k = len(samples.class_names)
         seen = np.sort(np.concatenate([parts["train"], parts.get("val", np.zeros(0, int))]))
         if m.name == "linear_probe":
-            return self._fit_probe(recipe, samples, seen)
-        fitted = self._fit_network(recipe, samples, parts, run)
+            fitted = self._fit_probe(recipe, samples, seen)
+        else:
+            fitted = self._fit_network(recipe, samples, parts, run)
+        if fitted is not None:
+            ref = drift_reference(fitted.model, x[parts["train"]], recipe.seed)
+            if ref is not None:
+                fitted.checkpoint["drift_reference"] = ref
+        if m.name == "linear_probe":
+            return fitted
         if fitted is not None and m.linear_probe_reference:
             import time as _time
 
