@@ -206,7 +206,7 @@ def test_kolektor_manifest(mut, value, col):
         except DatasetError as exc:
             assert _names(exc, f), exc
         else:
-            assert all(it.split in ("train", "val", "test") and it.image.is_file() and it.mask.is_file() for it in items)
+            assert all(it.split in ("train", "val", "test", "") and it.image.is_file() and it.mask.is_file() for it in items)
 
 
 # ---------------------------------------------------------------- weld manifest and arrays

@@ -74,7 +74,7 @@ def read_mvtec(root: str | Path, require_masks: bool = False) -> list[MVTecItem]
     if not good.is_dir():
         raise DatasetError(f"{root}: train/good/ not found; expected the MVTec AD layout "
                            "train/good, test/<defect>, ground_truth/<defect>/<name>_mask.png")
-    items = [MVTecItem(f"train/good/{p.stem}", p, None, "train", False, "good") for p in _images(good)]
+    items = [MVTecItem(f"train/good/{p.stem}", p, None, "train", False, defect_type="good") for p in _images(good)]
     if not items:
         raise DatasetError(f"{good}: no image files")
     test = root / "test"
@@ -97,7 +97,7 @@ def read_mvtec(root: str | Path, require_masks: bool = False) -> list[MVTecItem]
                 masks.discard(mask.name)
             elif t != "good" and require_masks:
                 raise DatasetError(f"{root}: ground_truth/{t}/ missing; pixel metrics need a mask for every defective image")
-            items.append(MVTecItem(f"test/{t}/{p.stem}", p, mask, "test", t != "good", t))
+            items.append(MVTecItem(f"test/{t}/{p.stem}", p, mask, "test", t != "good", defect_type=t))
             n_test += 1
         stray = sorted(m for m in masks if m.endswith("_mask.png"))
         if stray:

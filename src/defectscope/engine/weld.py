@@ -690,12 +690,13 @@ class WeldTask(TaskHooks):
 
     def _predict_folder(self, run_dir: Path, data: Path, require_labels: bool):
         """``(dataset, probabilities [N, K], seam masks of the first model or None, payload)``; a
-        cross-validation run averages the probabilities of its fold models (:func:`run_models`)."""
+        cross-validation run averages the probabilities of its fold models (:func:`run_models`),
+        each temperature-scaled with its own fitted temperature first."""
         probs, masks = [], None
         for k, r in enumerate(run_models(Path(run_dir))):
             ds, spectra, pred, payload = _read_for_run(r, data, require_labels)
             res = pred.predict([s.image for s in ds.samples], spectra)
-            probs.append(res["probs"])
+            probs.append(scale_probs(res["probs"], float(payload.get("temperature", 1.0))))
             masks = res["masks"] if k == 0 else masks
         return ds, np.mean(probs, axis=0), masks, payload
 
@@ -740,8 +741,8 @@ class WeldTask(TaskHooks):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{folder}: not a weld data folder (expected a folder with manifest.json)")
             ds, probs, _, payload = self._predict_folder(run_dir, folder, require_labels=False)
-            probs = scale_probs(probs, float(payload.get("temperature", 1.0)))
-            dec = payload.get("decision") or {}
+            # a cross-validation run averages its fold models: no single threshold applies
+            dec = {} if (Path(run_dir) / "folds").is_dir() else (payload.get("decision") or {})
             if names is None:
                 names = payload["class_names"]
                 ok = dec.get("ok_class") if dec.get("ok_class") in names else None
