@@ -392,6 +392,29 @@ def summarize(table) -> dict:
     return out
 
 
+def _steady_rate(pdir: Path, run_id: str) -> float | None:
+    """Images/s after start-up, from the workers' ``inspected_at`` stamps of this run's parts:
+    rows finished after the first batch / (last stamp - first stamp); ``None`` if too short."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    files = sorted(pdir.glob(f"part-{run_id}-*.parquet"))
+    if not files:
+        return None
+    ts = pc.cast(_pa_concat([pq.read_table(f, columns=["inspected_at"]).column(0) for f in files]), "int64")
+    lo, hi = pc.min(ts).as_py(), pc.max(ts).as_py()
+    n_first = pc.sum(pc.equal(ts, lo)).as_py()
+    if hi is None or hi - lo < 500:  # under half a second: not measurable at ms resolution
+        return None
+    return (len(ts) - n_first) / ((hi - lo) / 1000.0)
+
+
+def _pa_concat(chunks: list):
+    import pyarrow as pa
+
+    return pa.chunked_array(chunks).combine_chunks() if chunks else pa.array([], pa.int64())
+
+
 # ----------------------------------------------------------------------------------------------
 # the job
 
@@ -411,8 +434,9 @@ class InspectResult:
         timings: seconds: ``ray_init`` (starting or joining Ray), ``first_result`` (from the job's
             start to the first result block: actor start-up, model load), ``run`` (job start to the
             last block), ``merge`` (merging the parts), ``total``.
-        images_per_s: ``new / timings["run"]``; ``steady_images_per_s``: images after the first
-            block / time after the first block (start-up excluded).
+        images_per_s: ``new / timings["run"]``; ``steady_images_per_s``: images finished after the
+            first batch / time from the first to the last batch, from the workers' ``inspected_at``
+            stamps (start-up excluded).
     """
 
     out: Path
@@ -435,19 +459,37 @@ ProgressFn = Callable[[int, int, int, float], None]
 def start_ray(address: str | None, num_cpus: int) -> bool:
     """Join the Ray cluster at ``address``, or start a private local Ray with ``num_cpus`` CPUs.
 
+    The workers import this process's ``defectscope`` package: locally through their inherited
+    ``PYTHONPATH``, on a cluster through Ray's ``runtime_env`` (``py_modules``), so they run the
+    same code as the driver; its dependencies (torch, onnxruntime, pyarrow) must be installed on
+    the nodes.
+
     Returns:
         ``True`` when this call started Ray (the caller shuts it down), ``False`` if Ray was
         already initialised in this process.
     """
     import ray
 
+    import defectscope
+
     if ray.is_initialized():
         return False
+    pkg = Path(defectscope.__file__).resolve().parent
     quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "configure_logging": True}
-    if address:
-        ray.init(address=address, **quiet)
+    if address:  # the workers import the driver's own defectscope (shipped by Ray), not whatever is installed there
+        ray.init(address=address, runtime_env={"py_modules": [str(pkg)], "excludes": ["__pycache__", "*.pyc"]}, **quiet)
     else:  # "local": always a new private instance, never an unrelated cluster found on this machine
-        ray.init(address="local", num_cpus=num_cpus, object_store_memory=512 * 1024 * 1024, **quiet)
+        # local workers inherit the environment: put the driver's defectscope first on their path (cheaper
+        # than a runtime_env, which would start fresh worker processes instead of Ray's pre-started ones)
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(pkg.parent)] + ([old] if old else []))
+        try:
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=512 * 1024 * 1024, **quiet)
+        finally:
+            if old is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = old
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     return True
 
@@ -561,7 +603,6 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
             buffered = seq = 0
             last_flush = t_job = time.perf_counter()
             t_first = None
-            first_rows = 0
 
             def flush() -> None:
                 nonlocal buffer, buffered, seq, last_flush
@@ -577,7 +618,7 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
                 for tbl in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
                     now = time.perf_counter()
                     if t_first is None:
-                        t_first, first_rows = now, tbl.num_rows
+                        t_first = now
                     buffer.append(tbl)
                     buffered += tbl.num_rows
                     new += tbl.num_rows
@@ -592,7 +633,7 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
             timings["first_result"] = (t_first or t_end) - t_job
             timings["run"] = t_end - t_job
             rate = new / max(timings["run"], 1e-9)
-            steady = (new - first_rows) / (t_end - t_first) if t_first and t_end > t_first and new > first_rows else rate
+            steady = _steady_rate(pdir, run_id) or rate
         finally:
             if started:
                 ray.shutdown()
