@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -81,6 +82,13 @@ def test_existing_results_need_resume_and_the_same_model(tmp_path, tiny_onnx, ar
         inspect_archive(tiny_onnx, src, out, resume=True)
     res = CliRunner().invoke(app, ["inspect", str(tiny_onnx), str(archive / "line2"), "--out", str(out), "--resume", "--overwrite"])
     assert res.exit_code == 2 and "exclude each other" in res.output
+    with socket.socket() as s:  # a port nothing listens on: a clear error at once, not Ray's minutes of retries
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = CliRunner().invoke(app, ["inspect", str(tiny_onnx), str(archive / "line2"), "--out", str(tmp_path / "new.parquet"),
+                                   "--address", f"127.0.0.1:{port}"])
+    assert res.exit_code == 2 and f"no Ray cluster reachable at 127.0.0.1:{port}" in res.output
+    assert not (tmp_path / "new.parquet").exists() and not parts_dir(tmp_path / "new.parquet").exists()
 
 
 def _part_rows(out: Path) -> int:

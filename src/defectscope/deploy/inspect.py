@@ -317,8 +317,9 @@ def _read_parquet(path: Path):
                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); move it away or use --overwrite") from None
 
 
-def read_existing(out: str | os.PathLike) -> list:
-    """Tables already written for ``out``: ``RESULTS`` itself (if present), then each part (by name).
+def read_existing(out: str | os.PathLike, include_out: bool = True) -> list:
+    """Tables already written for ``out``: ``RESULTS`` itself (if present and ``include_out``),
+    then each part (by name).
 
     Leftover temporary files of an interrupted write (``.*.tmp``) are removed; they never hold
     rows that were counted as done.
@@ -328,7 +329,7 @@ def read_existing(out: str | os.PathLike) -> list:
     """
     out = Path(out)
     tables = []
-    files = [out] if out.is_file() else []
+    files = [out] if include_out and out.is_file() else []
     pdir = parts_dir(out)
     if pdir.is_dir():
         for tmp in pdir.glob(".*.tmp"):
@@ -456,6 +457,25 @@ ProgressFn = Callable[[int, int, int, float], None]
 """``on_progress(done, total, errors, images_per_s)``: done counts resumed inputs too."""
 
 
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast when ``[ray://]host:port`` does not accept TCP connections (Ray itself retries
+    for minutes). ``auto`` and addresses without a port are left to Ray.
+
+    Raises:
+        InspectError: the host does not resolve or nothing listens on the port.
+    """
+    text = address.split("://", 1)[-1]
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise InspectError(f"--address {address}: no Ray cluster reachable at {host}:{port} "
+                           f"({exc.strerror or exc.__class__.__name__}); start one with 'ray start --head' "
+                           "or leave --address out for a local Ray") from None
+
+
 def start_ray(address: str | None, num_cpus: int) -> bool:
     """Join the Ray cluster at ``address``, or start a private local Ray with ``num_cpus`` CPUs.
 
@@ -477,7 +497,12 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
     pkg = Path(defectscope.__file__).resolve().parent
     quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "configure_logging": True}
     if address:  # the workers import the driver's own defectscope (shipped by Ray), not whatever is installed there
-        ray.init(address=address, runtime_env={"py_modules": [str(pkg)], "excludes": ["__pycache__", "*.pyc"]}, **quiet)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, runtime_env={"py_modules": [str(pkg)], "excludes": ["__pycache__", "*.pyc"]}, **quiet)
+        except ConnectionError as exc:
+            raise InspectError(f"--address {address}: cannot join the Ray cluster ({exc}); check the address "
+                               "(head:6379 or ray://head:10001) and the cluster's authentication settings") from None
     else:  # "local": always a new private instance, never an unrelated cluster found on this machine
         # local workers inherit the environment: put the driver's defectscope first on their path (cheaper
         # than a runtime_env, which would start fresh worker processes instead of Ray's pre-started ones)
@@ -550,7 +575,8 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
     del predictor
 
     existing = []
-    if out.exists() or pdir.exists():
+    have_parts = pdir.is_dir() and any(pdir.glob("*.parquet"))
+    if out.exists() or have_parts:
         if overwrite:
             shutil.rmtree(pdir, ignore_errors=True)
         elif not resume:
@@ -582,7 +608,6 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
         import ray
         import ray.data
 
-        pdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         started = start_ray(address, workers * threads)
         timings["ray_init"] = time.perf_counter() - t0
@@ -609,7 +634,7 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
                 if buffered:
                     import pyarrow.parquet as pq
 
-                    with atomic_path(pdir / f"part-{run_id}-{seq:06d}.parquet") as tmp:
+                    with atomic_path(pdir / f"part-{run_id}-{seq:06d}.parquet") as tmp:  # creates pdir
                         pq.write_table(pa.concat_tables(buffer), tmp)
                     seq += 1
                 buffer, buffered, last_flush = [], 0, time.perf_counter()
@@ -638,7 +663,7 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
             if started:
                 ray.shutdown()
     t0 = time.perf_counter()
-    tables = read_existing(out)
+    tables = read_existing(out, include_out=resume)  # --overwrite: the old RESULTS is replaced, not merged
     merged = merge_results(tables, out)
     shutil.rmtree(pdir, ignore_errors=True)
     timings["merge"] = time.perf_counter() - t0
