@@ -90,7 +90,7 @@ def _list_file(lst: Path) -> list[str]:
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
-        if "," in entry and not Path(entry).exists():  # split lists of the training contract: path,label
+        if "," in entry and not (lst.parent / entry).exists():  # split lists of the training contract: path,label
             entry = entry.rsplit(",", 1)[0].strip()
         p = Path(entry)
         out.append(str(p if p.is_absolute() else lst.parent / p))
