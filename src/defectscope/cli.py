@@ -343,6 +343,69 @@ def serve(
     run_service(model, host=host, port=port, workers=workers, queue=queue, max_bytes=int(max_mb * 1024 * 1024), threads=threads)
 
 
+@app.command("inspect")
+@friendly
+def inspect_cmd(
+    model: Annotated[Path, typer.Argument(help="Run folder (PyTorch) or .onnx file from 'defectscope export' (ONNX Runtime).")],
+    sources: Annotated[list[str], typer.Argument(help="Image folders (recursive), globs ('dir/**/*.png') or .txt lists of image paths.")],
+    out: Annotated[Path, typer.Option("--out", help="Results file (.parquet): one row per image.")] = Path("preds.parquet"),
+    workers: Annotated[int, typer.Option("--workers", help="Ray actors, one model copy each.")] = 1,
+    threads: Annotated[int, typer.Option("--threads", help="Intra-op threads (and reserved CPUs) per worker.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 32,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to run on (e.g. ray://head:10001); default: a private local Ray.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue: skip images already in --out or its .parts folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard earlier results of --out.")] = False,
+    flush_every: Annotated[int, typer.Option("--flush-every", help="Write a results part every N rows (or 10 s); a kill loses at most that much work.")] = 1000,
+) -> None:
+    """Score image archives on Ray Data: streaming reads, one model copy per worker, Parquet results, resumable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from defectscope.deploy.inspect import inspect_archive
+    from defectscope.utils.io import display_path
+
+    state = {"last": 0.0}
+    with Progress(TextColumn("inspect"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]:.1f} img/s"),
+                  TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(), console=console,
+                  disable=not console.is_terminal) as bar:
+        job = bar.add_task("inspect", total=None, rate=0.0, errors=0)
+
+        def on_progress(done: int, total: int, errors: int, rate: float) -> None:
+            import time
+
+            bar.update(job, completed=done, total=total, rate=rate, errors=errors)
+            now = time.monotonic()
+            if not console.is_terminal and (now - state["last"] >= 5.0 or done == total):  # logs: a line every 5 s
+                state["last"] = now
+                console.print(f"inspect: {done}/{total} images, {rate:.1f} img/s, {errors} errors", highlight=False)
+
+        try:
+            res = inspect_archive(model, sources, out, workers=workers, threads=threads, batch_size=batch_size,
+                                  address=address, resume=resume, overwrite=overwrite, flush_rows=max(flush_every, 1),
+                                  on_progress=on_progress)
+        except KeyboardInterrupt:
+            console.print(f"[yellow]interrupted[/]: the rows received so far are in {escape(display_path(out))}.parts/; "
+                          "run the same command with --resume to finish", highlight=False)
+            raise typer.Exit(130) from None
+    s = res.summary
+    table = Table(title=f"inspect: {escape(display_path(res.out))}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("images (inputs)", str(res.inputs))
+    table.add_row("rows", str(res.rows))
+    table.add_row("scored now / already done", f"{res.new} / {res.resumed}")
+    table.add_row("errors", str(s["errors"]))
+    for c, n in s.get("classes", {}).items():
+        table.add_row(f"class {escape(str(c))}", f"{n} ({100.0 * n / max(s['scored'], 1):.1f} %)")
+    if s.get("defect_rate") is not None:
+        table.add_row(f"defect rate ({s['defect_column']})", f"{100.0 * s['defect_rate']:.2f} %")
+    if res.new:
+        table.add_row("images/s (this run, after Ray start)", f"{res.images_per_s:.1f}")
+        table.add_row("seconds: Ray start / run / total", "{:.1f} / {:.1f} / {:.1f}".format(
+            res.timings.get("ray_init", 0.0), res.timings.get("run", 0.0), res.timings["total"]))
+    table.add_row("model", escape(f"{res.identity['model']} {res.identity['model_backend']} sha256 {res.identity['model_sha256'][:16]}"))
+    console.print(table)
+
+
 @app.command()
 @friendly
 def demo(
