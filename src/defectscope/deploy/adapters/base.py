@@ -153,6 +153,8 @@ class TaskAdapter:
     """
 
     task: str = ""
+    #: what the second number of :meth:`compare` measures (a benchmark column title)
+    agreement_name: str = "same top-1"
 
     def load_torch(self, run_dir: Path) -> tuple[nn.Module, ModelInfo]:
         """Rebuild the trained model of a run as an export-ready module.
@@ -228,7 +230,11 @@ def register_adapter(adapter: TaskAdapter) -> TaskAdapter:
     return adapter
 
 def _ensure_loaded() -> None:
+    import defectscope.deploy.adapters.anomaly  # noqa: F401
     import defectscope.deploy.adapters.classification  # noqa: F401
+    import defectscope.deploy.adapters.detection  # noqa: F401
+    import defectscope.deploy.adapters.multicnn  # noqa: F401
+    import defectscope.deploy.adapters.segmentation  # noqa: F401
 
 # Trained tasks that export / predictor / serve do not handle, and why (shown in the error).
 UNSUPPORTED_TASKS: dict[str, str] = {
