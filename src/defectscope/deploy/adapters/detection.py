@@ -308,28 +308,40 @@ class DetectionAdapter(TaskAdapter):
         return worst, same / max(1, n)
 
 
-def match_detections(a: dict, b: dict, threshold: float, min_iou: float = 0.99, margin: float = 1e-3) -> tuple[bool, float]:
+def match_detections(a: dict, b: dict, threshold: float, min_iou: float = 0.99, margin: float = 1e-3,
+                     coord_tol: float = 1e-4) -> tuple[bool, float]:
     """Whether two detection sets above ``threshold`` are the same boxes, and their largest score difference.
 
     Detections whose score lies within ``margin`` of ``threshold`` may be present on one side only. The
-    others are paired greedily by IoU (same class, IoU >= ``min_iou``).
+    others are paired greedily (best IoU first) with a box of the same class that has IoU >= ``min_iou``
+    or every coordinate within ``coord_tol`` (normalised units): the second rule covers the degenerate
+    zero-width or zero-height boxes an under-trained FCOS predicts, whose IoU is undefined (0 / 0).
+
+    Args:
+        a, b: ``{"boxes" [N, 4] normalised xyxy, "scores" [N], "labels" [N]}``.
 
     Returns:
         ``(every confident detection paired, max |score difference| over the pairs)``.
     """
     def confident(d, lo):
-        k = d["scores"] >= lo
-        return d["boxes"][k], d["scores"][k], d["labels"][k]
+        k = np.asarray(d["scores"]) >= lo
+        return np.asarray(d["boxes"]).reshape(-1, 4)[k], np.asarray(d["scores"])[k], np.asarray(d["labels"])[k]
 
     ba, sa, la = confident(a, threshold + margin)
     bb, sb, lb = confident(b, threshold - margin)
     worst, used = 0.0, np.zeros(len(bb), bool)
-    iou = box_iou(ba, bb) if len(ba) and len(bb) else np.zeros((len(ba), len(bb)))
+    if len(ba) and len(bb):
+        iou = box_iou(ba, bb)
+        close = np.abs(ba[:, None, :].astype(np.float64) - bb[None, :, :]).max(-1) <= coord_tol
+        fit = ((iou >= min_iou) | close) & (la[:, None] == lb[None, :])
+        quality = np.where(close, 2.0, iou)
+    else:
+        fit = quality = np.zeros((len(ba), len(bb)))
     for i in range(len(ba)):
-        cand = np.flatnonzero(~used & (lb == la[i]) & (iou[i] >= min_iou)) if len(bb) else []
+        cand = np.flatnonzero(~used & fit[i].astype(bool))
         if not len(cand):
             return False, float("inf")
-        j = cand[np.argmax(iou[i, cand])]
+        j = cand[np.argmax(quality[i, cand])]
         used[j] = True
         worst = max(worst, abs(float(sa[i]) - float(sb[j])))
     extra = ~used & (sb >= threshold + margin)
