@@ -58,7 +58,7 @@ def test_patchcore_exports_with_the_memory_bank_in_the_graph(an_onnx, an_run):
     assert meta["defectscope.memory_bank"] == len(bank)
 
 
-def test_onnx_matches_pytorch_and_patchcore_forward_on_real_images(predictors, an_run):
+def test_onnx_matches_pytorch_and_patchcore_forward_on_real_images(predictors, an_run, an_onnx):
     from defectscope.engine.run import RunFolder
     from defectscope.models import create_model
 
@@ -69,6 +69,10 @@ def test_onnx_matches_pytorch_and_patchcore_forward_on_real_images(predictors, a
     assert np.abs(a["image_score"] - b["image_score"]).max() <= 1e-4
     diff, same = op.adapter.compare(op.info, a, b)
     assert same == 1.0 and diff <= 1e-3 * float(a["anomaly_map"].max())
+    from defectscope.deploy.benchmark import openvino_runner
+
+    ov = openvino_runner(an_onnx, threads=1)(ev.inputs)
+    assert np.abs(ov["image_score"] - b["image_score"]).max() <= 1e-4
     payload = RunFolder(an_run).load_model_payload()
     pc = create_model("patchcore", **payload["peer_kwargs"], pretrained=False)
     pc.load_state_dict(payload["peer_state_dict"])

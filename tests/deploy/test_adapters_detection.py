@@ -65,7 +65,7 @@ def test_onnx_boxes_match_the_engines_pytorch_detect(det):
     also returns FCOS's background-label detections (label -1 after its shift); the adapter drops them."""
     from defectscope.engine.run import RunFolder
 
-    run, _, tp, op = det
+    run, onnx_file, tp, op = det
     ev = op.adapter.eval_set(run, op.info)
     assert len(ev.files) >= 2
     got = op.run(ev.inputs)
@@ -83,6 +83,10 @@ def test_onnx_boxes_match_the_engines_pytorch_detect(det):
     assert n_boxes > 0  # the comparison covered real detections
     diff, share = op.adapter.compare(op.info, tp.run(ev.inputs), got)
     assert share == 1.0 and diff <= 1e-4
+    from defectscope.deploy.benchmark import openvino_runner
+
+    diff, share = op.adapter.compare(op.info, got, openvino_runner(onnx_file, threads=1)(ev.inputs))
+    assert share == 1.0 and diff <= 1e-4  # OpenVINO on the same file: the same boxes
     assert op.info.extra["nms"] == ("numpy after the runtime" if op.info.model_name == "fcos_lite" else "none (slots)")
 
 

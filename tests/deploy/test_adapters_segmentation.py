@@ -53,7 +53,7 @@ def test_export_metadata(seg_onnx):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
-def test_onnx_matches_pytorch_on_real_held_out_images(predictors, seg_run):
+def test_onnx_matches_pytorch_on_real_held_out_images(predictors, seg_run, seg_onnx):
     """Masks of the two runtimes: Dice >= 0.999; image scores within 1e-4; the in-graph image score is the
     payload's rule (evaluation.segmentation.image_scores) of the in-graph (flip-averaged) probabilities."""
     from defectscope.evaluation.segmentation import image_scores
@@ -65,6 +65,10 @@ def test_onnx_matches_pytorch_on_real_held_out_images(predictors, seg_run):
     assert a["mask_probabilities"].shape == (4, 1, 64, 32) and a["image_score"].shape == (4,)
     diff, dice = tp.adapter.compare(tp.info, a, b)
     assert dice >= 0.999 and diff <= 1e-4, (dice, diff)
+    from defectscope.deploy.benchmark import openvino_runner
+
+    ov_diff, ov_dice = tp.adapter.compare(tp.info, a, openvino_runner(seg_onnx, threads=1)(ev.inputs))
+    assert ov_dice >= 0.999 and ov_diff <= 1e-4, (ov_dice, ov_diff)  # OpenVINO reads the same file
     np.testing.assert_allclose(a["image_score"], image_scores(a["mask_probabilities"], "blur_max"), atol=1e-5)
     # the graph averages the four flips: the plain forward pass differs from it
     with torch.inference_mode():
