@@ -78,6 +78,7 @@ class BenchmarkResult:
     test_images: int
     rows: list[Row] = field(default_factory=list)
     agreement_name: str = "same top-1"
+    input_size: list[int] = field(default_factory=list)
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -311,7 +312,8 @@ def benchmark(run_dir: str | Path, out_dir: str | Path | None = None, threads: i
     data = adapter.eval_set(run_dir, info, limit=test_limit)
     x1 = {k: v[:1] for k, v in data.inputs.items()}
     res = BenchmarkResult(str(run_dir), info.task, info.model_name, threads, params, flops / 1e9, rates,
-                          "", len(data.targets), agreement_name=adapter.agreement_name)
+                          "", len(data.targets), agreement_name=adapter.agreement_name,
+                          input_size=[int(v) for v in info.input_size])
 
     reference: dict[str, np.ndarray] = {}
 
