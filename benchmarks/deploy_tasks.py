@@ -120,14 +120,29 @@ def make_runs(root: Path, n: int, tasks: list[str]) -> dict[str, Path]:
     return runs
 
 
+def run_one(run: Path, threads: int, images: int) -> None:
+    """Benchmark one run folder (in this process); writes ``RUN/deploy/benchmark.json``."""
+    from defectscope.deploy.benchmark import benchmark
+
+    console = Console()
+    benchmark(run, run / "deploy", threads=threads, iters=20, budget_s=3.0, batch=32, test_limit=images,
+              calib_images=min(16, images), compile_=False, log=lambda m: console.print(f"[dim]{run.name}: {m}[/]"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=16, help="held-out images per task (throughput, parity)")
     ap.add_argument("--tasks", nargs="+", default=["classification", "segmentation", "detection", "anomaly", "multicnn"])
     ap.add_argument("--out", type=Path, default=Path("/tmp/defectscope_deploy_tasks"))
+    ap.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: benchmark one run folder
     args = ap.parse_args()
-    from defectscope.deploy.benchmark import benchmark
+    if args.one:
+        run_one(args.one, args.threads, args.images)
+        return
+    import json
+    import subprocess
+    import sys
 
     console = Console()
     load0 = os.getloadavg()
@@ -135,24 +150,26 @@ def main() -> None:
     table = Table(title=f"deploy_tasks.py: {args.threads} threads; load average at start {load0[0]:.1f} "
                         f"(1 min) on {os.cpu_count()} CPUs")
     for c in ("task / model", "input", "runtime", "b1 p50 ms", "b1 p95 ms", f"b{min(32, args.images)} img/s",
-              "max |Δ| vs eager", "agreement", "note"):
-        table.add_column(c, justify="left" if c in ("task / model", "runtime", "note") else "right")
+              "max |Δ| vs eager", "agreement"):
+        table.add_column(c, justify="left" if c in ("task / model", "runtime") else "right")
     for label, run in runs.items():
+        # one process per model: runtimes' thread pools (OpenVINO's TBB workers, ONNX Runtime's spinning
+        # threads) outlive a model in a process and slowed the next model's PyTorch rows several-fold
         t0 = time.perf_counter()
-        res = benchmark(run, run / "deploy", threads=args.threads, iters=20, budget_s=3.0, batch=32,
-                        test_limit=args.images, calib_images=min(16, args.images), compile_=False,
-                        log=lambda m, lab=label: console.print(f"[dim]{lab}: {m}[/]"))
-        size = " x ".join(str(v) for v in res.input_size)
-        for r in res.rows:
-            if r.error:
-                table.add_row(label, size, r.runtime, *["-"] * 5, f"failed: {r.error[:80]}")
+        subprocess.run([sys.executable, __file__, "--one", str(run), "--threads", str(args.threads),
+                        "--images", str(args.images)], check=True)
+        res = json.loads((run / "deploy" / "benchmark.json").read_text())
+        size = " x ".join(str(v) for v in res["input_size"])
+        for r in res["rows"]:
+            if r["error"]:
+                table.add_row(label, size, r["runtime"], *["-"] * 4, f"failed: {r['error'][:60]}")
                 continue
-            table.add_row(label, size, r.runtime, f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.images_per_s:.1f}",
-                          f"{r.max_abs_diff:.1e}", f"{r.agreement:.3f} ({res.agreement_name})" if r.agreement is not None else "-",
-                          r.note[:40])
+            agree = "-" if r["agreement"] is None else f"{r['agreement']:.3f} ({res['agreement_name']})"
+            table.add_row(label, size, r["runtime"], f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['images_per_s']:.1f}",
+                          f"{r['max_abs_diff']:.1e}", agree)
         console.print(f"[dim]{label}: {time.perf_counter() - t0:.0f} s[/]")
     table.caption = f"load average at end {os.getloadavg()[0]:.1f}; untrained heads: quality columns omitted"
-    console.print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":
