@@ -263,13 +263,14 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
     out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")] = Path("model.onnx"),
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset version.")] = 17,
+    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly runs: patchcore (default) or grad_mobilenet.")] = None,
 ) -> None:
     """Export a run's model to ONNX (dynamic batch axis, metadata for standalone use)."""
     from defectscope.deploy.export import export_onnx
     from defectscope.utils.io import check_output_path
 
     check_output_path(out, "file")
-    info = export_onnx(run, out, opset=opset)
+    info = export_onnx(run, out, opset=opset, member=member)
     console.print(f"wrote {out}: {info.task} '{info.model_name}', input {info.inputs}, outputs {info.outputs}, "
                   f"classes {info.class_names}", highlight=False)
 
@@ -326,6 +327,7 @@ def serve(
     queue: Annotated[int, typer.Option("--queue", help="Requests allowed to wait; more get 503.")] = 64,
     max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload per file, MiB.")] = 10.0,
     threads: Annotated[int, typer.Option("--threads", help="Intra-op threads of the model.")] = 2,
+    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly run folders: patchcore (default) or grad_mobilenet (PyTorch only).")] = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /healthz, /docs, and the operator page at /."""
     import math
@@ -340,7 +342,8 @@ def serve(
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: must be in 1..65535")
     console.print(f"serving {model} on http://{host}:{port}/ (docs: /docs)", highlight=False)
-    run_service(model, host=host, port=port, workers=workers, queue=queue, max_bytes=int(max_mb * 1024 * 1024), threads=threads)
+    run_service(model, host=host, port=port, workers=workers, queue=queue, max_bytes=int(max_mb * 1024 * 1024), threads=threads,
+                member=member)
 
 
 @app.command("inspect")

@@ -7,7 +7,10 @@ Rows (measured one after the other in the same process, same threads):
 - **torch.compile** (inductor; if compilation fails here the row shows the error);
 - **ONNX Runtime fp32** (the file of ``defectscope export``);
 - **ONNX Runtime int8** (``onnxruntime.quantization.quantize_static``, QDQ, per-channel
-  weights, activations calibrated on training images of ``RUN/split/train.txt``).
+  weights, activations calibrated on training images of ``RUN/split/train.txt``);
+- **OpenVINO fp32** (Intel's runtime, as anomalib deploys; it reads the same ``model.onnx``,
+  compiled for the CPU with ``INFERENCE_PRECISION_HINT=f32``: on CPUs with AVX512-BF16 its default
+  would silently compute in bf16).
 
 Columns: parameters; FLOPs per image (``torch.utils.flop_counter``, a multiply-add
 counts 2); latency p50/p95 at batch 1; throughput at batch 32 over the held-out
@@ -74,6 +77,8 @@ class BenchmarkResult:
     quality_metric: str
     test_images: int
     rows: list[Row] = field(default_factory=list)
+    agreement_name: str = "same top-1"
+    input_size: list[int] = field(default_factory=list)
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -149,6 +154,40 @@ def ort_runner(path: Path, threads: int) -> RunFn:
     sess = make_session(path, threads)
     names = [o.name for o in sess.get_outputs()]
     return lambda x: dict(zip(names, sess.run(names, x)))
+
+
+def openvino_runner(path: Path, threads: int, precision: str = "f32") -> RunFn:
+    """Numpy wrapper of an OpenVINO CPU model compiled from the ONNX file ``path``.
+
+    Args:
+        path: an ONNX file (``defectscope export``); its batch axis stays dynamic.
+        threads: ``INFERENCE_NUM_THREADS``.
+        precision: ``INFERENCE_PRECISION_HINT`` (``f32``; ``bf16`` trades accuracy for speed).
+
+    Returns:
+        ``fn({input name: array}) -> {output name: array}`` (outputs copied out of OpenVINO's buffers).
+
+    Raises:
+        ImportError: openvino is not installed (``pip install openvino``).
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+        "INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
+    import onnx
+
+    wanted = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+    outputs = list(compiled.outputs)
+    # OpenVINO may give an output several tensor names (a graph optimisation merges tensors); take the ONNX one
+    names = [next((n for n in wanted if n in o.get_names()), o.get_any_name()) for o in outputs]
+    request = compiled.create_infer_request()
+
+    def fn(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        res = request.infer({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in x.items()})
+        return {n: np.array(res[o], copy=True) for n, o in zip(names, outputs)}
+
+    return fn
 
 
 INT8_OPS = ("Conv", "MatMul", "Gemm")
@@ -273,7 +312,8 @@ def benchmark(run_dir: str | Path, out_dir: str | Path | None = None, threads: i
     data = adapter.eval_set(run_dir, info, limit=test_limit)
     x1 = {k: v[:1] for k, v in data.inputs.items()}
     res = BenchmarkResult(str(run_dir), info.task, info.model_name, threads, params, flops / 1e9, rates,
-                          "", len(data.targets))
+                          "", len(data.targets), agreement_name=adapter.agreement_name,
+                          input_size=[int(v) for v in info.input_size])
 
     reference: dict[str, np.ndarray] = {}
 
@@ -331,6 +371,7 @@ def benchmark(run_dir: str | Path, out_dir: str | Path | None = None, threads: i
         return ort_runner(int8_path, threads)
 
     measure("ONNX Runtime int8", int8, "fp32", note=f"static QDQ, {calib_images} train images; vs fp32 matmul rate")
+    measure("OpenVINO fp32", lambda: openvino_runner(onnx_path, threads), "fp32", note="same model.onnx")
     base = res.rows[0]
     for r in res.rows:
         if r.error is None and base.error is None:
@@ -350,7 +391,7 @@ def render_table(res: BenchmarkResult):
                      f"held-out images: {res.test_images}"))
     for c in ("runtime", "params M", "GFLOP/img", "b1 p50 ms", "b1 p95 ms", "b1 speed-up", "b32 img/s",
               "GFLOP/s (b32)", "% of matmul", res.quality_metric or "quality", "Δ vs fp32", "max |Δ| vs fp32",
-              "same top-1", "note"):
+              res.agreement_name, "note"):
         t.add_column(c, justify="left" if c in ("runtime", "note") else "right")
 
     def f(v, fmt):

@@ -24,7 +24,8 @@ from defectscope.utils.io import atomic_path
 OPSET = 17
 
 
-def export_onnx(run_dir: str | Path, out: str | Path, opset: int = OPSET, check_tolerance: float = 1e-4) -> ModelInfo:
+def export_onnx(run_dir: str | Path, out: str | Path, opset: int = OPSET, check_tolerance: float = 1e-4,
+                member: str | None = None) -> ModelInfo:
     """Export a run's model to ONNX.
 
     Args:
@@ -33,6 +34,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, opset: int = OPSET, check_
         opset: ONNX opset version.
         check_tolerance: largest allowed absolute difference between PyTorch and ONNX
             Runtime on every output for random inputs at batch 1 and 2.
+        member: which model of a run holding several (anomaly: ``patchcore``); ``None`` = the default.
 
     Returns:
         The :class:`ModelInfo` written into the file's metadata.
@@ -44,11 +46,11 @@ def export_onnx(run_dir: str | Path, out: str | Path, opset: int = OPSET, check_
     """
     import onnx
 
-    from defectscope.deploy.predictor import _run_task, make_session
+    from defectscope.deploy.predictor import _run_task, load_module, make_session
 
     run_dir, out = Path(run_dir), Path(out)
     adapter = get_adapter(_run_task(run_dir))
-    module, info = adapter.load_torch(run_dir)
+    module, info = load_module(adapter, run_dir, member)
     reason = adapter.onnx_unsupported(info)
     if reason:
         raise DeployError(f"{run_dir}: model '{info.model_name}' cannot be exported to ONNX: {reason}; serve the run folder (PyTorch) instead")

@@ -95,11 +95,13 @@ class TorchPredictor(Predictor):
     Args:
         run_dir: a trained run folder.
         threads: ``torch.set_num_threads`` value (``None``: leave as is).
+        member: which model of a run holding several (``anomaly``: ``patchcore`` or
+            ``grad_mobilenet``); ``None`` = the adapter's default.
     """
 
     backend = "pytorch"
 
-    def __init__(self, run_dir: str | Path, threads: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, threads: int | None = None, member: str | None = None) -> None:
         import torch
 
         if threads:
@@ -107,7 +109,7 @@ class TorchPredictor(Predictor):
         run_dir = Path(run_dir)
         task = _run_task(run_dir)
         adapter = get_adapter(task)
-        self.module, info = adapter.load_torch(run_dir)
+        self.module, info = load_module(adapter, run_dir, member)
         super().__init__(info, adapter)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -184,15 +186,35 @@ def _run_task(run_dir: Path) -> str:
     return payload_task
 
 
-def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
-    """A run folder -> :class:`TorchPredictor`; an ``.onnx`` file -> :class:`OnnxPredictor`.
+def load_module(adapter: TaskAdapter, run_dir: Path, member: str | None = None):
+    """``adapter.load_torch(run_dir)``, passing ``member`` only when given.
 
     Raises:
-        DeployError: the path is neither; RunError: the run folder is incomplete.
+        DeployError: ``member`` given to a task whose runs hold one model.
+    """
+    if member is None:
+        return adapter.load_torch(run_dir)
+    import inspect
+
+    if "member" not in inspect.signature(adapter.load_torch).parameters:
+        raise DeployError(f"{run_dir}: task '{adapter.task}' runs hold one model; remove member '{member}'")
+    return adapter.load_torch(run_dir, member=member)
+
+
+def load_predictor(path: str | Path, threads: int | None = None, member: str | None = None) -> Predictor:
+    """A run folder -> :class:`TorchPredictor`; an ``.onnx`` file -> :class:`OnnxPredictor`.
+
+    ``member`` picks one model of a run folder holding several (anomaly: ``patchcore`` /
+    ``grad_mobilenet``).
+
+    Raises:
+        DeployError: the path is neither, or ``member`` with an ONNX file; RunError: the run folder is incomplete.
     """
     path = Path(path)
     if path.is_dir():
-        return TorchPredictor(path, threads)
+        return TorchPredictor(path, threads, member)
+    if member is not None:
+        raise DeployError(f"{path}: an ONNX file holds one model; 'member' applies to run folders only")
     if path.suffix.lower() == ".onnx":
         return OnnxPredictor(path, threads)
     raise DeployError(f"{path}: expected a run folder (with model.ckpt) or an .onnx file from 'defectscope export'")

@@ -4,8 +4,11 @@ Endpoints:
 
 - ``POST /v1/predict`` (multipart): ``file`` = the image; ``spectra`` = the spectra file
   (``.npy`` or CSV, weld models only). Returns the adapter's answer (``class``,
-  ``probabilities``, ``overlay_png`` base64 or ``null``) plus ``latency_ms`` (model time),
-  ``total_ms`` (decode + queue + model) and ``model`` (identity).
+  ``probabilities``, ``overlay_png`` base64 or ``null``, and the task's own fields:
+  segmentation ``masks`` (run-length), ``threshold``, ``image_score_rule``; detection
+  ``boxes`` (``class``, ``score``, pixel ``box``); anomaly ``threshold``, ``map_max``,
+  ``map_scale``, ``member``) plus ``latency_ms`` (model time), ``total_ms`` (decode + queue +
+  model) and ``model`` (identity).
 - ``GET /healthz``: liveness, model identity and pool occupancy.
 - ``GET /``: the operator page (``deploy/static/index.html``); ``GET /docs``: OpenAPI.
 
@@ -297,12 +300,13 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, queue: int = 64,
-          max_bytes: int = DEFAULT_MAX_BYTES, threads: int | None = 2) -> None:
-    """Load ``path`` (run folder or ``.onnx``) and serve it with uvicorn until interrupted."""
+          max_bytes: int = DEFAULT_MAX_BYTES, threads: int | None = 2, member: str | None = None) -> None:
+    """Load ``path`` (run folder or ``.onnx``; ``member``: which model of an anomaly run folder) and serve it
+    with uvicorn until interrupted."""
     import uvicorn
 
     from defectscope.deploy.predictor import load_predictor
 
-    predictor = load_predictor(path, threads=threads)
+    predictor = load_predictor(path, threads=threads, member=member)
     app = create_app(predictor, max_bytes=max_bytes, workers=workers, queue=queue)
     uvicorn.run(app, host=host, port=port, log_level="warning")

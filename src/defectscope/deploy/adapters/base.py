@@ -3,8 +3,8 @@
 A deployed model is a plain tensor function (named inputs -> named outputs) plus
 the knowledge of how to turn a request into its inputs and its outputs into an
 answer. That knowledge is task-specific and lives in one :class:`TaskAdapter`
-per task (``classification`` now; weld fusion, segmentation, boxes and anomaly
-join by registering their own adapter with :func:`register_adapter`).
+per task (``classification``, ``multicnn``, ``segmentation``, ``detection``, ``anomaly``;
+weld fusion joins by registering its own adapter with :func:`register_adapter`).
 
 Everything a runtime needs to use an exported model alone is a :class:`ModelInfo`,
 stored in the ONNX file's ``metadata_props`` under ``defectscope.*`` keys (values
@@ -153,6 +153,8 @@ class TaskAdapter:
     """
 
     task: str = ""
+    #: what the second number of :meth:`compare` measures (a benchmark column title)
+    agreement_name: str = "same top-1"
 
     def load_torch(self, run_dir: Path) -> tuple[nn.Module, ModelInfo]:
         """Rebuild the trained model of a run as an export-ready module.
@@ -228,19 +230,19 @@ def register_adapter(adapter: TaskAdapter) -> TaskAdapter:
     return adapter
 
 def _ensure_loaded() -> None:
+    import defectscope.deploy.adapters.anomaly  # noqa: F401
     import defectscope.deploy.adapters.classification  # noqa: F401
+    import defectscope.deploy.adapters.detection  # noqa: F401
+    import defectscope.deploy.adapters.multicnn  # noqa: F401
+    import defectscope.deploy.adapters.segmentation  # noqa: F401
 
 # Trained tasks that export / predictor / serve do not handle, and why (shown in the error).
 UNSUPPORTED_TASKS: dict[str, str] = {
-    "anomaly": "Grad-MobileNet's input-gradient features need a backward pass (autograd), which an ONNX "
-               "inference graph cannot run, so it cannot be exported; and the PyTorch predictor/service has no "
-               "anomaly adapter yet. Score images with 'defectscope predict RUN' (PyTorch)",
-    "weld": "the weld-fusion model (image + spectra) has no deploy adapter yet (the metadata keys for spectra "
-            "are reserved in docs/deploy.md); use 'defectscope predict RUN' (PyTorch)",
-    "segmentation": "the U-Net segmentation task has no deploy adapter yet (mask overlay); "
-                    "use 'defectscope predict RUN' (PyTorch)",
-    "multicnn": "the fused multi-CNN model (several backbones + fusion) has no deploy adapter yet; each member "
-                "in RUN/members/<name> is a classification run and can be exported and served on its own",
+    "weld": "the weld-fusion model (image crops + signal arrays as two inputs) has no deploy adapter yet: its "
+            "engine and checkpoint payload are being rewritten (weld format v2), and an adapter written against "
+            "the old payload would break with it (the metadata keys for the signals are reserved in "
+            "docs/deploy.md and the service already takes a spectra/signals file); use 'defectscope predict RUN' "
+            "(PyTorch)",
 }
 
 

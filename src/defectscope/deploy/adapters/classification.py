@@ -61,10 +61,9 @@ class ClassificationAdapter(TaskAdapter):
     task = "classification"
 
     def load_torch(self, run_dir: Path) -> tuple[nn.Module, ModelInfo]:
-        from defectscope.engine.classification import load_classifier
         from defectscope.engine.run import RunFolder
 
-        model, payload = load_classifier(Path(run_dir))
+        model, payload = RunFolder(run_dir).load_model()
         size = int(payload["image_size"])
         backbone = getattr(model, "backbone", None)
         norm = {"inside_model": True}

@@ -1,0 +1,351 @@
+"""Deploy adapter of the ``detection`` task (box models of :mod:`defectscope.models.box_heads`).
+
+**Where the decoding and the NMS run**: the ONNX graph (and the PyTorch export module) ends
+*before* any data-dependent selection; thresholding, top-k, non-maximum suppression and the
+final cut run in NumPy after the runtime (:func:`fcos_select`, :func:`nms`), identically for
+the PyTorch and the ONNX Runtime backends. The graph therefore has a fixed output shape
+and needs no ``NonMaxSuppression`` operator.
+
+Exported graph: ``image`` float32 ``[B, 3, S, S]`` RGB in [0, 1] (``S`` = the payload's
+``image_size``) ->
+
+- ``boxes`` ``[B, N, 4]``: normalised ``xmin, ymin, xmax, ymax`` in [0, 1];
+- ``class_scores`` ``[B, N, L]``.
+
+``fcos_lite`` (torchvision FCOS, Tian et al. 2019): ``N`` = every location of the 5 pyramid
+levels (anchors are constants of the graph, computed for the padded input), boxes decoded by
+torchvision's ``BoxLinearCoder`` and clipped to the image, ``class_scores`` =
+``sqrt(sigmoid(class logit) * sigmoid(centre-ness))`` over torchvision's ``C + 1`` labels
+(column 0 is torchvision's background label). NumPy then does exactly what
+``FCOS.postprocess_detections`` does: per level, candidates with score > ``score_thresh``
+(0.05), the top ``topk_candidates`` (1000) of them, then class-wise NMS at the model's
+``nms_thresh`` over all levels, the first ``detections_per_img`` (100) kept; labels are shifted
+to 0-based (background-label detections dropped).
+
+``slot_detector`` (paper 002): ``N`` = the ``K`` slots, ``boxes`` = ``cxcywh -> xyxy``
+clipped to [0, 1], ``class_scores`` = softmax over the defect classes (the "no defect" logit
+of ``mode="slots"`` takes part in the softmax but is not returned). NumPy takes the best class
+per slot (:meth:`SlotDetector.postprocess`); slots need no NMS.
+
+The answer keeps the detections with score >= the run's ``score_threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectscope.deploy.adapters._common import draw_boxes, image_to_input, png_base64, read_split, spread
+from defectscope.deploy.adapters.base import DeployError, EvalSet, ModelInfo, TaskAdapter, file_sha256, register_adapter
+from defectscope.models.box_heads.losses import cxcywh_to_xyxy
+
+
+class FCOSExport(nn.Module):
+    """torchvision FCOS of :class:`~defectscope.models.box_heads.fcos.LiteFCOS` up to (not including) the
+    selection: ``image [B, 3, S, S]`` -> ``(boxes [B, A, 4] normalised xyxy, class_scores [B, A, C + 1])``.
+
+    Reproduces ``GeneralizedRCNNTransform`` for inputs already at the model's size (normalise; the
+    resize to ``S`` is then the identity; zero padding to a multiple of ``size_divisible``).
+
+    Attributes:
+        level_sizes: locations per pyramid level, in order (the split :func:`fcos_select` needs).
+    """
+
+    def __init__(self, model: nn.Module, size: int) -> None:
+        super().__init__()
+        from torchvision.models.detection.image_list import ImageList
+
+        det = model.det
+        self.backbone, self.head, self.coder = det.backbone, det.head, det.box_coder
+        if hasattr(self.backbone, "channels_last"):
+            self.backbone.channels_last = False  # memory layout only; NCHW traces to plain Conv nodes
+        self.size = int(size)
+        div = int(det.transform.size_divisible)
+        self.padded = int(math.ceil(self.size / div) * div)
+        self.register_buffer("mean", torch.tensor(det.transform.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(det.transform.image_std).view(1, 3, 1, 1), persistent=False)
+        with torch.no_grad():  # batch 2: GroupNorm refuses a 1 x 1 top level at batch 1 (sides <= 128 px)
+            x = torch.zeros(2, 3, self.padded, self.padded)
+            feats = list(self.backbone(x).values())
+            anchors = det.anchor_generator(ImageList(x, [(self.size, self.size)] * 2), feats)[0]
+        self.level_sizes = [int(f.shape[2] * f.shape[3]) for f in feats]
+        self.register_buffer("anchors", anchors.float(), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (image - self.mean) / self.std
+        pad = self.padded - self.size
+        if pad:
+            x = F.pad(x, (0, pad, 0, pad))
+        out = self.head(list(self.backbone(x).values()))
+        boxes = self.coder.decode(out["bbox_regression"], self.anchors).clamp(0, self.size) / self.size
+        scores = torch.sqrt(torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"]))
+        return boxes, scores
+
+
+class SlotExport(nn.Module):
+    """:class:`~defectscope.models.box_heads.SlotDetector` -> ``(boxes [B, K, 4] normalised xyxy in [0, 1],
+    class_scores [B, K, C])`` (softmax; the "no defect" class of ``mode="slots"`` dropped after it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.slots = model.mode == "slots"
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.forward_head(self.model.forward_features(image))
+        prob = out["logits"].float().softmax(-1)
+        if self.slots:
+            prob = prob[..., :-1]
+        return cxcywh_to_xyxy(out["boxes"].float()).clamp(0, 1), prob
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix ``[N, M]`` of ``xyxy`` boxes ``a [N, 4]`` and ``b [M, 4]`` (float64; 0 where a union is 0)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Class-wise greedy non-maximum suppression (``torchvision.ops.batched_nms`` semantics).
+
+    Within each class, boxes are taken in decreasing score order and every later box whose IoU with a
+    kept one is **greater than** ``iou_threshold`` is dropped.
+
+    Args:
+        boxes: ``[N, 4]`` xyxy. scores: ``[N]``. labels: ``[N]`` class of each box.
+        iou_threshold: IoU above which the lower-scored box is suppressed.
+
+    Returns:
+        Indices of the kept boxes ``[M]`` (int64), in decreasing score order.
+    """
+    boxes, scores, labels = np.asarray(boxes, np.float64), np.asarray(scores, np.float64), np.asarray(labels)
+    keep: list[int] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.argsort(-scores[idx], kind="stable")]
+        iou = box_iou(boxes[idx], boxes[idx])
+        alive = np.ones(len(idx), bool)
+        for i in range(len(idx)):
+            if alive[i]:
+                keep.append(int(idx[i]))
+                alive[i + 1 :] &= iou[i, i + 1 :] <= iou_threshold
+    keep_arr = np.asarray(keep, np.int64)
+    return keep_arr[np.argsort(-scores[keep_arr], kind="stable")] if len(keep_arr) else keep_arr
+
+
+def fcos_select(boxes: np.ndarray, scores: np.ndarray, level_sizes: list[int], score_thresh: float, topk: int,
+                iou_threshold: float, max_detections: int, background: int | None = 0) -> dict[str, np.ndarray]:
+    """torchvision ``FCOS.postprocess_detections`` for one image, in NumPy.
+
+    Args:
+        boxes: ``[A, 4]`` decoded boxes of every location. scores: ``[A, L]`` per-label scores.
+        level_sizes: locations per pyramid level (``sum = A``).
+        score_thresh: candidate threshold (strictly greater). topk: candidates kept per level.
+        iou_threshold: class-wise NMS IoU. max_detections: detections kept after NMS.
+        background: label index dropped at the end and subtracted from the others (torchvision's 0),
+            ``None`` to keep every label.
+
+    Returns:
+        ``{"boxes" [M, 4], "scores" [M], "labels" [M]}``, decreasing score.
+
+    Raises:
+        ValueError: ``level_sizes`` does not add up to ``A``.
+    """
+    boxes, scores = np.asarray(boxes), np.asarray(scores)
+    if sum(level_sizes) != len(boxes) or len(scores) != len(boxes):
+        raise ValueError(f"fcos_select: level sizes {level_sizes} (sum {sum(level_sizes)}) do not fit "
+                         f"{len(boxes)} boxes and {len(scores)} score rows")
+    n_labels = scores.shape[1]
+    bs, ss, ls = [], [], []
+    start = 0
+    for n in level_sizes:
+        flat = scores[start : start + n].reshape(-1)
+        cand = np.flatnonzero(flat > score_thresh)
+        order = np.argsort(-flat[cand], kind="stable")[: min(topk, len(cand))]
+        idx = cand[order]
+        bs.append(boxes[start + idx // n_labels])
+        ss.append(flat[idx])
+        ls.append(idx % n_labels)
+        start += n
+    b, s, lab = np.concatenate(bs), np.concatenate(ss), np.concatenate(ls)
+    keep = nms(b, s, lab, iou_threshold)[:max_detections]
+    b, s, lab = b[keep], s[keep], lab[keep]
+    if background is not None:
+        fg = lab != background
+        b, s, lab = b[fg], s[fg], np.where(lab[fg] > background, lab[fg] - 1, lab[fg])
+    return {"boxes": b.reshape(-1, 4), "scores": s, "labels": lab.astype(np.int64)}
+
+
+def slot_select(boxes: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+    """Every slot with its best class (:meth:`SlotDetector.postprocess`): ``boxes [K, 4]``, ``scores [K]``,
+    ``labels [K]``, in decreasing score order."""
+    scores = np.asarray(scores)
+    lab, s = scores.argmax(-1), scores.max(-1)
+    order = np.argsort(-s, kind="stable")
+    return {"boxes": np.asarray(boxes).reshape(-1, 4)[order], "scores": s[order], "labels": lab[order].astype(np.int64)}
+
+
+class DetectionAdapter(TaskAdapter):
+    """Defect boxes: the graph gives boxes and per-class scores, NumPy selects (see the module docstring)."""
+
+    task = "detection"
+    agreement_name = "same boxes"
+
+    def load_torch(self, run_dir: Path) -> tuple[nn.Module, ModelInfo]:
+        from defectscope.engine.run import RunFolder
+
+        rf = RunFolder(run_dir)
+        model, payload = rf.load_model()
+        for key in ("class_names", "image_size", "score_threshold"):
+            if key not in payload:
+                raise DeployError(f"{rf.model_path}: payload has no '{key}'; not a detection checkpoint")
+        size = int(payload["image_size"])
+        name = payload["model_name"]
+        if name == "fcos_lite":
+            det = model.det
+            module: nn.Module = FCOSExport(model, size)
+            extra = {"decoder": "fcos", "level_sizes": module.level_sizes, "candidate_threshold": float(det.score_thresh),
+                     "topk_candidates": int(det.topk_candidates), "detections_per_img": int(det.detections_per_img),
+                     "background_label": 0}
+            thresholds = {"score": float(payload["score_threshold"]), "nms_iou": float(det.nms_thresh)}
+            norm = {"inside_model": True, "mean": list(det.transform.image_mean), "std": list(det.transform.image_std)}
+        elif name == "slot_detector":
+            module = SlotExport(model)
+            extra = {"decoder": "slots", "mode": model.mode, "slots": int(model.num_slots)}
+            thresholds = {"score": float(payload["score_threshold"])}
+            spec = model.backbone.spec
+            norm = {"inside_model": True, "mean": list(spec.mean), "std": list(spec.std)}
+        else:
+            raise DeployError(f"{rf.model_path}: detection model '{name}' has no deploy decoder "
+                              "(known: fcos_lite, slot_detector)")
+        info = ModelInfo(
+            task=self.task, model_name=name, model_kwargs=payload["model_kwargs"], inputs={"image": [3, size, size]},
+            outputs=["boxes", "class_scores"], input_size=(size, size), normalisation=norm,
+            class_names=list(payload["class_names"]), thresholds=thresholds,
+            extra={**extra, "nms": "numpy after the runtime" if name == "fcos_lite" else "none (slots)",
+                   "box_format": "normalised xmin, ymin, xmax, ymax"},
+            source=str(Path(run_dir).resolve()), sha256=file_sha256(rf.model_path),
+        )
+        return module.eval(), info
+
+    def detections(self, info: ModelInfo, boxes: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+        """All detections of one image (normalised ``boxes [M, 4]``, ``scores``, 0-based ``labels``),
+        before the run's score threshold: :func:`fcos_select` or :func:`slot_select`."""
+        e = info.extra
+        if e.get("decoder") == "fcos":
+            return fcos_select(boxes, scores, e["level_sizes"], e["candidate_threshold"], e["topk_candidates"],
+                               info.thresholds["nms_iou"], e["detections_per_img"], e.get("background_label", 0))
+        return slot_select(boxes, scores)
+
+    def preprocess(self, info: ModelInfo, image: np.ndarray, spectra: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        if spectra is not None:
+            raise DeployError(f"model '{info.model_name}' ({info.task}) takes an image only; remove the spectra file")
+        return {"image": image_to_input(image, info.input_size)}
+
+    def postprocess(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray | None = None) -> dict:
+        """Answer: ``boxes`` (score >= the run's ``score_threshold``, best first: ``class``,
+        ``class_index``, ``score``, ``box`` = ``[xmin, ymin, xmax, ymax]`` pixels of the request image,
+        ``box_normalised``), ``class``/``score`` of the best box (``None``/0 without one),
+        ``overlay_png`` (boxes and labels drawn on the image)."""
+        d = self.detections(info, outputs["boxes"], outputs["class_scores"])
+        keep = d["scores"] >= info.thresholds["score"]
+        h, w = image.shape[:2] if image is not None else info.input_size
+        scale = np.array([w, h, w, h], np.float64)
+        norm = d["boxes"][keep].astype(np.float64)
+        px = norm * scale
+        labels = [int(v) for v in d["labels"][keep]]
+        scores = d["scores"][keep]
+        names = info.class_names
+        found = [{"class": names[k], "class_index": k, "score": float(s), "box": [round(float(v), 2) for v in b],
+                  "box_normalised": [float(v) for v in nb]} for k, s, b, nb in zip(labels, scores, px, norm)]
+        overlay = png_base64(draw_boxes(image, px, labels, names, scores)) if image is not None else None
+        return {"class": found[0]["class"] if found else None, "class_index": found[0]["class_index"] if found else None,
+                "score": found[0]["score"] if found else 0.0, "probabilities": {}, "boxes": found,
+                "score_threshold": info.thresholds["score"], "overlay_png": overlay}
+
+    def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
+        """Images of ``RUN/split/<split>.txt`` (``path,image class``); targets: the image class index ``[N]``."""
+        from defectscope.deploy.images import as_rgb_uint8
+
+        items = spread(read_split(Path(run_dir), split, tuple(info.class_names)), limit)
+        x = np.stack([image_to_input(as_rgb_uint8(f), info.input_size) for f, _ in items])
+        return EvalSet({"image": x}, np.array([info.class_names.index(lab) for _, lab in items]), [f for f, _ in items])
+
+    def score(self, info: ModelInfo, outputs: dict[str, np.ndarray], targets: np.ndarray) -> tuple[str, float]:
+        """``top-box class %``: share of images whose best detection (any score) has the image's class (NEU-DET:
+        one defect class per image); an image without detections counts as wrong."""
+        hits = 0
+        for i, t in enumerate(targets):
+            d = self.detections(info, outputs["boxes"][i], outputs["class_scores"][i])
+            hits += int(len(d["labels"]) > 0 and int(d["labels"][0]) == int(t))
+        return "top-box class %", 100.0 * hits / max(1, len(targets))
+
+    def compare(self, info: ModelInfo, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[float, float | None]:
+        """``(largest score difference of matched detections, share of images with the same boxes)``.
+
+        Same boxes: the detections with score >= the run's threshold agree one to one in order, same
+        class, IoU >= 0.99 (a detection within 1e-3 of the threshold on one side may be missing on the other)."""
+        worst, same = 0.0, 0
+        n = len(ref["boxes"])
+        for i in range(n):
+            a = self.detections(info, ref["boxes"][i], ref["class_scores"][i])
+            b = self.detections(info, got["boxes"][i], got["class_scores"][i])
+            ok, diff = match_detections(a, b, info.thresholds["score"])
+            same += int(ok)
+            worst = max(worst, diff)
+        return worst, same / max(1, n)
+
+
+def match_detections(a: dict, b: dict, threshold: float, min_iou: float = 0.99, margin: float = 1e-3,
+                     coord_tol: float = 1e-4) -> tuple[bool, float]:
+    """Whether two detection sets above ``threshold`` are the same boxes, and their largest score difference.
+
+    Detections whose score lies within ``margin`` of ``threshold`` may be present on one side only. The
+    others are paired greedily (best IoU first) with a box of the same class that has IoU >= ``min_iou``
+    or every coordinate within ``coord_tol`` (normalised units): the second rule covers the degenerate
+    zero-width or zero-height boxes an under-trained FCOS predicts, whose IoU is undefined (0 / 0).
+
+    Args:
+        a, b: ``{"boxes" [N, 4] normalised xyxy, "scores" [N], "labels" [N]}``.
+
+    Returns:
+        ``(every confident detection paired, max |score difference| over the pairs)``.
+    """
+    def confident(d, lo):
+        k = np.asarray(d["scores"]) >= lo
+        return np.asarray(d["boxes"]).reshape(-1, 4)[k], np.asarray(d["scores"])[k], np.asarray(d["labels"])[k]
+
+    ba, sa, la = confident(a, threshold + margin)
+    bb, sb, lb = confident(b, threshold - margin)
+    worst, used = 0.0, np.zeros(len(bb), bool)
+    if len(ba) and len(bb):
+        iou = box_iou(ba, bb)
+        close = np.abs(ba[:, None, :].astype(np.float64) - bb[None, :, :]).max(-1) <= coord_tol
+        fit = ((iou >= min_iou) | close) & (la[:, None] == lb[None, :])
+        quality = np.where(close, 2.0, iou)
+    else:
+        fit = quality = np.zeros((len(ba), len(bb)))
+    for i in range(len(ba)):
+        cand = np.flatnonzero(~used & fit[i].astype(bool))
+        if not len(cand):
+            return False, float("inf")
+        j = cand[np.argmax(quality[i, cand])]
+        used[j] = True
+        worst = max(worst, abs(float(sa[i]) - float(sb[j])))
+    extra = ~used & (sb >= threshold + margin)
+    return (not extra.any()), worst
+
+
+register_adapter(DetectionAdapter())
