@@ -96,7 +96,7 @@ def bare_loop(name: str, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, 
 def ours(name: str, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, seed: int) -> list[float]:
     L.seed_everything(seed, verbose=False)
     cfg = ClassifierTrainConfig(epochs=epochs, batch_size=batch, lr=5e-4, precision="bf16-mixed", channels_last=True,
-                                val_fraction=0.0, early_stopping_patience=0, progress=False, logger=["csv"])
+                                val_fraction=0.0, early_stopping_patience=0, progress=False)
     module = ImageClassifierModule(make_model(name, x.shape[-1]), 6, cfg.lr, cfg.weight_decay, "focal", 2.0)
     timer = EpochTimes()
     import defectscope.engine.trainer as tr

@@ -68,11 +68,13 @@ class Predictor:
         return batch, decoded
 
     def predict(self, images: Sequence[ImageLike], spectra: Sequence[np.ndarray | None] | None = None,
-                batch_size: int = 32) -> list[dict]:
+                batch_size: int = 32, with_features: bool = False) -> list[dict]:
         """Answers for images (and spectra), one dict per image, in order.
 
         Each answer has the adapter's fields (``class``, ``probabilities``, ``overlay_png``, ...)
-        plus ``latency_ms``: the model time of its batch divided by the batch size.
+        plus ``latency_ms``: the model time of its batch divided by the batch size. With
+        ``with_features`` and a model that outputs ``features`` (classifiers with a drift
+        reference), ``features`` holds the pooled feature vector ``float32 [C]``.
         """
         answers: list[dict] = []
         spectra = list(spectra) if spectra is not None else None
@@ -85,6 +87,8 @@ class Predictor:
             for j, im in enumerate(decoded):
                 ans = self.adapter.postprocess(self.info, {k: v[j] for k, v in out.items()}, im)
                 ans["latency_ms"] = round(ms, 3)
+                if with_features and "features" in out:
+                    ans["features"] = np.asarray(out["features"][j], dtype=np.float32)
                 answers.append(ans)
         return answers
 

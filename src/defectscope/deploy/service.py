@@ -10,6 +10,9 @@ Endpoints:
   ``map_scale``, ``member``) plus ``latency_ms`` (model time), ``total_ms`` (decode + queue +
   model) and ``model`` (identity).
 - ``GET /healthz``: liveness, model identity and pool occupancy.
+- ``GET /v1/drift``: the drift alarm (classification models with a stored drift reference): the
+  MMD² of the last ``window`` incoming images' pooled features against the training reference,
+  its calibrated threshold and whether it alarms; each ``/v1/predict`` answer also carries ``drift``.
 - ``GET /``: the operator page (``deploy/static/index.html``); ``GET /docs``: OpenAPI.
 
 Errors are JSON ``{"error": code, "detail": message}``:
@@ -192,6 +195,11 @@ def read_spectra(data: bytes, name: str, expected: tuple[int, ...]) -> np.ndarra
     return arr.astype(np.float32)
 
 
+def _jsonable(d: dict) -> dict:
+    """Numpy scalars of a drift state as plain Python numbers."""
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in d.items()}
+
+
 def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers: int = 1, queue: int = 64,
                max_pixels: int = 40_000_000):
     """Build the FastAPI application around one loaded predictor.
@@ -207,6 +215,11 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
     pool = BoundedPool(workers, queue)
     info = predictor.info
     spectra_shape = predictor.adapter.spectra_shape(info)
+    monitor = None
+    if info.extra.get("drift_reference") and "features" in info.outputs:
+        from defectscope.deploy.drift import DriftMonitor, DriftReference
+
+        monitor = DriftMonitor(DriftReference.from_dict(info.extra["drift_reference"], f"{info.source}: drift_reference"))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -255,9 +268,13 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
         except CorruptImageError as exc:
             raise ApiError(422, "corrupt_image", str(exc)) from exc
         try:
-            return predictor.predict([image], None if spectra is None else [spectra])[0]
+            ans = predictor.predict([image], None if spectra is None else [spectra], with_features=monitor is not None)[0]
         except DeployError as exc:
             raise ApiError(400, "bad_request", str(exc)) from exc
+        feats = ans.pop("features", None)
+        if monitor is not None and feats is not None:
+            ans["drift"] = _jsonable(monitor.update(feats[None]))
+        return ans
 
     @app.post("/v1/predict", summary="Classify one image (plus spectra for weld models)")
     async def predict(file: UploadFile | None = File(None, description="the image (JPEG, PNG, BMP, TIFF, WebP)"),
@@ -284,6 +301,14 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
         answer["model"] = predictor.identity()
         answer["file"] = file.filename
         return answer
+
+    @app.get("/v1/drift", summary="Drift alarm: the latest window of incoming images against the training reference")
+    async def drift():
+        if monitor is None:
+            return {"status": "unavailable", "alarm": False,
+                    "detail": "this model carries no drift reference (classification runs trained with this version store one)"}
+        return {**_jsonable(monitor.state()), "statistic_kind": "MMD^2 (RBF kernel) of pooled backbone features, "
+                "threshold calibrated by resampling in-distribution windows of the training features"}
 
     @app.get("/healthz", summary="Liveness, model identity and pool occupancy")
     async def healthz():

@@ -19,15 +19,31 @@ from defectscope.deploy.images import as_rgb_uint8
 
 
 class ClassifierWithProbabilities(nn.Module):
-    """Wraps a classifier ``[B, 3, H, W] -> logits [B, K]`` to also return softmax probabilities."""
+    """Wraps a classifier ``[B, 3, H, W] -> logits [B, K]`` to also return probabilities (and features).
 
-    def __init__(self, model: nn.Module) -> None:
+    Args:
+        model: the classifier.
+        temperature: ``T`` of temperature scaling (fitted on the validation part at training):
+            ``probabilities = softmax(logits / T)``; 1 = plain softmax.
+        features: also return the pooled backbone features ``[B, C]`` (the drift monitor's
+            input; :func:`defectscope.engine.classification.pooled_features`).
+    """
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0, features: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
+        self.features = features and hasattr(model, "backbone")
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(image)
-        return logits, torch.softmax(logits.float(), dim=1)
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.features and hasattr(self.model, "forward_features") and hasattr(self.model, "head"):
+            feats = self.model.forward_features(image).float()  # pooled backbone features, computed once
+            logits = self.model.head(feats)
+        else:
+            logits = self.model(image)
+            feats = self.model.backbone(image).float().mean(dim=(2, 3)) if self.features else None
+        probs = torch.softmax(logits.float() / self.temperature, dim=1)
+        return (logits, probs, feats) if feats is not None else (logits, probs)
 
 
 def _image_to_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -69,13 +85,20 @@ class ClassificationAdapter(TaskAdapter):
         norm = {"inside_model": True}
         if backbone is not None and hasattr(backbone, "spec"):
             norm.update(mean=list(backbone.spec.mean), std=list(backbone.spec.std))
+        drift = payload.get("drift_reference")
+        with_features = drift is not None and backbone is not None
+        thresholds = {"temperature": float(payload.get("temperature", 1.0))}
+        if payload.get("decision"):
+            thresholds["decision"] = payload["decision"]
         info = ModelInfo(
             task=self.task, model_name=payload["model_name"], model_kwargs=payload["model_kwargs"],
-            inputs={"image": [3, size, size]}, outputs=["logits", "probabilities"], input_size=(size, size),
-            normalisation=norm, class_names=list(payload["class_names"]), thresholds={},
+            inputs={"image": [3, size, size]},
+            outputs=["logits", "probabilities"] + (["features"] if with_features else []), input_size=(size, size),
+            normalisation=norm, class_names=list(payload["class_names"]), thresholds=thresholds,
+            extra={"drift_reference": drift} if with_features else {},
             source=str(Path(run_dir).resolve()), sha256=file_sha256(RunFolder(run_dir).model_path),
         )
-        return ClassifierWithProbabilities(model).eval(), info
+        return ClassifierWithProbabilities(model, thresholds["temperature"], with_features).eval(), info
 
     def preprocess(self, info: ModelInfo, image: np.ndarray, spectra: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if spectra is not None:
@@ -85,8 +108,14 @@ class ClassificationAdapter(TaskAdapter):
     def postprocess(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray | None = None) -> dict:
         p = np.asarray(outputs["probabilities"], dtype=np.float64)
         k = int(p.argmax())
-        return {"class": info.class_names[k], "class_index": k, "score": float(p[k]),
-                "probabilities": {n: float(v) for n, v in zip(info.class_names, p)}, "overlay_png": None}
+        ans = {"class": info.class_names[k], "class_index": k, "score": float(p[k]),
+               "probabilities": {n: float(v) for n, v in zip(info.class_names, p)}, "overlay_png": None}
+        dec = info.thresholds.get("decision") if isinstance(info.thresholds, dict) else None
+        if dec and dec.get("ok_class") in info.class_names:
+            defect = 1.0 - float(p[info.class_names.index(dec["ok_class"])])
+            ans.update(defect_score=defect, decision="reject" if defect >= dec["threshold"] else "accept",
+                       decision_threshold=dec["threshold"], target_escape_rate=dec["target_escape_rate"])
+        return ans
 
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         lst = Path(run_dir) / "split" / f"{split}.txt"
