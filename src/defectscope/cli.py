@@ -9,7 +9,6 @@ written is removed. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 

@@ -51,8 +51,8 @@ def test_patchcore_exports_with_the_memory_bank_in_the_graph(an_onnx, an_run):
     payload = RunFolder(an_run).load_model_payload()
     assert meta["defectscope.task"] == "anomaly" and meta["defectscope.model_name"] == "patchcore"
     assert meta["defectscope.input_size"] == [128, 64] and meta["defectscope.outputs"] == ["anomaly_map", "image_score"]
-    assert meta["defectscope.thresholds"]["image_score"] == pytest.approx(payload["peer_threshold"])
-    bank = payload["peer_state_dict"]["memory_bank"].numpy()
+    assert meta["defectscope.thresholds"]["image_score"] == pytest.approx(payload["peer"]["threshold"])
+    bank = payload["peer"]["state_dict"]["memory_bank"].numpy()
     consts = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer]
     assert any(c.shape == bank.shape and np.array_equal(c, bank) for c in consts)  # the bank is a graph constant
     assert meta["defectscope.memory_bank"] == len(bank)
@@ -74,8 +74,8 @@ def test_onnx_matches_pytorch_and_patchcore_forward_on_real_images(predictors, a
     ov = openvino_runner(an_onnx, threads=1)(ev.inputs)
     assert np.abs(ov["image_score"] - b["image_score"]).max() <= 1e-4
     payload = RunFolder(an_run).load_model_payload()
-    pc = create_model("patchcore", **payload["peer_kwargs"], pretrained=False)
-    pc.load_state_dict(payload["peer_state_dict"])
+    pc = create_model("patchcore", **payload["peer"]["model_kwargs"])
+    pc.load_state_dict(payload["peer"]["state_dict"])
     scores, maps = pc.eval()(torch.from_numpy(ev.inputs["image"]))
     np.testing.assert_allclose(b["image_score"], scores.numpy(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(b["anomaly_map"], maps.numpy(), rtol=1e-4, atol=1e-3)

@@ -285,23 +285,6 @@ def load_stack(paths: list[Path], size: int | tuple[int, int], progress: bool = 
     return out
 
 
-def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted, recursive).
-
-    Raises:
-        FileNotFoundError: an input path does not exist.
-    """
-    files: list[Path] = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.exists():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    return files
-
-
 @dataclass
 class LabelledImages:
     """A decoded labelled image collection (see :func:`load_labelled_samples`).

@@ -243,7 +243,7 @@ class ClassificationTask(TaskHooks):
 
     def fit_model(self, recipe: ClassificationRecipe, samples: Samples, parts: dict[str, np.ndarray],
                   run: RunFolder) -> Fitted | None:
-        t, m = recipe.train, recipe.model
+        m = recipe.model
         x, y = samples.data["x"], samples.labels
         k = len(samples.class_names)
         seen = np.sort(np.concatenate([parts["train"], parts.get("val", np.zeros(0, int))]))

@@ -153,7 +153,11 @@ class AnomalyAdapter(TaskAdapter):
 
         rf = RunFolder(run_dir)
         payload = rf.load_model_payload()
-        has_peer = bool(payload.get("peer_kwargs"))
+        peer = payload.get("peer") if isinstance(payload.get("peer"), dict) else None
+        if peer is None and payload.get("peer_kwargs"):  # checkpoints written before the pipeline
+            peer = {"model_kwargs": payload["peer_kwargs"], "state_dict": payload["peer_state_dict"],
+                    "threshold": payload["peer_threshold"], "image_size": payload.get("peer_image_size")}
+        has_peer = peer is not None
         member = member or ("patchcore" if has_peer else "grad_mobilenet")
         if member not in MEMBERS:
             raise DeployError(f"{rf.model_path}: anomaly member '{member}' unknown; expected one of {list(MEMBERS)}")
@@ -161,16 +165,17 @@ class AnomalyAdapter(TaskAdapter):
                     sha256=file_sha256(rf.model_path))
         if member == "patchcore":
             if not has_peer:
-                raise DeployError(f"{rf.model_path}: the run has no PatchCore peer (payload 'peer_kwargs' missing); "
+                raise DeployError(f"{rf.model_path}: the run has no PatchCore peer (payload 'peer' missing); "
                                   "use member 'grad_mobilenet'")
-            kwargs = dict(payload["peer_kwargs"])
+            kwargs = dict(peer["model_kwargs"])
+            kwargs.pop("pretrained", None)
             try:
                 pc = create_model("patchcore", **kwargs, pretrained=False)
-                pc.load_state_dict(payload["peer_state_dict"])
+                pc.load_state_dict(peer["state_dict"])
             except (KeyError, RuntimeError, TypeError) as exc:
                 raise RunError(f"{rf.model_path}: PatchCore peer cannot be rebuilt ({str(exc).splitlines()[0]})") from None
-            h, w = (int(v) for v in (payload.get("peer_image_size") or payload["image_size"]))
-            thr = float(payload["peer_threshold"])
+            h, w = (int(v) for v in (peer.get("image_size") or payload["image_size"]))
+            thr = float(peer["threshold"])
             spec = pc.backbone.spec
             info = ModelInfo(model_name="patchcore", model_kwargs=kwargs, inputs={"image": [3, h, w]},
                              outputs=["anomaly_map", "image_score"], input_size=(h, w),

@@ -29,7 +29,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from defectscope.models.backbones import create_backbone
