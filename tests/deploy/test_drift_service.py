@@ -19,16 +19,16 @@ from defectscope.engine.run import RunFolder
 
 @pytest.fixture(scope="module")
 def drift_run(tmp_path_factory, neu_root):
-    root = tmp_path_factory.mktemp("neu20")
+    root = tmp_path_factory.mktemp("neu30")
     for c in ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"):
-        for i in range(1, 21):
+        for i in range(1, 31):
             (root / f"{c}_{i}.jpg").symlink_to(neu_root / "images" / f"{c}_{i}.jpg")
     r = tmp_path_factory.mktemp("cfg") / "r.yaml"
     r.write_text(yaml.safe_dump({"task": "classification", "data": {"root": str(root), "image_size": 64},
                                  "model": {"name": "classifier", "backbone": "efficientnet_lite0", "pretrained": True,
                                            "linear_probe_reference": False},
                                  "train": {"epochs": 1, "batch_size": 16, "precision": "32", "logger": ["csv"],
-                                           "progress": False}}))
+                                           "val_fraction": 0.5, "progress": False}}))
     out = tmp_path_factory.mktemp("runs") / "run"
     res = CliRunner().invoke(app, ["train", str(r), "--out", str(out)])
     assert res.exit_code == 0, res.output

@@ -204,8 +204,9 @@ def pooled_features(model: nn.Module, x: np.ndarray, batch_size: int = 32) -> np
 def drift_reference(model: nn.Module, x_train: np.ndarray, seed: int, max_images: int = 600) -> dict | None:
     """The drift reference of a trained classifier: :class:`~defectscope.deploy.drift.DriftReference`
     (MMD with a resampling-calibrated threshold) of the pooled backbone features of at most
-    ``max_images`` training images, as plain lists for ``model.ckpt``; ``None`` when there are fewer
-    than ``2 * DRIFT_WINDOW`` training images or the model has no ``backbone``."""
+    ``max_images`` images the model was not fitted on (the validation part), as plain lists for
+    ``model.ckpt``; ``None`` when there are fewer than ``2 * DRIFT_WINDOW`` images or the model has
+    no ``backbone``."""
     from defectscope.deploy.drift import DriftReference
 
     if not hasattr(model, "backbone") or len(x_train) < 2 * DRIFT_WINDOW:
@@ -252,7 +253,14 @@ class ClassificationTask(TaskHooks):
         else:
             fitted = self._fit_network(recipe, samples, parts, run)
         if fitted is not None:
-            ref = drift_reference(fitted.model, x[parts["train"]], recipe.seed)
+            # the reference comes from images the model was not fitted on (the validation part), so
+            # that new in-distribution images are exchangeable with it; training images would look
+            # "more typical" to a fine-tuned backbone than any new image and the alarm would fire too often
+            val = parts.get("val", np.zeros(0, int))
+            ref = drift_reference(fitted.model, x[val], recipe.seed)
+            fitted.info["drift_reference"] = (f"validation part, {len(val)} images" if ref is not None else
+                                              f"none: the validation part has {len(val)} images, fewer than "
+                                              f"{2 * DRIFT_WINDOW} (raise train.val_fraction)")
             if ref is not None:
                 fitted.checkpoint["drift_reference"] = ref
         if m.name == "linear_probe":

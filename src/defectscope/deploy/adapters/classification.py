@@ -87,7 +87,7 @@ class ClassificationAdapter(TaskAdapter):
             norm.update(mean=list(backbone.spec.mean), std=list(backbone.spec.std))
         drift = payload.get("drift_reference")
         with_features = drift is not None and backbone is not None
-        thresholds = {"temperature": float(payload.get("temperature", 1.0))}
+        thresholds = {"temperature": float(payload["temperature"])} if "temperature" in payload else {}
         if payload.get("decision"):
             thresholds["decision"] = payload["decision"]
         info = ModelInfo(
@@ -98,7 +98,7 @@ class ClassificationAdapter(TaskAdapter):
             extra={"drift_reference": drift} if with_features else {},
             source=str(Path(run_dir).resolve()), sha256=file_sha256(RunFolder(run_dir).model_path),
         )
-        return ClassifierWithProbabilities(model, thresholds["temperature"], with_features).eval(), info
+        return ClassifierWithProbabilities(model, thresholds.get("temperature", 1.0), with_features).eval(), info
 
     def preprocess(self, info: ModelInfo, image: np.ndarray, spectra: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if spectra is not None:
