@@ -115,7 +115,7 @@ def test_benchmark_measures_every_runtime_on_the_held_out_split(tiny_run, tmp_pa
     assert render_table(res).row_count == 5
 
 
-@pytest.mark.parametrize("task", ["weld", "timeseries"])
+@pytest.mark.parametrize("task", ["timeseries"])
 def test_tasks_without_an_adapter_are_refused_with_the_reason(tmp_path, task):
     """Export, predictor and service refuse the model families they do not handle, saying why."""
     import yaml
@@ -127,12 +127,9 @@ def test_tasks_without_an_adapter_are_refused_with_the_reason(tmp_path, task):
     (run / "config.yaml").write_text(yaml.safe_dump({"task": task}))
     for call in (lambda: export_onnx(run, tmp_path / "m.onnx"), lambda: load_predictor(run)):
         with pytest.raises(DeployError, match=f"task '{task}' is not supported.*supported tasks: "
-                                              "anomaly, classification, detection, multicnn, segmentation"):
+                                              "anomaly, classification, detection, multicnn, segmentation, weld"):
             call()
     assert not (tmp_path / "m.onnx").exists()
-    if task == "weld":
-        with pytest.raises(DeployError, match="being rewritten"):
-            export_onnx(run, tmp_path / "m.onnx")
 
 
 def test_int8_keeps_the_high_resolution_layers_of_both_resolutions_in_fp32(tiny_onnx):

@@ -3,8 +3,8 @@
 A deployed model is a plain tensor function (named inputs -> named outputs) plus
 the knowledge of how to turn a request into its inputs and its outputs into an
 answer. That knowledge is task-specific and lives in one :class:`TaskAdapter`
-per task (``classification``, ``multicnn``, ``segmentation``, ``detection``, ``anomaly``;
-weld fusion joins by registering its own adapter with :func:`register_adapter`).
+per task (``classification``, ``multicnn``, ``segmentation``, ``detection``, ``anomaly``,
+``weld``; a new task joins by registering its own adapter with :func:`register_adapter`).
 
 Everything a runtime needs to use an exported model alone is a :class:`ModelInfo`,
 stored in the ONNX file's ``metadata_props`` under ``defectscope.*`` keys (values
@@ -23,11 +23,12 @@ are JSON). Keys used by every task:
 ``defectscope.thresholds``   decision thresholds (``{}`` for arg-max classification)
 ``defectscope.source``       run folder the model came from; ``defectscope.checkpoint_sha256``
 
-Reserved for the weld-fusion family (multimodal image + spectra, written by its adapter):
+Of the weld family (image crops + signals, written by :mod:`defectscope.deploy.adapters.weld`):
 
-``defectscope.spectra_shape``     per-sample spectra shape ``[C, L]`` (channels, samples)
-``defectscope.spectral_channels`` the selected spectral channels (indices and wavelengths, nm)
-``defectscope.spectra_normalisation`` per-channel mean/std if it is not inside the model
+``defectscope.spectra_shape``     per-sample raw signals shape ``[W, C, L]`` (welds, channels, samples;
+                                  ``[C, L]`` with one weld), ``null`` for image-only weld models
+``defectscope.spectral_channels`` the selected channels (index, name, wavelength nm)
+``defectscope.spectra_normalisation`` per-channel min-max statistics (applied in preprocessing)
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ class TaskAdapter:
         return None
 
     def spectra_shape(self, info: ModelInfo) -> tuple[int, ...] | None:
-        """Per-sample spectra shape ``(C, L)`` for multimodal models, ``None`` for image-only ones."""
+        """Per-sample spectra shape (``(C, L)``, weld: ``(W, C, L)``) for multimodal models, ``None`` for image-only ones."""
         shape = info.extra.get("spectra_shape")
         return tuple(shape) if shape else None
 
@@ -235,15 +236,11 @@ def _ensure_loaded() -> None:
     import defectscope.deploy.adapters.detection  # noqa: F401
     import defectscope.deploy.adapters.multicnn  # noqa: F401
     import defectscope.deploy.adapters.segmentation  # noqa: F401
+    import defectscope.deploy.adapters.weld  # noqa: F401
 
 # Trained tasks that export / predictor / serve do not handle, and why (shown in the error).
-UNSUPPORTED_TASKS: dict[str, str] = {
-    "weld": "the weld-fusion model (image crops + signal arrays as two inputs) has no deploy adapter yet: its "
-            "engine and checkpoint payload are being rewritten (weld format v2), and an adapter written against "
-            "the old payload would break with it (the metadata keys for the signals are reserved in "
-            "docs/deploy.md and the service already takes a spectra/signals file); use 'defectscope predict RUN' "
-            "(PyTorch)",
-}
+# (none at present: every trained task has an adapter)
+UNSUPPORTED_TASKS: dict[str, str] = {}
 
 
 def get_adapter(task: str) -> TaskAdapter:

@@ -1,0 +1,273 @@
+"""Deploy adapter of the ``weld`` task (paper 000's image + signal fusion model and its baselines).
+
+Exported graph, two inputs (only those the model reads: ``weld_vision`` takes ``image`` only, the
+signal-only baselines ``spectra`` only):
+
+- ``image`` float32 ``[B, W, 3, h, w]`` in [0, 1]: the ``W`` weld crops of the sample's first image,
+  cut as :func:`defectscope.data.weld.prepare.crop_welds` cuts them at training (fixed horizontal
+  bands; the first crop flipped vertically), resized to the payload's ``crop_size`` ``(h, w)``;
+- ``spectra`` float32 ``[B, W, C_sel, T]``: the selected channels (Pearson selection, eq. 1, stored as
+  ``selected_channels``) min-max normalised with the training statistics (``minmax_lo``/``minmax_hi``),
+  ``T`` = the run's ``data.seq_len``;
+
+-> ``logits`` ``[B, K]`` and ``probabilities`` ``[B, K]`` = ``softmax(logits / temperature)`` (the
+temperature fitted on the validation part at training; 1 without one), the same probabilities as
+``defectscope predict RUN`` (which applies the temperature to its softmax outputs).
+
+Preprocessing (numpy, in :meth:`WeldAdapter.preprocess`) takes the raw request: an image ``uint8
+[H, W_px, 3]`` and the raw signals ``[W, C_all, L]`` (``[C_all, L]`` for one weld per sample) with
+all of the run's channels in the run's channel order (``info.extra["channels"]``). Series of another
+length ``L`` are brought to ``T`` with the run's ``length_policy`` (linear interpolation over the whole
+series, or the centred ``T`` steps), as the weld reader does for uniformly sampled series; the service
+(exact shape check) takes ``spectra_shape = [W, C_all, T]`` (or ``[C_all, T]``), ``.npy`` (any ``W``) or
+CSV (one weld: one row per channel).
+
+Runs with a seam U-Net crop around the predicted seam: the crop boxes depend on the mask (data-
+dependent slicing), so ONNX export refuses them; the run folder (PyTorch) runs the U-Net in
+preprocessing exactly as the engine does. Cross-validation runs (K fold models averaged) are refused:
+deploy one fold's run folder ``RUN/folds/<k>`` or train with ``eval.folds: 1``.
+
+Decision: the arg-max class; with the payload's ``decision`` (OK class and threshold chosen on the
+validation part for a target escape rate) also ``defect_score = 1 - p(OK class)`` and
+``accept``/``reject``, as ``defectscope predict``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from defectscope.deploy.adapters.base import DeployError, EvalSet, ModelInfo, TaskAdapter, file_sha256, register_adapter
+
+#: seam U-Nets of loaded run folders by checkpoint SHA-256 (preprocessing of PyTorch predictors only)
+_UNETS: dict[str, nn.Module] = {}
+
+
+class WeldExport(nn.Module):
+    """A weld model ``(images [B, W, 3, h, w], spectra [B, W, C, T]) -> logits [B, K]`` as a graph over
+    the inputs it reads, returning ``(logits, softmax(logits / temperature))``.
+
+    Args:
+        model: the weld classifier (eval mode, fp32).
+        inputs: the input names in order, a non-empty subset of ``("image", "spectra")``.
+        temperature: ``T`` of temperature scaling (1 = plain softmax).
+    """
+
+    def __init__(self, model: nn.Module, inputs: tuple[str, ...], temperature: float = 1.0) -> None:
+        super().__init__()
+        self.model, self.names, self.temperature = model, tuple(inputs), float(temperature)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = dict(zip(self.names, args))
+        logits = self.model(x.get("image"), x.get("spectra")).float()
+        return logits, torch.softmax(logits / self.temperature, dim=1)
+
+
+def _recipe_data(payload: dict) -> dict:
+    return dict((payload.get("recipe") or {}).get("data") or {})
+
+
+def _crops(image: np.ndarray, mask: np.ndarray | None, extra: dict) -> np.ndarray:
+    """``float32 [W, 3, h, w]`` in [0, 1]: the training's uint8 crops divided by 255."""
+    from defectscope.data.weld.prepare import crop_welds
+
+    image = image if image.flags.writeable else image.copy()  # torch.from_numpy warns on read-only arrays
+    c = crop_welds(image, mask, int(extra["welds"]), tuple(extra["crop_size"]), bool(extra["segmented"]))
+    return c.astype(np.float32) / np.float32(255.0)
+
+
+def prepare_signals(info: ModelInfo, spectra: np.ndarray) -> np.ndarray:
+    """Raw signals ``[W, C_all, L]`` (or ``[C_all, L]`` with one weld) -> ``float32 [W, C_sel, T]``:
+    length brought to ``T`` (``length_policy``), channels selected, min-max normalised (training statistics).
+
+    Raises:
+        DeployError: wrong number of dimensions, welds or channels (expected shape named), non-finite
+            values, or a series too short to crop.
+    """
+    from defectscope.data.weld.channels import minmax_normalise
+    from defectscope.data.weld.format import resample_series
+
+    e = info.extra
+    w, c_all, t = int(e["welds"]), len(e["channels"]), int(e["seq_len"])
+    x = np.asarray(spectra, dtype=np.float32)
+    if x.ndim == 2 and w == 1:
+        x = x[None]
+    if x.ndim != 3 or x.shape[:2] != (w, c_all):
+        raise DeployError(f"spectra of shape {list(x.shape)}: model '{info.model_name}' expects {list(e['spectra_shape'][:-1])} "
+                          f"+ [time steps] (welds x channels x samples, the run's {c_all} channels in its order: "
+                          f"{', '.join(ch['name'] for ch in e['channels'][:4])}, ...)")
+    if not np.isfinite(x).all():
+        raise DeployError("spectra contain NaN or infinite values")
+    if x.shape[2] != t:
+        try:
+            x = np.stack([resample_series(s, t, e.get("length_policy", "resample")) for s in x])
+        except ValueError as exc:
+            raise DeployError(f"spectra of {x.shape[2]} time steps: {exc}") from None
+    return minmax_normalise(x[:, e["selected_channels"]], e["minmax_lo"], e["minmax_hi"])
+
+
+class WeldAdapter(TaskAdapter):
+    """Weld classification from weld crops and process signals: class, probabilities, accept/reject."""
+
+    task = "weld"
+
+    def load_torch(self, run_dir: Path) -> tuple[nn.Module, ModelInfo]:
+        from defectscope.engine.run import RunFolder
+        from defectscope.models import create_model
+        from defectscope.models.weld_fusion.torch_model import MODALITIES
+
+        rf = RunFolder(run_dir)
+        if not rf.model_path.is_file() and (Path(run_dir) / "crossval.json").is_file():
+            raise DeployError(f"{run_dir}: a cross-validation run (its K fold models are averaged by 'defectscope predict'); "
+                              f"deploy one fold's run folder {Path(run_dir) / 'folds' / '1'} or train with eval.folds: 1")
+        model, payload = rf.load_model()
+        for key in ("selected_channels", "minmax_lo", "minmax_hi", "welds_per_sample", "crop_size", "class_names"):
+            if key not in payload:
+                raise DeployError(f"{rf.model_path}: payload has no '{key}'; not a weld checkpoint of this version")
+        data = _recipe_data(payload)
+        names = tuple(MODALITIES.get(payload["model_name"], ("image", "spectra")))
+        w = int(payload["welds_per_sample"])
+        h_c, w_c = (int(v) for v in payload["crop_size"])
+        t = int(payload["model_kwargs"].get("seq_len", data.get("seq_len", 560)))
+        channels = payload.get("channels") or [{"name": f"{float(v):g} nm", "unit": "counts", "wavelength_nm": float(v)}
+                                               for v in payload["wavelengths_nm"]]
+        sel = [int(i) for i in payload["selected_channels"]]
+        sha = file_sha256(rf.model_path)
+        shapes = {"image": [w, 3, h_c, w_c], "spectra": [w, len(sel), t]}
+        thresholds = {"temperature": float(payload["temperature"])} if "temperature" in payload else {}
+        if payload.get("decision"):
+            thresholds["decision"] = payload["decision"]
+        unet = None
+        if payload.get("unet_state_dict") is not None:
+            try:
+                unet = create_model("weld_seam_unet", **payload["unet_kwargs"])
+                unet.load_state_dict(payload["unet_state_dict"])
+            except (KeyError, TypeError, RuntimeError) as exc:
+                raise DeployError(f"{rf.model_path}: cannot rebuild the seam U-Net ({str(exc).splitlines()[0]})") from None
+            _UNETS[sha] = unet.float().eval()
+        info = ModelInfo(
+            task=self.task, model_name=payload["model_name"], model_kwargs=payload["model_kwargs"],
+            inputs={k: shapes[k] for k in names}, outputs=["logits", "probabilities"], input_size=(h_c, w_c),
+            input_format="image: float32 [W, 3, h, w] weld crops, RGB in [0, 1], the first flipped vertically; "
+                         "spectra: float32 [W, C_sel, T] selected channels, min-max normalised",
+            normalisation={"inside_model": True, "spectra": "min-max with the training statistics, in preprocessing"},
+            class_names=list(payload["class_names"]), thresholds=thresholds,
+            extra={"spectra_shape": ([w, len(channels), t] if w > 1 else [len(channels), t]) if "spectra" in names else None,
+                   "channels": [{k: c.get(k) for k in ("name", "unit", "wavelength_nm")} for c in channels],
+                   "spectral_channels": [{"index": i, "name": channels[i].get("name"),
+                                          "wavelength_nm": channels[i].get("wavelength_nm")} for i in sel],
+                   "spectra_normalisation": {"kind": "minmax", "lo": [float(v) for v in payload["minmax_lo"]],
+                                             "hi": [float(v) for v in payload["minmax_hi"]]},
+                   "selected_channels": sel, "minmax_lo": [float(v) for v in payload["minmax_lo"]],
+                   "minmax_hi": [float(v) for v in payload["minmax_hi"]], "welds": w, "crop_size": [h_c, w_c],
+                   "seq_len": t, "length_policy": data.get("length_policy", "resample"),
+                   "segmented": bool(data.get("segmented", True)), "seg_size": int(data.get("seg_size", 128)),
+                   "seam_unet": unet is not None},
+            source=str(Path(run_dir).resolve()), sha256=sha,
+        )
+        return WeldExport(model.float().eval(), names, thresholds.get("temperature", 1.0)).eval(), info
+
+    def onnx_unsupported(self, info: ModelInfo) -> str | None:
+        if info.extra.get("seam_unet"):
+            return ("the run crops each weld around the seam its U-Net predicts, and those crop boxes depend on the "
+                    "mask (data-dependent slicing the graph cannot express with fixed shapes); train with "
+                    "segmentation.enabled=false (fixed bands) for an ONNX model")
+        return None
+
+    def _mask(self, info: ModelInfo, image: np.ndarray) -> np.ndarray | None:
+        if not info.extra.get("seam_unet"):
+            return None
+        unet = _UNETS.get(info.sha256)
+        if unet is None:
+            raise DeployError(f"model '{info.model_name}' from {info.source} needs its seam U-Net for cropping; "
+                              "load the run folder (PyTorch), not an exported file")
+        from defectscope.models.weld_fusion.lightning_model import predict_masks
+
+        return predict_masks(unet, [image], int(info.extra["seg_size"]))[0]
+
+    def preprocess(self, info: ModelInfo, image: np.ndarray, spectra: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``{"image": float32 [W, 3, h, w], "spectra": float32 [W, C_sel, T]}`` (those the model reads)
+        from the image ``uint8 [H, W_px, 3]`` and raw signals ``[W, C_all, L]`` (see the module docstring).
+
+        Raises:
+            DeployError: spectra missing for a model that reads them, given to one that does not, or of
+                the wrong shape.
+        """
+        out: dict[str, np.ndarray] = {}
+        if "spectra" in info.inputs:
+            if spectra is None:
+                raise DeployError(f"model '{info.model_name}' ({info.task}) needs the weld signals: an array of shape "
+                                  f"{info.extra['spectra_shape']} (welds x channels x samples) per image")
+            out["spectra"] = prepare_signals(info, spectra)
+        elif spectra is not None:
+            raise DeployError(f"model '{info.model_name}' ({info.task}) reads the weld image only; remove the spectra")
+        if "image" in info.inputs:
+            out["image"] = _crops(image, self._mask(info, image), info.extra)
+        return out
+
+    def postprocess(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray | None = None) -> dict:
+        """``class``, ``class_index``, ``score``, ``probabilities``; with a decision rule also
+        ``defect_score`` (``1 - p(OK class)``), ``decision`` (``accept``/``reject``) and its threshold."""
+        p = np.asarray(outputs["probabilities"], dtype=np.float64)
+        k = int(p.argmax())
+        ans = {"class": info.class_names[k], "class_index": k, "score": float(p[k]),
+               "probabilities": {n: float(v) for n, v in zip(info.class_names, p)}, "overlay_png": None}
+        dec = info.thresholds.get("decision") if isinstance(info.thresholds, dict) else None
+        if dec and dec.get("ok_class") in info.class_names:
+            defect = 1.0 - float(p[info.class_names.index(dec["ok_class"])])
+            ans.update(defect_score=defect, decision="reject" if defect >= dec["threshold"] else "accept",
+                       decision_threshold=dec["threshold"], target_escape_rate=dec.get("target_escape_rate"))
+        return ans
+
+    def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
+        """Samples of ``RUN/split/<split>.txt`` (``sample id,class`` lines) read from the run's weld folder
+        (``data.root``, or ``RUN/data`` for simulated runs) as the engine reads them; ``files`` are
+        ``<folder>/<sample id>``; targets the class indices ``[N]``.
+
+        Raises:
+            DeployError: list or data folder missing, an id not in the folder, a class not the model's.
+        """
+        from defectscope.data.weld.format import WeldDataError, read_weld_dataset
+        from defectscope.deploy.adapters._common import spread
+        from defectscope.engine.run import RunFolder
+
+        lst = Path(run_dir) / "split" / f"{split}.txt"
+        if not lst.is_file():
+            raise DeployError(f"{lst}: not found; the run has no '{split}' split list")
+        items = [line.rsplit(",", 1) for line in lst.read_text().splitlines() if line.strip()]
+        for n, it in enumerate(items, 1):
+            if len(it) != 2 or it[1] not in info.class_names:
+                raise DeployError(f"{lst}:{n}: expected 'sample id,class' with a class among {info.class_names}")
+        items = spread(items, limit)
+        data = _recipe_data(RunFolder(run_dir).load_model_payload())
+        root = Path(data["root"]) if data.get("root") else Path(run_dir) / "data"
+        try:
+            ds = read_weld_dataset(root, int(info.extra["seq_len"]), info.extra.get("length_policy", "resample"),
+                                   require_labels=False, load_masks=False)
+        except (WeldDataError, OSError) as exc:
+            raise DeployError(f"{root}: the run's weld data cannot be read ({exc})") from None
+        by_id = {s.id: s for s in ds.samples}
+        missing = [i for i, _ in items if i not in by_id]
+        if missing:
+            raise DeployError(f"{lst}: samples {missing[:5]} are not in {root}/manifest.json")
+        per = [self.preprocess(info, by_id[i].image, by_id[i].spectra) for i, _ in items]
+        x = {k: np.stack([p[k] for p in per]) for k in info.inputs}
+        y = np.array([info.class_names.index(c) for _, c in items], dtype=np.int64)
+        return EvalSet(x, y, [root / i for i, _ in items])
+
+    def score(self, info: ModelInfo, outputs: dict[str, np.ndarray], targets: np.ndarray) -> tuple[str, float]:
+        pred = np.asarray(outputs["probabilities"]).argmax(1)
+        return "accuracy %", float((pred == targets).mean() * 100.0)
+
+    def compare(self, info: ModelInfo, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[float, float | None]:
+        """Max |difference| of the probabilities ``[N, K]`` and the share of samples with the same top-1 class."""
+        a, b = np.asarray(ref["probabilities"], np.float64), np.asarray(got["probabilities"], np.float64)
+        return float(np.abs(a - b).max()), float((a.argmax(1) == b.argmax(1)).mean())
+
+
+register_adapter(WeldAdapter())
+
+__all__ = ["WeldAdapter", "WeldExport", "prepare_signals"]
