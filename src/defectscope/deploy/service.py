@@ -92,8 +92,30 @@ class BodyLimitMiddleware:
         app: the wrapped ASGI app. max_body: the limit, bytes. paths: URL paths it applies to.
     """
 
+    #: after a refusal, the rest of the body is read and thrown away (at most this many bytes or
+    #: seconds) so that the client, still sending, receives the 413 instead of a connection reset
+    DRAIN_BYTES, DRAIN_SECONDS = 64 * 1024 * 1024, 3.0
+
     def __init__(self, app, max_body: int, paths: tuple[str, ...] = ("/v1/predict",), note: str = "") -> None:
         self.app, self.max_body, self.paths, self.note = app, int(max_body), tuple(paths), note
+
+    async def _drain(self, receive) -> None:
+        """Read and discard what the client still sends (bounded by :attr:`DRAIN_BYTES` / :attr:`DRAIN_SECONDS`)."""
+        loop = asyncio.get_running_loop()
+        deadline, got = loop.time() + self.DRAIN_SECONDS, 0
+        while got < self.DRAIN_BYTES:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(receive(), left)
+            except asyncio.TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            got += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     async def _refuse(self, send, detail: str) -> None:
         body = json.dumps({"error": "too_large", "detail": detail + self.note}).encode()
@@ -109,15 +131,18 @@ class BodyLimitMiddleware:
         length = headers.get(b"content-length", b"").decode("latin-1").strip()
         limit = self.max_body
         if length.isdigit() and int(length) > limit:
-            return await self._refuse(send, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes")
+            await self._refuse(send, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes")
+            return await self._drain(receive)
         received = 0
         started = False
+        more = True
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, more
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                more = bool(message.get("more_body", False))
                 if received > limit:
                     raise BodyTooLarge(limit, self.note)
             return message
@@ -133,6 +158,8 @@ class BodyLimitMiddleware:
         except BodyTooLarge as exc:  # raised where no handler turned it into a response
             if not started:
                 await self._refuse(send, exc.detail)
+        if received > limit and more:
+            await self._drain(receive)
 
 
 class BoundedPool:
