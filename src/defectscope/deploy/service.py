@@ -92,8 +92,9 @@ class BodyLimitMiddleware:
         app: the wrapped ASGI app. max_body: the limit, bytes. paths: URL paths it applies to.
     """
 
-    #: after a refusal, the rest of the body is read and thrown away (at most this many bytes or
-    #: seconds) so that the client, still sending, receives the 413 instead of a connection reset
+    #: before a refusal is answered, the rest of the body is read and thrown away (at most this many
+    #: bytes or seconds; nothing is kept) so that the client, still sending, receives the 413 instead
+    #: of a connection reset
     DRAIN_BYTES, DRAIN_SECONDS = 64 * 1024 * 1024, 3.0
 
     def __init__(self, app, max_body: int, paths: tuple[str, ...] = ("/v1/predict",), note: str = "") -> None:
@@ -131,8 +132,8 @@ class BodyLimitMiddleware:
         length = headers.get(b"content-length", b"").decode("latin-1").strip()
         limit = self.max_body
         if length.isdigit() and int(length) > limit:
-            await self._refuse(send, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes")
-            return await self._drain(receive)
+            await self._drain(receive)  # before answering: uvicorn stops reading once the answer is sent
+            return await self._refuse(send, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes")
         received = 0
         started = False
         more = True
@@ -144,6 +145,9 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 more = bool(message.get("more_body", False))
                 if received > limit:
+                    if more:
+                        await self._drain(receive)
+                        more = False
                     raise BodyTooLarge(limit, self.note)
             return message
 
@@ -158,8 +162,6 @@ class BodyLimitMiddleware:
         except BodyTooLarge as exc:  # raised where no handler turned it into a response
             if not started:
                 await self._refuse(send, exc.detail)
-        if received > limit and more:
-            await self._drain(receive)
 
 
 class BoundedPool:
