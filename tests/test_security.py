@@ -80,7 +80,7 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_runs_nothing(tmp_
     for args in (["predict", str(run), str(tmp_path)], ["export", str(run), "--out", str(tmp_path / "m.onnx")]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, res.output
-        assert "refused to load" in res.output and "convert-run" in res.output
+        assert "refused to load" in res.output and "train it again" in res.output
         assert not marker.exists()
 
 
@@ -126,26 +126,16 @@ def test_one_class_scorer_round_trips_through_plain_tensors():
         OneClassScorer.from_state_dict({"kind": "other"})
 
 
-def test_an_old_unsafe_run_folder_gets_a_conversion_command_that_works(tmp_path, cls_run):
-    from defectscope.models.grad_mobilenet.torch_model import OneClassScorer
-
+def test_an_old_unsafe_run_folder_is_refused_with_a_retrain_message(tmp_path, cls_run):
+    """Nothing in defectscope reads a checkpoint with pickle, not even to convert an old run folder."""
     run = _copy_run(cls_run, tmp_path / "old")
-    rng = np.random.default_rng(1)
-    scorer = OneClassScorer(0.2, "scale").fit(rng.normal(size=(40, 6)))
     payload = torch.load(run / "model.ckpt", weights_only=True)
-    payload.update(format="defectscope-model/1", ocsvm=scorer, minmax=np.arange(3.0))  # what old anomaly runs held
+    payload.update(format="defectscope-model/1", minmax=np.arange(3.0), legacy=Path("x"))  # a pickled object
     torch.save(payload, run / "model.ckpt")
     with pytest.raises(RunError) as info:
         RunFolder(run).load_model_payload()
-    assert f"defectscope convert-run {run} --i-trust-this-file" in str(info.value)
-    res = runner.invoke(app, ["convert-run", str(run)])
-    assert res.exit_code == 2 and "--i-trust-this-file" in res.output
-    res = runner.invoke(app, ["convert-run", str(run), "--i-trust-this-file"])
-    assert res.exit_code == 0, res.output
-    loaded = RunFolder(run).load_model_payload()
-    x = rng.normal(size=(10, 6))
-    np.testing.assert_allclose(OneClassScorer.from_state_dict(loaded["ocsvm"]).score(x), scorer.score(x), atol=1e-9)
-    assert torch.equal(loaded["minmax"], torch.arange(3.0, dtype=torch.float64))
+    assert "refused to load" in str(info.value) and f"defectscope train {run / 'config.yaml'}" in str(info.value)
+    assert runner.invoke(app, ["convert-run", str(run)]).exit_code != 0  # no such command
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", "half"])

@@ -456,27 +456,6 @@ def signals_import(
     console.print(table)
 
 
-@app.command("convert-run")
-@friendly
-def convert_run(
-    run: Annotated[Path, typer.Argument(help="Run folder whose model.ckpt was refused as unsafe.")],
-    trust: Annotated[bool, typer.Option("--i-trust-this-file", help="Confirm that you trust the file's origin.")] = False,
-) -> None:
-    """Rewrite an old run's model.ckpt as tensors and plain data (loads it ONCE with the unsafe loader).
-
-    Only for run folders you trust (trained by you with an older defectscope): the old file is
-    read with pickle, which runs any code it carries.
-    """
-    from defectscope.config import ConfigError
-    from defectscope.engine.run import convert_unsafe_checkpoint
-
-    if not trust:
-        raise ConfigError(f"{run}: converting reads model.ckpt with pickle, which runs any code the file carries; "
-                          "only for files you trust: add --i-trust-this-file")
-    path = convert_unsafe_checkpoint(run)
-    console.print(f"rewrote {escape(str(path))}: tensors and plain data only; it now loads with weights_only=True", highlight=False)
-
-
 data_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect data folders before training.")
 app.add_typer(data_app, name="data")
 

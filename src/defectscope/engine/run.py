@@ -17,10 +17,10 @@ Checkpoint safety: :meth:`RunFolder.save_model` stores only tensors and JSON-lik
 tensors, NumPy scalars Python numbers, paths strings, and anything else is refused when saving.
 Every checkpoint (``model.ckpt``, Lightning's ``best.ckpt`` through
 :func:`load_lightning_state_dict`) is read with ``weights_only=True``, so a file carrying a
-pickled object is refused with a :class:`RunError` instead of executing it. Run folders written
-before this rule (the anomaly task stored a scikit-learn object) are converted once, on the
-user's word that the file is trusted, by :func:`convert_unsafe_checkpoint`
-(``defectscope convert-run RUN``).
+pickled object is refused with a :class:`RunError` instead of executing it. Nothing in the
+package reads a checkpoint with pickle: run folders written before this rule (the anomaly task
+stored a scikit-learn object; model constructors took other arguments) are refused with a
+message to train them again.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from defectscope.errors import DefectscopeError
-from defectscope.utils.io import atomic_path, torch_save, write_json, write_yaml
+from defectscope.utils.io import torch_save, write_json, write_yaml
 
 CHECKPOINT_FORMAT = "defectscope-model/2"
 #: formats :meth:`RunFolder.load_model_payload` reads; ``/1`` files without pickled objects load as they are.
@@ -101,9 +101,8 @@ def _load_weights_only(path: Path, what: str, convert_hint: str | None) -> Any:
             raise RunError(f"{path}: {what} is corrupt ({exc.__class__.__name__}: {text.splitlines()[0][:200]})") from None
         found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global[^\w]+([\w.]+)", text)
         name = found.group(1) if found else "a Python object"
-        hint = (f" If this is a run folder from an older defectscope and you trust its origin, convert it once with "
-                f"'{convert_hint}' (it loads the file with the unsafe loader and rewrites it with tensors and plain "
-                "data only); otherwise delete it.") if convert_hint else " Do not load files of unknown origin."
+        hint = (f" If this is a run folder from an older defectscope, {convert_hint}.") if convert_hint \
+            else " Do not load files of unknown origin."
         raise RunError(f"{path}: refused to load the {what}: it holds a pickled Python object ({name}) and loading "
                        f"it could run arbitrary code.{hint}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError, IndexError) as exc:
@@ -117,7 +116,7 @@ def load_lightning_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Lightning stores the module's tensors plus plain loop/callback/optimizer state; none of it
     needs pickle, so the safe loader reads it. Use in place of
-    ``torch.load(best, weights_only=False)["state_dict"]``.
+    the unsafe full-pickle load of Lightning checkpoints.
 
     Args:
         path: the ``.ckpt`` file written by Lightning's ``ModelCheckpoint``.
@@ -227,12 +226,13 @@ class RunFolder:
 
         Raises:
             RunError: missing, empty, truncated or corrupt file; a file holding a pickled Python
-                object (refused; the message says how to convert a trusted old run folder);
+                object (refused; the message says to train an old run folder again);
                 an unknown format.
         """
         if not self.model_path.is_file():
             raise RunError(f"{self.model_path}: not found; train first (defectscope train RECIPE --out {self.path})")
-        payload = _load_weights_only(self.model_path, "checkpoint", f"defectscope convert-run {self.path} --i-trust-this-file")
+        payload = _load_weights_only(self.model_path, "checkpoint", f"train it again with this version "
+                                     f"(defectscope train {self.path / 'config.yaml'} --out NEW_RUN)")
         fmt = payload.get("format") if isinstance(payload, dict) else None
         if fmt not in READABLE_FORMATS:
             raise RunError(f"{self.model_path}: not a defectscope checkpoint (format {fmt!r}; "
@@ -262,40 +262,3 @@ class RunFolder:
             raise RunError(f"{self.model_path}: weights do not fit model {payload['model_name']!r} "
                            f"({str(exc).splitlines()[0]})") from None
         return model.eval(), payload
-
-
-def convert_unsafe_checkpoint(run_dir: str | Path) -> Path:
-    """Rewrite an old ``RUN/model.ckpt`` that holds pickled objects as tensors and plain data.
-
-    **This loads the file with the unsafe loader (``weights_only=False``), which runs whatever
-    code the file carries: call it only on files you trust** (a run folder you trained
-    yourself with an older defectscope). Known objects are converted: the anomaly task's
-    ``ocsvm`` (a :class:`~defectscope.models.grad_mobilenet.torch_model.OneClassScorer`) becomes
-    its :meth:`state_dict`; NumPy values become tensors / numbers. The new file is checked by
-    reading it back with ``weights_only=True`` before it replaces the old one (atomically).
-
-    Returns:
-        The path of the rewritten ``model.ckpt``.
-
-    Raises:
-        RunError: no checkpoint, or it is not a defectscope checkpoint, or it holds an object
-            with no known conversion (named).
-    """
-    run = RunFolder(run_dir)
-    path = run.model_path
-    if not path.is_file():
-        raise RunError(f"{path}: not found")
-    payload = torch.load(path, map_location="cpu", weights_only=False)  # noqa: S614 - explicit, trusted file only
-    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
-        raise RunError(f"{path}: not a defectscope checkpoint; nothing converted")
-    if "ocsvm" in payload and hasattr(payload["ocsvm"], "state_dict"):
-        payload["ocsvm"] = payload["ocsvm"].state_dict()
-    payload["format"] = CHECKPOINT_FORMAT
-    try:
-        safe = safe_checkpoint_value(payload)
-    except TypeError as exc:
-        raise RunError(f"{path}: cannot convert: {exc}") from None
-    with atomic_path(path) as tmp:
-        torch.save(safe, tmp)
-        _load_weights_only(tmp, "converted checkpoint", None)  # read back with the safe loader first
-    return path
