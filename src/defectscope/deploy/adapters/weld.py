@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from defectscope.deploy.adapters.base import DeployError, EvalSet, ModelInfo, TaskAdapter, file_sha256, register_adapter
+from defectscope.deploy.adapters.base import DeployError, EvalSet, ModelInfo, file_sha256, register_adapter
+from defectscope.deploy.adapters.classification import ClassificationAdapter
 
 #: seam U-Nets of loaded run folders by checkpoint SHA-256 (preprocessing of PyTorch predictors only)
 _UNETS: dict[str, nn.Module] = {}
@@ -109,8 +110,13 @@ def prepare_signals(info: ModelInfo, spectra: np.ndarray) -> np.ndarray:
     return minmax_normalise(x[:, e["selected_channels"]], e["minmax_lo"], e["minmax_hi"])
 
 
-class WeldAdapter(TaskAdapter):
-    """Weld classification from weld crops and process signals: class, probabilities, accept/reject."""
+class WeldAdapter(ClassificationAdapter):
+    """Weld classification from weld crops and process signals: class, probabilities, accept/reject.
+
+    Answers, scores and runtime comparison are the classification ones (arg-max class,
+    probabilities, ``defect_score`` / ``decision`` with the run's rule); only loading, inputs and
+    the held-out set differ.
+    """
 
     task = "weld"
 
@@ -208,20 +214,6 @@ class WeldAdapter(TaskAdapter):
             out["image"] = _crops(image, self._mask(info, image), info.extra)
         return out
 
-    def postprocess(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray | None = None) -> dict:
-        """``class``, ``class_index``, ``score``, ``probabilities``; with a decision rule also
-        ``defect_score`` (``1 - p(OK class)``), ``decision`` (``accept``/``reject``) and its threshold."""
-        p = np.asarray(outputs["probabilities"], dtype=np.float64)
-        k = int(p.argmax())
-        ans = {"class": info.class_names[k], "class_index": k, "score": float(p[k]),
-               "probabilities": {n: float(v) for n, v in zip(info.class_names, p)}, "overlay_png": None}
-        dec = info.thresholds.get("decision") if isinstance(info.thresholds, dict) else None
-        if dec and dec.get("ok_class") in info.class_names:
-            defect = 1.0 - float(p[info.class_names.index(dec["ok_class"])])
-            ans.update(defect_score=defect, decision="reject" if defect >= dec["threshold"] else "accept",
-                       decision_threshold=dec["threshold"], target_escape_rate=dec.get("target_escape_rate"))
-        return ans
-
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """Samples of ``RUN/split/<split>.txt`` (``sample id,class`` lines) read from the run's weld folder
         (``data.root``, or ``RUN/data`` for simulated runs) as the engine reads them; ``files`` are
@@ -257,15 +249,6 @@ class WeldAdapter(TaskAdapter):
         x = {k: np.stack([p[k] for p in per]) for k in info.inputs}
         y = np.array([info.class_names.index(c) for _, c in items], dtype=np.int64)
         return EvalSet(x, y, [root / i for i, _ in items])
-
-    def score(self, info: ModelInfo, outputs: dict[str, np.ndarray], targets: np.ndarray) -> tuple[str, float]:
-        pred = np.asarray(outputs["probabilities"]).argmax(1)
-        return "accuracy %", float((pred == targets).mean() * 100.0)
-
-    def compare(self, info: ModelInfo, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[float, float | None]:
-        """Max |difference| of the probabilities ``[N, K]`` and the share of samples with the same top-1 class."""
-        a, b = np.asarray(ref["probabilities"], np.float64), np.asarray(got["probabilities"], np.float64)
-        return float(np.abs(a - b).max()), float((a.argmax(1) == b.argmax(1)).mean())
 
 
 register_adapter(WeldAdapter())
