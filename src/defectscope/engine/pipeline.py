@@ -489,14 +489,6 @@ def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_b
     group_by = group_by if group_by is not None else (ev.group_by if ev else None)
     if folds < 1:
         raise ConfigError(f"--folds must be >= 1, got {folds}")
-    if not isinstance(task, TaskHooks) or hasattr(task, "fit"):  # a task not yet on the hooks
-        if folds > 1 or group_by:
-            raise ConfigError(f"task '{task.name}' does not support cross-validation yet")
-        with StagedRun(Path(out), overwrite, resume) as stage:
-            run = RunFolder(stage).create() if is_rank_zero() else RunFolder(stage)
-            if is_rank_zero():
-                run.write_config(recipe.model_dump(mode="json"))
-            return task.fit(recipe, stage)
     with StagedRun(Path(out), overwrite, resume) as stage:
         if "run_dir" in inspect.signature(task.load_samples).parameters:
             samples = task.load_samples(recipe, run_dir=stage)

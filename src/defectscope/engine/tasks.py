@@ -1,39 +1,23 @@
 """Task registry: one entry per kind of job (classification, weld fusion, anomaly, ...).
 
-A task knows its recipe schema and how to ``fit`` (train + evaluate + report),
-``evaluate`` a run on other data and ``predict`` files. The CLI dispatches on a
+A task is a :class:`~defectscope.engine.pipeline.TaskHooks`: its recipe schema, the hooks the
+pipeline trains it with, and ``evaluate`` / ``predict`` for a trained run. The CLI dispatches on a
 recipe's ``task`` key and on the ``task`` stored in a run's checkpoint.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-from defectscope.config import BaseRecipe
-
-
-class Task(Protocol):
-    """What every task implements."""
-
-    name: str
-    recipe: type[BaseRecipe]
-
-    def fit(self, recipe: BaseRecipe, run_dir: Path, source: Path | None = None) -> dict | None:
-        """Train, evaluate the held-out split, write the run folder; returns metrics (``None`` on non-zero DDP ranks)."""
-
-    def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
-        """Evaluate a trained run on another labelled folder."""
-
-    def predict(self, run_dir: Path, inputs: list[Path], out: Path, **options) -> dict:
-        """Predict files; writes ``out`` and returns a summary."""
+if TYPE_CHECKING:
+    from defectscope.engine.pipeline import TaskHooks
 
 
-_TASKS: dict[str, Task] = {}
+_TASKS: dict[str, "TaskHooks"] = {}
 
 
-def register_task(task: Task) -> Task:
-    """Add a task instance to the registry (names are unique)."""
+def register_task(task: "TaskHooks") -> "TaskHooks":
+    """Add a task instance (a :class:`~defectscope.engine.pipeline.TaskHooks`) to the registry (names are unique)."""
     if task.name in _TASKS:
         raise ValueError(f"task '{task.name}' registered twice")
     _TASKS[task.name] = task
@@ -49,7 +33,7 @@ def _ensure_loaded() -> None:
     import defectscope.engine.detection  # noqa: F401
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> "TaskHooks":
     """The registered task ``name``.
 
     Raises:
