@@ -400,6 +400,13 @@ def inspect_cmd(
         table.add_row(f"class {escape(str(c))}", f"{n} ({100.0 * n / max(s['scored'], 1):.1f} %)")
     if s.get("defect_rate") is not None:
         table.add_row(f"defect rate ({s['defect_column']})", f"{100.0 * s['defect_rate']:.2f} %")
+    if s.get("drift"):
+        d = s["drift"]
+        text = (f"{d['alarms']} of {d['windows']} windows of {d['window']} alarm (alpha {d['alpha']:g} per window)"
+                if d["windows"] else f"not tested: fewer than {d['window']} scored images")
+        if d.get("first_alarm"):
+            text += f"; first: {d['first_alarm']['first']} .. {d['first_alarm']['last']} ({', '.join(d['first_alarm']['triggered_by'])})"
+        table.add_row("drift (path order)", escape(text))
     if res.new:
         table.add_row("images/s (this run, after Ray start)", f"{res.images_per_s:.1f}")
         table.add_row("seconds: Ray start / run / total", "{:.1f} / {:.1f} / {:.1f}".format(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectscope.deploy.drift import DriftMonitor, DriftReference
+from defectscope.deploy.drift import DriftAlarm, DriftMonitor, DriftReference, image_statistics, window_scan
 
 SIZE = 112      # px, small to keep the features fast
 N_REF = 100     # reference ("training") NEU images
@@ -20,7 +20,8 @@ ALPHA = 0.01
 @pytest.fixture(scope="module")
 def feats(neu_root, ksdd_root) -> dict[str, np.ndarray]:
     """Pooled features [N, 1280] of 100 reference + 150 held-out NEU images (random order, seed 0),
-    the held-out ones darkened by 40 %, and 32 KolektorSDD images, all at 112 x 112 px."""
+    the held-out ones darkened by 40 %, and 32 KolektorSDD images, all at 112 x 112 px; ``*_stats``:
+    their image statistics [N, 3]."""
     from defectscope.data.images import load_stack
     from defectscope.models.backbones import create_backbone
 
@@ -36,11 +37,13 @@ def feats(neu_root, ksdd_root) -> dict[str, np.ndarray]:
             return torch.cat([bb(t[i:i + 64]).mean((2, 3)) for i in range(0, len(t), 64)]).numpy()
 
     held = neu[N_REF:]
+    dark = np.round(held.astype(np.float32) * 0.6).astype(np.uint8)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {"ref": pooled(neu[:N_REF]), "held": pooled(held),
-                "dark": pooled(np.round(held.astype(np.float32) * 0.6).astype(np.uint8)), "ksdd": pooled(ksdd)}
+        return {"ref": pooled(neu[:N_REF]), "held": pooled(held), "dark": pooled(dark), "ksdd": pooled(ksdd),
+                "ref_stats": image_statistics(neu[:N_REF]), "held_stats": image_statistics(held),
+                "dark_stats": image_statistics(dark), "ksdd_stats": image_statistics(ksdd)}
     finally:
         torch.set_num_threads(threads)
 
@@ -52,7 +55,7 @@ def reference(feats) -> DriftReference:
 
 def _stream(reference: DriftReference, x: np.ndarray, batch: int = 8) -> list[dict]:
     mon = DriftMonitor(reference)
-    return [mon.update(x[i:i + batch]) for i in range(0, len(x), batch)]
+    return [mon.update(features=x[i:i + batch]) for i in range(0, len(x), batch)]
 
 
 def _resampled_alarm_rate(reference: DriftReference, x: np.ndarray, n: int, seed: int) -> float:
@@ -74,19 +77,19 @@ def test_reference_is_compact_and_round_trips_through_json(reference, feats):
     with pytest.raises(ValueError, match="field 'basis' has 1279 columns"):
         DriftReference.from_dict({**d, "basis": np.asarray(d["basis"])[:, 1:]})
     with pytest.raises(ValueError, match=r"expected 1280 features per vector"):
-        DriftMonitor(reference).update(np.zeros((3, 10)))
+        DriftMonitor(reference).update(features=np.zeros((3, 10)))
     with pytest.raises(ValueError, match="at least 2 \\* window = 64"):
         DriftReference.fit(feats["ref"][:50], window=WINDOW)
 
 
 def test_held_out_neu_stream_gives_no_alarm(reference, feats):
     states = _stream(reference, feats["held"])
-    assert states[0]["status"] == "filling" and states[0]["statistic"] is None
+    assert states[0]["status"] == "filling" and states[0]["ratio"] is None
     assert states[0]["window_fill"] == pytest.approx(8 / WINDOW)
     full = [s for s in states if s["status"] != "filling"]
     assert len(full) == -(-N_HELD // 8) - WINDOW // 8 + 1  # every batch once the window is full
-    print(f"held-out stream: max statistic {max(s['statistic'] for s in full):.4f}, threshold {reference.threshold:.4f}")
-    assert not any(s["alarm"] for s in full), [round(s["statistic"], 4) for s in full]
+    print(f"held-out stream: max statistic / threshold {max(s['ratio'] for s in full):.3f}")
+    assert not any(s["alarm"] for s in full), [round(s["ratio"], 3) for s in full]
     assert states[-1]["n_seen"] == N_HELD and states[-1]["n_alarms"] == 0
 
 
@@ -113,8 +116,8 @@ def test_kolektor_images_raise_the_alarm_at_the_first_full_window(reference, fea
     states = _stream(reference, feats["ksdd"])
     first_full = next(s for s in states if s["status"] != "filling")
     assert first_full["alarm"] and first_full["status"] == "drift"
-    print(f"kolektor: statistic {first_full['statistic']:.4f} at the first full window")
-    assert first_full["statistic"] > 5 * reference.threshold
+    print(f"kolektor: statistic / threshold {first_full['ratio']:.2f} at the first full window")
+    assert first_full["ratio"] > 5 and first_full["channels"]["features"]["statistic"] > 5 * reference.threshold
 
 
 def test_calibration_holds_on_gaussian_features():
@@ -131,3 +134,94 @@ def test_calibration_holds_on_gaussian_features():
     moved = [ref.statistic(rng.normal(size=(WINDOW, 64)) * scales + shift) > ref.threshold for _ in range(200)]
     print(f"gaussian: 1 sd shift alarm rate {np.mean(moved):.3f}")
     assert np.mean(moved) > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# the second channel: image statistics, and the Bonferroni-combined alarm
+
+
+def test_image_statistics_by_hand():
+    """A 4 x 6 image, left half black, right half white: mean 0.5, standard deviation 0.5, one
+    horizontal step of 1 in 5 horizontal neighbour pairs and no vertical step: gradient (1/5 + 0) / 2."""
+    img = np.zeros((1, 3, 4, 6), np.uint8)
+    img[..., 3:] = 255
+    s = image_statistics(img)
+    np.testing.assert_allclose(s, [[0.5, 0.5, 0.1]])
+    np.testing.assert_allclose(image_statistics(img.astype(np.float32) / 255), s, atol=1e-7)
+    dark = image_statistics(np.round(img * 0.6).astype(np.uint8))
+    np.testing.assert_allclose(dark, [[0.3, 0.3, 0.06]], atol=0.002)
+    with pytest.raises(ValueError, match=r"expected \[B, C, H >= 2, W >= 2\], got shape \(3, 4, 6\)"):
+        image_statistics(img[0])
+
+
+@pytest.fixture(scope="module")
+def alarm(feats) -> DriftAlarm:
+    return DriftAlarm.fit(feats["ref"], feats["ref_stats"], window=WINDOW, alpha=ALPHA, seed=0)
+
+
+def _alarm_stream(alarm: DriftAlarm, f: np.ndarray, s: np.ndarray, batch: int = 8) -> list[dict]:
+    mon = DriftMonitor(alarm)
+    return [mon.update(features=f[i:i + batch], image_statistics=s[i:i + batch]) for i in range(0, len(f), batch)]
+
+
+def _alarm_rate(alarm: DriftAlarm, f: np.ndarray, s: np.ndarray, n: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(n):
+        i = rng.choice(len(f), WINDOW, replace=False)
+        hits += any(v["alarm"] for v in alarm.statistics({"features": f[i], "image_statistics": s[i]}).values())
+    return hits / n
+
+
+def test_each_channel_is_calibrated_at_half_alpha_and_the_alarm_round_trips(alarm, feats):
+    assert set(alarm.channels) == {"features", "image_statistics"}
+    assert all(r.alpha == pytest.approx(ALPHA / 2) and r.window == WINDOW for r in alarm.channels.values())
+    stats_ref = alarm.channels["image_statistics"]
+    assert stats_ref.dim == 3 and stats_ref.scale is not None and (stats_ref.scale > 0).all()
+    back = DriftAlarm.from_dict(json.loads(json.dumps(alarm.to_dict())), source="ckpt")
+    win = {"features": feats["dark"][:WINDOW], "image_statistics": feats["dark_stats"][:WINDOW]}
+    a, b = alarm.statistics(win), back.statistics(win)
+    for k in a:
+        assert b[k]["statistic"] == pytest.approx(a[k]["statistic"], rel=1e-4, abs=1e-7) and b[k]["alarm"] == a[k]["alarm"]
+    # a version-1 reference (features only) still loads, as a one-channel alarm
+    old = DriftAlarm.from_dict(alarm.channels["features"].to_dict())
+    assert list(old.channels) == ["features"] and old.alpha == pytest.approx(ALPHA / 2)
+    with pytest.raises(ValueError, match="ckpt: field 'format'/'version' is 'x'/2"):
+        DriftAlarm.from_dict({**alarm.to_dict(), "format": "x"}, source="ckpt")
+    with pytest.raises(ValueError, match=r"channel\(s\) \['image_statistics'\] missing"):
+        DriftMonitor(alarm).update(features=feats["held"][:2])
+
+
+def test_darkened_images_raise_the_two_channel_alarm_and_in_distribution_windows_do_not(alarm, feats):
+    held = _alarm_stream(alarm, feats["held"], feats["held_stats"])
+    assert held[-1]["n_alarms"] == 0, [round(s["ratio"], 3) for s in held if s["ratio"] is not None]
+    far = _alarm_rate(alarm, feats["held"], feats["held_stats"], 600, seed=1)
+    dark = _alarm_stream(alarm, feats["dark"], feats["dark_stats"])
+    full = [s for s in dark if s["status"] != "filling"]
+    first = full[0]
+    dark_rate = _alarm_rate(alarm, feats["dark"], feats["dark_stats"], 300, seed=2)
+    print(f"two channels: false-alarm rate {far:.4f} (alpha {ALPHA}); darkened: first full window ratio "
+          f"{first['ratio']:.2f} triggered by {first['triggered_by']}, {dark[-1]['n_alarms']}/{len(full)} windows, "
+          f"resampled {dark_rate:.3f}")
+    assert far <= ALPHA + 0.02
+    assert first["alarm"] and "image_statistics" in first["triggered_by"]
+    assert dark[-1]["n_alarms"] == len(full) and dark_rate > 0.95
+
+
+def test_window_scan_finds_where_the_stream_changes(alarm, feats):
+    f = np.concatenate([feats["held"][:3 * WINDOW], feats["dark"][:3 * WINDOW], feats["held"][:5]])
+    s = np.concatenate([feats["held_stats"][:3 * WINDOW], feats["dark_stats"][:3 * WINDOW], feats["held_stats"][:5]])
+    coords = alarm.project({"features": f, "image_statistics": s})
+    assert coords.shape == (len(f), 32 + 3) and coords.dtype == np.float32
+    names = [f"img{i:03d}" for i in range(len(f))]
+    scan = window_scan(alarm, coords, names)
+    assert scan["windows"] == 6 and scan["images_not_tested"] == 5
+    assert [bool(w["triggered_by"]) for w in scan["per_window"]] == [False] * 3 + [True] * 3
+    assert scan["first_alarm_window"] == 3 and scan["alarms"] == 3
+    assert scan["per_window"][3]["first"] == "img096" and scan["per_window"][3]["last"] == "img127"
+    # the stored float32 coordinates give the same decisions as the full vectors
+    win = slice(3 * WINDOW, 4 * WINDOW)
+    full = alarm.statistics({"features": f[win], "image_statistics": s[win]})
+    assert scan["per_window"][3]["ratio"] == pytest.approx(max(v["ratio"] for v in full.values()), rel=1e-3)
+    with pytest.raises(ValueError, match=r"expected \[B, 35\]"):
+        window_scan(alarm, coords[:, :32])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -44,11 +45,14 @@ def _post(client, path):
 
 
 def test_the_run_stores_a_drift_reference(drift_run):
-    from defectscope.deploy.drift import DriftReference
+    from defectscope.deploy.drift import DriftAlarm
 
     _, payload = RunFolder(drift_run).load_model()
-    ref = DriftReference.from_dict(payload["drift_reference"])
-    assert ref.window == 32 and ref.alpha == 0.001 and ref.dim == 1280 and ref.threshold > 0
+    alarm = DriftAlarm.from_dict(payload["drift_reference"])
+    assert alarm.window == 32 and alarm.alpha == 0.001 and set(alarm.channels) == {"features", "image_statistics"}
+    feats, stats = alarm.channels["features"], alarm.channels["image_statistics"]
+    assert feats.dim == 1280 and stats.dim == 3 and feats.threshold > 0 and stats.threshold > 0
+    assert feats.alpha == stats.alpha == pytest.approx(0.0005)
 
 
 def test_in_distribution_images_keep_quiet_and_another_product_raises_the_alarm(drift_run, neu_root, ksdd_root):
@@ -58,12 +62,31 @@ def test_in_distribution_images_keep_quiet_and_another_product_raises_the_alarm(
                 for c in ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")]
     states = [_post(client, p)["drift"] for p in held_out]
     assert states[-1]["n_seen"] == 48 and states[-1]["status"] in ("ok", "drift")
-    assert sum(s["alarm"] for s in states) == 0, [round(s["statistic"] or 0, 4) for s in states]
+    assert sum(s["alarm"] for s in states) == 0, [round(s["ratio"] or 0, 3) for s in states]
     ksdd = sorted((ksdd_root / "images").glob("*.jpg"))[:32]
     states = [_post(client, p)["drift"] for p in ksdd]
-    assert states[-1]["alarm"] and states[-1]["statistic"] > states[-1]["threshold"]
+    assert states[-1]["alarm"] and states[-1]["ratio"] > 1 and states[-1]["triggered_by"]
     d = client.get("/v1/drift").json()
     assert d["alarm"] and d["n_alarms"] >= 1 and "MMD" in d["statistic_kind"]
+
+
+def test_darkened_images_raise_the_alarm_at_the_first_full_window(drift_run, neu_root):
+    """The same held-out NEU images at 60 % brightness: the image-statistics channel fires."""
+    client = TestClient(create_app(load_predictor(drift_run)))
+    held_out = [neu_root / "images" / f"{c}_{i}.jpg" for i in range(200, 208)
+                for c in ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")][:32]
+    states = []
+    for p in held_out:
+        img = np.round(np.asarray(Image.open(p).convert("RGB"), np.float32) * 0.6).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        r = client.post("/v1/predict", files={"file": (p.name, buf.getvalue(), "image/png")})
+        assert r.status_code == 200, r.text
+        states.append(r.json()["drift"])
+    assert [s["status"] for s in states[:31]] == ["filling"] * 31
+    assert states[-1]["alarm"] and "image_statistics" in states[-1]["triggered_by"], states[-1]
+    d = client.get("/v1/drift").json()
+    assert d["alarm"] and d["channels"]["image_statistics"]["ratio"] > 1
 
 
 def test_the_onnx_export_carries_features_and_the_reference(drift_run, tmp_path, neu_root):
@@ -77,3 +100,32 @@ def test_the_onnx_export_carries_features_and_the_reference(drift_run, tmp_path,
     b = torch_p.predict([img], with_features=True)[0]
     np.testing.assert_allclose(a["features"], b["features"], atol=1e-3)
     assert abs(a["score"] - b["score"]) < 1e-4
+
+
+def test_inspect_scans_the_archive_in_path_order_and_finds_the_darkened_folder(drift_run, tmp_path, neu_root):
+    """``inspect`` on Ray: 64 held-out NEU images in ``a_line/``, then the same 32 first ones darkened
+    by 40 % in ``b_line/``: the two windows of ``a_line`` stay quiet, the ``b_line`` window alarms."""
+    from defectscope.deploy.inspect import inspect_archive
+
+    held_out = [neu_root / "images" / f"{c}_{i}.jpg" for i in range(200, 211)
+                for c in ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")][:64]
+    (tmp_path / "a_line").mkdir()
+    (tmp_path / "b_line").mkdir()
+    for k, p in enumerate(held_out):
+        (tmp_path / "a_line" / f"{k:03d}.jpg").symlink_to(p)
+        if k < 32:
+            img = np.round(np.asarray(Image.open(p).convert("RGB"), np.float32) * 0.6).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / "b_line" / f"{k:03d}.png")
+    (tmp_path / "b_line" / "notes.txt").write_text("not an image")  # skipped by the folder walk
+    out = tmp_path / "preds.parquet"
+    res = inspect_archive(drift_run, [tmp_path / "a_line", tmp_path / "b_line"], out, workers=1, threads=1)
+    assert res.rows == 96 and res.errors == 0
+    d = res.summary["drift"]
+    assert (d["windows"], d["alarms"], d["first_alarm_window"], d["images_not_tested"]) == (3, 1, 2, 0), d
+    assert "/b_line/000.png" in d["first_alarm"]["first"] and "image_statistics" in d["first_alarm"]["triggered_by"]
+    report = json.loads((tmp_path / "preds.parquet.drift.json").read_text())
+    assert [bool(w["triggered_by"]) for w in report["per_window"]] == [False, False, True]
+    import pyarrow.parquet as pq
+
+    col = pq.read_table(out).column("drift_coordinates").to_pylist()
+    assert len(col) == 96 and all(len(c) == 35 for c in col)

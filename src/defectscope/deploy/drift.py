@@ -27,7 +27,15 @@ conservative. ``alpha`` is the chance that one window of in-distribution images 
 stream checked after every image tests overlapping windows, so its chance of at least one false
 alarm over a long run is larger.
 
-The reference is plain numbers (:meth:`DriftReference.to_dict`: lists of floats), stored in JSON
+Two channels (:class:`DriftAlarm`): a fine-tuned backbone learns to ignore what does not change
+the class, e.g. global brightness: on NEU, a 40 % darkening moved its pooled features by less than
+half the threshold. So the alarm also watches three **image statistics** of the model input
+(:func:`image_statistics`: mean intensity, intensity standard deviation (contrast), mean absolute
+gradient (sharpness)), standardised by the reference's per-statistic standard deviation, with the
+same MMD test. Each channel is calibrated at ``alpha / 2`` (Bonferroni), so a window of
+in-distribution images alarms in at least one channel with probability at most ``alpha``.
+
+The reference is plain numbers (:meth:`DriftAlarm.to_dict`: lists of floats), stored in JSON
 or a checkpoint without pickle.
 """
 
@@ -37,12 +45,42 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
 FORMAT = "defectscope-drift-reference"
 VERSION = 1
 STATISTIC = "mmd2_unbiased_rbf_median"
+ALARM_FORMAT = "defectscope-drift-alarm"
+ALARM_VERSION = 2
+IMAGE_STATISTICS = ("mean_intensity", "std_intensity", "mean_abs_gradient")
+"""Names of the columns of :func:`image_statistics` (units: intensity in [0, 1])."""
+
+
+def image_statistics(images) -> np.ndarray:
+    """Per-image intensity statistics of model inputs, the drift alarm's second channel.
+
+    Args:
+        images: ``[B, C, H, W]`` float in [0, 1] (the model input) or uint8 in [0, 255]
+            (divided by 255); ``C`` channels are averaged into one grey image.
+
+    Returns:
+        ``float64 [B, 3]``: mean grey intensity, its standard deviation over the pixels
+        (contrast) and the mean absolute difference of horizontally and vertically adjacent
+        pixels (sharpness; a blurred or out-of-focus image has less), all in [0, 1] units.
+
+    Raises:
+        ValueError: not a 4-D array, or images smaller than 2 x 2 pixels.
+    """
+    x = np.asarray(images)
+    if x.ndim != 4 or x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"images: expected [B, C, H >= 2, W >= 2], got shape {x.shape}")
+    grey = x.astype(np.float64).mean(1)
+    if x.dtype == np.uint8:
+        grey /= 255.0
+    grad = 0.5 * (np.abs(np.diff(grey, axis=2)).mean((1, 2)) + np.abs(np.diff(grey, axis=1)).mean((1, 2)))
+    return np.stack([grey.mean((1, 2)), grey.std((1, 2)), grad], 1)
 
 
 def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -92,6 +130,8 @@ class DriftReference:
         n_calibration: ``B`` resampled windows used for the threshold.
         seed: random seed of subsampling and resampling.
         calibration: summary of the in-distribution statistics (median, 0.95/0.99 quantiles, max).
+        scale: ``[D]`` per-coordinate divisor applied after centring (the reference standard
+            deviations when fitted with ``standardize=True``; ``None`` = no scaling).
     """
 
     mean: np.ndarray
@@ -105,6 +145,7 @@ class DriftReference:
     n_calibration: int
     seed: int
     calibration: dict = field(default_factory=dict)
+    scale: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         k_yy = np.exp(-_sq_dists(self.points, self.points) / self.bandwidth)
@@ -119,7 +160,10 @@ class DriftReference:
     def project(self, features) -> np.ndarray:
         """``[B, D]`` features -> ``[B, k]`` coordinates on the principal axes."""
         x = _check_features(features, "features", self.dim)
-        return (x - self.mean) @ self.basis.T
+        c = x - self.mean
+        if self.scale is not None:
+            c = c / self.scale
+        return c @ self.basis.T
 
     def statistic(self, features) -> float:
         """MMD² between the window ``features`` ``[w, D]`` (``w >= 2``) and the reference.
@@ -138,7 +182,7 @@ class DriftReference:
 
     @classmethod
     def fit(cls, features, window: int = 32, alpha: float = 0.01, seed: int = 0, n_components: int = 32,
-            n_calibration: int = 2000, max_points: int = 1000) -> "DriftReference":
+            n_calibration: int = 2000, max_points: int = 1000, standardize: bool = False) -> "DriftReference":
         """Build the reference from training features and calibrate the threshold.
 
         Args:
@@ -171,11 +215,16 @@ class DriftReference:
                              f"(and max_points >= that), got {n} (max_points {max_points})")
         rng = np.random.default_rng(seed)
         mean = x.mean(0)
-        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        scale = None
+        if standardize:
+            scale = x.std(0)
+            scale = np.where(scale > 0, scale, 1.0)
+        z = (x - mean) / (scale if scale is not None else 1.0)
+        _, _, vt = np.linalg.svd(z, full_matrices=False)
         k = int(min(n_components, n - 1, x.shape[1]))
         basis = vt[:k]
         keep = np.sort(rng.choice(n, max_points, replace=False)) if n > max_points else np.arange(n)
-        pts = (x[keep] - mean) @ basis.T
+        pts = z[keep] @ basis.T
         d = _sq_dists(pts, pts)
         m = len(pts)
         h = float(np.median(d[np.triu_indices(m, 1)]))
@@ -200,7 +249,7 @@ class DriftReference:
                    "q99": float(np.quantile(stats, 0.99)), "max": float(stats[-1])}
         return cls(mean=mean, basis=basis, points=pts, bandwidth=h, threshold=float(stats[rank - 1]), alpha=alpha,
                    window=int(window), n_features=n, n_calibration=int(n_calibration), seed=int(seed),
-                   calibration=summary)
+                   calibration=summary, scale=scale)
 
     def to_dict(self) -> dict:
         """Plain JSON-able numbers (lists of floats): store in ``model.ckpt`` or a ``.json`` file."""
@@ -211,6 +260,7 @@ class DriftReference:
             "threshold": self.threshold, "alpha": self.alpha, "window": self.window,
             "n_features": self.n_features, "n_calibration": self.n_calibration, "seed": self.seed,
             "calibration": dict(self.calibration),
+            **({"scale": self.scale.astype(np.float64).tolist()} if self.scale is not None else {}),
         }
 
     @classmethod
@@ -245,62 +295,214 @@ class DriftReference:
             raise ValueError(f"{source}: field 'basis' has {basis.shape[1]} columns, expected D = {mean.shape[0]}")
         if points.shape[1] != basis.shape[0] or len(points) < 2:
             raise ValueError(f"{source}: field 'points' must be [n >= 2, k = {basis.shape[0]}], got {points.shape}")
+        scale = None
+        if d.get("scale") is not None:
+            scale = arr("scale", 1)
+            if scale.shape != mean.shape or not (scale > 0).all():
+                raise ValueError(f"{source}: field 'scale' must be {mean.shape[0]} positive numbers, got shape {scale.shape}")
         bandwidth = float(d["bandwidth"])
         if not bandwidth > 0:
             raise ValueError(f"{source}: field 'bandwidth' must be > 0, got {bandwidth}")
         return cls(mean=mean, basis=basis, points=points, bandwidth=bandwidth, threshold=float(d["threshold"]),
                    alpha=float(d["alpha"]), window=int(d["window"]), n_features=int(d.get("n_features", len(points))),
                    n_calibration=int(d.get("n_calibration", 0)), seed=int(d.get("seed", 0)),
-                   calibration=dict(d.get("calibration", {})))
+                   calibration=dict(d.get("calibration", {})), scale=scale)
+
+
+CHANNELS = ("features", "image_statistics")
+"""Channel names of :class:`DriftAlarm`: pooled backbone features ``[D]`` and :func:`image_statistics` ``[3]``."""
+
+
+@dataclass
+class DriftAlarm:
+    """The drift alarm of a model: one :class:`DriftReference` per channel, Bonferroni-combined.
+
+    A window alarms when any channel's MMD² exceeds that channel's threshold; each channel is
+    calibrated at ``alpha / len(channels)``, so the per-window false-alarm rate is at most ``alpha``
+    (Bonferroni's inequality).
+
+    Attributes:
+        channels: ``{"features": ref, "image_statistics": ref}`` (either may be missing; at least one).
+        alpha: the combined false-alarm rate per window.
+        window: the window size ``w`` (the same for every channel).
+    """
+
+    channels: dict[str, DriftReference]
+    alpha: float
+    window: int
+
+    @classmethod
+    def fit(cls, features=None, image_stats=None, window: int = 32, alpha: float = 0.01, seed: int = 0,
+            n_calibration: int | None = None) -> "DriftAlarm":
+        """Fit the channels that are given.
+
+        Args:
+            features: ``[N, D]`` pooled features of reference images, or ``None``.
+            image_stats: ``[N, 3]`` :func:`image_statistics` of the same images, or ``None``
+                (standardised per statistic).
+            window, alpha, seed: as :meth:`DriftReference.fit`; each channel gets ``alpha / m``
+                for ``m`` channels.
+            n_calibration: resampled windows per channel (default: enough for ``alpha / m``, at least 2000).
+
+        Raises:
+            ValueError: no channel given, or a channel's ``DriftReference.fit`` error.
+        """
+        given = {k: v for k, v in (("features", features), ("image_statistics", image_stats)) if v is not None}
+        if not given:
+            raise ValueError("DriftAlarm.fit: give features, image_stats or both")
+        a = alpha / len(given)
+        b = n_calibration or max(2000, math.ceil((1 - a) / a) + 1)
+        refs = {k: DriftReference.fit(v, window=window, alpha=a, seed=seed, n_calibration=b,
+                                      standardize=(k == "image_statistics")) for k, v in given.items()}
+        return cls(channels=refs, alpha=float(alpha), window=int(window))
+
+    def project(self, inputs: dict) -> np.ndarray:
+        """Compact per-image coordinates: each channel's :meth:`DriftReference.project`, concatenated
+        in channel order (``float32 [B, sum of k]``; 32 + 3 for a classifier's alarm). What
+        ``inspect`` stores per row; :meth:`split` takes them apart again.
+
+        Raises:
+            ValueError: a channel missing or of the wrong shape.
+        """
+        missing = set(self.channels) - set(inputs)
+        if missing:
+            raise ValueError(f"drift inputs: channel(s) {sorted(missing)} missing")
+        return np.concatenate([ref.project(inputs[k]) for k, ref in self.channels.items()], 1).astype(np.float32)
+
+    def split(self, coordinates) -> dict:
+        """``[B, sum of k]`` from :meth:`project` -> ``{channel: [B, k_channel]}``.
+
+        Raises:
+            ValueError: the wrong number of columns.
+        """
+        q = np.asarray(coordinates, dtype=np.float64)
+        ks = [r.basis.shape[0] for r in self.channels.values()]
+        if q.ndim != 2 or q.shape[1] != sum(ks):
+            raise ValueError(f"drift coordinates: expected [B, {sum(ks)}], got shape {q.shape}")
+        return dict(zip(self.channels, np.split(q, np.cumsum(ks)[:-1], axis=1)))
+
+    def statistics(self, window: dict, projected: bool = False) -> dict:
+        """Test one window per channel.
+
+        Args:
+            window: ``{channel: [w, D_channel]}`` for every channel of the alarm (with
+                ``projected``: ``[w, k_channel]`` coordinates, e.g. from :meth:`split`).
+
+        Returns:
+            ``{channel: {"statistic": MMD², "threshold", "ratio": statistic / threshold, "alarm": bool}}``.
+
+        Raises:
+            ValueError: a channel missing from ``window`` or of the wrong shape.
+        """
+        out = {}
+        for name, ref in self.channels.items():
+            if name not in window:
+                raise ValueError(f"drift window: channel '{name}' missing (have {sorted(window)})")
+            stat = ref.statistic_projected(np.asarray(window[name], np.float64)) if projected else ref.statistic(window[name])
+            out[name] = {"statistic": stat, "threshold": ref.threshold, "ratio": stat / ref.threshold,
+                         "alarm": bool(stat > ref.threshold)}
+        return out
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able numbers, for ``model.ckpt`` or an ONNX metadata entry."""
+        return {"format": ALARM_FORMAT, "version": ALARM_VERSION, "alpha": self.alpha, "window": self.window,
+                "combination": "bonferroni", "channels": {k: r.to_dict() for k, r in self.channels.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "drift reference") -> "DriftAlarm":
+        """Rebuild from :meth:`to_dict`, or from a single :meth:`DriftReference.to_dict` (version 1:
+        the ``features`` channel alone, as runs of the first drift version stored it).
+
+        Raises:
+            ValueError: wrong format, missing fields, channels of different windows (names ``source``).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a dict, got {type(d).__name__}")
+        if d.get("format") == FORMAT:
+            ref = DriftReference.from_dict(d, source)
+            return cls(channels={"features": ref}, alpha=ref.alpha, window=ref.window)
+        if d.get("format") != ALARM_FORMAT or d.get("version") != ALARM_VERSION:
+            raise ValueError(f"{source}: field 'format'/'version' is {d.get('format')!r}/{d.get('version')!r}, "
+                             f"expected {ALARM_FORMAT!r}/{ALARM_VERSION} (or a {FORMAT!r} reference)")
+        chans = d.get("channels")
+        if not isinstance(chans, dict) or not chans or set(chans) - set(CHANNELS):
+            raise ValueError(f"{source}: field 'channels' must map some of {CHANNELS} to references, got "
+                             f"{sorted(chans) if isinstance(chans, dict) else type(chans).__name__}")
+        refs = {k: DriftReference.from_dict(v, f"{source}: channels.{k}") for k, v in chans.items()}
+        window = int(d.get("window", 0))
+        if any(r.window != window for r in refs.values()):
+            raise ValueError(f"{source}: the channels' windows {[r.window for r in refs.values()]} differ from field 'window' {window}")
+        return cls(channels=refs, alpha=float(d["alpha"]), window=window)
 
 
 class DriftMonitor:
-    """A sliding window of incoming feature vectors tested against a :class:`DriftReference`.
+    """A sliding window of incoming images tested against a :class:`DriftAlarm`.
 
     Thread-safe (one lock), so a service can share one monitor between requests.
 
     Args:
-        reference: the fitted reference; its ``window`` and ``threshold`` are used.
+        alarm: the fitted alarm (a :class:`DriftReference` is taken as a features-only alarm);
+            its ``window`` and thresholds are used.
     """
 
-    def __init__(self, reference: DriftReference) -> None:
-        self.reference = reference
-        self._buf: deque[np.ndarray] = deque(maxlen=reference.window)
+    def __init__(self, alarm: "DriftAlarm | DriftReference") -> None:
+        if isinstance(alarm, DriftReference):
+            alarm = DriftAlarm(channels={"features": alarm}, alpha=alarm.alpha, window=alarm.window)
+        self.alarm = alarm
+        self._buf: dict[str, deque] = {k: deque(maxlen=alarm.window) for k in alarm.channels}
         self._lock = threading.Lock()
         self._last: dict = self._state(None)
         self.n_seen = 0
         self.n_alarms = 0
 
-    def _state(self, stat: float | None) -> dict:
-        ref = self.reference
-        alarm = stat is not None and stat > ref.threshold
-        return {
-            "status": "filling" if stat is None else ("drift" if alarm else "ok"),
-            "statistic": stat,
-            "threshold": ref.threshold,
-            "window_fill": len(self._buf) / ref.window,
-            "alarm": bool(alarm),
-            "window": ref.window,
-            "alpha": ref.alpha,
-        }
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The channels this monitor needs in :meth:`update`."""
+        return tuple(self.alarm.channels)
 
-    def update(self, features) -> dict:
-        """Append ``[B, D]`` (or ``[D]``) feature vectors and test the newest full window.
+    def _state(self, per: dict | None) -> dict:
+        a = self.alarm
+        fill = len(next(iter(self._buf.values()))) / a.window
+        if per is None:
+            return {"status": "filling", "alarm": False, "ratio": None, "triggered_by": [], "channels": {},
+                    "window_fill": fill, "window": a.window, "alpha": a.alpha}
+        trig = [k for k, v in per.items() if v["alarm"]]
+        return {"status": "drift" if trig else "ok", "alarm": bool(trig),
+                "ratio": max(v["ratio"] for v in per.values()), "triggered_by": trig,
+                "channels": {k: {kk: (float(vv) if kk != "alarm" else vv) for kk, vv in v.items()} for k, v in per.items()},
+                "window_fill": fill, "window": a.window, "alpha": a.alpha}
+
+    def update(self, **inputs) -> dict:
+        """Append one or more images' channel vectors and test the newest full window.
+
+        Args:
+            **inputs: per channel of the alarm, ``[B, D]`` (or ``[D]``) vectors of the same ``B``
+                images, e.g. ``update(features=f, image_statistics=s)``.
 
         Returns:
-            ``{"status": "filling" | "ok" | "drift", "statistic": MMD² or None while filling,
-            "threshold", "window_fill": fraction in [0, 1], "alarm": bool, "window", "alpha",
-            "n_seen": vectors seen so far, "n_alarms": updates that alarmed so far}``.
+            ``{"status": "filling" | "ok" | "drift", "alarm": bool, "ratio": the largest
+            MMD² / threshold over the channels (None while filling), "triggered_by": channels that
+            alarm, "channels": {name: {statistic, threshold, ratio, alarm}}, "window_fill" in [0, 1],
+            "window", "alpha", "n_seen", "n_alarms"}``.
 
         Raises:
-            ValueError: wrong feature length ``D`` or non-finite values (nothing is appended then).
+            ValueError: a missing channel, different counts, wrong lengths or non-finite values
+                (nothing is appended then).
         """
-        x = _check_features(features, "features", self.reference.dim)
+        missing = set(self.alarm.channels) - set(inputs)
+        if missing:
+            raise ValueError(f"drift update: channel(s) {sorted(missing)} missing")
+        arrays = {k: _check_features(inputs[k], k, self.alarm.channels[k].dim) for k in self.alarm.channels}
+        counts = {len(v) for v in arrays.values()}
+        if len(counts) != 1:
+            raise ValueError(f"drift update: channels hold different numbers of images {[len(v) for v in arrays.values()]}")
         with self._lock:
-            self._buf.extend(x)
-            self.n_seen += len(x)
-            stat = self.reference.statistic(np.stack(self._buf)) if len(self._buf) == self.reference.window else None
-            self._last = self._state(stat)
+            for k, v in arrays.items():
+                self._buf[k].extend(v)
+            self.n_seen += counts.pop()
+            full = len(next(iter(self._buf.values()))) == self.alarm.window
+            per = self.alarm.statistics({k: np.stack(b) for k, b in self._buf.items()}) if full else None
+            self._last = self._state(per)
             self.n_alarms += int(self._last["alarm"])
             return self._snapshot()
 
@@ -315,6 +517,44 @@ class DriftMonitor:
     def reset(self) -> None:
         """Empty the window and the counters."""
         with self._lock:
-            self._buf.clear()
+            for b in self._buf.values():
+                b.clear()
             self.n_seen = self.n_alarms = 0
             self._last = self._state(None)
+
+
+def window_scan(alarm: DriftAlarm, coordinates, labels: Sequence[str] | None = None) -> dict:
+    """Test consecutive non-overlapping windows of a finished stream (``inspect``'s rows in path order).
+
+    Args:
+        alarm: the fitted alarm.
+        coordinates: ``[N, sum of k]`` per-image coordinates from :meth:`DriftAlarm.project`, in
+            stream order.
+        labels: optional ``N`` names of the images (paths); the windows report their first and last.
+
+    Returns:
+        ``{"windows": tested, "alarms": windows that alarm, "first_alarm_window": index or None,
+        "max_ratio": largest MMD² / threshold, "per_window": [{"start", "ratio", "triggered_by"
+        (, "first", "last")}], "window", "alpha", "images_not_tested": the tail shorter than one
+        window}``. Each window is one test at the false-alarm rate ``alpha``.
+
+    Raises:
+        ValueError: wrong coordinates shape or ``labels`` of another length.
+    """
+    per_channel = alarm.split(coordinates)
+    total = len(next(iter(per_channel.values())))
+    if labels is not None and len(labels) != total:
+        raise ValueError(f"window_scan: {len(labels)} labels for {total} images")
+    w = alarm.window
+    per = []
+    for start in range(0, total - w + 1, w):
+        st = alarm.statistics({k: v[start:start + w] for k, v in per_channel.items()}, projected=True)
+        row = {"start": start, "ratio": round(max(v["ratio"] for v in st.values()), 4),
+               "triggered_by": [k for k, v in st.items() if v["alarm"]]}
+        if labels is not None:
+            row.update(first=str(labels[start]), last=str(labels[start + w - 1]))
+        per.append(row)
+    alarms = [p for p in per if p["triggered_by"]]
+    return {"windows": len(per), "alarms": len(alarms), "first_alarm_window": alarms[0]["start"] // w if alarms else None,
+            "max_ratio": max((p["ratio"] for p in per), default=None), "per_window": per, "window": w,
+            "alpha": alarm.alpha, "images_not_tested": total - len(per) * w}

@@ -27,7 +27,12 @@ object string; images such as ``overlay_png`` are not stored), ``latency_ms`` (m
 the image's batch / batch size), ``error`` (null when scored), ``inspected_at`` (UTC),
 ``model_sha256`` (SHA-256 of the file that ran: the ``.onnx`` file or ``model.ckpt``),
 ``model_backend`` (``onnxruntime`` / ``pytorch``), ``model`` (``task/model_name``) and
-``worker`` (``host:pid`` of the actor).
+``worker`` (``host:pid`` of the actor). Models with a drift reference (classifiers) add
+``drift_coordinates`` (``list<float32>``: the image's coordinates on the drift alarm's channels,
+:meth:`~defectscope.deploy.drift.DriftAlarm.project`); at the end the scored rows, in path order,
+are tested in consecutive windows (:func:`~defectscope.deploy.drift.window_scan`) and the result
+is ``summary["drift"]`` and ``RESULTS.drift.json``. Path order is the stream order: with dated
+folders it is time order; a shuffled list tests nothing about time.
 """
 
 from __future__ import annotations
@@ -198,6 +203,20 @@ def model_identity(predictor) -> dict[str, str]:
     return {"model_sha256": sha or info.sha256, "model_backend": predictor.backend, "model": f"{info.task}/{info.model_name}"}
 
 
+def drift_alarm_of(predictor):
+    """The :class:`~defectscope.deploy.drift.DriftAlarm` a model carries (classifiers trained with a
+    validation part of >= 64 images), or ``None``."""
+    info = predictor.info
+    if not info.extra.get("drift_reference") or "features" not in info.outputs or "image" not in info.inputs:
+        return None
+    from defectscope.deploy.drift import DriftAlarm
+
+    return DriftAlarm.from_dict(info.extra["drift_reference"], f"{info.source}: drift_reference")
+
+
+DRIFT_COLUMN = "drift_coordinates"
+
+
 def probe_answer(predictor) -> dict:
     """One answer of ``predictor`` on a grey image of its input size (gives the result columns).
 
@@ -234,6 +253,7 @@ class ImageScorer:
 
         self.predictor = load_predictor(model, threads=threads)
         self.ident = model_identity(self.predictor)
+        self.alarm = drift_alarm_of(self.predictor)
         self.answer_cols = list(answer_cols)
         self.schema = result_schema(self.answer_cols)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -245,10 +265,17 @@ class ImageScorer:
             t0 = time.perf_counter()
             out = p.run(batch)
             ms = (time.perf_counter() - t0) * 1000.0 / len(inputs)
+            coords = None
+            if self.alarm is not None:
+                from defectscope.deploy.drift import image_statistics
+
+                coords = self.alarm.project({"features": out["features"], "image_statistics": image_statistics(batch["image"])})
             res: list[dict | Exception] = []
             for j, im in enumerate(decoded):
                 a = p.adapter.postprocess(p.info, {k: v[j] for k, v in out.items()}, im)
                 a["latency_ms"] = round(ms, 4)
+                if coords is not None:
+                    a[DRIFT_COLUMN] = coords[j]
                 res.append(a)
             return res
         except Exception as exc:  # noqa: BLE001 - retried one by one below; each failing image keeps its error
@@ -282,6 +309,9 @@ class ImageScorer:
         now = datetime.now(timezone.utc)
         cols: dict[str, list] = {"path": paths}
         for name, _ in self.answer_cols:
+            if name == DRIFT_COLUMN:
+                cols[name] = [a[name].tolist() if a is not None else None for a in answers]
+                continue
             cols[name] = [_cell(a.get(name)) if a is not None else None for a in answers]
         cols["latency_ms"] = [a.get("latency_ms") if a is not None else None for a in answers]
         cols["error"] = errors
@@ -391,6 +421,33 @@ def summarize(table) -> dict:
             out["defect_column"] = name
             break
     return out
+
+
+def drift_scan(alarm, table, out: str | os.PathLike) -> dict:
+    """Test the scored rows of ``table`` (sorted by path) in consecutive windows of ``alarm.window``
+    images (:func:`~defectscope.deploy.drift.window_scan`, each window at the false-alarm rate
+    ``alarm.alpha``) and write the result to ``RESULTS.drift.json`` (atomically).
+
+    Returns:
+        The scan without its per-window list, plus ``first_alarm`` (first and last path of the
+        first alarming window) and ``report`` (the JSON file).
+    """
+    from defectscope.deploy.drift import window_scan
+    from defectscope.utils.io import write_json
+
+    coords = table.column(DRIFT_COLUMN).to_pylist()
+    paths = table.column("path").to_pylist()
+    keep = [i for i, c in enumerate(coords) if c is not None]
+    dim = sum(r.basis.shape[0] for r in alarm.channels.values())
+    x = np.asarray([coords[i] for i in keep], dtype=np.float64).reshape(len(keep), dim)
+    scan = window_scan(alarm, x, [paths[i] for i in keep])
+    report = Path(str(out) + ".drift.json")
+    write_json(report, scan)
+    first = next((w for w in scan["per_window"] if w["triggered_by"]), None)
+    brief = {k: v for k, v in scan.items() if k != "per_window"}
+    brief["first_alarm"] = {"first": first["first"], "last": first["last"], "triggered_by": first["triggered_by"]} if first else None
+    brief["report"] = str(report)
+    return brief
 
 
 def _steady_rate(pdir: Path, run_id: str) -> float | None:
@@ -572,6 +629,9 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
     answer = probe_answer(predictor)
     ident = model_identity(predictor)
     cols = answer_columns(answer)
+    alarm = drift_alarm_of(predictor)
+    if alarm is not None:
+        cols.append((DRIFT_COLUMN, pa.list_(pa.float32())))
     del predictor
 
     existing = []
@@ -673,6 +733,8 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
     if missing:  # cannot happen unless Ray dropped rows; fail loudly rather than report a short table as complete
         raise InspectError(f"{out}: {len(missing)} input(s) have no row (first: {missing[0]}); rerun with --resume")
     summary = summarize(merged)
+    if alarm is not None and DRIFT_COLUMN in merged.column_names:
+        summary["drift"] = drift_scan(alarm, merged, out)
     return InspectResult(out=out, inputs=len(paths), rows=merged.num_rows, new=new, resumed=resumed,
                          errors=summary["errors"], summary=summary, identity=ident, timings=timings,
                          images_per_s=rate, steady_images_per_s=steady)

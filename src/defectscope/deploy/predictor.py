@@ -74,7 +74,9 @@ class Predictor:
         Each answer has the adapter's fields (``class``, ``probabilities``, ``overlay_png``, ...)
         plus ``latency_ms``: the model time of its batch divided by the batch size. With
         ``with_features`` and a model that outputs ``features`` (classifiers with a drift
-        reference), ``features`` holds the pooled feature vector ``float32 [C]``.
+        reference), ``features`` holds the pooled feature vector ``float32 [C]`` and
+        ``image_statistics`` the drift alarm's image statistics ``float64 [3]`` of the model input
+        (:func:`defectscope.deploy.drift.image_statistics`).
         """
         answers: list[dict] = []
         spectra = list(spectra) if spectra is not None else None
@@ -84,11 +86,18 @@ class Predictor:
             t0 = time.perf_counter()
             out = self.run(batch)
             ms = (time.perf_counter() - t0) * 1000.0 / len(decoded)
+            stats = None
+            if with_features and "features" in out and "image" in batch:
+                from defectscope.deploy.drift import image_statistics
+
+                stats = image_statistics(batch["image"])
             for j, im in enumerate(decoded):
                 ans = self.adapter.postprocess(self.info, {k: v[j] for k, v in out.items()}, im)
                 ans["latency_ms"] = round(ms, 3)
                 if with_features and "features" in out:
                     ans["features"] = np.asarray(out["features"][j], dtype=np.float32)
+                    if stats is not None:
+                        ans["image_statistics"] = stats[j]
                 answers.append(ans)
         return answers
 

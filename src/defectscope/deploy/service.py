@@ -10,9 +10,10 @@ Endpoints:
   ``map_scale``, ``member``) plus ``latency_ms`` (model time), ``total_ms`` (decode + queue +
   model) and ``model`` (identity).
 - ``GET /healthz``: liveness, model identity and pool occupancy.
-- ``GET /v1/drift``: the drift alarm (classification models with a stored drift reference): the
-  MMD² of the last ``window`` incoming images' pooled features against the training reference,
-  its calibrated threshold and whether it alarms; each ``/v1/predict`` answer also carries ``drift``.
+- ``GET /v1/drift``: the drift alarm (classification models with a stored drift reference,
+  :class:`~defectscope.deploy.drift.DriftAlarm`): per channel (pooled features, image statistics)
+  the MMD² of the last ``window`` incoming images against the reference, its calibrated threshold
+  and whether it alarms; each ``/v1/predict`` answer also carries ``drift``.
 - ``GET /``: the operator page (``deploy/static/index.html``); ``GET /docs``: OpenAPI.
 
 Errors are JSON ``{"error": code, "detail": message}``:
@@ -246,9 +247,9 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
     spectra_shape = predictor.adapter.spectra_shape(info)
     monitor = None
     if info.extra.get("drift_reference") and "features" in info.outputs:
-        from defectscope.deploy.drift import DriftMonitor, DriftReference
+        from defectscope.deploy.drift import DriftAlarm, DriftMonitor
 
-        monitor = DriftMonitor(DriftReference.from_dict(info.extra["drift_reference"], f"{info.source}: drift_reference"))
+        monitor = DriftMonitor(DriftAlarm.from_dict(info.extra["drift_reference"], f"{info.source}: drift_reference"))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -300,9 +301,10 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
             ans = predictor.predict([image], None if spectra is None else [spectra], with_features=monitor is not None)[0]
         except DeployError as exc:
             raise ApiError(400, "bad_request", str(exc)) from exc
-        feats = ans.pop("features", None)
+        feats, stats = ans.pop("features", None), ans.pop("image_statistics", None)
         if monitor is not None and feats is not None:
-            ans["drift"] = _jsonable(monitor.update(feats[None]))
+            channels = {"features": feats[None], "image_statistics": None if stats is None else stats[None]}
+            ans["drift"] = _jsonable(monitor.update(**{k: channels[k] for k in monitor.channels}))
         return ans
 
     @app.post("/v1/predict", summary="Classify one image (plus spectra for weld models)")
@@ -336,8 +338,9 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
         if monitor is None:
             return {"status": "unavailable", "alarm": False,
                     "detail": "this model carries no drift reference (classification runs trained with this version store one)"}
-        return {**_jsonable(monitor.state()), "statistic_kind": "MMD^2 (RBF kernel) of pooled backbone features, "
-                "threshold calibrated by resampling in-distribution windows of the training features"}
+        return {**_jsonable(monitor.state()), "statistic_kind": "MMD^2 (RBF kernel) per channel (pooled backbone "
+                "features; image statistics: mean intensity, contrast, sharpness), each threshold calibrated by "
+                "resampling in-distribution windows of the reference at alpha / channels (Bonferroni)"}
 
     @app.get("/healthz", summary="Liveness, model identity and pool occupancy")
     async def healthz():

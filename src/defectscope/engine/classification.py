@@ -201,19 +201,21 @@ def pooled_features(model: nn.Module, x: np.ndarray, batch_size: int = 32) -> np
     return torch.cat(out).numpy() if out else np.zeros((0, model.backbone.out_channels), np.float32)
 
 
-def drift_reference(model: nn.Module, x_train: np.ndarray, seed: int, max_images: int = 600) -> dict | None:
-    """The drift reference of a trained classifier: :class:`~defectscope.deploy.drift.DriftReference`
-    (MMD with a resampling-calibrated threshold) of the pooled backbone features of at most
-    ``max_images`` images the model was not fitted on (the validation part), as plain lists for
-    ``model.ckpt``; ``None`` when there are fewer than ``2 * DRIFT_WINDOW`` images or the model has
-    no ``backbone``."""
-    from defectscope.deploy.drift import DriftReference
+def drift_reference(model: nn.Module, x_ref: np.ndarray, seed: int, max_images: int = 600) -> dict | None:
+    """The drift alarm of a trained classifier (:class:`~defectscope.deploy.drift.DriftAlarm`, MMD
+    with resampling-calibrated thresholds, Bonferroni over two channels): the pooled backbone
+    features and the :func:`~defectscope.deploy.drift.image_statistics` of at most ``max_images``
+    uint8 images ``[N, 3, S, S]`` the model was not fitted on (the validation part), as plain lists
+    for ``model.ckpt``; ``None`` when there are fewer than ``2 * DRIFT_WINDOW`` images or the model
+    has no ``backbone``."""
+    from defectscope.deploy.drift import DriftAlarm, image_statistics
 
-    if not hasattr(model, "backbone") or len(x_train) < 2 * DRIFT_WINDOW:
+    if not hasattr(model, "backbone") or len(x_ref) < 2 * DRIFT_WINDOW:
         return None
-    pick = np.random.default_rng(seed).permutation(len(x_train))[:max_images]
-    feats = pooled_features(model, x_train[np.sort(pick)])
-    return DriftReference.fit(feats, window=DRIFT_WINDOW, alpha=DRIFT_ALPHA, seed=seed).to_dict()
+    pick = np.sort(np.random.default_rng(seed).permutation(len(x_ref))[:max_images])
+    feats = pooled_features(model, x_ref[pick])
+    return DriftAlarm.fit(feats, image_statistics(x_ref[pick]), window=DRIFT_WINDOW, alpha=DRIFT_ALPHA,
+                          seed=seed).to_dict()
 
 
 def find_ok_class(class_names: list[str], ok_class: str | None) -> str | None:
