@@ -182,6 +182,15 @@ class TaskAdapter:
         """
         raise NotImplementedError
 
+    #: what :meth:`map_image` returns (the file ``inspect --save-maps`` writes per image); ``None``: nothing
+    map_kind: str | None = None
+
+    def map_image(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray | None:
+        """The task's picture output of one sample as an image to save (``inspect --save-maps``):
+        ``uint8 [H, W]`` or ``[H, W, 3]`` at the size of the decoded request ``image`` ``uint8 [H, W, 3]``,
+        described by :attr:`map_kind`; ``None`` for tasks without one (classification)."""
+        return None
+
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """A split of the run (``RUN/split/<split>.txt``; ``test`` = held out) as model inputs and targets.
 

@@ -290,6 +290,14 @@ class WeldAdapter(ClassificationAdapter):
             ans["overlay_png"] = png_base64(self.attention_overlay(info, amap, image))
         return ans
 
+    map_kind = "attention overlay: RGB PNG, the image with the cross-attention map over the weld boxes (models with attention)"
+
+    def map_image(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray | None:
+        """:meth:`attention_overlay` of the sample's ``attention_map``; ``None`` for models without one."""
+        if "attention_map" not in outputs:
+            return None
+        return self.attention_overlay(info, np.asarray(outputs["attention_map"], np.float32), image)
+
     def attention_overlay(self, info: ModelInfo, amap: np.ndarray, image: np.ndarray) -> np.ndarray:
         """``uint8 [H, W_px, 3]``: the image with ``amap`` ``[W, h', w']`` (scaled min..max of the sample to
         blue..red, ``jet``) blended over each weld's crop box; pixels outside the boxes unchanged."""
