@@ -529,6 +529,12 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
     same code as the driver; its dependencies (torch, onnxruntime, pyarrow) must be installed on
     the nodes.
 
+    Start-up cost kept down: no dashboard, no GPU detection (``num_gpus=0``), worker output not
+    streamed to the driver (``log_to_driver=False``: an actor's failure still arrives as its
+    exception), usage statistics off for the private instance (``RAY_USAGE_STATS_ENABLED=0`` unless
+    set), no ``runtime_env`` locally; and the workers of an ONNX classifier never import torch
+    (:func:`defectscope.deploy.adapters.get_adapter` imports only the task's adapter).
+
     Returns:
         ``True`` when this call started Ray (the caller shuts it down), ``False`` if Ray was
         already initialised in this process.
@@ -540,7 +546,7 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
     if ray.is_initialized():
         return False
     pkg = Path(defectscope.__file__).resolve().parent
-    quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "configure_logging": True}
+    quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "configure_logging": True, "log_to_driver": False}
     if address:  # the workers import the driver's own defectscope (shipped by Ray), not whatever is installed there
         _check_reachable(address)
         try:
@@ -553,8 +559,9 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
         # than a runtime_env, which would start fresh worker processes instead of Ray's pre-started ones)
         old = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join([str(pkg.parent)] + ([old] if old else []))
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         try:
-            ray.init(address="local", num_cpus=num_cpus, object_store_memory=512 * 1024 * 1024, **quiet)
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=0, object_store_memory=512 * 1024 * 1024, **quiet)
         finally:
             if old is None:
                 os.environ.pop("PYTHONPATH", None)
