@@ -358,6 +358,7 @@ def inspect_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue: skip images already in --out or its .parts folder.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard earlier results of --out.")] = False,
     flush_every: Annotated[int, typer.Option("--flush-every", help="Write a results part every N rows (or 10 s); a kill loses at most that much work.")] = 1000,
+    save_maps: Annotated[Optional[Path], typer.Option("--save-maps", help="Folder for each image's mask / anomaly map / boxes / attention overlay as PNG (column map_path).")] = None,
 ) -> None:
     """Score image archives on Ray Data: streaming reads, one model copy per worker, Parquet results, resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -383,7 +384,7 @@ def inspect_cmd(
         try:
             res = inspect_archive(model, sources, out, workers=workers, threads=threads, batch_size=batch_size,
                                   address=address, resume=resume, overwrite=overwrite, flush_rows=max(flush_every, 1),
-                                  on_progress=on_progress)
+                                  on_progress=on_progress, save_maps=save_maps)
         except KeyboardInterrupt:
             console.print(f"[yellow]interrupted[/]: the rows received so far are in {escape(display_path(out))}.parts/; "
                           "run the same command with --resume to finish", highlight=False)
@@ -411,6 +412,8 @@ def inspect_cmd(
         table.add_row("images/s (this run, after Ray start)", f"{res.images_per_s:.1f}")
         table.add_row("seconds: Ray start / run / total", "{:.1f} / {:.1f} / {:.1f}".format(
             res.timings.get("ray_init", 0.0), res.timings.get("run", 0.0), res.timings["total"]))
+    if save_maps is not None:
+        table.add_row("maps (PNG, column map_path)", escape(display_path(save_maps)))
     table.add_row("model", escape(f"{res.identity['model']} {res.identity['model_backend']} sha256 {res.identity['model_sha256'][:16]}"))
     console.print(table)
 

@@ -94,8 +94,9 @@ def live_service(predictor):
         thread.join(10)
 
 
-def page_screenshot(predictor, image: Path, shot: Path, expect_testids: tuple[str, ...]) -> dict:
-    """Upload ``image`` on the operator page in headless Chromium, wait for the answer, check that every
+def page_screenshot(predictor, image: Path, shot: Path, expect_testids: tuple[str, ...], spectra: Path | None = None) -> dict:
+    """Upload ``image`` on the operator page in headless Chromium (with ``spectra``: that signals file chosen
+    first in the page's signals field, as for weld models), wait for the answer, check that every
     ``data-testid`` in ``expect_testids`` is shown and that the overlay image decoded (its natural size is
     the request image's), save a screenshot to ``shot``; returns ``{testid: shown text}``.
 
@@ -111,6 +112,9 @@ def page_screenshot(predictor, image: Path, shot: Path, expect_testids: tuple[st
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(url + "/")
             sync_api.expect(page.locator("#model")).to_contain_text(predictor.info.model_name, timeout=30_000)
+            if spectra is not None:
+                page.locator("#spectra-row").wait_for(state="visible", timeout=10_000)
+                page.set_input_files("#spectra", str(spectra))
             page.set_input_files("#file", str(image))
             page.get_by_test_id("predicted-class").wait_for(timeout=60_000)
             for tid in ("predicted-class", *expect_testids):

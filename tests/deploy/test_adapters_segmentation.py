@@ -109,3 +109,48 @@ def test_page_shows_the_mask_overlay(predictors, seg_run, tmp_path):
     assert texts["predicted-class"] in ("good", "defective")
     assert texts["overlay"] == "mask overlay" and "defect pixels" in texts["mask-info"]
     assert "blur_max" in texts["threshold"]
+
+
+def test_inspect_saves_the_masks_as_png_and_resumes(predictors, seg_onnx, ksdd_root, tmp_path):
+    """``inspect --save-maps`` on 4 inputs (two real KolektorSDD images of the same file name in two
+    folders, a good one, an unreadable file): first one folder, then both with resume. Each scored row
+    names its own PNG, which equals the answer's RLE mask at the image size; the error row has none."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from defectscope.data.masks import read_manifest
+    from defectscope.deploy.inspect import inspect_archive, map_file_name
+
+    items = read_manifest(ksdd_root, splits=None)
+    bad = [it.image for it in items if it.defective][:2]
+    good = next(it.image for it in items if not it.defective)
+    root = tmp_path / "archive"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "part.jpg").symlink_to(bad[0])
+    (root / "b" / "part.jpg").symlink_to(bad[1])
+    (root / "a" / "good.jpg").symlink_to(good)
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    out, maps = tmp_path / "r.parquet", tmp_path / "maps"
+    first = inspect_archive(seg_onnx, [root / "a"], out, save_maps=maps, batch_size=2)
+    assert first.rows == 2 and first.errors == 0
+    res = inspect_archive(seg_onnx, [root / "a", root / "b"], out, save_maps=maps, resume=True, batch_size=2)
+    assert (res.rows, res.new, res.resumed, res.errors) == (4, 2, 2, 1)
+    rows = {Path(r["path"]).relative_to(root).as_posix(): r for r in pq.read_table(out).to_pylist()}
+    assert rows["b/broken.png"]["error"] and rows["b/broken.png"]["map_path"] is None
+    scored = ["a/part.jpg", "b/part.jpg", "a/good.jpg"]
+    files = [Path(rows[k]["map_path"]) for k in scored]
+    assert len(set(files)) == 3 and sorted(maps.iterdir()) == sorted(files)  # no collision, no temporary left
+    assert [f.name for f in files] == [map_file_name(str(root / k)) for k in scored]
+    _, onnx_p = predictors
+    for k, f in zip(scored, files):
+        ans = onnx_p.predict([root / k])[0]
+        h, w = ans["masks"][0]["size"]
+        with Image.open(f) as im:
+            assert im.format == "PNG"
+            m = np.asarray(im)
+        assert m.shape == (h, w) and set(np.unique(m).tolist()) <= {0, 255}
+        assert ((m == 255) == rle_decode(ans["masks"][0]["rle"], (h, w)).astype(bool)).all()
+        assert int((m == 255).sum()) == rows[k]["defect_pixels"]

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from PIL import Image
-from task_helpers import REPO, train_cli
+from task_helpers import REPO, page_screenshot, png_array, train_cli
 from typer.testing import CliRunner
 
 from defectscope.data.weld.format import read_weld_dataset
@@ -101,6 +101,56 @@ def test_adapter_agrees_with_defectscope_predict(predictors, weld_run, tmp_path)
                 assert abs(a["probabilities"][c] - float(row[f"prob_{c}"])) < 2e-6, (p.backend, s.id, c)
             assert a["class"] == row["class"] and a["decision"] == row["decision"]
             assert abs(a["defect_score"] - float(row["defect_score"])) < 2e-6
+
+
+def test_attention_outputs_match_pytorch_and_map_onto_the_welds(predictors, weld_run):
+    """The v2s cross-attention weights are graph outputs: ONNX Runtime equals PyTorch on the held-out
+    samples within 1e-4; channel weights sum to 1; the heat map is blended inside the weld boxes only."""
+    from defectscope.data.weld.prepare import weld_boxes
+
+    torch_p, onnx_p = predictors
+    assert onnx_p.output_names == ["logits", "probabilities", "attention_map", "channel_attention"]
+    att = onnx_p.info.extra["attention"]
+    assert att["kind"] == "v2s" and len(att["grid"]) == 2
+    ev = get_adapter("weld").eval_set(weld_run, torch_p.info)
+    ref, got = torch_p.run(ev.inputs), onnx_p.run(ev.inputs)
+    for k in ("logits", "probabilities", "attention_map", "channel_attention"):
+        assert ref[k].shape == got[k].shape, k
+        assert float(np.abs(ref[k] - got[k]).max()) < 1e-4, k
+    assert got["attention_map"].shape == (7, 2, *att["grid"])
+    np.testing.assert_allclose(got["channel_attention"].sum(-1), 1.0, atol=1e-5)
+    assert (got["attention_map"] >= 1 / 4 - 1e-6).all() and (got["attention_map"] <= 1 + 1e-6).all()  # 4 channels
+
+    _, samples = _held_out(weld_run)
+    s = samples[0]
+    a = onnx_p.predict([s.image], [s.spectra])[0]
+    summary = a["attention"]
+    assert set(summary["channels"]) == {c["name"] for c in onnx_p.info.extra["spectral_channels"]}
+    assert summary["top_channel"] == max(summary["channels"], key=summary["channels"].get)
+    assert summary["map_min"] <= min(summary["weld_peak"]) and max(summary["weld_peak"]) == summary["map_max"]
+    overlay = png_array(a["overlay_png"])
+    assert overlay.shape == s.image.shape
+    inside = np.zeros(s.image.shape[:2], bool)
+    for y0, y1, x0, x1, _ in weld_boxes(s.image.shape, None, 2, (32, 64)):
+        inside[y0:y1, x0:x1] = True
+    assert (overlay[~inside] == s.image[~inside]).all() and (overlay[inside] != s.image[inside]).any()
+
+
+def test_page_shows_weld_class_and_attention_map(predictors, weld_run, tmp_path):
+    """Headless Chromium: the signals file is chosen in the page's signals field, the image uploaded; the
+    page shows the class the service returns and the attention heat map with its numbers."""
+    _, onnx_p = predictors
+    _, samples = _held_out(weld_run)
+    s = samples[0]
+    img, npy = tmp_path / f"{s.id}.png", tmp_path / f"{s.id}.npy"
+    Image.fromarray(s.image).save(img)
+    np.save(npy, s.spectra)
+    expected = onnx_p.predict([s.image], [s.spectra])[0]
+    texts = page_screenshot(onnx_p, img, tmp_path / "weld_page.png", ("overlay", "attention-info", "decision"), spectra=npy)
+    assert texts["predicted-class"] == expected["class"]
+    assert texts["overlay"] == "attention map"
+    assert texts["attention-info"].startswith("attention map (v2s cross-attention")
+    assert expected["attention"]["top_channel"] in texts["attention-info"]
 
 
 def test_signals_of_another_length_are_resampled_and_bad_shapes_refused(predictors, weld_run):

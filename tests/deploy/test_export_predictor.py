@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -142,3 +144,26 @@ def test_int8_keeps_the_high_resolution_layers_of_both_resolutions_in_fp32(tiny_
     assert set(stems) < set(keep)
     # stage 0 (dw + pw) and stage 1 (2 blocks x 3 convs) of both resolutions, and nothing later
     assert len(keep) == 2 * (1 + 2 + 6) and not any("blocks.2" in n or "/head/" in n for n in keep)
+
+
+def test_onnx_predictor_needs_no_torch(tiny_onnx, neu_files):
+    """An ONNX classifier answers (as an ``inspect`` worker does) without importing torch, in a fresh
+    interpreter; its session does not spin-wait (make_session)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from defectscope.deploy.predictor import load_predictor\n"
+        "import defectscope.deploy.inspect\n"
+        f"p = load_predictor({str(tiny_onnx)!r}, threads=1)\n"
+        f"a = p.predict([{str(neu_files[0])!r}])[0]\n"
+        "print(a['class'], p.session.get_session_options().get_session_config_entry('session.intra_op.allow_spinning'))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cls, spinning, torch_loaded = res.stdout.split()
+    assert cls in ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches") and spinning == "0" and torch_loaded == "False"

@@ -148,3 +148,9 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, tiny_onnx, archive, onnx
         assert abs(r["score"] - a["score"]) < 1e-5
         probs = json.loads(r["probabilities"])
         assert list(probs) == CLASSES and np.allclose(list(probs.values()), list(a["probabilities"].values()), atol=1e-5)
+
+
+def test_save_maps_refused_for_a_task_without_pictures(tmp_path, tiny_onnx, neu_files):
+    with pytest.raises(InspectError, match="task 'classification' has no picture output"):
+        inspect_archive(tiny_onnx, [neu_files[0]], tmp_path / "r.parquet", save_maps=tmp_path / "maps")
+    assert not (tmp_path / "maps").exists() and not (tmp_path / "r.parquet").exists()

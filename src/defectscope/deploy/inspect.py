@@ -33,6 +33,13 @@ the image's batch / batch size), ``error`` (null when scored), ``inspected_at`` 
 are tested in consecutive windows (:func:`~defectscope.deploy.drift.window_scan`) and the result
 is ``summary["drift"]`` and ``RESULTS.drift.json``. Path order is the stream order: with dated
 folders it is time order; a shuffled list tests nothing about time.
+
+With ``save_maps=DIR`` (``--save-maps DIR``) each worker also writes the task's picture output of every
+scored image as a PNG into ``DIR`` (atomically; see the adapters' ``map_kind``): segmentation the mask
+(255 = defect), anomaly the anomaly map (``round(255 * min(map / map_scale, 1))``), detection the
+boxes drawn on the image, weld the attention overlay. The file name is :func:`map_file_name` of the
+input path (its stem plus a hash of the whole path, so equal names in different folders do not
+collide), and the row's ``map_path`` column holds the written file (null for error rows).
 """
 
 from __future__ import annotations
@@ -187,6 +194,17 @@ def result_schema(answer_cols: Sequence[tuple[str, object]]):
     return pa.schema(fields)
 
 
+def map_file_name(path: str) -> str:
+    """The ``--save-maps`` file name of an input path: ``<stem>-<first 16 hex of SHA-256 of the path>.png``;
+    characters of the stem other than letters, digits, ``.``, ``_``, ``-`` become ``_`` (stem cut at 80)."""
+    import hashlib
+    import re
+
+    digest = hashlib.sha256(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem)[:80]
+    return f"{stem}-{digest}.png"
+
+
 def _cell(value):
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, sort_keys=False)
@@ -239,6 +257,8 @@ class ImageScorer:
         threads: intra-op threads of the model (the actor reserves as many CPUs).
         answer_cols: :func:`answer_columns` of the model (fixed by the driver, so that every
             block has the same schema, also a block where every image failed).
+        maps_dir: folder for the task's picture outputs (``--save-maps``; ``None``: none written);
+            ``answer_cols`` then includes ``map_path``.
 
     ``__call__(batch)`` takes ``{"path": array of str [B]}`` and returns a ``pyarrow.Table`` of
     ``B`` rows (:func:`result_schema`). Each file is read and decoded here, inside the map
@@ -248,17 +268,35 @@ class ImageScorer:
     the failing images carry the error.
     """
 
-    def __init__(self, model: str, threads: int, answer_cols: Sequence[tuple[str, object]]) -> None:
+    def __init__(self, model: str, threads: int, answer_cols: Sequence[tuple[str, object]],
+                 maps_dir: str | None = None) -> None:
         from defectscope.deploy.predictor import load_predictor
 
         self.predictor = load_predictor(model, threads=threads)
+        self.maps_dir = Path(maps_dir) if maps_dir else None
         self.ident = model_identity(self.predictor)
         self.alarm = drift_alarm_of(self.predictor)
         self.answer_cols = list(answer_cols)
         self.schema = result_schema(self.answer_cols)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
-    def _answers(self, inputs: list[dict[str, np.ndarray]], decoded: list[np.ndarray]) -> list[dict | Exception]:
+    def _save_map(self, path: str, outputs: dict[str, np.ndarray], image: np.ndarray) -> str | None:
+        """Write the adapter's :meth:`map_image` of one image as ``maps_dir/map_file_name(path)`` (atomic);
+        returns the file, ``None`` when the model has no picture for it."""
+        from PIL import Image
+
+        from defectscope.utils.io import atomic_path
+
+        arr = self.predictor.adapter.map_image(self.predictor.info, outputs, image)
+        if arr is None:
+            return None
+        target = self.maps_dir / map_file_name(path)
+        with atomic_path(target) as tmp:
+            Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(tmp, format="PNG")
+        return str(target)
+
+    def _answers(self, inputs: list[dict[str, np.ndarray]], decoded: list[np.ndarray],
+                 paths: list[str]) -> list[dict | Exception]:
         p = self.predictor
         try:
             batch = {k: np.stack([x[k] for x in inputs]).astype(np.float32, copy=False) for k in p.info.inputs}
@@ -272,16 +310,23 @@ class ImageScorer:
                 coords = self.alarm.project({"features": out["features"], "image_statistics": image_statistics(batch["image"])})
             res: list[dict | Exception] = []
             for j, im in enumerate(decoded):
-                a = p.adapter.postprocess(p.info, {k: v[j] for k, v in out.items()}, im)
+                one = {k: v[j] for k, v in out.items()}
+                a = p.adapter.postprocess(p.info, one, im)
                 a["latency_ms"] = round(ms, 4)
                 if coords is not None:
                     a[DRIFT_COLUMN] = coords[j]
+                if self.maps_dir is not None:
+                    try:
+                        a["map_path"] = self._save_map(paths[j], one, im)
+                    except Exception as exc:  # noqa: BLE001 - a map that cannot be written is this row's error
+                        a = exc
                 res.append(a)
             return res
         except Exception as exc:  # noqa: BLE001 - retried one by one below; each failing image keeps its error
             if len(inputs) == 1:
                 return [exc]
-            return [r for i in range(len(inputs)) for r in self._answers(inputs[i : i + 1], decoded[i : i + 1])]
+            return [r for i in range(len(inputs))
+                    for r in self._answers(inputs[i : i + 1], decoded[i : i + 1], paths[i : i + 1])]
 
     def __call__(self, batch: dict) -> "pyarrow.Table":  # noqa: F821
         import pyarrow as pa
@@ -301,7 +346,7 @@ class ImageScorer:
                 errors[i] = _error_text(exc)
         answers: list[dict | None] = [None] * len(paths)
         if ok_idx:
-            for i, a in zip(ok_idx, self._answers(inputs, decoded)):
+            for i, a in zip(ok_idx, self._answers(inputs, decoded, [paths[i] for i in ok_idx])):
                 if isinstance(a, Exception):
                     errors[i] = _error_text(a)
                 else:
@@ -541,6 +586,12 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
     same code as the driver; its dependencies (torch, onnxruntime, pyarrow) must be installed on
     the nodes.
 
+    Start-up cost kept down: no dashboard, no GPU detection (``num_gpus=0``), worker output not
+    streamed to the driver (``log_to_driver=False``: an actor's failure still arrives as its
+    exception), usage statistics off for the private instance (``RAY_USAGE_STATS_ENABLED=0`` unless
+    set), no ``runtime_env`` locally; and the workers of an ONNX classifier never import torch
+    (:func:`defectscope.deploy.adapters.get_adapter` imports only the task's adapter).
+
     Returns:
         ``True`` when this call started Ray (the caller shuts it down), ``False`` if Ray was
         already initialised in this process.
@@ -552,7 +603,7 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
     if ray.is_initialized():
         return False
     pkg = Path(defectscope.__file__).resolve().parent
-    quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "configure_logging": True}
+    quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "configure_logging": True, "log_to_driver": False}
     if address:  # the workers import the driver's own defectscope (shipped by Ray), not whatever is installed there
         _check_reachable(address)
         try:
@@ -565,8 +616,9 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
         # than a runtime_env, which would start fresh worker processes instead of Ray's pre-started ones)
         old = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join([str(pkg.parent)] + ([old] if old else []))
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         try:
-            ray.init(address="local", num_cpus=num_cpus, object_store_memory=512 * 1024 * 1024, **quiet)
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=0, object_store_memory=512 * 1024 * 1024, **quiet)
         finally:
             if old is None:
                 os.environ.pop("PYTHONPATH", None)
@@ -579,7 +631,8 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
 def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                     workers: int = 1, threads: int = 1, batch_size: int = 32, address: str | None = None,
                     resume: bool = False, overwrite: bool = False, flush_rows: int = 1000, flush_seconds: float = 10.0,
-                    block_rows: int | None = None, on_progress: ProgressFn | None = None) -> InspectResult:
+                    block_rows: int | None = None, on_progress: ProgressFn | None = None,
+                    save_maps: str | os.PathLike | None = None) -> InspectResult:
     """Score every image of ``sources`` with ``model`` on Ray Data and write one Parquet row per image.
 
     Args:
@@ -600,13 +653,17 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
         block_rows: paths per Ray block (default ``4 * batch_size``, fewer for small inputs so that
             every worker gets blocks).
         on_progress: called after every result block, see :data:`ProgressFn`.
+        save_maps: folder for each scored image's picture output (mask, anomaly map, boxes overlay,
+            attention overlay: the adapter's ``map_kind``), named by :func:`map_file_name`; the rows get
+            ``map_path``. On resume only the newly scored images' files are written.
 
     Returns:
         :class:`InspectResult`.
 
     Raises:
         InspectError: bad sources; existing results without ``resume``/``overwrite``; results of
-            another model on resume; a model that needs more than an image.
+            another model on resume; a model that needs more than an image; ``save_maps`` with a task
+            that has no picture output (classification, multicnn).
         DeployError / RunError: the model cannot be loaded.
         OutputPathError: ``out`` cannot be written.
     """
@@ -632,6 +689,13 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
     alarm = drift_alarm_of(predictor)
     if alarm is not None:
         cols.append((DRIFT_COLUMN, pa.list_(pa.float32())))
+    maps_dir = None
+    if save_maps is not None:
+        if predictor.adapter.map_kind is None:
+            raise InspectError(f"--save-maps {save_maps}: task '{predictor.info.task}' has no picture output to save "
+                               "(segmentation masks, anomaly maps, detection boxes and weld attention maps are saved)")
+        maps_dir = str(check_output_path(save_maps, "dir").resolve())
+        cols.append(("map_path", pa.string()))
     del predictor
 
     existing = []
@@ -681,7 +745,8 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
             block = block_rows or max(1, min(4 * batch_size, -(-len(todo) // (4 * workers))))
             blocks = [pa.table({"path": pa.array(todo[i : i + block], pa.string())}) for i in range(0, len(todo), block)]
             ds = ray.data.from_arrow(blocks).map_batches(
-                ImageScorer, fn_constructor_kwargs={"model": str(Path(model).resolve()), "threads": threads, "answer_cols": cols},
+                ImageScorer, fn_constructor_kwargs={"model": str(Path(model).resolve()), "threads": threads, "answer_cols": cols,
+                                                 "maps_dir": maps_dir},
                 batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads)
             run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
             buffer: list = []

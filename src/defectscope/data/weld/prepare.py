@@ -1,7 +1,7 @@
 """Model inputs of the weld task (paper 000, section 4): weld crops from a coupon image and the
 normalised, selected signal channels.
 
-- :func:`crop_welds`: one crop per weld from the seam mask (or a fixed band without one), the first
+- :func:`crop_welds` (boxes: :func:`weld_boxes`): one crop per weld from the seam mask (or a fixed band without one), the first
   flipped vertically, optionally blanked outside the seam (section 4.2);
 - :class:`SpectralPrep` / :func:`fit_spectral_prep`: Pearson channel selection (eq. 1) and min-max
   statistics fitted on a training part, applied to any signals (section 4.1.1).
@@ -24,18 +24,14 @@ from defectscope.data.weld.channels import (
 )
 
 
-def crop_welds(image: np.ndarray, mask: np.ndarray | None, n_welds: int, size: tuple[int, int], segmented: bool) -> np.ndarray:
-    """Crop each weld (paper 000 section 4.2): uint8 ``[W, 3, h, w]``, the first crop flipped vertically.
-
-    Weld ``k`` is searched in the ``k``-th of ``n_welds`` horizontal bands of the image; its box spans
-    the mask's columns (+-4 px) and is centred on the mask's mean row, with the aspect ratio of
-    ``size``. Without mask pixels in a band (or without a mask: no seam U-Net) the box spans the
-    band's full width, centred on the band (a fixed band), unmasked. With ``segmented`` the pixels
-    outside the (3 px dilated) seam mask are set to 0 before resizing (bilinear) to ``size``.
-    """
-    h_img, w_img = image.shape[:2]
+def weld_boxes(image_shape: tuple[int, ...], mask: np.ndarray | None, n_welds: int, size: tuple[int, int]
+               ) -> list[tuple[int, int, int, int, bool]]:
+    """The image box each weld is cropped from (see :func:`crop_welds`): ``(y0, y1, x0, x1, found)`` per weld,
+    pixel rows ``y0:y1`` and columns ``x0:x1`` of an image of shape ``image_shape = (H, W_px, ...)``;
+    ``found`` is whether the band held seam mask pixels (otherwise the box is the fixed band)."""
+    h_img, w_img = int(image_shape[0]), int(image_shape[1])
     ch, cw = size
-    crops = []
+    boxes = []
     for k in range(n_welds):
         b0, b1 = int(round(k * h_img / n_welds)), int(round((k + 1) * h_img / n_welds))
         band = mask[b0:b1] if mask is not None else None
@@ -50,6 +46,23 @@ def crop_welds(image: np.ndarray, mask: np.ndarray | None, n_welds: int, size: t
         y0 = int(round(yc - bh / 2))
         y0 = min(max(y0, 0), max(h_img - bh, 0))
         y1 = min(y0 + bh, h_img)
+        boxes.append((y0, y1, int(x0), int(x1), found))
+    return boxes
+
+
+def crop_welds(image: np.ndarray, mask: np.ndarray | None, n_welds: int, size: tuple[int, int], segmented: bool) -> np.ndarray:
+    """Crop each weld (paper 000 section 4.2): uint8 ``[W, 3, h, w]``, the first crop flipped vertically.
+
+    Weld ``k`` is searched in the ``k``-th of ``n_welds`` horizontal bands of the image; its box spans
+    the mask's columns (+-4 px) and is centred on the mask's mean row, with the aspect ratio of
+    ``size``. Without mask pixels in a band (or without a mask: no seam U-Net) the box spans the
+    band's full width, centred on the band (a fixed band), unmasked. With ``segmented`` the pixels
+    outside the (3 px dilated) seam mask are set to 0 before resizing (bilinear) to ``size``.
+    The boxes are :func:`weld_boxes`.
+    """
+    ch, cw = size
+    crops = []
+    for k, (y0, y1, x0, x1, found) in enumerate(weld_boxes(image.shape, mask, n_welds, size)):
         img = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1).float()
         if segmented and found:  # no seam found in this band: keep the raw crop rather than a black one
             m = torch.from_numpy(mask[y0:y1, x0:x1]).float()[None, None]

@@ -221,6 +221,15 @@ class AnomalyAdapter(TaskAdapter):
                 "threshold": thr, "member": info.model_name, "map_max": float(amap.max()), "map_scale": scale,
                 "overlay_png": overlay}
 
+    map_kind = ("anomaly map: uint8 PNG at the image's size, value = round(255 * min(map / map_scale, 1)), map_scale "
+                "the value the page shows red (PatchCore: 2 x the image-score threshold)")
+
+    def map_image(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray:
+        """The anomaly map resized to the image, ``uint8 [H, W]`` = ``round(255 * clip(map / map_scale, 0, 1))``."""
+        amap = np.asarray(outputs["anomaly_map"], np.float32)
+        scale = float(info.extra.get("map_scale") or max(float(amap.max()), 1e-12))
+        return (np.clip(resize_map(amap, image.shape[:2]) / scale, 0, 1) * 255).round().astype(np.uint8)
+
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """Images of ``RUN/split/<split>.txt`` (``test``: good and defective; ``fit``/``calibration``: good only;
         ``train`` falls back to ``fit`` for int8 calibration); targets ``[N]``, 1 = defective."""

@@ -37,10 +37,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
+
+if TYPE_CHECKING:  # torch is imported where a PyTorch model is built, never by an ONNX-only process
+    from torch import nn
 
 from defectscope.errors import DefectscopeError
 
@@ -182,6 +184,15 @@ class TaskAdapter:
         """
         raise NotImplementedError
 
+    #: what :meth:`map_image` returns (the file ``inspect --save-maps`` writes per image); ``None``: nothing
+    map_kind: str | None = None
+
+    def map_image(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray | None:
+        """The task's picture output of one sample as an image to save (``inspect --save-maps``):
+        ``uint8 [H, W]`` or ``[H, W, 3]`` at the size of the decoded request ``image`` ``uint8 [H, W, 3]``,
+        described by :attr:`map_kind`; ``None`` for tasks without one (classification)."""
+        return None
+
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """A split of the run (``RUN/split/<split>.txt``; ``test`` = held out) as model inputs and targets.
 
@@ -230,13 +241,19 @@ def register_adapter(adapter: TaskAdapter) -> TaskAdapter:
     _ADAPTERS[adapter.task] = adapter
     return adapter
 
-def _ensure_loaded() -> None:
-    import defectscope.deploy.adapters.anomaly  # noqa: F401
-    import defectscope.deploy.adapters.classification  # noqa: F401
-    import defectscope.deploy.adapters.detection  # noqa: F401
-    import defectscope.deploy.adapters.multicnn  # noqa: F401
-    import defectscope.deploy.adapters.segmentation  # noqa: F401
-    import defectscope.deploy.adapters.weld  # noqa: F401
+#: the module that registers each built-in task's adapter; :func:`get_adapter` imports only the one asked
+#: for, so an ONNX Runtime process of a classification model never imports torch (Ray workers start faster)
+ADAPTER_MODULES = {task: f"defectscope.deploy.adapters.{task}"
+                   for task in ("anomaly", "classification", "detection", "multicnn", "segmentation", "weld")}
+
+
+def _ensure_loaded(task: str | None = None) -> None:
+    """Import the adapter module of ``task`` (``None``: of every built-in task)."""
+    import importlib
+
+    for name in ([task] if task is not None else sorted(ADAPTER_MODULES)):
+        if name in ADAPTER_MODULES and name not in _ADAPTERS:
+            importlib.import_module(ADAPTER_MODULES[name])
 
 # Trained tasks that export / predictor / serve do not handle, and why (shown in the error).
 # (none at present: every trained task has an adapter)
@@ -250,9 +267,9 @@ def get_adapter(task: str) -> TaskAdapter:
         DeployError: no adapter for that task (the message says why for the known tasks and lists the
             deployable ones).
     """
-    _ensure_loaded()
+    _ensure_loaded(task)
     if task not in _ADAPTERS:
-        deployable = ", ".join(sorted(_ADAPTERS))
+        deployable = ", ".join(sorted(set(_ADAPTERS) | set(ADAPTER_MODULES)))
         if task in UNSUPPORTED_TASKS:
             raise DeployError(f"task '{task}' is not supported by export/predictor/serve: {UNSUPPORTED_TASKS[task]}; "
                               f"supported tasks: {deployable}")

@@ -9,41 +9,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
 
 from defectscope.data.images import resize_uint8
 from defectscope.deploy.adapters.base import DeployError, EvalSet, ModelInfo, TaskAdapter, file_sha256, register_adapter
 from defectscope.deploy.images import as_rgb_uint8
 
+if TYPE_CHECKING:  # torch only where a PyTorch model is built (load_torch); ONNX answers need none
+    from torch import nn
 
-class ClassifierWithProbabilities(nn.Module):
-    """Wraps a classifier ``[B, 3, H, W] -> logits [B, K]`` to also return probabilities (and features).
 
-    Args:
-        model: the classifier.
-        temperature: ``T`` of temperature scaling (fitted on the validation part at training):
-            ``probabilities = softmax(logits / T)``; 1 = plain softmax.
-        features: also return the pooled backbone features ``[B, C]`` (the drift monitor's
-            input; :func:`defectscope.engine.classification.pooled_features`).
-    """
+def __getattr__(name: str):
+    if name == "ClassifierWithProbabilities":  # lives in classification_export (imports torch)
+        from defectscope.deploy.adapters.classification_export import ClassifierWithProbabilities
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0, features: bool = False) -> None:
-        super().__init__()
-        self.model = model
-        self.temperature = float(temperature)
-        self.features = features and hasattr(model, "backbone")
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.features and hasattr(self.model, "forward_features") and hasattr(self.model, "head"):
-            feats = self.model.forward_features(image).float()  # pooled backbone features, computed once
-            logits = self.model.head(feats)
-        else:
-            logits = self.model(image)
-            feats = self.model.backbone(image).float().mean(dim=(2, 3)) if self.features else None
-        probs = torch.softmax(logits.float() / self.temperature, dim=1)
-        return (logits, probs, feats) if feats is not None else (logits, probs)
+        return ClassifierWithProbabilities
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _image_to_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -77,6 +60,7 @@ class ClassificationAdapter(TaskAdapter):
     task = "classification"
 
     def load_torch(self, run_dir: Path) -> tuple[nn.Module, ModelInfo]:
+        from defectscope.deploy.adapters.classification_export import ClassifierWithProbabilities
         from defectscope.engine.run import RunFolder
 
         model, payload = RunFolder(run_dir).load_model()

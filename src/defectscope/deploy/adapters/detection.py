@@ -275,6 +275,16 @@ class DetectionAdapter(TaskAdapter):
                 "score": found[0]["score"] if found else 0.0, "probabilities": {}, "boxes": found,
                 "score_threshold": info.thresholds["score"], "overlay_png": overlay}
 
+    map_kind = "boxes overlay: RGB PNG, the image with the kept boxes (score >= score_threshold) and labels drawn"
+
+    def map_image(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray:
+        """The image with the answer's boxes drawn, ``uint8 [H, W, 3]`` (the page's overlay)."""
+        d = self.detections(info, outputs["boxes"], outputs["class_scores"])
+        keep = d["scores"] >= info.thresholds["score"]
+        h, w = image.shape[:2]
+        px = d["boxes"][keep].astype(np.float64) * np.array([w, h, w, h], np.float64)
+        return draw_boxes(image, px, [int(v) for v in d["labels"][keep]], info.class_names, d["scores"][keep])
+
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """Images of ``RUN/split/<split>.txt`` (``path,image class``); targets: the image class index ``[N]``."""
         from defectscope.deploy.images import as_rgb_uint8

@@ -190,6 +190,15 @@ class SegmentationAdapter(TaskAdapter):
                 "rle_format": "Kaggle/Severstal: column-major, 1-indexed 'start length' pairs",
                 "overlay_png": overlay}
 
+    map_kind = "mask: uint8 PNG at the image's size, 255 = defect (any mask class, probability >= the pixel threshold), 0 = not"
+
+    def map_image(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray:
+        """The union of the class masks ``uint8 [H, W]`` (255 / 0) at the image's size, as the answer's RLE masks."""
+        probs = np.asarray(outputs["mask_probabilities"], np.float32)
+        thr = float(info.thresholds["pixel"])
+        union = np.stack([resize_map(p, image.shape[:2]) >= thr for p in probs]).any(axis=0)
+        return union.astype(np.uint8) * np.uint8(255)
+
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """Images of ``RUN/split/<split>.txt`` (``path,good|defective`` lines); targets are the true
         masks ``uint8 [N, K, H, W]`` at the model's size when every image's mask is found through its

@@ -14,6 +14,22 @@ signal-only baselines ``spectra`` only):
 temperature fitted on the validation part at training; 1 without one), the same probabilities as
 ``defectscope predict RUN`` (which applies the temperature to its softmax outputs).
 
+Attention (``weld_fusion`` with a cross-attention fusion: ``v2s``, ``s2v``, ``bidirectional``): the
+graph has extra outputs from the fusion's attention weights ``P = softmax(Q K^T / sqrt(d))`` (paper
+000 eq. 5-8, averaged over the heads), over the ``h' x w'`` grid of vision tokens of each weld crop:
+
+- ``v2s`` (image tokens query the spectral channel tokens; ``bidirectional`` shows this direction):
+  ``attention_map`` ``[B, W, h', w']`` = per image position the largest weight it gives one spectral
+  channel, ``max_c P[n, c]`` (``1/C_sel`` = no preference, 1 = all on one channel), and
+  ``channel_attention`` ``[B, W, C_sel]`` = each channel's weight averaged over the positions (sums to 1);
+- ``s2v`` (channels query the image): ``attention_map`` ``[B, W, h', w']`` = the share of attention
+  each image position receives, averaged over the channel queries (sums to 1 per weld).
+
+:meth:`WeldAdapter.postprocess` maps it back onto the request image (each weld's crop box, the first
+crop's flip undone) as a heat map (``overlay_png``) scaled from the map's minimum (blue) to its maximum
+(red) over the sample, and returns the numbers as ``attention``. Add/concat fusions and the baselines
+have no cross-attention and answer without it.
+
 Preprocessing (numpy, in :meth:`WeldAdapter.preprocess`) takes the raw request: an image ``uint8
 [H, W_px, 3]`` and the raw signals ``[W, C_all, L]`` (``[C_all, L]`` for one weld per sample) with
 all of the run's channels in the run's channel order (``info.extra["channels"]``). Series of another
@@ -40,6 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from defectscope.deploy.adapters._common import heat_overlay, png_base64, resize_map
 from defectscope.deploy.adapters.base import DeployError, EvalSet, ModelInfo, file_sha256, register_adapter
 from defectscope.deploy.adapters.classification import ClassificationAdapter
 
@@ -57,14 +74,38 @@ class WeldExport(nn.Module):
         temperature: ``T`` of temperature scaling (1 = plain softmax).
     """
 
-    def __init__(self, model: nn.Module, inputs: tuple[str, ...], temperature: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, inputs: tuple[str, ...], temperature: float = 1.0,
+                 attention: str | None = None) -> None:
         super().__init__()
         self.model, self.names, self.temperature = model, tuple(inputs), float(temperature)
+        self.attention = attention
 
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(logits [B, K], probabilities [B, K])``, with ``attention`` also the attention outputs of the
+        module docstring: ``v2s``: ``attention_map [B, W, h', w']``, ``channel_attention [B, W, C_sel]``;
+        ``s2v``: ``attention_map [B, W, h', w']``."""
         x = dict(zip(self.names, args))
-        logits = self.model(x.get("image"), x.get("spectra")).float()
-        return logits, torch.softmax(logits / self.temperature, dim=1)
+        if not self.attention:
+            logits = self.model(x.get("image"), x.get("spectra")).float()
+            return logits, torch.softmax(logits / self.temperature, dim=1)
+        logits, attn = self.model.forward_with_attention(x["image"], x["spectra"])
+        logits = logits.float()
+        probs = torch.softmax(logits / self.temperature, dim=1)
+        gh, gw = self.model.grid
+        a = attn[self.attention].float().mean(2)  # heads averaged
+        if self.attention == "v2s":  # [B, W, N, C]: rows sum to 1 over the channels
+            amap = a.amax(-1)
+            return logits, probs, amap.reshape(amap.shape[0], amap.shape[1], gh, gw), a.mean(2)
+        amap = a.mean(2)  # s2v [B, W, C, N] -> share of attention per image position [B, W, N]
+        return logits, probs, amap.reshape(amap.shape[0], amap.shape[1], gh, gw)
+
+
+def attention_kind(model: nn.Module, model_name: str) -> str | None:
+    """Which attention weights of a weld model become outputs: ``v2s`` (also for ``bidirectional``), ``s2v``,
+    or ``None`` (no cross-attention fusion: add/concat fusions and the baselines)."""
+    if model_name != "weld_fusion":
+        return None
+    return {"v2s": "v2s", "bidirectional": "v2s", "s2v": "s2v"}.get(getattr(model, "fusion_kind", None))
 
 
 def _recipe_data(payload: dict) -> dict:
@@ -154,9 +195,19 @@ class WeldAdapter(ClassificationAdapter):
             except (KeyError, TypeError, RuntimeError) as exc:
                 raise DeployError(f"{rf.model_path}: cannot rebuild the seam U-Net ({str(exc).splitlines()[0]})") from None
             _UNETS[sha] = unet.float().eval()
+        model = model.float().eval()
+        kind = attention_kind(model, payload["model_name"])
+        outputs, attention = ["logits", "probabilities"], None
+        if kind:
+            with torch.no_grad():  # one forward pass on zeros gives the vision token grid (h', w')
+                model.forward_with_attention(torch.zeros(1, *shapes["image"]), torch.zeros(1, *shapes["spectra"]))
+            outputs += ["attention_map"] + (["channel_attention"] if kind == "v2s" else [])
+            attention = {"kind": kind, "grid": [int(g) for g in model.grid],
+                         "map": ("max over the spectral channels of the heads' mean weight per image position" if kind == "v2s"
+                                 else "mean over the channel queries of the heads' mean weight per image position")}
         info = ModelInfo(
             task=self.task, model_name=payload["model_name"], model_kwargs=payload["model_kwargs"],
-            inputs={k: shapes[k] for k in names}, outputs=["logits", "probabilities"], input_size=(h_c, w_c),
+            inputs={k: shapes[k] for k in names}, outputs=outputs, input_size=(h_c, w_c),
             input_format="image: float32 [W, 3, h, w] weld crops, RGB in [0, 1], the first flipped vertically; "
                          "spectra: float32 [W, C_sel, T] selected channels, min-max normalised",
             normalisation={"inside_model": True, "spectra": "min-max with the training statistics, in preprocessing"},
@@ -171,10 +222,10 @@ class WeldAdapter(ClassificationAdapter):
                    "minmax_hi": [float(v) for v in payload["minmax_hi"]], "welds": w, "crop_size": [h_c, w_c],
                    "seq_len": t, "length_policy": data.get("length_policy", "resample"),
                    "segmented": bool(data.get("segmented", True)), "seg_size": int(data.get("seg_size", 128)),
-                   "seam_unet": unet is not None},
+                   "seam_unet": unet is not None, "attention": attention},
             source=str(Path(run_dir).resolve()), sha256=sha,
         )
-        return WeldExport(model.float().eval(), names, thresholds.get("temperature", 1.0)).eval(), info
+        return WeldExport(model, names, thresholds.get("temperature", 1.0), kind).eval(), info
 
     def onnx_unsupported(self, info: ModelInfo) -> str | None:
         if info.extra.get("seam_unet"):
@@ -212,6 +263,55 @@ class WeldAdapter(ClassificationAdapter):
             raise DeployError(f"model '{info.model_name}' ({info.task}) reads the weld image only; remove the spectra")
         if "image" in info.inputs:
             out["image"] = _crops(image, self._mask(info, image), info.extra)
+        return out
+
+    def postprocess(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray | None = None) -> dict:
+        """The classification answer (class, probabilities, decision) and, for models with attention
+        outputs, ``attention`` (``kind``, ``grid``, ``map_min``/``map_max`` (the values shown blue/red),
+        ``weld_peak``: each weld's map maximum, and for ``v2s`` ``channels``: mean weight per selected
+        channel name, averaged over the welds, and ``top_channel``) and ``overlay_png``: the image with
+        the map blended over each weld's crop box (seam U-Net runs: the boxes of the predicted seam,
+        whose mask is computed again here)."""
+        ans = super().postprocess(info, outputs, image)
+        att = info.extra.get("attention")
+        if not att or "attention_map" not in outputs:
+            return ans
+        amap = np.asarray(outputs["attention_map"], dtype=np.float32)  # [W, h', w']
+        lo, hi = float(amap.min()), float(amap.max())
+        summary: dict = {"kind": att["kind"], "grid": list(att["grid"]), "map_min": lo, "map_max": hi,
+                         "weld_peak": [float(v) for v in amap.reshape(amap.shape[0], -1).max(1)]}
+        if "channel_attention" in outputs:
+            ch = np.asarray(outputs["channel_attention"], dtype=np.float64).mean(0)  # [C_sel]
+            names = [c.get("name") or f"channel {c['index']}" for c in info.extra["spectral_channels"]]
+            summary["channels"] = {n: float(v) for n, v in zip(names, ch)}
+            summary["top_channel"] = names[int(ch.argmax())]
+        ans["attention"] = summary
+        if image is not None:
+            ans["overlay_png"] = png_base64(self.attention_overlay(info, amap, image))
+        return ans
+
+    map_kind = "attention overlay: RGB PNG, the image with the cross-attention map over the weld boxes (models with attention)"
+
+    def map_image(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray | None:
+        """:meth:`attention_overlay` of the sample's ``attention_map``; ``None`` for models without one."""
+        if "attention_map" not in outputs:
+            return None
+        return self.attention_overlay(info, np.asarray(outputs["attention_map"], np.float32), image)
+
+    def attention_overlay(self, info: ModelInfo, amap: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """``uint8 [H, W_px, 3]``: the image with ``amap`` ``[W, h', w']`` (scaled min..max of the sample to
+        blue..red, ``jet``) blended over each weld's crop box; pixels outside the boxes unchanged."""
+        from defectscope.data.weld.prepare import weld_boxes
+
+        lo, hi = float(amap.min()), float(amap.max())
+        norm = (amap - lo) / (hi - lo) if hi > lo else np.zeros_like(amap)
+        out = np.array(image, dtype=np.uint8, copy=True)
+        boxes = weld_boxes(image.shape, self._mask(info, image), int(info.extra["welds"]), tuple(info.extra["crop_size"]))
+        for k, (y0, y1, x0, x1, _) in enumerate(boxes):
+            if y1 <= y0 or x1 <= x0:
+                continue
+            m = (norm[k][::-1] if k == 0 else norm[k]).copy()  # the first crop was flipped vertically (copy: positive strides)
+            out[y0:y1, x0:x1] = heat_overlay(out[y0:y1, x0:x1], resize_map(m, (y1 - y0, x1 - x0)))
         return out
 
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
@@ -253,4 +353,4 @@ class WeldAdapter(ClassificationAdapter):
 
 register_adapter(WeldAdapter())
 
-__all__ = ["WeldAdapter", "WeldExport", "prepare_signals"]
+__all__ = ["WeldAdapter", "WeldExport", "attention_kind", "prepare_signals"]
