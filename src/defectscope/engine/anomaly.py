@@ -628,7 +628,7 @@ class AnomalyTask(TaskHooks):
     predict_options = ()
     default_predict_out = "preds.csv"
 
-    def load_samples(self, recipe: AnomalyRecipe) -> Samples:
+    def load_samples(self, recipe: AnomalyRecipe, run_dir: Path | None = None) -> Samples:
         """Every image of :func:`protocol_items`, decoded at ``data.image_size`` (and the peer's size).
 
         ``data``: ``items``, ``calibration [N] bool``, ``x`` / ``xp`` uint8 ``[N, 3, H, W]`` (Grad-MobileNet's /

@@ -241,7 +241,7 @@ class ClassificationTask(TaskHooks):
     monitor = "val/weighted_f1"
     summary_keys = ("accuracy", "weighted_f1", "macro_auroc")
 
-    def load_samples(self, recipe: ClassificationRecipe) -> Samples:
+    def load_samples(self, recipe: ClassificationRecipe, run_dir: Path | None = None) -> Samples:
         return load_labelled(recipe.data, progress=recipe.train.progress)
 
     def fit_model(self, recipe: ClassificationRecipe, samples: Samples, parts: dict[str, np.ndarray],

@@ -466,7 +466,7 @@ class DetectionTask(TaskHooks):
     predict_options = ("save_images",)
     default_predict_out = "boxes.json"
 
-    def load_samples(self, recipe: DetectionRecipe) -> Samples:
+    def load_samples(self, recipe: DetectionRecipe, run_dir: Path | None = None) -> Samples:
         return load_box_samples(recipe.data)
 
     def split_info(self, recipe: DetectionRecipe) -> dict:

@@ -265,7 +265,7 @@ class MultiCNNTask(TaskHooks):
     monitor = "val/weighted_f1"
     summary_keys = ("accuracy", "weighted_f1", "macro_auroc")
 
-    def load_samples(self, recipe: MultiCNNRecipe) -> Samples:
+    def load_samples(self, recipe: MultiCNNRecipe, run_dir: Path | None = None) -> Samples:
         """The labelled images of ``data.root`` (as in ``classification``); ``data`` holds ``x`` and ``files``."""
         d = recipe.data
         imgs = load_labelled_samples(d.root, d.image_size, d.layout, d.max_per_class, d.split_seed, recipe.train.progress)

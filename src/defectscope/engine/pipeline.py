@@ -29,7 +29,6 @@ sections and its prediction writer for files. Everything else is here, once:
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import os
 import shutil
@@ -125,8 +124,8 @@ class TaskHooks:
         monitor: what selects the checkpoint / stops early (stated in the schema docs).
 
     Hooks (``parts`` maps ``train`` / ``val`` / ``test`` to sorted position arrays):
-        load_samples(recipe) -> Samples     (or ``load_samples(recipe, run_dir)``: data the recipe
-                                            generates, e.g. a simulated set, go into the run folder)
+        load_samples(recipe, run_dir) -> Samples     (``run_dir``: the staged run folder, where data
+                                            the recipe generates, e.g. a simulated set, go; most tasks ignore it)
         default_folds(recipe, samples) -> int | None     (optional: folds when neither ``--folds``
                                             nor ``eval.folds`` is given; default ``None``: the recipe's)
         default_group_by(recipe, samples) -> str | None  (optional: a ``columns`` name to group by
@@ -147,7 +146,9 @@ class TaskHooks:
     predict_options: tuple[str, ...] = ()
     default_predict_out: str = "preds.csv"
 
-    def load_samples(self, recipe: BaseRecipe) -> Samples:  # pragma: no cover - interface
+    def load_samples(self, recipe: BaseRecipe, run_dir: Path | None = None) -> Samples:  # pragma: no cover - interface
+        """The task's samples of ``recipe.data``. ``run_dir``: the (staged) run folder, for tasks that
+        write generated data into the run (weld's simulated set); the others ignore it."""
         raise NotImplementedError
 
     def default_folds(self, recipe: BaseRecipe, samples: Samples) -> int | None:
@@ -490,10 +491,7 @@ def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_b
     if folds < 1:
         raise ConfigError(f"--folds must be >= 1, got {folds}")
     with StagedRun(Path(out), overwrite, resume) as stage:
-        if "run_dir" in inspect.signature(task.load_samples).parameters:
-            samples = task.load_samples(recipe, run_dir=stage)
-        else:
-            samples = task.load_samples(recipe)
+        samples = task.load_samples(recipe, run_dir=stage)
         if not folds_given:
             k = task.default_folds(recipe, samples)
             if k is not None and k != folds:

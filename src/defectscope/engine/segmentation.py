@@ -301,7 +301,7 @@ class SegmentationTask(TaskHooks):
     predict_options = ("save_images",)
     default_predict_out = "masks.csv"
 
-    def load_samples(self, recipe: SegmentationRecipe) -> Samples:
+    def load_samples(self, recipe: SegmentationRecipe, run_dir: Path | None = None) -> Samples:
         check_input_size(recipe.data.height, recipe.data.width)
         return load_mask_samples(recipe.data)
 
