@@ -408,6 +408,10 @@ def inspect_cmd(
         if d.get("first_alarm"):
             text += f"; first: {d['first_alarm']['first']} .. {d['first_alarm']['last']} ({', '.join(d['first_alarm']['triggered_by'])})"
         table.add_row("drift (path order)", escape(text))
+        r = d.get("random") or {}
+        if r.get("windows"):
+            table.add_row("drift (random windows)", f"{r['alarms']} of {r['windows']} random windows of {d['window']} alarm "
+                          f"({100 * r['rate']:.1f} %; in distribution: about {100 * d['alpha']:g} %)")
     if res.new:
         table.add_row("images/s (this run, after Ray start)", f"{res.images_per_s:.1f}")
         table.add_row("seconds: Ray start / run / total", "{:.1f} / {:.1f} / {:.1f}".format(

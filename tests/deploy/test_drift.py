@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from defectscope.deploy.drift import DriftAlarm, DriftMonitor, DriftReference, image_statistics, window_scan
+from defectscope.deploy.drift import (DriftAlarm, DriftMonitor, DriftReference, image_statistics, random_windows,
+                                     window_scan)
 
 SIZE = 112      # px, small to keep the features fast
 N_REF = 100     # reference ("training") NEU images
@@ -225,3 +226,17 @@ def test_window_scan_finds_where_the_stream_changes(alarm, feats):
     assert scan["per_window"][3]["ratio"] == pytest.approx(max(v["ratio"] for v in full.values()), rel=1e-3)
     with pytest.raises(ValueError, match=r"expected \[B, 35\]"):
         window_scan(alarm, coords[:, :32])
+
+
+def test_random_windows_answer_for_the_archive_whatever_its_order(alarm, feats):
+    """The held-out images sorted by their mean intensity (an archive sorted by something that matters):
+    path-order windows alarm, random windows of the same images stay near alpha; darkened images
+    alarm in random windows too."""
+    order = np.argsort(feats["held_stats"][:, 0])
+    coords = alarm.project({"features": feats["held"][order], "image_statistics": feats["held_stats"][order]})
+    assert window_scan(alarm, coords)["alarms"] >= 2
+    rnd = random_windows(alarm, coords, n_windows=300, seed=3)
+    assert rnd["windows"] == 300 and rnd["rate"] <= ALPHA + 0.02, rnd
+    dark = alarm.project({"features": feats["dark"], "image_statistics": feats["dark_stats"]})
+    assert random_windows(alarm, dark, n_windows=100, seed=3)["rate"] > 0.95
+    assert random_windows(alarm, coords[:WINDOW - 1])["windows"] == 0

@@ -123,6 +123,8 @@ def test_inspect_scans_the_archive_in_path_order_and_finds_the_darkened_folder(d
     d = res.summary["drift"]
     assert (d["windows"], d["alarms"], d["first_alarm_window"], d["images_not_tested"]) == (3, 1, 2, 0), d
     assert "/b_line/000.png" in d["first_alarm"]["first"] and "image_statistics" in d["first_alarm"]["triggered_by"]
+    # 200 random windows mix the quiet and the darkened folder: a third of each window is dark
+    assert d["random"]["windows"] == 200 and d["random"]["rate"] > 0.5, d["random"]
     report = json.loads((tmp_path / "preds.parquet.drift.json").read_text())
     assert [bool(w["triggered_by"]) for w in report["per_window"]] == [False, False, True]
     import pyarrow.parquet as pq

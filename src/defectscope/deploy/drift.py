@@ -558,3 +558,39 @@ def window_scan(alarm: DriftAlarm, coordinates, labels: Sequence[str] | None = N
     return {"windows": len(per), "alarms": len(alarms), "first_alarm_window": alarms[0]["start"] // w if alarms else None,
             "max_ratio": max((p["ratio"] for p in per), default=None), "per_window": per, "window": w,
             "alpha": alarm.alpha, "images_not_tested": total - len(per) * w}
+
+
+def random_windows(alarm: DriftAlarm, coordinates, n_windows: int = 200, seed: int = 0) -> dict:
+    """Test ``n_windows`` windows drawn at random (without replacement inside a window) from all images.
+
+    Where :func:`window_scan` asks "did the stream change over time?", this asks "does the archive as
+    a whole look like the reference?": random windows mix every part of the archive, so a class-sorted
+    or folder-sorted archive of in-distribution images gives about ``alpha`` alarms here even though
+    its path-order windows (one class each) alarm.
+
+    Args:
+        alarm: the fitted alarm.
+        coordinates: ``[N, sum of k]`` from :meth:`DriftAlarm.project`, ``N >= window``.
+        n_windows: windows to draw; seed: their random seed.
+
+    Returns:
+        ``{"windows", "alarms", "rate": alarms / windows, "alpha", "window", "median_ratio"}`` (empty
+        counts when ``N < window``).
+
+    Raises:
+        ValueError: wrong coordinates shape.
+    """
+    per_channel = alarm.split(coordinates)
+    total = len(next(iter(per_channel.values())))
+    w = alarm.window
+    if total < w or n_windows < 1:
+        return {"windows": 0, "alarms": 0, "rate": None, "alpha": alarm.alpha, "window": w, "median_ratio": None}
+    rng = np.random.default_rng(seed)
+    hits, ratios = 0, []
+    for _ in range(n_windows):
+        i = rng.choice(total, w, replace=False)
+        st = alarm.statistics({k: v[i] for k, v in per_channel.items()}, projected=True)
+        hits += any(v["alarm"] for v in st.values())
+        ratios.append(max(v["ratio"] for v in st.values()))
+    return {"windows": n_windows, "alarms": hits, "rate": hits / n_windows, "alpha": alarm.alpha, "window": w,
+            "median_ratio": round(float(np.median(ratios)), 4)}

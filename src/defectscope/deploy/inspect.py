@@ -32,7 +32,9 @@ the image's batch / batch size), ``error`` (null when scored), ``inspected_at`` 
 :meth:`~defectscope.deploy.drift.DriftAlarm.project`); at the end the scored rows, in path order,
 are tested in consecutive windows (:func:`~defectscope.deploy.drift.window_scan`) and the result
 is ``summary["drift"]`` and ``RESULTS.drift.json``. Path order is the stream order: with dated
-folders it is time order; a shuffled list tests nothing about time.
+folders it is time order; a shuffled list tests nothing about time; an archive sorted by class
+alarms in path order (each window holds one class) while 200 random windows of it, also reported,
+test the archive as a whole.
 
 With ``save_maps=DIR`` (``--save-maps DIR``) each worker also writes the task's picture output of every
 scored image as a PNG into ``DIR`` (atomically; see the adapters' ``map_kind``): segmentation the mask
@@ -473,11 +475,15 @@ def drift_scan(alarm, table, out: str | os.PathLike) -> dict:
     images (:func:`~defectscope.deploy.drift.window_scan`, each window at the false-alarm rate
     ``alarm.alpha``) and write the result to ``RESULTS.drift.json`` (atomically).
 
+    Also tests 200 windows drawn at random from all scored rows
+    (:func:`~defectscope.deploy.drift.random_windows`, seed 0): whether the archive as a whole looks
+    like the reference, whatever its order (``random``).
+
     Returns:
-        The scan without its per-window list, plus ``first_alarm`` (first and last path of the
-        first alarming window) and ``report`` (the JSON file).
+        The path-order scan without its per-window list, plus ``first_alarm`` (first and last path of
+        the first alarming window), ``random`` (the random-window test) and ``report`` (the JSON file).
     """
-    from defectscope.deploy.drift import window_scan
+    from defectscope.deploy.drift import random_windows, window_scan
     from defectscope.utils.io import write_json
 
     coords = table.column(DRIFT_COLUMN).to_pylist()
@@ -486,6 +492,7 @@ def drift_scan(alarm, table, out: str | os.PathLike) -> dict:
     dim = sum(r.basis.shape[0] for r in alarm.channels.values())
     x = np.asarray([coords[i] for i in keep], dtype=np.float64).reshape(len(keep), dim)
     scan = window_scan(alarm, x, [paths[i] for i in keep])
+    scan["random"] = random_windows(alarm, x, n_windows=200, seed=0)
     report = Path(str(out) + ".drift.json")
     write_json(report, scan)
     first = next((w for w in scan["per_window"] if w["triggered_by"]), None)
