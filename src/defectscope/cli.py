@@ -351,7 +351,7 @@ def inspect_cmd(
     model: Annotated[Path, typer.Argument(help="Run folder (PyTorch) or .onnx file from 'defectscope export' (ONNX Runtime).")],
     sources: Annotated[list[str], typer.Argument(help="Image folders (recursive), globs ('dir/**/*.png') or .txt lists of image paths.")],
     out: Annotated[Path, typer.Option("--out", help="Results file (.parquet): one row per image.")] = Path("preds.parquet"),
-    workers: Annotated[int, typer.Option("--workers", help="Ray actors, one model copy each.")] = 1,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Ray actors, one model copy each (default: CPUs // --threads; on a cluster its CPUs // --threads).", show_default=False)] = None,
     threads: Annotated[int, typer.Option("--threads", help="Intra-op threads (and reserved CPUs) per worker.")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 32,
     address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster to run on (e.g. ray://head:10001); default: a private local Ray.")] = None,
@@ -413,7 +413,7 @@ def inspect_cmd(
             table.add_row("drift (random windows)", f"{r['alarms']} of {r['windows']} random windows of {d['window']} alarm "
                           f"({100 * r['rate']:.1f} %; in distribution: about {100 * d['alpha']:g} %)")
     if res.new:
-        table.add_row("images/s (this run, after Ray start)", f"{res.images_per_s:.1f}")
+        table.add_row("images/s (this run, after Ray start)", f"{res.images_per_s:.1f} ({res.workers} worker(s) x {threads} thread(s))")
         table.add_row("seconds: Ray start / run / total", "{:.1f} / {:.1f} / {:.1f}".format(
             res.timings.get("ray_init", 0.0), res.timings.get("run", 0.0), res.timings["total"]))
     if save_maps is not None:

@@ -547,6 +547,7 @@ class InspectResult:
         images_per_s: ``new / timings["run"]``; ``steady_images_per_s``: images finished after the
             first batch / time from the first to the last batch, from the workers' ``inspected_at``
             stamps (start-up excluded).
+        workers: the actors used (resolved when ``workers=None``; 0 when nothing was left to score).
     """
 
     out: Path
@@ -560,6 +561,7 @@ class InspectResult:
     timings: dict = field(default_factory=dict)
     images_per_s: float = 0.0
     steady_images_per_s: float = 0.0
+    workers: int = 0
 
 
 ProgressFn = Callable[[int, int, int, float], None]
@@ -636,7 +638,7 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
 
 
 def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                    workers: int = 1, threads: int = 1, batch_size: int = 32, address: str | None = None,
+                    workers: int | None = None, threads: int = 1, batch_size: int = 32, address: str | None = None,
                     resume: bool = False, overwrite: bool = False, flush_rows: int = 1000, flush_seconds: float = 10.0,
                     block_rows: int | None = None, on_progress: ProgressFn | None = None,
                     save_maps: str | os.PathLike | None = None) -> InspectResult:
@@ -647,8 +649,11 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
             any task with a deploy adapter whose model takes an image only.
         sources: folders, globs, ``.txt`` list files or files (:func:`expand_sources`).
         out: results ``.parquet`` file; parts are streamed into ``out.parts/`` first.
-        workers: actors (model copies) in the pool. ``threads``: intra-op threads and reserved
-            CPUs per actor. A local Ray gets ``workers * threads`` CPUs.
+        workers: actors (model copies) in the pool; ``None``: as many as the CPUs allow
+            (local: ``os.cpu_count() // threads``; on a cluster: its CPUs ``// threads``), at least 1.
+            ``threads``: intra-op threads and reserved CPUs per actor. A local Ray gets
+            ``workers * threads`` CPUs. Measured here (docs/deploy.md): 2 workers of 1 thread beat
+            1 worker of 2 threads by 1.5x on 2 cores.
         batch_size: images per forward pass.
         address: a Ray cluster (``ray://host:10001`` or ``host:6379``); ``None``: a private local Ray.
             On a cluster, defectscope (same version) must be installed on every node and the model
@@ -680,8 +685,10 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
     from defectscope.utils.io import atomic_path, check_output_path
 
     t_start = time.perf_counter()
-    if workers < 1 or threads < 1 or batch_size < 1:
+    if (workers is not None and workers < 1) or threads < 1 or batch_size < 1:
         raise InspectError(f"workers={workers}, threads={threads}, batch_size={batch_size}: each must be >= 1")
+    if workers is None and not address:
+        workers = max(1, (os.cpu_count() or 1) // threads)
     if resume and overwrite:
         raise InspectError("--resume and --overwrite exclude each other: resume keeps the rows already written, overwrite discards them")
     out = Path(out)
@@ -740,8 +747,10 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
         import ray.data
 
         t0 = time.perf_counter()
-        started = start_ray(address, workers * threads)
+        started = start_ray(address, (workers or 1) * threads)
         timings["ray_init"] = time.perf_counter() - t0
+        if workers is None:  # a cluster: one worker per `threads` of its CPUs
+            workers = max(1, int(ray.cluster_resources().get("CPU", threads)) // threads)
         try:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
@@ -809,4 +818,4 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
         summary["drift"] = drift_scan(alarm, merged, out)
     return InspectResult(out=out, inputs=len(paths), rows=merged.num_rows, new=new, resumed=resumed,
                          errors=summary["errors"], summary=summary, identity=ident, timings=timings,
-                         images_per_s=rate, steady_images_per_s=steady)
+                         images_per_s=rate, steady_images_per_s=steady, workers=(workers or 0) if new else 0)
