@@ -17,18 +17,30 @@ from typing import Any, Iterator
 import yaml
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: the process's umask, read once at import (reading it means setting it, which is not thread-safe later)
+_UMASK = _process_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; move it onto ``target`` on success.
 
     If the body raises, the temporary file is removed and ``target`` keeps its
-    previous content (or stays absent).
+    previous content (or stays absent). The final file gets the permissions a plain ``open(target,
+    "w")`` would give (``0o666`` minus the umask), not ``mkstemp``'s private ``0o600``, unless the
+    body changed them.
 
     Args:
         target: final file path. Its parent folder is created if missing.
 
     Yields:
-        Path of a not-yet-existing temporary file in the same folder.
+        Path of an empty temporary file in the same folder (the body may replace or overwrite it).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +49,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists() and (tmp_path.stat().st_mode & 0o777) == 0o600:
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
