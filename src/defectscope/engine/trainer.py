@@ -133,9 +133,11 @@ def fit_lightning(module: L.LightningModule, train_loader, val_loader, cfg: Trai
         monitor, mode: the logged validation metric selecting the checkpoint, ``max`` or ``min``.
 
     Returns:
-        ``{"epochs_run", "best_checkpoint", "train_seconds", "cut_short"}`` on rank 0; ``None``
-        on other DDP ranks. ``cut_short`` is true when ``train.max_minutes`` stopped training
-        before the fixed schedule ended (the figure then depends on machine load).
+        ``{"epochs_run", "best_checkpoint", "train_seconds", "cut_short", "stopped_by"}`` on rank 0;
+        ``None`` on other DDP ranks. ``cut_short`` is true when ``train.max_minutes`` stopped training
+        before the fixed schedule ended (the figure then depends on machine load); ``stopped_by`` is
+        ``"schedule"`` (every epoch ran), ``"early_stopping"`` (validation patience ran out before the
+        last epoch) or ``"max_minutes"``.
     """
     import time
 
@@ -154,8 +156,9 @@ def fit_lightning(module: L.LightningModule, train_loader, val_loader, cfg: Trai
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if has_val else ""
     if best:
         module.load_state_dict(load_checkpoint_state(best))
-    early = any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks)
-    cut = bool(cfg.max_minutes) and trainer.current_epoch < cfg.epochs and not early
+    ran_out = trainer.current_epoch >= cfg.epochs  # every scheduled epoch ran (an early stop on the last one changes nothing)
+    early = not ran_out and any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks)
+    cut = bool(cfg.max_minutes) and not ran_out and not early
     return {"epochs_run": int(trainer.current_epoch), "best_checkpoint": Path(best).name if best else "last",
             "train_seconds": round(seconds, 1), "cut_short": cut,
             "stopped_by": "max_minutes" if cut else ("early_stopping" if early else "schedule")}
