@@ -168,6 +168,27 @@ class TaskAdapter:
         """
         raise NotImplementedError
 
+    def load_run(self, run_dir: Path, required: tuple[str, ...] = ()) -> tuple["nn.Module", dict, Path]:
+        """The trained model of a run folder, its checkpoint payload and ``model.ckpt``'s path
+        (:meth:`~defectscope.engine.run.RunFolder.load_model`: tensors only, no code runs).
+
+        Args:
+            run_dir: the run folder.
+            required: payload keys :meth:`load_torch` needs.
+
+        Raises:
+            DeployError: a required key is missing (names the file, the key and this task).
+            RunError: no readable checkpoint.
+        """
+        from defectscope.engine.run import RunFolder
+
+        rf = RunFolder(run_dir)
+        model, payload = rf.load_model()
+        for key in required:
+            if key not in payload:
+                raise DeployError(f"{rf.model_path}: payload has no '{key}'; not a {self.task} checkpoint")
+        return model, payload, rf.model_path
+
     def preprocess(self, info: ModelInfo, image: np.ndarray, spectra: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """One request's inputs (no batch axis) from a decoded ``uint8 [H, W, 3]`` image (and spectra).
 

@@ -61,9 +61,7 @@ class ClassificationAdapter(TaskAdapter):
 
     def load_torch(self, run_dir: Path) -> tuple[nn.Module, ModelInfo]:
         from defectscope.deploy.adapters.classification_export import ClassifierWithProbabilities
-        from defectscope.engine.run import RunFolder
-
-        model, payload = RunFolder(run_dir).load_model()
+        model, payload, model_path = self.load_run(run_dir)
         size = int(payload["image_size"])
         backbone = getattr(model, "backbone", None)
         norm = {"inside_model": True}
@@ -80,7 +78,7 @@ class ClassificationAdapter(TaskAdapter):
             outputs=["logits", "probabilities"] + (["features"] if with_features else []), input_size=(size, size),
             normalisation=norm, class_names=list(payload["class_names"]), thresholds=thresholds,
             extra={"drift_reference": drift} if with_features else {},
-            source=str(Path(run_dir).resolve()), sha256=file_sha256(RunFolder(run_dir).model_path),
+            source=str(Path(run_dir).resolve()), sha256=file_sha256(model_path),
         )
         return ClassifierWithProbabilities(model, thresholds.get("temperature", 1.0), with_features).eval(), info
 

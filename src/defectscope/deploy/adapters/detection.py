@@ -204,13 +204,7 @@ class DetectionAdapter(TaskAdapter):
     agreement_name = "same boxes"
 
     def load_torch(self, run_dir: Path) -> tuple[nn.Module, ModelInfo]:
-        from defectscope.engine.run import RunFolder
-
-        rf = RunFolder(run_dir)
-        model, payload = rf.load_model()
-        for key in ("class_names", "image_size", "score_threshold"):
-            if key not in payload:
-                raise DeployError(f"{rf.model_path}: payload has no '{key}'; not a detection checkpoint")
+        model, payload, model_path = self.load_run(run_dir, ("class_names", "image_size", "score_threshold"))
         size = int(payload["image_size"])
         name = payload["model_name"]
         if name == "fcos_lite":
@@ -228,7 +222,7 @@ class DetectionAdapter(TaskAdapter):
             spec = model.backbone.spec
             norm = {"inside_model": True, "mean": list(spec.mean), "std": list(spec.std)}
         else:
-            raise DeployError(f"{rf.model_path}: detection model '{name}' has no deploy decoder "
+            raise DeployError(f"{model_path}: detection model '{name}' has no deploy decoder "
                               "(known: fcos_lite, slot_detector)")
         info = ModelInfo(
             task=self.task, model_name=name, model_kwargs=payload["model_kwargs"], inputs={"image": [3, size, size]},
@@ -236,7 +230,7 @@ class DetectionAdapter(TaskAdapter):
             class_names=list(payload["class_names"]), thresholds=thresholds,
             extra={**extra, "nms": "numpy after the runtime" if name == "fcos_lite" else "none (slots)",
                    "box_format": "normalised xmin, ymin, xmax, ymax"},
-            source=str(Path(run_dir).resolve()), sha256=file_sha256(rf.model_path),
+            source=str(Path(run_dir).resolve()), sha256=file_sha256(model_path),
         )
         return module.eval(), info
 

@@ -136,13 +136,7 @@ class SegmentationAdapter(TaskAdapter):
     agreement_name = "mask Dice"
 
     def load_torch(self, run_dir: Path) -> tuple[nn.Module, ModelInfo]:
-        from defectscope.engine.run import RunFolder
-
-        rf = RunFolder(run_dir)
-        model, payload = rf.load_model()
-        for key in ("input_size", "threshold"):
-            if key not in payload:
-                raise DeployError(f"{rf.model_path}: payload has no '{key}'; not a segmentation checkpoint")
+        model, payload, model_path = self.load_run(run_dir, ("input_size", "threshold"))
         h, w = (int(v) for v in payload["input_size"])
         tta, rule = bool(payload.get("tta", False)), str(payload.get("image_score", "max"))
         k = int(payload["model_kwargs"].get("num_classes", 1))
@@ -155,7 +149,7 @@ class SegmentationAdapter(TaskAdapter):
             inputs={"image": [3, h, w]}, outputs=["mask_probabilities", "image_score"], input_size=(h, w),
             normalisation=norm, class_names=list(DECISION_CLASSES), thresholds={"pixel": thr, "image_score": thr},
             extra={"mask_classes": list(payload.get("class_names") or ["defect"] * k), "tta": tta, "image_score": rule},
-            source=str(Path(run_dir).resolve()), sha256=file_sha256(rf.model_path),
+            source=str(Path(run_dir).resolve()), sha256=file_sha256(model_path),
         )
         return SegmentationExport(model, tta, rule, (h, w)).eval(), info
 
