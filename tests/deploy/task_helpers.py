@@ -67,15 +67,16 @@ def _free_port() -> int:
 
 
 @contextmanager
-def live_service(predictor):
-    """The service on 127.0.0.1:<free port> (uvicorn in a thread); yields its URL."""
+def live_service(predictor, **app_options):
+    """The service on 127.0.0.1:<free port> (uvicorn in a thread); yields its URL.
+    ``app_options`` go to :func:`~defectscope.deploy.service.create_app` (e.g. ``max_bytes``)."""
     import httpx
     import uvicorn
 
     from defectscope.deploy.service import create_app
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(predictor, **app_options), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

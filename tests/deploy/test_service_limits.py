@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import select
 import socket
-import threading
-import time
 
 import pytest
+import task_helpers
 from fastapi.testclient import TestClient
 
 from defectscope.deploy.service import create_app
@@ -53,28 +52,11 @@ def test_chunked_body_over_the_limit_is_413_through_testclient(onnx_predictor, n
         assert ok.status_code == 200 and ok.json()["class"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(onnx_predictor):
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(onnx_predictor, max_bytes=MAX_BYTES), host="127.0.0.1", port=port,
-                                           log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield port
-    server.should_exit = True
-    thread.join(timeout=10)
+    """The service with ``max_bytes=MAX_BYTES`` on a free port (uvicorn in a thread); yields the port."""
+    with task_helpers.live_service(onnx_predictor, max_bytes=MAX_BYTES) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def test_real_server_stops_reading_a_chunked_body_at_the_limit(live_server):
