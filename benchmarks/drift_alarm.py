@@ -29,7 +29,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from defectscope.deploy.drift import DriftAlarm
+from defectscope.deploy.drift import random_windows
 from defectscope.deploy.predictor import load_predictor
 from defectscope.deploy.service import create_app
 
@@ -78,17 +78,12 @@ def main() -> None:
     ksdd = [np.asarray(Image.open(f).convert("RGB")) for f in sorted(KSDD.glob("*.jpg"))[:64]]
     rows = {"neu_test": stream(predictor, neu), "neu_test_darkened_40": stream(predictor, dark),
             "kolektorsdd": stream(predictor, ksdd)}
-    alarm = DriftAlarm.from_dict(predictor.info.extra["drift_reference"])
+    ref = predictor.drift_alarm()
     answers = predictor.predict([np.asarray(Image.open(f).convert("RGB")) for f in files], with_features=True)
-    coords = alarm.split(alarm.project({"features": np.stack([a["features"] for a in answers]),
-                                        "image_statistics": np.stack([a["image_statistics"] for a in answers])}))
-    w = alarm.window
-    hits = []
-    for _ in range(args.windows):
-        i = rng.choice(len(files), w, replace=False)
-        hits.append(any(v["alarm"] for v in alarm.statistics({k: c[i] for k, c in coords.items()}, projected=True).values()))
-    far = float(np.mean(hits))
-    ref = alarm
+    coords = ref.project({"features": np.stack([a["features"] for a in answers]),
+                          "image_statistics": np.stack([a["image_statistics"] for a in answers])})
+    w = ref.window
+    far = random_windows(ref, coords, n_windows=args.windows, seed=args.seed)["rate"]
     out = {"run": str(args.run), "backend": predictor.backend, "streams": rows,
            "false_alarm_rate": {"windows": args.windows, "window": w, "held_out_images": len(files),
                                 "rate": far, "alpha": ref.alpha},

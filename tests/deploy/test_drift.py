@@ -166,12 +166,8 @@ def _alarm_stream(alarm: DriftAlarm, f: np.ndarray, s: np.ndarray, batch: int = 
 
 
 def _alarm_rate(alarm: DriftAlarm, f: np.ndarray, s: np.ndarray, n: int, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for _ in range(n):
-        i = rng.choice(len(f), WINDOW, replace=False)
-        hits += any(v["alarm"] for v in alarm.statistics({"features": f[i], "image_statistics": s[i]}).values())
-    return hits / n
+    coords = alarm.project({"features": f, "image_statistics": s})
+    return random_windows(alarm, coords, n_windows=n, seed=seed)["rate"]
 
 
 def test_each_channel_is_calibrated_at_half_alpha_and_the_alarm_round_trips(alarm, feats):

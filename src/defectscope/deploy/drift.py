@@ -496,12 +496,14 @@ class DriftMonitor:
         counts = {len(v) for v in arrays.values()}
         if len(counts) != 1:
             raise ValueError(f"drift update: channels hold different numbers of images {[len(v) for v in arrays.values()]}")
+        # each image is projected once, when it arrives; the window keeps the k-D coordinates
+        projected = {k: self.alarm.channels[k].project(v) for k, v in arrays.items()}
         with self._lock:
-            for k, v in arrays.items():
+            for k, v in projected.items():
                 self._buf[k].extend(v)
             self.n_seen += counts.pop()
             full = len(next(iter(self._buf.values()))) == self.alarm.window
-            per = self.alarm.statistics({k: np.stack(b) for k, b in self._buf.items()}) if full else None
+            per = self.alarm.statistics({k: np.stack(b) for k, b in self._buf.items()}, projected=True) if full else None
             self._last = self._state(per)
             self.n_alarms += int(self._last["alarm"])
             return self._snapshot()

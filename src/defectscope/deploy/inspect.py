@@ -223,17 +223,6 @@ def model_identity(predictor) -> dict[str, str]:
     return {"model_sha256": sha or info.sha256, "model_backend": predictor.backend, "model": f"{info.task}/{info.model_name}"}
 
 
-def drift_alarm_of(predictor):
-    """The :class:`~defectscope.deploy.drift.DriftAlarm` a model carries (classifiers trained with a
-    validation part of >= 64 images), or ``None``."""
-    info = predictor.info
-    if not info.extra.get("drift_reference") or "features" not in info.outputs or "image" not in info.inputs:
-        return None
-    from defectscope.deploy.drift import DriftAlarm
-
-    return DriftAlarm.from_dict(info.extra["drift_reference"], f"{info.source}: drift_reference")
-
-
 DRIFT_COLUMN = "drift_coordinates"
 
 
@@ -277,7 +266,7 @@ class ImageScorer:
         self.predictor = load_predictor(model, threads=threads)
         self.maps_dir = Path(maps_dir) if maps_dir else None
         self.ident = model_identity(self.predictor)
-        self.alarm = drift_alarm_of(self.predictor)
+        self.alarm = self.predictor.drift_alarm()
         self.answer_cols = list(answer_cols)
         self.schema = result_schema(self.answer_cols)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -700,7 +689,7 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
     answer = probe_answer(predictor)
     ident = model_identity(predictor)
     cols = answer_columns(answer)
-    alarm = drift_alarm_of(predictor)
+    alarm = predictor.drift_alarm()
     if alarm is not None:
         cols.append((DRIFT_COLUMN, pa.list_(pa.float32())))
     maps_dir = None

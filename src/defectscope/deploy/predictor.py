@@ -49,6 +49,20 @@ class Predictor:
         """Model identity for responses: task, model, source file, SHA-256 prefix, backend."""
         return self.info.identity(self.backend)
 
+    def drift_alarm(self):
+        """The :class:`~defectscope.deploy.drift.DriftAlarm` the model carries (classifiers trained with a
+        validation part of >= 64 images: the graph outputs ``features``), or ``None``.
+
+        Raises:
+            ValueError: a stored reference that does not rebuild (names the model file and the field).
+        """
+        info = self.info
+        if not info.extra.get("drift_reference") or "features" not in info.outputs or "image" not in info.inputs:
+            return None
+        from defectscope.deploy.drift import DriftAlarm
+
+        return DriftAlarm.from_dict(info.extra["drift_reference"], f"{info.source}: drift_reference")
+
     def prepare(self, images: Sequence[ImageLike], spectra: Sequence[np.ndarray | None] | None = None
                 ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """Decode and preprocess a list of images into one batch.

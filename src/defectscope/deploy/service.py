@@ -245,11 +245,12 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
     pool = BoundedPool(workers, queue)
     info = predictor.info
     spectra_shape = predictor.adapter.spectra_shape(info)
+    alarm = predictor.drift_alarm()
     monitor = None
-    if info.extra.get("drift_reference") and "features" in info.outputs:
-        from defectscope.deploy.drift import DriftAlarm, DriftMonitor
+    if alarm is not None:
+        from defectscope.deploy.drift import DriftMonitor
 
-        monitor = DriftMonitor(DriftAlarm.from_dict(info.extra["drift_reference"], f"{info.source}: drift_reference"))
+        monitor = DriftMonitor(alarm)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
