@@ -114,3 +114,20 @@ def test_environment_record_names_the_machine():
     assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     json.dumps(env)  # plain data for metrics.json
     assert env["precision"] in ("32", "bf16-mixed")
+
+
+def test_doctor_prints_the_machine_and_the_choices():
+    import torch
+    from typer.testing import CliRunner
+
+    from defectscope.cli import app
+
+    res = CliRunner().invoke(app, ["doctor"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert torch.backends.cpu.get_cpu_capability() in out
+    assert "fp32 matmul" in out and "GFLOP/s" in out
+    p = resolve_precision("auto")
+    assert f"precision {p.value}" in out and "serve / inspect" in out
+    if not p.bf16:
+        assert "not measured: bf16 is emulated here" in out
