@@ -28,8 +28,9 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def _no_pixel_limit_leak(monkeypatch):
-    """``--max-megapixels`` sets ``DEFECTSCOPE_MAX_MEGAPIXELS`` in this process: restore it after each test."""
-    monkeypatch.delenv(MAX_MEGAPIXELS_ENV, raising=False)
+    """``--max-megapixels`` sets ``DEFECTSCOPE_MAX_MEGAPIXELS`` in this process: restore it after each test
+    (``setenv`` records the previous state, ``delenv`` of an absent variable records nothing; empty = unset)."""
+    monkeypatch.setenv(MAX_MEGAPIXELS_ENV, "")
 
 
 def _one_line_error(res) -> str:
