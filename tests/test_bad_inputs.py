@@ -319,6 +319,7 @@ def test_pixel_limit_is_one_option_for_every_reader(tmp_path, monkeypatch, tiny_
             read(img)
     with TestClient(create_app(load_predictor(tiny_run, threads=1))) as c:
         ans = c.post("/v1/predict", files={"file": ("x.png", img.read_bytes(), "image/png")})
+        assert c.get("/healthz").json()["max_pixels"] == 2000
     assert ans.status_code == 413 and "--max-megapixels 1" in ans.json()["detail"]
     monkeypatch.setenv(MAX_MEGAPIXELS_ENV, "lots")
     with pytest.raises(ImageTooLargeError, match=r"DEFECTSCOPE_MAX_MEGAPIXELS='lots' \(--max-megapixels\): expected a "

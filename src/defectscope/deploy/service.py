@@ -356,7 +356,7 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
     async def healthz():
         return {"status": "ok", "model": predictor.identity(), "classes": info.class_names,
                 "input_size": list(info.input_size), "spectra_shape": list(spectra_shape) if spectra_shape else None,
-                "max_bytes": max_bytes, "workers": pool.workers, "capacity": pool.capacity,
+                "max_bytes": max_bytes, "max_pixels": max_pixels, "workers": pool.workers, "capacity": pool.capacity,
                 "in_flight": pool.in_flight, "rejected": pool.rejected}
 
     @app.get("/", include_in_schema=False)
