@@ -52,6 +52,28 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
+MaxMegapixels = Annotated[Optional[float], typer.Option(
+    "--max-megapixels", show_default=False,
+    help="Largest image accepted, megapixels (default 40; decompression-bomb guard). Raise it for line-scan "
+         "images (a 13000 x 13000 px image is 169). Same as the environment variable DEFECTSCOPE_MAX_MEGAPIXELS.")]
+
+
+def _set_pixel_limit(max_megapixels: float | None) -> None:
+    """Apply ``--max-megapixels`` to every image reader of this process and of its workers (through
+    ``DEFECTSCOPE_MAX_MEGAPIXELS``, which :func:`defectscope.data.images.pixel_limit` reads)."""
+    import math
+    import os
+
+    from defectscope.config import ConfigError
+    from defectscope.data.images import MAX_MEGAPIXELS_ENV
+
+    if max_megapixels is None:
+        return
+    if not math.isfinite(max_megapixels) or max_megapixels <= 0:
+        raise ConfigError(f"--max-megapixels {max_megapixels:g}: expected a positive number of megapixels (e.g. 200)")
+    os.environ[MAX_MEGAPIXELS_ENV] = f"{max_megapixels:g}"
+
+
 def _get_task(name: str, source: str):
     """The registered task ``name``; an unknown name is a :class:`ConfigError` naming ``source``."""
     from defectscope.config import ConfigError
@@ -159,6 +181,30 @@ def _recipe_for_folder(folder: Path, task: str | None, override: list[str] | Non
     return raw, check
 
 
+#: tasks whose data folder ``train`` checks first (duplicates across classes leak between splits and folds)
+CHECKED_TASKS = ("classification", "multicnn", "segmentation", "detection")
+
+
+def _check_recipe_data(raw: dict) -> dict | None:
+    """The data check of ``train FOLDER`` for ``train RECIPE``: check the recipe's ``data.root`` and print
+    the loud warnings (duplicates across classes, within a class, empty classes, unreadable files).
+
+    Returns the check result (written to ``RUN/data_check.json``), or ``None`` for tasks and data the
+    check does not cover (it runs for :data:`CHECKED_TASKS` with a ``data.root`` folder).
+    """
+    from defectscope.config import resolve_path
+    from defectscope.data.check import check_dataset, warn_on_leaks
+
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    root = data.get("root")
+    if raw.get("task") not in CHECKED_TASKS or not isinstance(root, str) or not resolve_path(root).is_dir():
+        return None  # a bad root is reported by the task's own reader, naming the field
+    check = check_dataset(resolve_path(root))
+    for line in warn_on_leaks(check):
+        console.print(f"[bold red]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    return check
+
+
 @app.command()
 @friendly
 def train(
@@ -170,16 +216,19 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder (only once the new run succeeded).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted train into --out from its last checkpoints (same recipe and options).")] = False,
     task_name: Annotated[Optional[str], typer.Option("--task", help="With a data folder: the task to train (overrides the guess).")] = None,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Train a recipe (or a data folder with a recipe sized to it), evaluate it and write the run folder.
 
-    With a data folder, the data are checked first (duplicates across classes, empty classes,
-    unreadable files are warned about) and k-fold cross-validation is chosen when a single split
+    The data are checked first, for a recipe as for a data folder (duplicates across classes or
+    within a class, empty classes, unreadable files are warned about; the check is written to
+    RUN/data_check.json). With a data folder, k-fold cross-validation is chosen when a single split
     would hold fewer than 10 test images of some class; ``--folds 1`` forces a single split.
     """
     from defectscope.config import load_raw
     from defectscope.utils.io import write_json
 
+    _set_pixel_limit(max_megapixels)
     check = None
     if recipe.is_dir():
         raw, check = _recipe_for_folder(recipe, task_name, override)
@@ -195,6 +244,7 @@ def train(
             raise ConfigError("--task is for data folders; a recipe names its task in its 'task' key")
         raw = load_raw(recipe, override)
         source = str(recipe)
+        check = _check_recipe_data(raw)
     task, result = _train(raw, source, out, folds, group_by, overwrite, resume)
     if result is None:  # a non-zero DDP rank
         return
@@ -209,10 +259,12 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
     data: Annotated[Path, typer.Option("--data", help="Labelled data to evaluate on (a folder; for detection also a COCO .json file).")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/evaluations/<data name>).")] = None,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Re-evaluate a trained run on another labelled folder."""
     from defectscope.utils.io import check_output_path
 
+    _set_pixel_limit(max_megapixels)
     task = _run_task_obj(run)
     check_output_path(out if out else Path(run) / "evaluations" / Path(data).name, "dir")
     metrics = task.evaluate(run, data, out)
@@ -226,15 +278,28 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output file; default per task: preds.csv (classification, anomaly, weld), masks.csv (segmentation, run-length encoded), boxes.json (detection, COCO).")] = None,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also write masks / boxes as images (segmentation, detection).")] = False,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
-    """Predict files with a trained run; unreadable files are skipped and reported."""
+    """Predict files with a trained run; unreadable files are skipped and reported, and so is an
+    animated GIF / multi-page TIFF ("frame 1 of N used")."""
+    import warnings
+
+    from defectscope.data.images import MultiFrameWarning
     from defectscope.utils.io import check_output_path, display_path
 
+    _set_pixel_limit(max_megapixels)
     task = _run_task_obj(run)
     out = out or Path(getattr(task, "default_predict_out", "preds.csv"))
     check_output_path(out, "file")  # before the work, not after it
     options = {"save_images": save_images} if save_images else {}
-    summary = task.predict(run, inputs, out, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default", MultiFrameWarning)
+        summary = task.predict(run, inputs, out, **options)
+    for w in caught:
+        if issubclass(w.category, MultiFrameWarning):
+            console.print(f"[yellow]warning:[/] {error_line(ValueError(str(w.message)))}", highlight=False, soft_wrap=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     for f, err in summary.get("skipped", []):
         console.print(f"[yellow]skipped[/] {escape(display_path(f))}: {error_line(ValueError(err))}", highlight=False, soft_wrap=True)
     console.print(f"predicted {summary.get('predicted')} file(s), skipped {len(summary.get('skipped', []))}: "
@@ -329,6 +394,7 @@ def serve(
     max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload per file, MiB.")] = 10.0,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads of the model (default: the CPUs this process may use).", show_default=False)] = None,
     member: Annotated[Optional[str], typer.Option("--member", help="Anomaly run folders: patchcore (default) or grad_mobilenet (PyTorch only).")] = None,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /healthz, /docs, and the operator page at /."""
     import math
@@ -345,6 +411,7 @@ def serve(
         raise ConfigError(f"--workers {workers}, --queue {queue}, --threads {threads}: need workers >= 1, queue >= 0, threads >= 1")
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: must be in 1..65535")
+    _set_pixel_limit(max_megapixels)
     console.print(f"serving {model} on http://{host}:{port}/ (docs: /docs)", highlight=False)
     run_service(model, host=host, port=port, workers=workers, queue=queue, max_bytes=int(max_mb * 1024 * 1024), threads=threads,
                 member=member)
@@ -364,9 +431,12 @@ def inspect_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard earlier results of --out.")] = False,
     flush_every: Annotated[int, typer.Option("--flush-every", help="Write a results part every N rows (or 10 s); a kill loses at most that much work.")] = 1000,
     save_maps: Annotated[Optional[Path], typer.Option("--save-maps", help="Folder for each image's mask / anomaly map / boxes / attention overlay as PNG (column map_path).")] = None,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Score image archives on Ray Data: streaming reads, one model copy per worker, Parquet results, resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    _set_pixel_limit(max_megapixels)
 
     from defectscope.deploy.inspect import inspect_archive
     from defectscope.utils.io import display_path
@@ -517,8 +587,10 @@ def data_check(
     folder: Annotated[Path, typer.Argument(help="Data folder (any layout defectscope reads).")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for data_check.json, report.html, thumbnails/.")] = None,
     near: Annotated[int, typer.Option("--near", help="pHash Hamming distance (of 64 bits) for near duplicates.")] = 8,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Health of a data set: images per class, sizes, modes, bit depths, unreadable files, duplicates, empty classes."""
+    _set_pixel_limit(max_megapixels)
     from rich.markup import escape
 
     from defectscope.data.check import check_dataset, render_table

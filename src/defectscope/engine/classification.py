@@ -393,7 +393,7 @@ class ClassificationTask(TaskHooks):
         names, size = payload["class_names"], payload["image_size"]
         files = expand_inputs(inputs)
         ok_files, arrays, skipped = [], [], []
-        for f, img, err in iter_images(files):
+        for f, img, err in iter_images(files, size):
             if err:
                 skipped.append((f, err))
                 continue

@@ -170,7 +170,8 @@ class TaskHooks:
         data = getattr(recipe, "data", None)
         fraction = getattr(data, "test_fraction", 0.2)
         seed = getattr(data, "split_seed", 0)
-        a, b = stratified_split(samples.labels, fraction, seed)
+        a, b = stratified_split(samples.labels, fraction, seed, samples.class_names,
+                                str(getattr(data, "root", None) or samples.description or "") or None)
         return {"trainval": a, "test": b}
 
     def split_info(self, recipe: BaseRecipe) -> dict:
@@ -553,13 +554,16 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
         (``file, fold, true, pred`` and the task's score columns).
 
     Raises:
-        ValueError: too few samples (or groups) of a class for ``folds`` folds.
+        ConfigError: too few samples of a class (named, with the largest K that works) or too few
+            groups for ``folds`` folds.
     """
     pool_idx = np.arange(len(samples))
     if samples.test_only is not None:
         pool_idx = pool_idx[~samples.test_only]
     labels = samples.labels[pool_idx]
-    assign = cv_folds(labels, folds, None if groups is None else groups[pool_idx], recipe.seed)
+    assign = cv_folds(labels, folds, None if groups is None else groups[pool_idx], recipe.seed,
+                      class_names=samples.class_names,
+                      source=str(getattr(getattr(recipe, "data", None), "root", None) or samples.description or "the data"))
     fold_metrics, fold_preds, order, fold_of = [], [], [], []
     for k in range(folds):
         test = np.sort(pool_idx[assign == k])

@@ -64,6 +64,7 @@ from typing import Literal, Sequence
 import numpy as np
 from PIL import Image
 
+from defectscope.data.images import check_pixels
 from defectscope.data.weld.channels import channel_group
 from defectscope.errors import DefectscopeError
 from defectscope.utils.io import atomic_path, write_json
@@ -281,6 +282,7 @@ def _load_image(path: Path, sid: str, fld: str, mode: Literal["RGB", "L"] = "RGB
         raise _err(sid, fld, f"file {path} not found")
     try:
         with Image.open(path) as im:
+            check_pixels(im, str(path))
             im.load()
             arr = np.array(im.convert(mode))
     except Exception as exc:  # PIL raises many types for corrupt files

@@ -192,7 +192,7 @@ class WeldAdapter(ClassificationAdapter):
             try:
                 unet = create_model("weld_seam_unet", **payload["unet_kwargs"])
                 unet.load_state_dict(payload["unet_state_dict"])
-            except (KeyError, TypeError, RuntimeError) as exc:
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
                 raise DeployError(f"{rf.model_path}: cannot rebuild the seam U-Net ({str(exc).splitlines()[0]})") from None
             _UNETS[sha] = unet.float().eval()
         model = model.float().eval()
