@@ -279,6 +279,86 @@ class DetectionAdapter(TaskAdapter):
         px = d["boxes"][keep].astype(np.float64) * np.array([w, h, w, h], np.float64)
         return draw_boxes(image, px, [int(v) for v in d["labels"][keep]], info.class_names, d["scores"][keep])
 
+    predict_options = ("save_images",)
+    default_predict_out = "boxes.json"
+
+    def pixel_detections(self, info: ModelInfo, boxes: np.ndarray, scores: np.ndarray, width: int, height: int
+                         ) -> dict[str, np.ndarray]:
+        """:meth:`detections` of one image in its own pixels (float64 ``boxes [M, 4]`` xyxy, ``scores``, ``labels``)."""
+        d = self.detections(info, boxes, scores)
+        scale = np.array([width, height, width, height], np.float64)
+        return {"boxes": d["boxes"].astype(np.float64).reshape(-1, 4) * scale,
+                "scores": np.asarray(d["scores"], np.float64).reshape(-1), "labels": np.asarray(d["labels"]).reshape(-1)}
+
+    def write_predictions(self, predictor, files: list[Path], results: list, skipped: list[tuple[Path, str]],
+                          out: Path, save_images: bool = False, **options) -> dict:
+        """COCO JSON ``out``: ``images`` (full paths, own sizes), ``categories`` and ``annotations`` with
+        ``bbox`` = ``[x, y, w, h]`` pixels of the image's own size and a ``score``, the detections with
+        ``score >= score_threshold`` (the run's); ``info`` lists skipped files. With ``save_images``, the
+        images with the boxes drawn (the answers' overlays) go to ``<out without suffix>_images/``."""
+        import base64
+
+        from defectscope.data.boxes import ImageBoxes, write_coco
+        from defectscope.utils.io import atomic_path
+
+        info = predictor.info
+        records = []
+        for f, r in zip(files, results):
+            h, w = r.image_size
+            rec = ImageBoxes(Path(f).resolve(), w, h, np.array([b.xyxy for b in r.boxes], np.float64).reshape(-1, 4),
+                             [b.label for b in r.boxes])
+            rec.scores = np.array([b.score for b in r.boxes], np.float64)
+            records.append(rec)
+        desc = {"description": f"defectscope predict with {info.source}", "score_threshold": info.thresholds["score"],
+                "skipped": [{"file": str(f), "error": e} for f, e in skipped]}
+        write_coco(out, records, list(info.class_names), info=desc)
+        if save_images:
+            folder = Path(out).with_suffix("")
+            folder = folder.parent / f"{folder.name}_images"
+            folder.mkdir(parents=True, exist_ok=True)
+            for rec, r in zip(records, results):
+                with atomic_path(folder / f"{Path(rec.image).stem}.png") as tmp:
+                    Path(tmp).write_bytes(base64.b64decode(r.answer["overlay_png"]))
+        return {"boxes": int(sum(len(r.labels) for r in records))}
+
+    def evaluate(self, predictor, data: Path, out: Path) -> dict:
+        """Every annotated image of ``data`` (VOC folder or COCO ``.json``): COCO mAP and the box metrics of
+        :func:`~defectscope.evaluation.detection.detection_metrics` over the model's detections (all scores;
+        ``score_threshold`` for the box errors), ``out/metrics.json`` and ``out/report.html``.
+
+        Raises:
+            BoxFormatError: bad or no annotations (named); ImageReadError: an unreadable image.
+        """
+        import time
+
+        from defectscope.data.boxes import BoxFormatError, image_class, load_record_images, read_boxes
+        from defectscope.engine.run import RunFolder
+        from defectscope.evaluation.detection import detection_metrics
+        from defectscope.evaluation.detection_report import write_detection_report
+
+        info = predictor.info
+        names = list(info.class_names)
+        records, _ = read_boxes(data, names)
+        if not records:
+            raise BoxFormatError(f"{data}: no annotated images")
+        x = load_record_images(records, int(info.input_size[0]))
+        start = time.perf_counter()
+        outs = predictor.run_batches({"image": x.astype(np.float32) / np.float32(255.0)})
+        preds = [self.pixel_detections(info, b, s, r.width, r.height)
+                 for b, s, r in zip(outs["boxes"], outs["class_scores"], records)]
+        ips = len(records) / max(1e-9, time.perf_counter() - start)
+        targets = [{"boxes": r.boxes, "labels": np.array([names.index(n) for n in r.labels], dtype=np.int64)} for r in records]
+        thr = float(info.thresholds["score"])
+        metrics = detection_metrics(preds, targets, [(r.width, r.height) for r in records],
+                                    [image_class(r, names) for r in records], names, thr)
+        ev = RunFolder(out).create()
+        ev.write_metrics({"task": info.task, "run": info.source, "backend": predictor.backend, "data": str(data),
+                          "images_per_second": round(ips, 1), "test": metrics})
+        write_detection_report(ev, f"defectscope evaluate: {Path(info.source).name} on {Path(data).name}", metrics,
+                               {"run": info.source, "backend": predictor.backend, "data": str(data), "images": len(records)},
+                               records, preds, targets, names, thr)
+        return metrics
+
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """Images of ``RUN/split/<split>.txt`` (``path,image class``); targets: the image class index ``[N]``."""
         from defectscope.deploy.images import as_rgb_uint8
