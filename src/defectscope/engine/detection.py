@@ -66,7 +66,7 @@ from defectscope.models.box_heads.lightning_model import (  # noqa: F401  (flip_
     flip_target,
     single_targets,
 )
-from defectscope.models.training import to_float
+from defectscope.models.box_heads.inference import detect_normalised
 
 
 class DetectionData(StrictModel):
@@ -284,15 +284,14 @@ def model_kwargs_from(recipe: DetectionRecipe, num_classes: int, num_slots: int)
             "dropout": m.dropout, "image_size": recipe.data.image_size, "extra_level": m.extra_level}
 
 
-@torch.no_grad()
-def predict_normalised(model: nn.Module, x: np.ndarray, batch_size: int = 32) -> list[dict]:
-    """Detections of uint8 images ``[N, 3, S, S]`` (fp32, eval mode): normalised xyxy ``boxes``, ``scores``, ``labels``."""
-    model.eval()
-    xt = torch.from_numpy(x)
-    out: list[dict] = []
-    for i in range(0, len(xt), batch_size):
-        out += [{k: v.cpu() for k, v in d.items()} for d in model.detect(to_float(xt[i : i + batch_size]))]
-    return out
+def predict_normalised(model: nn.Module, x: np.ndarray, batch_size: int = 32, nms_iou: float | None = None) -> list[dict]:
+    """Detections of uint8 images ``[N, 3, S, S]`` (fp32): normalised xyxy ``boxes``, ``scores``, ``labels`` (NumPy).
+
+    The method's one inference (:func:`~defectscope.models.box_heads.inference.detect_normalised`: the
+    export-ready forward, then the NumPy selection), as ``predict``, the service and the ONNX graph run
+    it; ``nms_iou`` overrides an ``fcos_lite`` model's NMS IoU threshold (the sweep).
+    """
+    return detect_normalised(model, x, batch_size, nms_iou)
 
 
 def to_pixels(dets: list[dict], records: list[ImageBoxes]) -> list[dict]:
@@ -300,8 +299,9 @@ def to_pixels(dets: list[dict], records: list[ImageBoxes]) -> list[dict]:
     out = []
     for d, r in zip(dets, records):
         scale = np.array([r.width, r.height, r.width, r.height], dtype=np.float64)
-        out.append({"boxes": d["boxes"].double().numpy().reshape(-1, 4) * scale,
-                    "scores": d["scores"].double().numpy().reshape(-1), "labels": d["labels"].numpy().reshape(-1)})
+        out.append({"boxes": np.asarray(d["boxes"], np.float64).reshape(-1, 4) * scale,
+                    "scores": np.asarray(d["scores"], np.float64).reshape(-1),
+                    "labels": np.asarray(d["labels"]).reshape(-1)})
     return out
 
 
@@ -323,10 +323,11 @@ def load_detector(run_dir: Path) -> tuple[nn.Module, dict]:
 
 
 def evaluate_records(model: nn.Module, records: list[ImageBoxes], x: np.ndarray, class_names: list[str],
-                     image_labels: list[int], score_threshold: float) -> tuple[dict, list[dict], list[dict], float]:
+                     image_labels: list[int], score_threshold: float, nms_iou: float | None = None
+                     ) -> tuple[dict, list[dict], list[dict], float]:
     """Predict ``x`` and compute :func:`detection_metrics`; returns ``(metrics, preds, targets, images_per_second)``."""
     start = time.perf_counter()
-    dets = predict_normalised(model, x)
+    dets = predict_normalised(model, x, nms_iou=nms_iou)
     ips = len(x) / max(1e-9, time.perf_counter() - start)
     preds = to_pixels(dets, records)
     targets = targets_in_pixels(records, class_names)
@@ -340,7 +341,7 @@ def nms_sweep(model: nn.Module, splits: BoxSplits, thresholds: list[float], scor
     """COCO mAP@0.5 and mAP@[.5:.95] per split for each NMS IoU threshold of an ``fcos_lite`` model.
 
     Choose the threshold on ``val`` (:func:`choose_on_validation`), then read ``test`` at it.
-    The model's own threshold is restored afterwards.
+    The model is not changed (the threshold is an argument of the selection).
 
     Args:
         model: a trained :class:`~defectscope.models.box_heads.LiteFCOS` (eval mode).
@@ -359,19 +360,15 @@ def nms_sweep(model: nn.Module, splits: BoxSplits, thresholds: list[float], scor
     bad = [t for t in thresholds if not 0 < t <= 1]
     if bad:
         raise ValueError(f"nms_sweep: NMS IoU thresholds must be in (0, 1], got {bad}")
-    old, rows = det.nms_thresh, []
-    try:
-        for thr in thresholds:
-            det.nms_thresh = float(thr)
-            row: dict = {"nms_threshold": float(thr)}
-            for name in split_names:
-                if name in splits.x:
-                    m, *_ = evaluate_records(model, splits.records[name], splits.x[name], splits.class_names,
-                                             list(splits.image_labels[name]), score_threshold)
-                    row[f"{name}_map_50"], row[f"{name}_map"] = m["map_50"], m["map"]
-            rows.append(row)
-    finally:
-        det.nms_thresh = old
+    rows = []
+    for thr in thresholds:
+        row: dict = {"nms_threshold": float(thr)}
+        for name in split_names:
+            if name in splits.x:
+                m, *_ = evaluate_records(model, splits.records[name], splits.x[name], splits.class_names,
+                                         list(splits.image_labels[name]), score_threshold, nms_iou=float(thr))
+                row[f"{name}_map_50"], row[f"{name}_map"] = m["map_50"], m["map"]
+        rows.append(row)
     return rows
 
 
