@@ -18,7 +18,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -32,6 +31,7 @@ from defectscope.engine.trainer import fit_lightning
 from defectscope.evaluation.classification import classification_metrics
 from defectscope.evaluation.classification_report import write_classification_report  # noqa: F401 (re-exported)
 from defectscope.models import create_model
+from defectscope.models.classifier.inference import pooled_features, predict_probs  # noqa: F401 (re-exported)
 from defectscope.models.classifier.lightning_model import ImageClassifierModule
 from defectscope.models.linear_probe.torch_model import train_linear_probe
 from defectscope.models.training import build_loss, random_flips, scale_probs, to_float, to_model_input, warmup_cosine  # noqa: F401
@@ -110,15 +110,6 @@ def image_loader(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool) -
                       shuffle=shuffle, num_workers=0, drop_last=shuffle and len(y) >= 4 * batch_size)
 
 
-@torch.no_grad()
-def predict_probs(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 32) -> np.ndarray:
-    """Softmax probabilities ``[N, K]`` of uint8 images ``[N, 3, H, W]`` (fp32, eval mode)."""
-    model.eval()
-    x = torch.as_tensor(x)
-    out = [F.softmax(model(to_float(x[i : i + batch_size])).float(), dim=1) for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
-
-
 def model_kwargs_from(recipe: ClassificationRecipe, num_classes: int) -> dict:
     """Arguments for :func:`create_model` that rebuild the architecture without loading weights."""
     m = recipe.model
@@ -131,15 +122,6 @@ def model_kwargs_from(recipe: ClassificationRecipe, num_classes: int) -> dict:
 OK_NAMES = ("good", "ok", "normal", "pass", "no_defect")
 #: sliding-window size and false-alarm rate per window of the stored drift reference
 DRIFT_WINDOW, DRIFT_ALPHA = 32, 0.001
-
-
-@torch.no_grad()
-def pooled_features(model: nn.Module, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Global-average-pooled backbone features ``[N, C]`` of uint8 images ``[N, 3, S, S]`` (the drift features)."""
-    model.eval()
-    xt = torch.as_tensor(x)
-    out = [model.backbone(to_float(xt[i : i + batch_size])).float().mean(dim=(2, 3)) for i in range(0, len(xt), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, model.backbone.out_channels), np.float32)
 
 
 def drift_reference(model: nn.Module, x_ref: np.ndarray, seed: int, max_images: int = 600) -> dict | None:
