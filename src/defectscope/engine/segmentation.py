@@ -54,7 +54,7 @@ from defectscope.data.masks import MaskedImage, MaskStack, read_manifest
 from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import fit_lightning
+from defectscope.engine.trainer import fit_lightning, resolved_precision
 from defectscope.evaluation.segmentation import IMAGE_SCORE_METHODS, dice_per_image, segmentation_metrics
 from defectscope.evaluation.segmentation_report import write_segmentation_report  # noqa: F401 (re-exported)
 from defectscope.models import create_model
@@ -256,7 +256,7 @@ class SegmentationTask(TaskHooks):
         if info is None:
             return None
         model = module.model.to(memory_format=torch.contiguous_format).float().eval()
-        info.update(weights=weights_source, precision=t.precision,
+        info.update(weights=weights_source, precision=resolved_precision(t),
                     defective={k: int(samples.labels[v].sum()) for k, v in parts.items()})
         ckpt = {"model_name": m.name, "model_kwargs": kwargs, "state_dict": model.state_dict(),
                 "class_names": ["defect"], "input_size": [d.height, d.width], "threshold": m.threshold,
