@@ -34,6 +34,8 @@ class ClassifierInference(nn.Module):
         if self.features and hasattr(self.model, "forward_features") and hasattr(self.model, "head"):
             feats = self.model.forward_features(image).float()  # pooled backbone features, computed once
             logits = self.model.head(feats)
+        elif self.features and hasattr(self.model, "logits_and_pooled"):  # multiscale: one backbone pass per scale
+            logits, feats = self.model.logits_and_pooled(image)
         else:
             logits = self.model(image)
             feats = self.model.backbone(image).float().mean(dim=(2, 3)) if self.features else None
