@@ -127,8 +127,12 @@ def _print_result(task, out: Path, result: dict, title: str | None = None) -> No
 
 
 def _train(raw: dict, source: str, out: Path, folds: int | None, group_by: str | None, overwrite: bool,
-           resume: bool = False) -> tuple:
-    """Validate ``raw`` against its task's schema and run the pipeline; ``(task, result)``."""
+           resume: bool = False, check_data: bool = False) -> tuple:
+    """Validate ``raw`` against its task's schema and run the pipeline; ``(task, result, data check or None)``.
+
+    ``check_data``: once the recipe is valid, run the data check on its ``data.root`` first
+    (:func:`_check_recipe_data`).
+    """
     from defectscope.config import ConfigError, validate
     from defectscope.engine.pipeline import train as run_pipeline
 
@@ -136,7 +140,8 @@ def _train(raw: dict, source: str, out: Path, folds: int | None, group_by: str |
         raise ConfigError(f"{source}: missing 'task' key")
     task = _get_task(raw["task"], f"{source}: field 'task'")
     cfg = validate(raw, task.recipe, source)
-    return task, run_pipeline(cfg, out, folds=folds, group_by=group_by, overwrite=overwrite, resume=resume)
+    check = _check_recipe_data(raw) if check_data else None
+    return task, run_pipeline(cfg, out, folds=folds, group_by=group_by, overwrite=overwrite, resume=resume), check
 
 
 def _run_task_obj(run: Path):
@@ -244,8 +249,8 @@ def train(
             raise ConfigError("--task is for data folders; a recipe names its task in its 'task' key")
         raw = load_raw(recipe, override)
         source = str(recipe)
-        check = _check_recipe_data(raw)
-    task, result = _train(raw, source, out, folds, group_by, overwrite, resume)
+    task, result, recipe_check = _train(raw, source, out, folds, group_by, overwrite, resume, check_data=check is None)
+    check = check or recipe_check
     if result is None:  # a non-zero DDP rank
         return
     if check:
@@ -544,7 +549,7 @@ def demo(
     raw = demo_recipe(samples)
     for key, value in parse_overrides(override):
         _set_dotted(raw, key, value, "demo (override)")
-    task, result = _train(raw, "demo", out, None, None, overwrite)
+    task, result, _ = _train(raw, "demo", out, None, None, overwrite)
     _print_result(task, out, result, f"weld demo (SYNTHETIC data): {out}")
     if result is not None and "selected_channel_names" in result:
         console.print(f"seam Dice={result['test'].get('seam_dice')}  channels={', '.join(result['selected_channel_names'])}",
