@@ -237,7 +237,7 @@ def probe_answer(predictor) -> dict:
         raise InspectError(f"{info.source}: model '{info.model_name}' ({info.task}) takes inputs {sorted(info.inputs)}; "
                            "inspect scores image-only models (weld fusion needs a spectra array per image)")
     h, w = info.input_size
-    return predictor.predict([np.full((int(h), int(w), 3), 128, np.uint8)])[0]
+    return predictor.answers([np.full((int(h), int(w), 3), 128, np.uint8)])[0]
 
 
 class ImageScorer:

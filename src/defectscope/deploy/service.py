@@ -306,7 +306,7 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
         except CorruptImageError as exc:
             raise ApiError(422, "corrupt_image", str(exc)) from exc
         try:
-            ans = predictor.predict([image], None if spectra is None else [spectra], with_features=monitor is not None)[0]
+            ans = predictor.answers([image], None if spectra is None else [spectra], with_features=monitor is not None)[0]
         except DeployError as exc:
             raise ApiError(400, "bad_request", str(exc)) from exc
         feats, stats = ans.pop("features", None), ans.pop("image_statistics", None)

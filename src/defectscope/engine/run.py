@@ -126,10 +126,14 @@ class RunFolder:
 
     Args:
         path: the run folder (created on :meth:`create`).
+        resume: the run continues an interrupted one (``defectscope train --resume``): every fit in
+            it restarts from its ``checkpoints/last.ckpt`` (tasks pass it to
+            :func:`~defectscope.engine.trainer.fit_lightning`).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, resume: bool = False) -> None:
         self.path = Path(path)
+        self.resume = bool(resume)
 
     @property
     def config_path(self) -> Path:
