@@ -34,14 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.models.backbones import create_backbone
-from defectscope.models.registry import register_model
 from defectscope.models.training import to_float
 
 #: added to ``||Grad||_2`` before the logarithm, so a zero gradient gives a finite feature
 LOG_EPS = 1e-20
 
 
-@register_model("grad_mobilenet")
 class GradMobileNet(nn.Module):
     """Backbone + global average pooling + bias-free linear head (paper 001, Fig. 2).
 
@@ -330,13 +328,10 @@ class OneClassScorer:
 
 
 def blur_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing of ``[N, H, W]`` maps (``sigma`` in pixels; 0 = unchanged)."""
-    if sigma <= 0:
-        return maps
-    from torchvision.transforms.functional import gaussian_blur
+    """Gaussian smoothing of ``[N, H, W]`` maps (``sigma`` in pixels; 0 = unchanged), as every anomaly model's map."""
+    from defectscope.models.anomaly import gaussian_blur_maps
 
-    k = int(2 * round(4 * sigma) + 1)
-    return gaussian_blur(maps[:, None], [k, k], [sigma, sigma])[:, 0]
+    return gaussian_blur_maps(maps[:, None], sigma)[:, 0]
 
 
 def gradient_maps(model: nn.Module, x: np.ndarray, target: int = 0, landmark_low: int = 0, landmark_high: int = 50,
@@ -362,3 +357,164 @@ def gradient_maps(model: nn.Module, x: np.ndarray, target: int = 0, landmark_low
         with torch.no_grad():
             pt.append(F.softmax(model(xb).float(), dim=1)[:, target])
     return torch.cat(gn), torch.cat(lm), torch.cat(pt)
+
+
+# ---------------------------------------------------------------- the anomaly-model contract
+
+from pydantic import Field  # noqa: E402
+
+from defectscope.models.anomaly import AnomalyArgs, AnomalyModel, AnomalyOutput, register_anomaly_model  # noqa: E402
+
+EXPORT_NOTE = ("Grad-MobileNet's anomaly map is the gradient of the loss with respect to the input (paper 001, "
+               "eq. 2-3): inference needs a backward pass (autograd), which an ONNX inference graph cannot run; "
+               "it runs on PyTorch only (predict, serve and inspect of the run folder)")
+
+
+class GradMobileNetArgs(AnomalyArgs):
+    """Recipe block ``model`` for ``name: grad_mobilenet`` (paper 001, section 4; see :class:`GradMobileNetDetector`).
+
+    Attributes:
+        backbone: trunk; ``mobilenetv3_large_100`` as in the paper (random init here).
+        pretrained / weights: ImageNet weights (only EfficientNet-Lite here) / a local file.
+        num_classes: head outputs ``K`` (training always targets class ``target``).
+        target: the fixed ``y`` of eq. 2 (0).
+        grid, bins: layout of the feature (:class:`GradientFeatureSpec`).
+        landmark_low, landmark_high: grey-level range of the artificial landmark (0..50).
+        nu, gamma: one-class SVM settings.
+        ocsvm_fit_on: ``calibration`` (unseen normal images), ``fit`` (the training images, as in
+            the paper) or ``both``.
+        map_blur_sigma: Gaussian smoothing (input pixels) of the gradient-norm map used as anomaly map.
+        grad_batch_size: images per backward pass when computing gradients during fitting.
+    """
+
+    name: str = "grad_mobilenet"
+    backbone: str = "mobilenetv3_large_100"
+    pretrained: bool = False
+    weights: str | None = None
+    num_classes: int = Field(2, ge=2)
+    target: int = Field(0, ge=0)
+    grid: tuple[int, int] = (10, 4)
+    bins: int = Field(16, ge=2)
+    landmark_low: int = Field(0, ge=0, le=255)
+    landmark_high: int = Field(50, ge=0, le=255)
+    nu: float = Field(0.1, gt=0, le=1)
+    gamma: str | float = "scale"
+    ocsvm_fit_on: str = Field("calibration", pattern="^(calibration|fit|both)$")
+    map_blur_sigma: float = Field(4.0, ge=0)
+    grad_batch_size: int = Field(8, ge=1)
+
+
+@register_anomaly_model
+class GradMobileNetDetector(AnomalyModel):
+    """Grad-MobileNet end to end on the contract: ``[B, 3, H, W]`` -> (one-class SVM score, blurred ``||dL/dx||``).
+
+    Holds the overfit network (:class:`GradMobileNet`), the fitted feature layout (``hist_range``)
+    and the one-class SVM as tensors (standardisation, support vectors, dual coefficients, intercept,
+    resolved RBF width), scored by libsvm's decision function written in torch (float64):
+    ``score = -(sum_i alpha_i exp(-gamma ||z - sv_i||^2) + intercept)``, ``z = (f - mean) / scale``;
+    defective when the score > 0 (:attr:`fixed_threshold`).
+
+    The forward runs a backward pass (eq. 2) even under ``torch.no_grad`` / ``inference_mode``
+    (it leaves them for the gradient), so it is PyTorch only (:attr:`export_note`).
+
+    Args: see :class:`GradMobileNetArgs` (tiling is refused: the feature describes a whole image).
+    """
+
+    name = "grad_mobilenet"
+    Args = GradMobileNetArgs
+    exportable = False
+    export_note = EXPORT_NOTE
+    fixed_threshold = 0.0
+    fitted_buffers = ("svm_mean", "svm_scale", "svm_support", "svm_dual")
+
+    def __init__(self, backbone: str = "mobilenetv3_large_100", pretrained: bool = False, weights: str | None = None,
+                 num_classes: int = 2, target: int = 0, grid: tuple[int, int] | list[int] = (10, 4), bins: int = 16,
+                 landmark_low: int = 0, landmark_high: int = 50, nu: float = 0.1, gamma: str | float = "scale",
+                 ocsvm_fit_on: str = "calibration", map_blur_sigma: float = 4.0, grad_batch_size: int = 8,
+                 tile: list[int] | None = None, tile_stride: list[int] | None = None) -> None:
+        if tile:
+            raise ValueError("grad_mobilenet: tiling is not supported (its feature describes a whole image)")
+        super().__init__(None, None)
+        self.net = GradMobileNet(backbone, num_classes, pretrained, weights)
+        self.target, self.grid, self.bins = int(target), tuple(int(v) for v in grid), int(bins)
+        self.landmark_low, self.landmark_high = int(landmark_low), int(landmark_high)
+        self.nu, self.gamma, self.ocsvm_fit_on = float(nu), gamma, ocsvm_fit_on
+        self.map_blur_sigma, self.grad_batch_size = float(map_blur_sigma), int(grad_batch_size)
+        for name in ("svm_mean", "svm_scale", "svm_dual"):
+            self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("svm_support", torch.zeros(0, 0, dtype=torch.float64))
+        self.register_buffer("svm_intercept", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("svm_gamma", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("hist_range", torch.zeros(2, dtype=torch.float64))
+        self.args.update(backbone=backbone, pretrained=bool(pretrained), weights=weights, num_classes=int(num_classes),
+                         target=self.target, grid=list(self.grid), bins=self.bins, landmark_low=self.landmark_low,
+                         landmark_high=self.landmark_high, nu=self.nu, gamma=gamma, ocsvm_fit_on=ocsvm_fit_on,
+                         map_blur_sigma=self.map_blur_sigma, grad_batch_size=self.grad_batch_size)
+        self.args.pop("tile"), self.args.pop("tile_stride")
+        self.eval()
+
+    @property
+    def spec(self) -> GradientFeatureSpec:
+        """The fitted feature layout."""
+        lo, hi = (float(v) for v in self.hist_range)
+        return GradientFeatureSpec(self.grid, self.bins, (lo, hi))
+
+    def fit(self, x_fit: np.ndarray, x_cal: np.ndarray | None = None, train=None, progress: bool = False,
+            **context) -> dict:
+        """Train the network toward ``y = target`` on ``x_fit`` (uint8 normal images) with ``train(net, x_fit) ->
+        info`` (the engine's Lightning loop), then fit the feature range on ``x_fit`` and the one-class SVM on
+        ``ocsvm_fit_on`` (``x_cal``: held-out normal images; falls back to ``fit`` with fewer than 2).
+
+        Returns:
+            the training info plus ``feature``, ``ocsvm`` and ``p_target_fit_mean``.
+
+        Raises:
+            ValueError: no ``train`` callable.
+        """
+        if train is None:
+            raise ValueError("grad_mobilenet: fit needs train(net, x_fit) (the engine's training loop)")
+        info = dict(train(self.net, x_fit) or {})
+        self.net.to(memory_format=torch.contiguous_format).float().eval()
+        self.eval()
+        gn_fit, lm_fit, pt_fit = gradient_maps(self.net, x_fit, self.target, self.landmark_low, self.landmark_high,
+                                               self.grad_batch_size, progress, "gradients (fit)")
+        spec = GradientFeatureSpec(self.grid, self.bins).fit_range(gn_fit)
+        self.hist_range = torch.tensor(spec.hist_range, dtype=torch.float64)
+        feats = {"fit": spec(gn_fit, lm_fit).numpy()}
+        del gn_fit
+        if x_cal is not None and len(x_cal):
+            gn, lm, _ = gradient_maps(self.net, x_cal, self.target, self.landmark_low, self.landmark_high,
+                                      self.grad_batch_size)
+            feats["calibration"] = spec(gn, lm).numpy()
+        fit_on = self.ocsvm_fit_on
+        if fit_on != "fit" and len(feats.get("calibration", ())) < 2:
+            fit_on = "fit"  # an SVM needs two rows
+        rows = {"fit": feats["fit"], "calibration": feats.get("calibration"),
+                "both": np.concatenate([feats["fit"], feats.get("calibration", feats["fit"][:0])])}[fit_on]
+        st = OneClassScorer(self.nu, self.gamma).fit(rows).state_dict()
+        self.svm_mean, self.svm_scale = st["mean"].clone(), st["scale"].clone()
+        self.svm_support, self.svm_dual = st["support_vectors"].clone(), st["dual_coef"].clone()
+        self.svm_intercept = torch.tensor(st["intercept"], dtype=torch.float64)
+        self.svm_gamma = torch.tensor(st["gamma"], dtype=torch.float64)
+        info.update(weights=self.net.backbone.weights_source, p_target_fit_mean=float(pt_fit.mean()),
+                    feature={"dim": spec.dim, "grid": list(spec.grid), "bins": spec.bins,
+                             "hist_range": list(spec.hist_range)},
+                    ocsvm={"nu": self.nu, "gamma": self.gamma, "gamma_value": st["gamma"], "fit_on": fit_on,
+                           "n_fit": int(len(rows)), "support_vectors": int(st["support_vectors"].shape[0])})
+        return info
+
+    def svm_score(self, features: torch.Tensor) -> torch.Tensor:
+        """One-class SVM anomaly score ``[B]`` (float64, > 0 outside the boundary) of features ``[B, F]``."""
+        z = (features.double() - self.svm_mean) / self.svm_scale
+        sv = self.svm_support
+        d2 = (z * z).sum(1, keepdim=True) - 2 * z @ sv.T + (sv * sv).sum(1)
+        return -(torch.exp(-self.svm_gamma * d2.clamp_min(0)) @ self.svm_dual + self.svm_intercept)
+
+    def score_tiles(self, x: torch.Tensor) -> AnomalyOutput:
+        with torch.inference_mode(False), torch.enable_grad():
+            xg = x.detach().clone().float()  # a normal tensor: autograd refuses inference tensors
+            gn = gradient_norm(input_gradient(self.net, xg, self.target))
+            lm = artificial_landmark(xg, self.landmark_low, self.landmark_high)
+            score = self.svm_score(gradient_features(gn, lm, self.spec)).float()
+            maps = blur_maps(gn, self.map_blur_sigma)
+        return AnomalyOutput(score.detach().clone(), maps.detach().clone())

