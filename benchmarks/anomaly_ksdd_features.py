@@ -58,6 +58,7 @@ def embed_all(bb, x: np.ndarray, layers: list[list[int]], bs: int = 4) -> dict[s
     return {k: torch.cat(v) for k, v in res.items()}
 
 
+
 def inner_max(d: torch.Tensor, border: int) -> torch.Tensor:
     h, w = d.shape[-2:]
     if border:
@@ -99,6 +100,44 @@ def padim(fit: torch.Tensor, test: torch.Tensor, dim: int, seed: int) -> torch.T
     return m.T.reshape(test.shape[0], h, w)
 
 
+def gauss_shared(fit: torch.Tensor, test: torch.Tensor, dim: int, seed: int, mode: str) -> torch.Tensor:
+    """One Gaussian per column (``rows``: the rows of a column share it) or one for the whole grid (``all``)."""
+    n, d, h, w = fit.shape
+    g = torch.Generator().manual_seed(seed)
+    ch = torch.randperm(d, generator=g)[: min(dim, d)].sort().values
+
+    def groups(t: torch.Tensor) -> torch.Tensor:  # [B, k, h, w] -> [G, B * h (* w), k]
+        t = t[:, ch].float()
+        if mode == "rows":
+            return t.permute(3, 0, 2, 1).reshape(w, -1, len(ch))
+        return t.permute(0, 2, 3, 1).reshape(1, -1, len(ch))
+
+    s1 = s2 = None
+    cnt = 0
+    for i in range(0, n, 16):
+        f = groups(fit[i : i + 16]).double()
+        s1 = f.sum(1) if s1 is None else s1 + f.sum(1)
+        s2 = f.transpose(1, 2) @ f if s2 is None else s2 + f.transpose(1, 2) @ f
+        cnt += f.shape[1]
+    mu = s1 / cnt
+    cov = (s2 - cnt * mu[:, :, None] * mu[:, None, :]) / (cnt - 1) + 0.01 * torch.eye(len(ch), dtype=torch.float64)
+    prec = torch.linalg.inv(cov).float()
+    mu = mu.float()
+    out = []
+    for i in range(0, test.shape[0], 8):
+        t = groups(test[i : i + 8]) - mu[:, None]
+        m = (torch.bmm(t, prec) * t).sum(-1).clamp_min(0).sqrt()  # [G, B * h (* w)]
+        b = min(8, test.shape[0] - i)
+        out.append(m.reshape(w, b, h).permute(1, 2, 0) if mode == "rows" else m.reshape(b, h, w))
+    return torch.cat(out)
+
+
+def blurred_max(d: torch.Tensor, border: int, sigma: float = 1.0) -> torch.Tensor:
+    from defectscope.models.anomaly import gaussian_blur_maps
+
+    return inner_max(gaussian_blur_maps(d[:, None].float(), sigma)[:, 0], border)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="../shared/datasets/kolektorsdd")
@@ -110,6 +149,7 @@ def main() -> None:
     ap.add_argument("--padim-dim", type=int, default=100)
     ap.add_argument("--borders", default="0,1,2")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", default=["patchcore", "padim", "gauss_rows", "gauss_all"])
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     print("cpu capability", torch.backends.cpu.get_cpu_capability(), "threads", torch.get_num_threads())
@@ -133,12 +173,18 @@ def main() -> None:
         for key in ef:
             fit, test = ef[key], et[key]
             print(f"  layers {key}: grid {tuple(fit.shape[-2:])} dim {fit.shape[1]}", flush=True)
-            for name, fn in (("patchcore", lambda: patchcore(fit, test, a.per_image, a.bank, a.seed)),
-                             ("padim", lambda: padim(fit, test, a.padim_dim, a.seed))):
+            methods = {"patchcore": lambda: patchcore(fit, test, a.per_image, a.bank, a.seed),
+                       "padim": lambda: padim(fit, test, a.padim_dim, a.seed),
+                       "gauss_rows": lambda: gauss_shared(fit, test, 1000, a.seed, "rows"),
+                       "gauss_all": lambda: gauss_shared(fit, test, 1000, a.seed, "all")}
+            for name in a.methods:
+                fn = methods[name]
                 t2 = time.perf_counter()
                 d = fn()
                 dt = time.perf_counter() - t2
                 res = " ".join(f"b{b}={roc_auc_score(y, inner_max(d, b).numpy()):.3f}" for b in map(int, a.borders.split(",")))
+                res += " | blur1 " + " ".join(f"b{b}={roc_auc_score(y, blurred_max(d, b).numpy()):.3f}"
+                                              for b in map(int, a.borders.split(",")))
                 print(f"    {name:9s} image AUROC {res}  pixel AUROC {pixel_auc(d, masks):.3f}  ({dt:.0f}s)", flush=True)
 
 

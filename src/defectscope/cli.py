@@ -262,7 +262,7 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
     out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")] = Path("model.onnx"),
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset version.")] = 17,
-    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly runs: patchcore (default) or grad_mobilenet.")] = None,
+    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly runs: optional, the run's own model name (a run holds one anomaly model).")] = None,
 ) -> None:
     """Export a run's model to ONNX (dynamic batch axis, metadata for standalone use)."""
     from defectscope.deploy.export import export_onnx
@@ -326,7 +326,7 @@ def serve(
     queue: Annotated[int, typer.Option("--queue", help="Requests allowed to wait; more get 503.")] = 64,
     max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload per file, MiB.")] = 10.0,
     threads: Annotated[int, typer.Option("--threads", help="Intra-op threads of the model.")] = 2,
-    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly run folders: patchcore (default) or grad_mobilenet (PyTorch only).")] = None,
+    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly run folders: optional, the run's own model name (a run holds one anomaly model).")] = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /healthz, /docs, and the operator page at /."""
     import math

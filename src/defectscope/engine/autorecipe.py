@@ -23,7 +23,8 @@ noise on an 8-image test split. :func:`size_recipe` instead derives the settings
 - **Folds** (``eval.folds``): k-fold cross-validation (``k = min(5, smallest class)``) when a
   single stratified split (``test_fraction`` 0.2) would hold fewer than ``MIN_TEST_PER_CLASS`` (10)
   images of some class; otherwise 1 (single split). The anomaly task tests on every defective
-  image already (folds 1).
+  image already (folds 1); it uses PatchCore (no network training, so no ``train`` section) and
+  reads nothing but the user's folder (no clustering study).
 
 Keys not in today's schemas are listed in :data:`NEW_KEYS`; the pipeline's schemas take them.
 :func:`explain` gives the one paragraph ``train`` prints.
@@ -94,6 +95,10 @@ def _square_side(image_hw: tuple[int, int] | None, lo: int, hi: int, default: in
         return default
     side = min(image_hw)
     return int(min(hi, max(lo, round(side / 8) * 8)))
+
+
+#: share of the good training images an anomaly recipe keeps for the threshold (AnomalyData's default)
+ANOMALY_CALIBRATION = 0.15
 
 
 def _aspect_size(image_hw: tuple[int, int] | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -168,13 +173,17 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
         raw["data"]["image_size"] = list(hw)
         if layout:
             raw["data"]["layout"] = layout
-        n_fit = int(counts.get("good", n_images))
+        # only the user's own data: PatchCore (no network training), no clustering study
+        raw["model"] = {"name": "patchcore"}
+        n_good = int(counts.get("train/good", counts.get("good", n_images)))
+        n_cal = int(round(ANOMALY_CALIBRATION * n_good))  # as data.kolektor / data.mvtec draw it
         reasons.append(f"images resized to {hw[0]} x {hw[1]} (H x W; aspect kept, sides multiples of 32)")
+        reasons.append(f"PatchCore on EfficientNet-Lite0 ImageNet features (no network training): {n_good - n_cal} "
+                       f"good training images fill its memory bank, {n_cal} more ({ANOMALY_CALIBRATION:g} of them) "
+                       "set the decision threshold")
         reasons.append("the test set already holds every defective image: single split (folds 1)")
         raw["eval"] = {"folds": 1}
-        # the task's own training defaults (a partial ``train`` section would fall back to TrainConfig's)
-        raw["train"].update({"lr": 1.0e-3, "augment": False, "val_fraction": 0.0, "early_stopping_patience": 0})
-        raw["train"].update(_steps(max(1, int(n_fit * 0.85)), hw, 1, budget_minutes, reasons))
+        del raw["train"]
         return _Plan(raw, reasons)
 
     folds = _folds(nonzero, reasons) if nonzero else 1
