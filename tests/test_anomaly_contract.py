@@ -75,6 +75,8 @@ def test_registry_and_recipe_take_any_registered_model_by_name():
 @pytest.mark.parametrize("name, kwargs", [
     ("patchcore", {"layers": [2], "coreset_ratio": 0.2, "patches_per_image": 30}),
     ("padim", {"layers": [2, 3], "n_features": 12}),
+    ("padim", {"layers": [2], "n_features": 12, "share": "rows"}),
+    ("padim", {"layers": [2], "n_features": 12, "share": "all", "tile": [32, 48], "tile_stride": [16, 48]}),
     ("patchcore", {"layers": [2], "coreset_ratio": 0.2, "tile": [32, 32], "tile_stride": [16, 16]}),
 ])
 def test_fit_save_as_tensors_reload_scores_the_same(name, kwargs):
