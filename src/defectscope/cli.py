@@ -301,7 +301,7 @@ def weld_simulate(
 def benchmark(
     run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for model.onnx, model.int8.onnx, benchmark.json (default RUN/deploy).")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="Intra-op threads for every runtime.")] = 2,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads for every runtime (default: the CPUs this process may use).", show_default=False)] = None,
     iters: Annotated[int, typer.Option("--iters", help="Batch-1 latency samples (at most).")] = 50,
     budget: Annotated[float, typer.Option("--budget", help="Seconds of batch-1 sampling per runtime (at most, 5 samples minimum).")] = 8.0,
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Use at most this many held-out images.")] = None,
@@ -311,7 +311,9 @@ def benchmark(
     from defectscope.deploy.benchmark import benchmark as run_benchmark
     from defectscope.deploy.benchmark import render_table
 
-    res = run_benchmark(run, out, threads=threads, iters=iters, budget_s=budget, test_limit=test_limit,
+    from defectscope.machine import resolve_threads
+
+    res = run_benchmark(run, out, threads=resolve_threads(threads), iters=iters, budget_s=budget, test_limit=test_limit,
                         compile_=not no_compile, log=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
     Console(width=250).print(render_table(res))
 
@@ -325,7 +327,7 @@ def serve(
     workers: Annotated[int, typer.Option("--workers", help="Inference threads.")] = 1,
     queue: Annotated[int, typer.Option("--queue", help="Requests allowed to wait; more get 503.")] = 64,
     max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload per file, MiB.")] = 10.0,
-    threads: Annotated[int, typer.Option("--threads", help="Intra-op threads of the model.")] = 2,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads of the model (default: the CPUs this process may use).", show_default=False)] = None,
     member: Annotated[Optional[str], typer.Option("--member", help="Anomaly run folders: optional, the run's own model name (a run holds one anomaly model).")] = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /healthz, /docs, and the operator page at /."""
@@ -336,6 +338,9 @@ def serve(
 
     if not math.isfinite(max_mb) or max_mb <= 0:
         raise ConfigError(f"--max-mb {max_mb:g}: the upload limit must be a positive number of MiB (e.g. 10)")
+    from defectscope.machine import resolve_threads
+
+    threads = resolve_threads(threads) if threads is None else threads
     if workers < 1 or queue < 0 or threads < 1:
         raise ConfigError(f"--workers {workers}, --queue {queue}, --threads {threads}: need workers >= 1, queue >= 0, threads >= 1")
     if not 0 < port < 65536:
@@ -420,6 +425,38 @@ def inspect_cmd(
         table.add_row("maps (PNG, column map_path)", escape(display_path(save_maps)))
     table.add_row("model", escape(f"{res.identity['model']} {res.identity['model_backend']} sha256 {res.identity['model_sha256'][:16]}"))
     console.print(table)
+
+
+@app.command()
+@friendly
+def doctor(
+    no_measure: Annotated[bool, typer.Option("--no-measure", help="Skip the matrix-product measurements.")] = False,
+) -> None:
+    """What this machine is and what train, serve and inspect would use here (before a long run).
+
+    Prints the CPU model, torch's CPU capability, whether bf16 is native, the measured fp32 (and, where
+    native, bf16) matrix-product rate, the precision and threads ``train`` chooses with ``auto``, and the
+    runtime ``serve`` / ``inspect`` use (exact fp32: ONNX Runtime for an ``.onnx`` file, PyTorch for a run
+    folder). Nothing is written.
+    """
+    from defectscope.machine import environment, matmul_gflops, resolve_precision, resolve_threads
+
+    prec = resolve_precision("auto")
+    env = environment(prec, resolve_threads("auto"))
+    table = Table(title="defectscope doctor: this machine", show_header=False)
+    table.add_column("fact", justify="left")
+    table.add_column("value", justify="left")
+    for k, v in env.items():
+        table.add_row(k, ", ".join(v) if isinstance(v, list) else ("n/a" if v is None else str(v)))
+    if not no_measure:
+        table.add_row("fp32 matmul (1024^2, measured)", f"{matmul_gflops('float32', 1024, 0.3):.0f} GFLOP/s")
+        table.add_row("bf16 matmul (1024^2, measured)",
+                      f"{matmul_gflops('bfloat16', 1024, 0.3):.0f} GFLOP/s" if prec.bf16 else
+                      "not measured: bf16 is emulated here (one product would take seconds)")
+    table.add_row("train (precision: auto)", f"precision {prec.value}, {env['threads']} threads (num_threads: auto)")
+    table.add_row("serve / inspect", "ONNX Runtime fp32 for a .onnx file (fastest exact runtime measured here, "
+                  "README deployment table), PyTorch fp32 for a run folder; threads = the CPUs this process may use")
+    Console(width=200).print(table)
 
 
 @app.command()

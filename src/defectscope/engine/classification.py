@@ -37,7 +37,7 @@ from defectscope.data.images import (  # noqa: F401  (expand_inputs: re-exported
 from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, report_sections
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import fit_lightning, report_training_curves
+from defectscope.engine.trainer import fit_lightning, report_training_curves, resolved_precision
 from defectscope.evaluation.classification import classification_metrics
 from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves
 from defectscope.evaluation.report import Report
@@ -311,7 +311,7 @@ class ClassificationTask(TaskHooks):
         if info is None:
             return None
         model = module.model.to(memory_format=torch.contiguous_format).float().eval()
-        info.update(precision=t.precision, channels_last=t.channels_last,
+        info.update(precision=resolved_precision(t), channels_last=t.channels_last,
                     class_weights=None if cw is None else [round(float(v), 4) for v in cw])
         ckpt = {"model_name": m.name, "model_kwargs": kwargs, "state_dict": model.state_dict(),
                 "class_names": samples.class_names, "image_size": recipe.data.image_size,

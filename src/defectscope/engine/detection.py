@@ -55,7 +55,7 @@ from defectscope.data.images import expand_inputs, iter_images, load_image, resi
 from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
 from defectscope.engine.run import RunError, RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import fit_lightning, report_training_curves, set_threads
+from defectscope.engine.trainer import fit_lightning, report_training_curves, resolved_precision, set_threads
 from defectscope.evaluation.detection import detection_metrics, per_image_quality
 from defectscope.evaluation.detection_plots import draw_boxes_pil, plot_box_cases
 from defectscope.evaluation.report import Report
@@ -490,12 +490,12 @@ class DetectionTask(TaskHooks):
         loss = "fcos" if m.name == "fcos_lite" else m.loss
         frozen = m.freeze_backbone
         start = time.perf_counter()
-        if frozen:  # the feature cache is always computed with bf16 autocast (1.8x faster here)
+        if frozen:  # frozen-backbone inference: bf16 autocast where this CPU computes bf16 natively (defectscope.machine)
             if t.channels_last:
                 model.to(memory_format=torch.channels_last)
             train_in: torch.Tensor | list = cache_features(model, x[tr], (0, 1, 2, 3) if t.augment else (0,),
-                                                           bf16=True, channels_last=t.channels_last)
-            val_in = cache_features(model, x[va], (0,), bf16=True, channels_last=t.channels_last) if has_val else None
+                                                           precision="auto", channels_last=t.channels_last)
+            val_in = cache_features(model, x[va], (0,), precision="auto", channels_last=t.channels_last) if has_val else None
         else:
             train_in = torch.from_numpy(x[tr])
             val_in = torch.from_numpy(x[va]) if has_val else None
@@ -517,7 +517,7 @@ class DetectionTask(TaskHooks):
         epochs = info["epochs_run"]
         info.update(num_slots=k, train_seconds=round(train_seconds, 1), feature_cache_seconds=round(cache_seconds, 1),
                     train_images_per_second=round(n_train * max(1, epochs) / max(1e-9, train_seconds - cache_seconds), 1),
-                    precision=t.precision, channels_last=t.channels_last, threads=torch.get_num_threads())
+                    precision=resolved_precision(t), channels_last=t.channels_last, threads=torch.get_num_threads())
         ckpt = {"model_name": m.name, "model_kwargs": kwargs, "state_dict": model.state_dict(), "class_names": names,
                 "image_size": recipe.data.image_size, "score_threshold": m.score_threshold, "loss": loss,
                 "normalisation": "inside model: input RGB in [0, 1]", "weights_source": weights_source,

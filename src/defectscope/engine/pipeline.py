@@ -342,6 +342,7 @@ def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict
     if fitted is None or not is_rank_zero():
         return None
     fit_seconds = time.perf_counter() - start
+    env = run_environment(recipe)
     test = parts["test"]
     t0 = time.perf_counter()
     preds = task.predict_samples(recipe, fitted, samples, test)
@@ -359,15 +360,37 @@ def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict
         **fitted.info,
         "train_seconds": fitted.info.get("train_seconds", round(fit_seconds, 1)),
         "test_inference_seconds": round(infer_seconds, 2),
+        "environment": env,
         "test": metrics,
     }
     result.update({k: v for k, v in (extra or {}).items() if k != "split"})
     run.write_metrics(result)
-    info = {"data": samples.description, "split": result["split"], **fitted.info}
+    info = {"data": samples.description, "split": result["split"], **fitted.info, "environment": env}
     if decisions:
         info["decisions"] = decisions
     task.write_report(run, recipe, samples, test, preds, metrics, info)
+    add_machine_section(run.report_path, env)
     return result, preds
+
+
+def add_machine_section(report_path: Path, env: dict) -> None:
+    """Append the "Machine" table (:func:`run_environment`) to a task's written report, so every
+    task's report names the CPU, precision and threads its figures were measured with."""
+    from defectscope.evaluation.report import append_kv
+
+    if Path(report_path).is_file():
+        append_kv(report_path, "Machine (a figure is comparable only with its machine beside it)",
+                  {k: (", ".join(v) if isinstance(v, list) else v) for k, v in env.items()})
+
+
+def run_environment(recipe: BaseRecipe) -> dict:
+    """The machine record of a run (:func:`defectscope.machine.environment`) with the recipe's
+    precision as resolved on this machine and torch's current thread count."""
+    from defectscope.machine import environment, resolve_precision
+
+    t = getattr(recipe, "train", None)
+    prec = resolve_precision(getattr(t, "precision", "auto"), getattr(t, "accelerator", "cpu"))
+    return environment(prec)
 
 
 def _decisions(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict[str, np.ndarray], fitted: Fitted,
@@ -437,6 +460,7 @@ def report_sections(rep, run: RunFolder, info: dict, keys: list[str] | None = No
     cv = info.get("crossval")
     if cv and keys:
         rep.table("Cross-validation: held-out figures per fold", crossval_table(cv, keys))
+
     dec = info.get("decisions")
     if not dec:
         return
@@ -576,6 +600,7 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
         "mean": mean,
         "std": std,
         "pooled": pooled,
+        "environment": run_environment(recipe),
     }
     run = RunFolder(out).create()
     run.write_config(recipe.model_dump(mode="json"))
@@ -584,8 +609,9 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
     info = {"data": samples.description, "protocol": f"stratified {folds}-fold cross-validation, seed {recipe.seed}"
             + (f", grouped by {group_by!r}" if group_by else ""), "samples": len(idx)}
     task.write_report(run, recipe, samples, idx, pooled_preds, pooled,
-                      {**info, "crossval": {"folds": fold_metrics, "mean": mean, "std": std, "pooled": pooled},
+                      {**info, "environment": result["environment"], "crossval": {"folds": fold_metrics, "mean": mean, "std": std, "pooled": pooled},
                        **({"decisions": decisions} if decisions else {})})
+    add_machine_section(run.report_path, result["environment"])
     return result
 
 

@@ -57,7 +57,7 @@ from defectscope.data.rle import masks_to_records, write_rle_csv
 from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import fit_lightning, report_training_curves
+from defectscope.engine.trainer import fit_lightning, report_training_curves, resolved_precision
 from defectscope.evaluation.report import Report
 from defectscope.evaluation.segmentation import IMAGE_SCORE_METHODS, dice_per_image, image_scores, segmentation_metrics
 from defectscope.evaluation.segmentation_plots import plot_image_level_curves, plot_mask_overlays
@@ -332,7 +332,7 @@ class SegmentationTask(TaskHooks):
         if info is None:
             return None
         model = module.model.to(memory_format=torch.contiguous_format).float().eval()
-        info.update(weights=weights_source, precision=t.precision,
+        info.update(weights=weights_source, precision=resolved_precision(t),
                     defective={k: int(samples.labels[v].sum()) for k, v in parts.items()})
         ckpt = {"model_name": m.name, "model_kwargs": kwargs, "state_dict": model.state_dict(),
                 "class_names": ["defect"], "input_size": [d.height, d.width], "threshold": m.threshold,

@@ -37,14 +37,24 @@ class EpochSummary(L.Callback):
               file=sys.stderr, flush=True)
 
 
-def set_threads(cfg: TrainConfig) -> None:
-    """Set torch's intra-op threads (``num_threads``; under DDP the cores are shared out)."""
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    elif cfg.devices > 1 and cfg.accelerator == "cpu":
-        import os
+def set_threads(cfg: TrainConfig) -> int:
+    """Set torch's intra-op threads from ``num_threads`` (:func:`defectscope.machine.resolve_threads`;
+    ``auto`` under CPU DDP shares the usable CPUs out among the processes). Returns the count set."""
+    from defectscope.machine import resolve_threads
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.devices))
+    n = resolve_threads(cfg.num_threads)
+    if cfg.num_threads == "auto" and cfg.devices > 1 and cfg.accelerator == "cpu":
+        n = max(1, n // cfg.devices)
+    torch.set_num_threads(n)
+    return n
+
+
+def resolved_precision(cfg: TrainConfig) -> str:
+    """The Lightning precision string for ``cfg.precision`` on this machine (``auto`` decided by
+    :func:`defectscope.machine.resolve_precision`)."""
+    from defectscope.machine import resolve_precision
+
+    return resolve_precision(cfg.precision, cfg.accelerator).value
 
 
 def build_trainer(cfg: TrainConfig, run_dir: Path, monitor: str | None, mode: str = "max") -> L.Trainer:
@@ -81,7 +91,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, monitor: str | None, mode: st
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         strategy=strategy,
-        precision=cfg.precision,
+        precision=resolved_precision(cfg),
         logger=loggers or False,
         callbacks=callbacks,
         enable_progress_bar=show_progress,

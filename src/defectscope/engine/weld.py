@@ -396,8 +396,9 @@ def _read_for_run(run_dir: Path, data: Path, require_labels: bool):
 
 
 def _unet_train_config(t: WeldTrainConfig, seg: SegmentationConfig) -> TrainConfig:
-    """Trainer settings of the seam U-Net: ``segmentation.*`` epochs/batch/lr, bf16 autocast, no validation, no logger."""
-    return TrainConfig(epochs=seg.epochs, batch_size=seg.batch_size, lr=seg.lr, precision="bf16-mixed",
+    """Trainer settings of the seam U-Net: ``segmentation.*`` epochs/batch/lr, the run's ``train.precision``
+    (``auto``: bf16 only where native, :mod:`defectscope.machine`), no validation, no logger."""
+    return TrainConfig(epochs=seg.epochs, batch_size=seg.batch_size, lr=seg.lr, precision=t.precision,
                        channels_last=False, val_fraction=0.0, early_stopping_patience=0, strategy="auto", devices=1,
                        accelerator=t.accelerator, num_threads=t.num_threads, augment=False, logger=[], progress=t.progress)
 
@@ -520,7 +521,7 @@ class WeldTask(TaskHooks):
         if m.freeze_backbone and hasattr(model, "vision"):
             backbone = model.vision.backbone
             backbone.requires_grad_(False)
-            x = cached_features(backbone, crops)
+            x = cached_features(backbone, crops, precision=t.precision)
         features_seconds = time.perf_counter() - t0
         s = prep.apply(spectra[fit_idx])
         y = samples.labels[fit_idx]
@@ -767,8 +768,8 @@ def demo_recipe(n_samples: int = 603) -> dict:
 
     Sized for a shared 2-core CPU in <= 15 minutes: 256 px coupons, compact seam U-Net at 128 px for
     4 epochs, weld crops of 48 x 192 px, EfficientNet-Lite0 with ImageNet weights kept frozen (its
-    feature maps are computed once), then up to 30 epochs of the fusion and head (5-minute cap), one
-    torch thread (on an oversubscribed machine two threads were 7x slower than one). The demo is a
+    feature maps are computed once), then up to 30 epochs of the fusion and head (5-minute safety cap),
+    threads and precision chosen by this machine (``auto``, :mod:`defectscope.machine`). The demo is a
     single stratified 8:2 split at any size (``eval.folds: 1``).
     """
     return {"task": "weld", "seed": 0,
@@ -778,5 +779,5 @@ def demo_recipe(n_samples: int = 603) -> dict:
             "model": {"name": "weld_fusion", "fusion": "v2s", "embedding": "inverted", "spectral_dim": 96, "embed_dim": 128,
                       "backbone": "efficientnet_lite0", "pretrained": True, "freeze_backbone": True, "num_channels": 4},
             "train": {"epochs": 30, "batch_size": 16, "lr": 2.0e-4, "early_stopping_patience": 6, "max_minutes": 5.0,
-                      "num_threads": 1, "augment": False, "channels_last": False},
+                      "augment": False, "channels_last": False},
             "eval": {"folds": 1}}

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from defectscope.machine import autocast
 from defectscope.models.training import build_loss, warmup_cosine
 
 
@@ -200,14 +201,17 @@ def predict_masks(model: nn.Module, images: list[np.ndarray], size: int, batch_s
 
 
 @torch.no_grad()
-def cached_features(backbone: nn.Module, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Feature maps of a frozen backbone for uint8 crops ``[N, W, 3, h, w]`` -> float32 ``[N, W, C, h', w']`` (bf16 autocast)."""
+def cached_features(backbone: nn.Module, crops: np.ndarray, batch_size: int = 32, precision: str = "auto") -> np.ndarray:
+    """Feature maps of a frozen backbone for uint8 crops ``[N, W, 3, h, w]`` -> float32 ``[N, W, C, h', w']``.
+
+    ``precision``: the recipe's ``train.precision``; bf16 autocast only where
+    :func:`defectscope.machine.use_bf16` says this CPU computes bf16 natively."""
     backbone.eval()
     out = []
     flat = crops.reshape(-1, *crops.shape[2:])
     for i in range(0, len(flat), batch_size):
         x = torch.from_numpy(flat[i : i + batch_size]).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(precision):
             out.append(backbone(x).float())
     f = torch.cat(out).numpy() if out else np.zeros((0, 1, 1, 1), np.float32)
     return f.reshape(crops.shape[0], crops.shape[1], *f.shape[1:])
