@@ -86,14 +86,24 @@ def patchcore(fit: torch.Tensor, test: torch.Tensor, per_image: int, bank: int, 
     return dist.view(test.shape[0], test.shape[2], test.shape[3])
 
 
-def padim(fit: torch.Tensor, test: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+def padim(fit: torch.Tensor, test: torch.Tensor, dim: int, seed: int, eps: float = 0.01, pool: int = 1) -> torch.Tensor:
+    """Per-position Gaussians; ``pool`` > 1: each position's Gaussian also takes its ``pool x pool`` neighbours' patches."""
     n, d, h, w = fit.shape
     g = torch.Generator().manual_seed(seed)
     ch = torch.randperm(d, generator=g)[: min(dim, d)].sort().values
     f = fit[:, ch].float().permute(2, 3, 0, 1).reshape(h * w, n, -1)  # [P, N, k]
-    mu = f.mean(1)
-    c = f - mu[:, None]
-    cov = c.transpose(1, 2) @ c / (n - 1) + 0.01 * torch.eye(len(ch))
+    k = f.shape[-1]
+    s1 = f.sum(1).double()  # [P, k]
+    s2 = (f.transpose(1, 2) @ f).double()  # [P, k, k]
+    cnt = float(n)
+    if pool > 1:
+        def box(t):  # [P, ...] -> neighbourhood sums
+            t2 = t.reshape(h, w, -1).permute(2, 0, 1)[None]
+            t2 = F.avg_pool2d(t2, pool, 1, pool // 2, count_include_pad=False)
+            return t2[0].permute(1, 2, 0).reshape(t.shape)
+        s1, s2 = box(s1), box(s2)  # means of sums = sums of a neighbourhood / its size
+    mu = (s1 / cnt).float()
+    cov = ((s2 - cnt * (s1 / cnt)[:, :, None] * (s1 / cnt)[:, None, :]) / (cnt - 1)).float() + eps * torch.eye(k)
     prec = torch.linalg.inv(cov)
     t = test[:, ch].float().permute(2, 3, 0, 1).reshape(h * w, test.shape[0], -1) - mu[:, None]
     m = torch.einsum("pnk,pkl,pnl->pn", t, prec, t).clamp_min(0).sqrt()
@@ -175,6 +185,10 @@ def main() -> None:
             print(f"  layers {key}: grid {tuple(fit.shape[-2:])} dim {fit.shape[1]}", flush=True)
             methods = {"patchcore": lambda: patchcore(fit, test, a.per_image, a.bank, a.seed),
                        "padim": lambda: padim(fit, test, a.padim_dim, a.seed),
+                       "padim_all": lambda: padim(fit, test, 1000, a.seed),
+                       "padim_eps1": lambda: padim(fit, test, a.padim_dim, a.seed, eps=1.0),
+                       "padim_pool3": lambda: padim(fit, test, a.padim_dim, a.seed, pool=3),
+                       "padim_pool3_all": lambda: padim(fit, test, 1000, a.seed, pool=3),
                        "gauss_rows": lambda: gauss_shared(fit, test, 1000, a.seed, "rows"),
                        "gauss_all": lambda: gauss_shared(fit, test, 1000, a.seed, "all")}
             for name in a.methods:
