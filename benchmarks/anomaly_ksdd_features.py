@@ -159,6 +159,8 @@ def main() -> None:
     ap.add_argument("--padim-dim", type=int, default=100)
     ap.add_argument("--borders", default="0,1,2")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--norm", default="none", choices=["none", "center", "zscore"])
+    ap.add_argument("--aggregations", action="store_true", help="also image scores from box-filtered maps")
     ap.add_argument("--methods", nargs="+", default=["patchcore", "padim", "gauss_rows", "gauss_all"])
     a = ap.parse_args()
     torch.manual_seed(a.seed)
@@ -182,6 +184,14 @@ def main() -> None:
         print(f"== {size}: load {t1 - t0:.0f}s, embed {sec:.3f} s/image", flush=True)
         for key in ef:
             fit, test = ef[key], et[key]
+            if a.norm != "none":  # per image and channel, over positions: remove the image's global level
+                def nrm(t):
+                    t = t.float()
+                    t = t - t.mean(dim=(2, 3), keepdim=True)
+                    if a.norm == "zscore":
+                        t = t / (t.std(dim=(2, 3), keepdim=True) + 1e-6)
+                    return t.half()
+                fit, test = nrm(fit), nrm(test)
             print(f"  layers {key}: grid {tuple(fit.shape[-2:])} dim {fit.shape[1]}", flush=True)
             methods = {"patchcore": lambda: patchcore(fit, test, a.per_image, a.bank, a.seed),
                        "padim": lambda: padim(fit, test, a.padim_dim, a.seed),
@@ -199,6 +209,14 @@ def main() -> None:
                 res = " ".join(f"b{b}={roc_auc_score(y, inner_max(d, b).numpy()):.3f}" for b in map(int, a.borders.split(",")))
                 res += " | blur1 " + " ".join(f"b{b}={roc_auc_score(y, blurred_max(d, b).numpy()):.3f}"
                                               for b in map(int, a.borders.split(",")))
+                if a.aggregations:
+                    agg = []
+                    for kh, kw in ((1, 3), (1, 5), (1, 9), (1, 15), (3, 1), (5, 1), (3, 3)):
+                        m = F.avg_pool2d(d[:, None].float(), (kh, kw), 1, (kh // 2, kw // 2), count_include_pad=False)[:, 0]
+                        agg.append(f"box{kh}x{kw}={roc_auc_score(y, inner_max(m, 2).numpy()):.3f}")
+                    top = d[:, 2:-2, 2:-2].flatten(1).float().topk(10, dim=1).values.mean(1)
+                    agg.append(f"top10={roc_auc_score(y, top.numpy()):.3f}")
+                    res += "\n      b2 " + " ".join(agg)
                 print(f"    {name:9s} image AUROC {res}  pixel AUROC {pixel_auc(d, masks):.3f}  ({dt:.0f}s)", flush=True)
 
 
