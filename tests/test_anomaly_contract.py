@@ -169,3 +169,20 @@ def test_f1_max_is_the_best_threshold():
     # threshold 0.35: tp 3, fp 1, fn 0 -> F1 6/7 (the best); threshold 0.8: tp 2, fp 0, fn 1 -> 0.8
     assert f1_max(y, s) == pytest.approx(6 / 7)
     assert f1_max(np.zeros(3), s[:3]) is None
+
+
+def test_grad_mobilenet_gradient_in_log_space_matches_autograd_and_survives_saturation():
+    from defectscope.models.grad_mobilenet import gradient_norm, input_gradient, log10_gradient_norm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.rand(2, 3, 8, 6)
+    ref = torch.log10(gradient_norm(input_gradient(net, x, 1)).double() + 1e-300)
+    got = log10_gradient_norm(net, x, 1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)  # eq. 2-3 exactly, as a logarithm
+    with torch.no_grad():
+        net[-1].bias[1] += 1e4  # a margin of 10^4 for class 1, as the overfit network gives: p_other underflows
+    assert (input_gradient(net, x, 1) == 0).all()  # eq. 2 read literally: an all-zero map
+    lg = log10_gradient_norm(net, x, 1)
+    assert torch.isfinite(lg).all() and lg.std() > 0 and lg.max() < -1000  # still informative, about -4300

@@ -80,7 +80,14 @@ from defectscope.evaluation.anomaly import (
 from defectscope.evaluation.plots import plt, save_figure
 from defectscope.evaluation.report import Report
 from defectscope.models.anomaly import AnomalyArgs, AnomalyModel, anomaly_model_class, load_anomaly_model
-from defectscope.models.grad_mobilenet import GradientFeatureSpec, GradMobileNet, GradMobileNetArgs, OneClassScorer, gradient_maps
+from defectscope.models.grad_mobilenet import (
+    GradientFeatureSpec,
+    GradMobileNet,
+    GradMobileNetArgs,
+    OneClassScorer,
+    log_gradient_features,
+    log_gradient_maps,
+)
 from defectscope.models.grad_mobilenet.lightning_model import GradMobileNetModule
 from defectscope.utils.io import write_text
 
@@ -213,8 +220,8 @@ def train_grad_net(net: GradMobileNet, x_fit: np.ndarray, t: TrainConfig, target
 
 def _features(model: nn.Module, x: np.ndarray, cfg: GradMobileNetArgs, progress: bool = False,
               label: str = "gradients") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gradient_maps(model, x, cfg.target, cfg.landmark_low, cfg.landmark_high, cfg.grad_batch_size,
-                         progress, label)
+    return log_gradient_maps(model, x, cfg.target, cfg.landmark_low, cfg.landmark_high, cfg.grad_batch_size,
+                             progress, label)
 
 
 # ---------------------------------------------------------------- clustering sources
@@ -313,8 +320,8 @@ def run_clustering(recipe: AnomalyRecipe, run: RunFolder) -> dict:
     model = model.to(memory_format=torch.contiguous_format).float().eval()
     gn_fit, lm_fit, _ = _features(model, data.fit, m)
     gn, lm, _ = _features(model, data.eval_x, m)
-    spec = GradientFeatureSpec(tuple(m.grid), m.bins).fit_range(gn_fit)
-    f_fit, f_eval = spec(gn_fit, lm_fit).numpy(), spec(gn, lm).numpy()
+    spec = GradientFeatureSpec(tuple(m.grid), m.bins).fit_range_log(gn_fit)
+    f_fit, f_eval = log_gradient_features(gn_fit, lm_fit, spec).numpy(), log_gradient_features(gn, lm, spec).numpy()
     scorer = OneClassScorer(m.nu, m.gamma).fit(f_fit)
     is_def = data.eval_y != data.reference
     binary = image_metrics(is_def, scorer.score(f_eval), scorer.predict(f_eval))

@@ -17,6 +17,9 @@ from defectscope.models.grad_mobilenet.torch_model import (
     gradient_maps,
     gradient_norm,
     input_gradient,
+    log10_gradient_norm,
+    log_gradient_features,
+    log_gradient_maps,
 )
 
 __all__ = [
@@ -32,4 +35,7 @@ __all__ = [
     "gradient_maps",
     "gradient_norm",
     "input_gradient",
+    "log10_gradient_norm",
+    "log_gradient_features",
+    "log_gradient_maps",
 ]

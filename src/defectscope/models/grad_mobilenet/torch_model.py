@@ -26,6 +26,7 @@ ONNX as a forward-only graph.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -167,6 +168,17 @@ class GradientFeatureSpec:
         if logs.numel() > 2_000_000:  # quantile() has a size limit; a strided sample is enough
             logs = logs[:: logs.numel() // 2_000_000 + 1]
         lo, hi = torch.quantile(logs, torch.tensor([0.005, 0.999])).tolist()
+        if hi - lo < 1e-6:
+            lo, hi = lo - 0.5, hi + 0.5
+        self.hist_range = (float(lo), float(hi))
+        return self
+
+    def fit_range_log(self, log_gn: torch.Tensor) -> "GradientFeatureSpec":
+        """:meth:`fit_range` from ``log10 ||Grad||`` maps ``[N, H, W]`` (:func:`log10_gradient_norm`)."""
+        logs = log_gn.double().flatten()
+        if logs.numel() > 2_000_000:
+            logs = logs[:: logs.numel() // 2_000_000 + 1]
+        lo, hi = torch.quantile(logs, torch.tensor([0.005, 0.999], dtype=torch.float64)).tolist()
         if hi - lo < 1e-6:
             lo, hi = lo - 0.5, hi + 0.5
         self.hist_range = (float(lo), float(hi))
@@ -359,6 +371,103 @@ def gradient_maps(model: nn.Module, x: np.ndarray, target: int = 0, landmark_low
     return torch.cat(gn), torch.cat(lm), torch.cat(pt)
 
 
+def log10_gradient_norm(model: nn.Module, x: torch.Tensor, target: int = 0) -> torch.Tensor:
+    """``log10 ||dL/dx||_2`` per pixel (eq. 2-3), computed in log space so that it never underflows.
+
+    An overfit network gives its normal images a logit margin of thousands (about 10^4 on
+    KolektorSDD after 5 epochs): ``p_other = exp(-margin)`` and with it the loss gradient are 0 in
+    any floating-point format, and eq. 2 read literally gives all-zero maps. The cross-entropy's
+    gradient is ``dL/dx = sum_{k != t} p_k d(z_k - z_t)/dx``; with ``p_k = p_max r_k`` (``r_k <= 1``)
+    it is ``p_max * d(sum_k r_k (z_k - z_t))/dx``, so
+
+        log10 ||dL/dx|| = log10 p_max + log10 ||d(sum_k r_k (z_k - z_t))/dx||
+
+    with ``log p_max`` from ``log_softmax`` in float64 and one backward pass of the bracket (no
+    underflow). Exactly eq. 2-3, as a logarithm.
+
+    Args:
+        model: maps ``[B, 3, H, W]`` to logits ``[B, K]`` (eval mode); x: ``[B, 3, H, W]`` in [0, 1].
+        target: the fixed class ``y`` of eq. 2.
+
+    Returns:
+        ``[B, H, W]`` float64 (``log10(0)`` floored at ``log10 p_max - 300``).
+
+    Raises:
+        ValueError: bad shape or target.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"log10_gradient_norm: expected images [B, 3, H, W], got {tuple(x.shape)}")
+    x = x.detach().float().clone().requires_grad_(True)
+    with torch.enable_grad():
+        z = model(x).float()
+        k = z.shape[1]
+        if not 0 <= target < k:
+            raise ValueError(f"log10_gradient_norm: target {target} outside the model's {k} classes")
+        others = [i for i in range(k) if i != target]
+        lp = F.log_softmax(z.detach().double(), dim=1)[:, others]  # [B, K-1]
+        lmax = lp.max(dim=1).values
+        r = torch.exp(lp - lmax[:, None]).float()
+        bracket = (r * (z[:, others] - z[:, target : target + 1])).sum()
+        (g,) = torch.autograd.grad(bracket, x, allow_unused=True)
+    if g is None:
+        g = torch.zeros_like(x)
+    norm = torch.linalg.vector_norm(g.detach().double(), ord=2, dim=1)
+    return lmax[:, None, None] / math.log(10.0) + torch.log10(norm + 1e-300)
+
+
+def log_gradient_features(log_gn: torch.Tensor, landmark: torch.Tensor, spec: GradientFeatureSpec) -> torch.Tensor:
+    """The feature of :func:`gradient_features` from ``log10 ||Grad||`` maps ``[B, H, W]`` (no ``eps`` floor needed).
+
+    Pooled cells: ``log10(mean of ||Grad|| over the cell)`` computed as ``max + log10(mean 10^(L - max))``;
+    histogram of ``L`` over ``spec.hist_range`` (set by :meth:`GradientFeatureSpec.fit_range_log`); landmark.
+
+    Returns:
+        ``[B, gh * gw + bins + 1]`` float64.
+
+    Raises:
+        ValueError: ``hist_range`` not set or shapes that do not fit.
+    """
+    if spec.hist_range is None:
+        raise ValueError("log_gradient_features: spec.hist_range is not set; call spec.fit_range_log first")
+    if log_gn.ndim != 3 or landmark.shape != (log_gn.shape[0],):
+        raise ValueError(f"log_gradient_features: expected [B, H, W] and [B], got {tuple(log_gn.shape)}, "
+                         f"{tuple(landmark.shape)}")
+    L = log_gn.double()
+    top = L.flatten(1).amax(dim=1)[:, None, None]
+    pooled = F.adaptive_avg_pool2d(torch.pow(10.0, L - top)[:, None], spec.grid)[:, 0]
+    pooled = (top + torch.log10(pooled + 1e-300)).flatten(1)
+    lo, hi = spec.hist_range
+    idx = ((L.flatten(1) - lo) / (hi - lo) * spec.bins).floor().clamp_(0, spec.bins - 1).long()
+    hist = torch.zeros(L.shape[0], spec.bins, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    hist = hist / idx.shape[1]
+    return torch.cat([pooled, hist, landmark.double()[:, None]], dim=1)
+
+
+def log_gradient_maps(model: nn.Module, x: np.ndarray, target: int = 0, landmark_low: int = 0, landmark_high: int = 50,
+                      batch_size: int = 8, progress: bool = False,
+                      label: str = "gradients") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`log10_gradient_norm` and the landmark of uint8 images ``[N, 3, H, W]``, ``batch_size`` per backward pass.
+
+    Returns:
+        ``(log10 ||Grad|| [N, H, W] float64, landmark [N], log10 of the softmax probability of the non-target classes [N])``.
+    """
+    model.eval()
+    out, lm, lpo = [], [], []
+    steps = range(0, len(x), batch_size)
+    if progress:
+        from rich.progress import track
+
+        steps = track(steps, description=label, transient=True)
+    for i in steps:
+        xb = to_float(torch.from_numpy(x[i : i + batch_size]))
+        out.append(log10_gradient_norm(model, xb, target))
+        lm.append(artificial_landmark(xb, landmark_low, landmark_high))
+        with torch.no_grad():
+            lp = F.log_softmax(model(xb).double(), dim=1)
+            lpo.append(torch.logsumexp(torch.cat([lp[:, :target], lp[:, target + 1 :]], 1), dim=1) / math.log(10.0))
+    return torch.cat(out), torch.cat(lm), torch.cat(lpo)
+
+
 # ---------------------------------------------------------------- the anomaly-model contract
 
 from pydantic import Field  # noqa: E402
@@ -406,7 +515,10 @@ class GradMobileNetArgs(AnomalyArgs):
 
 @register_anomaly_model
 class GradMobileNetDetector(AnomalyModel):
-    """Grad-MobileNet end to end on the contract: ``[B, 3, H, W]`` -> (one-class SVM score, blurred ``||dL/dx||``).
+    """Grad-MobileNet end to end on the contract: ``[B, 3, H, W]`` -> (one-class SVM score, blurred ``log10 ||dL/dx||``).
+
+    The gradient is computed in log space (:func:`log10_gradient_norm`): the overfit network's margins
+    make ``||dL/dx||`` itself underflow to 0; the map is its base-10 logarithm (same order of pixels).
 
     Holds the overfit network (:class:`GradMobileNet`), the fitted feature layout (``hist_range``)
     and the one-class SVM as tensors (standardisation, support vectors, dual coefficients, intercept,
@@ -476,16 +588,16 @@ class GradMobileNetDetector(AnomalyModel):
         info = dict(train(self.net, x_fit) or {})
         self.net.to(memory_format=torch.contiguous_format).float().eval()
         self.eval()
-        gn_fit, lm_fit, pt_fit = gradient_maps(self.net, x_fit, self.target, self.landmark_low, self.landmark_high,
-                                               self.grad_batch_size, progress, "gradients (fit)")
-        spec = GradientFeatureSpec(self.grid, self.bins).fit_range(gn_fit)
+        lg_fit, lm_fit, lpo_fit = log_gradient_maps(self.net, x_fit, self.target, self.landmark_low,
+                                                    self.landmark_high, self.grad_batch_size, progress, "gradients (fit)")
+        spec = GradientFeatureSpec(self.grid, self.bins).fit_range_log(lg_fit)
         self.hist_range = torch.tensor(spec.hist_range, dtype=torch.float64)
-        feats = {"fit": spec(gn_fit, lm_fit).numpy()}
-        del gn_fit
+        feats = {"fit": log_gradient_features(lg_fit, lm_fit, spec).numpy()}
+        del lg_fit
         if x_cal is not None and len(x_cal):
-            gn, lm, _ = gradient_maps(self.net, x_cal, self.target, self.landmark_low, self.landmark_high,
-                                      self.grad_batch_size)
-            feats["calibration"] = spec(gn, lm).numpy()
+            lg, lm, _ = log_gradient_maps(self.net, x_cal, self.target, self.landmark_low, self.landmark_high,
+                                          self.grad_batch_size)
+            feats["calibration"] = log_gradient_features(lg, lm, spec).numpy()
         fit_on = self.ocsvm_fit_on
         if fit_on != "fit" and len(feats.get("calibration", ())) < 2:
             fit_on = "fit"  # an SVM needs two rows
@@ -496,7 +608,7 @@ class GradMobileNetDetector(AnomalyModel):
         self.svm_support, self.svm_dual = st["support_vectors"].clone(), st["dual_coef"].clone()
         self.svm_intercept = torch.tensor(st["intercept"], dtype=torch.float64)
         self.svm_gamma = torch.tensor(st["gamma"], dtype=torch.float64)
-        info.update(weights=self.net.backbone.weights_source, p_target_fit_mean=float(pt_fit.mean()),
+        info.update(weights=self.net.backbone.weights_source, log10_p_other_fit_median=float(lpo_fit.median()),
                     feature={"dim": spec.dim, "grid": list(spec.grid), "bins": spec.bins,
                              "hist_range": list(spec.hist_range)},
                     ocsvm={"nu": self.nu, "gamma": self.gamma, "gamma_value": st["gamma"], "fit_on": fit_on,
@@ -513,8 +625,8 @@ class GradMobileNetDetector(AnomalyModel):
     def score_tiles(self, x: torch.Tensor) -> AnomalyOutput:
         with torch.inference_mode(False), torch.enable_grad():
             xg = x.detach().clone().float()  # a normal tensor: autograd refuses inference tensors
-            gn = gradient_norm(input_gradient(self.net, xg, self.target))
+            lg = log10_gradient_norm(self.net, xg, self.target)
             lm = artificial_landmark(xg, self.landmark_low, self.landmark_high)
-            score = self.svm_score(gradient_features(gn, lm, self.spec)).float()
-            maps = blur_maps(gn, self.map_blur_sigma)
+            score = self.svm_score(log_gradient_features(lg, lm, self.spec)).float()
+            maps = blur_maps(lg.float(), self.map_blur_sigma)
         return AnomalyOutput(score.detach().clone(), maps.detach().clone())
