@@ -132,7 +132,7 @@ def test_grad_mobilenet_is_refused_by_export_and_runs_on_pytorch(tmp_path, ksdd_
     ans = g.predict([f, f])  # two copies in one batch: the same answer (per-image loss gradient)
     assert ans[0]["member"] == "grad_mobilenet" and np.isfinite(ans[0]["score"])
     assert ans[0]["class"] == ("defective" if ans[0]["score"] > 0 else "normal")
-    assert abs(ans[0]["score"] - ans[1]["score"]) < 1e-5 and ans[0]["map_max"] > 0
+    assert abs(ans[0]["score"] - ans[1]["score"]) < 1e-5 and np.isfinite(ans[0]["map_max"])  # a log10 map
     from defectscope.data.images import load_image
 
     assert png_array(ans[0]["overlay_png"]).shape == load_image(f).shape

@@ -749,7 +749,8 @@ class AnomalyTask(TaskHooks):
             axes[0].imshow(img)
             axes[0].set_title(f"{'DEFECTIVE' if s.decision[0] else 'normal'}\nscore {s.score[0]:.3f}", fontsize=8)
             axes[1].imshow(img)
-            axes[1].imshow(amap, cmap="jet", alpha=0.5, vmin=0, vmax=max(2 * run.threshold, float(amap.max()), 1e-12))
+            lo, hi = (0.0, max(2 * run.threshold, 1e-12)) if run.threshold > 0 else (float(amap.min()), float(amap.max()))
+            axes[1].imshow(amap, cmap="jet", alpha=0.5, vmin=lo, vmax=hi)  # Grad-MobileNet (threshold 0): its log map's range
             axes[1].set_title(run.model.name, fontsize=7)
             for ax in axes:
                 ax.set_xticks([])

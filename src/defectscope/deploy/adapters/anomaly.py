@@ -89,22 +89,23 @@ class AnomalyAdapter(TaskAdapter):
         score = float(np.asarray(outputs["pred_score"]).reshape(()))
         thr = float(info.thresholds["pred_score"])
         k = int(score > thr)
-        scale = float(info.extra.get("map_scale") or max(float(amap.max()), 1e-12))
+        unit, scale = _display(info, amap)
         overlay = None
         if image is not None:
-            overlay = png_base64(heat_overlay(image, resize_map(amap, image.shape[:2]) / scale))
+            overlay = png_base64(heat_overlay(image, unit(resize_map(amap, image.shape[:2]))))
         return {"class": DECISION_CLASSES[k], "class_index": k, "score": score, "probabilities": {},
                 "threshold": thr, "member": info.model_name, "map_max": float(amap.max()), "map_scale": scale,
                 "overlay_png": overlay}
 
-    map_kind = ("anomaly map: uint8 PNG at the image's size, value = round(255 * min(map / map_scale, 1)), map_scale "
+    map_kind = ("anomaly map: uint8 PNG at the image's size, value = round(255 * min(map / map_scale, 1)) (a model "
+                "whose threshold is 0, Grad-MobileNet's log-gradient map: the map's own min..max), map_scale "
                 "the value the page shows red (PatchCore: 2 x the image-score threshold)")
 
     def map_image(self, info: ModelInfo, outputs: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray:
         """The anomaly map resized to the image, ``uint8 [H, W]`` = ``round(255 * clip(map / map_scale, 0, 1))``."""
         amap = np.asarray(outputs["anomaly_map"], np.float32)
-        scale = float(info.extra.get("map_scale") or max(float(amap.max()), 1e-12))
-        return (np.clip(resize_map(amap, image.shape[:2]) / scale, 0, 1) * 255).round().astype(np.uint8)
+        unit, _ = _display(info, amap)
+        return (np.clip(unit(resize_map(amap, image.shape[:2])), 0, 1) * 255).round().astype(np.uint8)
 
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """Images of ``RUN/split/<split>.txt`` (``test``: good and defective; ``fit``/``calibration``: good only;
@@ -128,6 +129,16 @@ class AnomalyAdapter(TaskAdapter):
         thr = float(info.thresholds["pred_score"])
         same = (np.asarray(ref["pred_score"]) > thr) == (np.asarray(got["pred_score"]) > thr)
         return diff, float(same.mean())
+
+
+def _display(info: ModelInfo, amap: np.ndarray):
+    """How a map becomes [0, 1] for display: ``map / map_scale`` (2 x the threshold), or, for a model without a
+    positive threshold (Grad-MobileNet: one-class SVM at 0, a log10 map), the map's own min..max."""
+    scale = info.extra.get("map_scale")
+    if scale:
+        return (lambda m: m / float(scale)), float(scale)
+    lo, hi = float(amap.min()), float(amap.max())
+    return (lambda m: (m - lo) / max(hi - lo, 1e-12)), hi
 
 
 register_adapter(AnomalyAdapter())
