@@ -222,13 +222,16 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
     """Read a recipe file into a dict and apply overrides (no validation yet).
 
     Raises:
-        ConfigError: missing file, invalid YAML, or a top level that is not a mapping.
+        ConfigError: missing file, not UTF-8 text, invalid YAML, or a top level that is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "a recipe is a YAML text file saved as UTF-8 (see configs/)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):

@@ -203,11 +203,13 @@ class AnomalyRecipe(BaseRecipe):
 # ---------------------------------------------------------------- network training (Grad-MobileNet, section 4.1)
 
 
-def train_grad_net(net: GradMobileNet, x_fit: np.ndarray, t: TrainConfig, target: int, run_dir: Path) -> dict | None:
+def train_grad_net(net: GradMobileNet, x_fit: np.ndarray, t: TrainConfig, target: int, run_dir: Path,
+                   resume: bool = False) -> dict | None:
     """Train a Grad-MobileNet network on normal uint8 images ``x_fit [N, 3, H, W]`` toward ``y = target``.
 
     Uses :func:`defectscope.engine.trainer.fit_lightning` without a validation loader (the last
-    weights are kept); logs and Lightning checkpoints go to ``run_dir``.
+    weights are kept); logs and Lightning checkpoints go to ``run_dir`` (``resume``: continue from its
+    ``checkpoints/last.ckpt``, ``defectscope train --resume``).
 
     Returns:
         the training info, ``None`` on DDP ranks other than 0.
@@ -215,7 +217,7 @@ def train_grad_net(net: GradMobileNet, x_fit: np.ndarray, t: TrainConfig, target
     module = GradMobileNetModule(net, target, t.lr, t.weight_decay, t.augment, t.channels_last)
     loader = DataLoader(TensorDataset(torch.from_numpy(x_fit)), batch_size=t.batch_size, shuffle=True,
                         num_workers=0, drop_last=len(x_fit) > t.batch_size)
-    return fit_lightning(module, loader, None, t, run_dir, None)
+    return fit_lightning(module, loader, None, t, run_dir, None, resume=resume)
 
 
 def _features(model: nn.Module, x: np.ndarray, cfg: GradMobileNetArgs, progress: bool = False,
@@ -609,7 +611,7 @@ class AnomalyTask(TaskHooks):
         trained: dict = {}
 
         def train_net(net: nn.Module, xf: np.ndarray) -> dict | None:
-            res = train_grad_net(net, xf, recipe.train, getattr(cfg, "target", 0), run.path)
+            res = train_grad_net(net, xf, recipe.train, getattr(cfg, "target", 0), run.path, resume=run.resume)
             trained["done"] = res is not None
             return res
 

@@ -290,6 +290,9 @@ def load_anomaly_model(payload: dict, source: str = "checkpoint") -> AnomalyMode
     if "pretrained" in kwargs:
         kwargs["pretrained"] = False
     try:
+        from defectscope.models.registry import check_model_kwargs
+
+        check_model_kwargs(cls.name, kwargs)  # impossible stored arguments are named before anything is built
         model = cls(**kwargs)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:

@@ -220,8 +220,12 @@ def cached_features(backbone: nn.Module, crops: np.ndarray, batch_size: int = 32
 @torch.no_grad()
 def predict_weld_probs(model: nn.Module, crops: np.ndarray, spectra: np.ndarray, batch_size: int = 32,
                        with_attention: bool = False):
-    """Softmax probabilities ``[N, K]`` (and the fusion attention per batch when asked), fp32, eval mode."""
+    """Softmax probabilities ``[N, K]`` of :class:`~defectscope.models.weld_fusion.inference.WeldInference`
+    (and, when asked, the fusion's raw attention weights per head for the report), fp32, eval mode."""
+    from defectscope.models.weld_fusion.inference import WeldInference
+
     model.eval()
+    module = WeldInference(model, ("image", "spectra")).eval()
     probs, attns = [], []
     for i in range(0, len(crops), batch_size):
         x = torch.from_numpy(crops[i : i + batch_size]).float() / 255.0
@@ -229,9 +233,9 @@ def predict_weld_probs(model: nn.Module, crops: np.ndarray, spectra: np.ndarray,
         if with_attention and hasattr(model, "forward_with_attention"):
             logits, attn = model.forward_with_attention(x, s)
             attns.append({k: v.numpy() for k, v in attn.items()})
+            probs.append(module.probabilities(logits).numpy())
         else:
-            logits = model(x, s)
-        probs.append(F.softmax(logits.float(), dim=1).numpy())
+            probs.append(module(x, s)[1].numpy())
     p = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
     if not with_attention:
         return p
