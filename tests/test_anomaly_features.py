@@ -190,8 +190,9 @@ def test_one_class_svm_state_reloads_without_pickle_and_scores_identically(tmp_p
 
 def test_constructors_refuse_unknown_keywords():
     from defectscope.models import create_model
+    from defectscope.models.registry import ModelArgumentError
 
-    with pytest.raises(TypeError, match="dropuot"):
+    with pytest.raises(ModelArgumentError, match="dropuot: not an argument of model 'grad_mobilenet'"):
         create_model("grad_mobilenet", backbone="efficientnet_lite0", dropuot=0.1)
-    with pytest.raises(TypeError, match="corset_ratio"):
+    with pytest.raises(ModelArgumentError, match="corset_ratio"):
         create_model("patchcore", backbone="efficientnet_lite0", layers=[2], pretrained=False, corset_ratio=0.1)
