@@ -36,7 +36,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, opset: int = OPSET, check_
             output for random inputs at batch 1 and 2, absolute for outputs up to 1 in magnitude and
             relative to the output's largest magnitude above (float32 rounding of distances of
             tens, e.g. PaDiM's Mahalanobis map, differs by a few 1e-4 in absolute terms).
-        member: which model of a run holding several (anomaly: ``patchcore``); ``None`` = the default.
+        member: anomaly runs only: the run's own model name (optional).
 
     Returns:
         The :class:`ModelInfo` written into the file's metadata.
