@@ -241,7 +241,7 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
     out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")] = Path("model.onnx"),
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset version.")] = 17,
-    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly runs: patchcore (default) or grad_mobilenet.")] = None,
+    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly runs: optional, the run's own model name (a run holds one anomaly model).")] = None,
 ) -> None:
     """Export a run's model to ONNX (dynamic batch axis, metadata for standalone use)."""
     from defectscope import api
@@ -305,7 +305,7 @@ def serve(
     queue: Annotated[int, typer.Option("--queue", help="Requests allowed to wait; more get 503.")] = 64,
     max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload per file, MiB.")] = 10.0,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads of the model (default: the CPUs this process may use).", show_default=False)] = None,
-    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly run folders: patchcore (default) or grad_mobilenet (PyTorch only).")] = None,
+    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly run folders: optional, the run's own model name (a run holds one anomaly model).")] = None,
     runtime: Annotated[str, typer.Option("--runtime", help="For an .onnx file: onnxruntime, openvino, or auto (the faster exact fp32 runtime, timed at start).")] = "auto",
     max_megapixels: MaxMegapixels = None,
 ) -> None:

@@ -167,8 +167,8 @@ class TorchPredictor(Predictor):
     Args:
         run_dir: a trained run folder.
         threads: ``torch.set_num_threads`` value (``None``: leave as is).
-        member: which model of a run holding several (``anomaly``: ``patchcore`` or
-            ``grad_mobilenet``); ``None`` = the adapter's default.
+        member: which model of a run (``anomaly``: optional, the run's own model name; a run
+            holds one anomaly model); ``None`` = the adapter's default.
     """
 
     backend = "pytorch"
@@ -387,8 +387,7 @@ def load_predictor(path: str | Path, threads: int | None = None, member: str | N
     """A run folder -> :class:`TorchPredictor`; an ``.onnx`` file -> :class:`OnnxPredictor` on
     ``runtime`` (``onnxruntime``, ``openvino`` or ``auto``: the faster of the two, measured here).
 
-    ``member`` picks one model of a run folder holding several (anomaly: ``patchcore`` /
-    ``grad_mobilenet``).
+    ``member``: anomaly run folders only, the run's own model name (optional).
 
     Raises:
         DeployError: the path is neither, or ``member`` with an ONNX file; RunError: the run folder is incomplete.
