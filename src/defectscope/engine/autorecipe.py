@@ -23,7 +23,13 @@ noise on an 8-image test split. :func:`size_recipe` instead derives the settings
 - **Folds** (``eval.folds``): k-fold cross-validation (``k = min(5, smallest class)``) when a
   single stratified split (``test_fraction`` 0.2) would hold fewer than ``MIN_TEST_PER_CLASS`` (10)
   images of some class; otherwise 1 (single split). The anomaly task tests on every defective
-  image already (folds 1).
+  image already (folds 1). The compute budget counts the K fold fits and the final refit of the
+  chosen candidate on all the data.
+- **Candidates** (``eval.candidates``, cross-validated classification and weld recipes): the
+  models compared on the same folds (:data:`CLASSIFICATION_CANDIDATES`, :data:`WELD_CANDIDATES`);
+  the best pooled out-of-fold accuracy becomes the run's model (see :mod:`defectscope.engine.pipeline`).
+- **No clock cut**: the recipe writes no ``train.max_minutes``; the schedule is a fixed number of
+  steps, so the same recipe gives the same model on a busy or an idle machine.
 
 Keys not in today's schemas are listed in :data:`NEW_KEYS`; the pipeline's schemas take them.
 :func:`explain` gives the one paragraph ``train`` prints.
@@ -56,6 +62,10 @@ SECONDS_PER_IMAGE_200 = 0.045
 NEW_KEYS = ("eval.folds", "train.class_balance", "data.layout@anomaly", "data.layout@segmentation",
             "data.layout@detection")
 TASKS = ("classification", "segmentation", "detection", "anomaly", "weld")
+#: candidates a cross-validated classification recipe evaluates on the same folds (see engine/pipeline.py)
+CLASSIFICATION_CANDIDATES = ("model", "linear_probe", "finetune_small")
+#: candidates of a cross-validated weld recipe: the fusion model, the signal-statistics and image-probe references
+WELD_CANDIDATES = ("model", "signal_stats", "image_probe")
 
 
 @dataclass
@@ -144,7 +154,7 @@ def _steps(n_train: int, hw: tuple[int, int], folds: int, budget_minutes: float,
         text += (f", cut from the {target} steps wanted by the {budget_minutes:g}-minute compute budget "
                  f"(raise it or lower the image size)")
     reasons.append(text + f" (about {est:.1f} min of training on this CPU)")
-    return {"batch_size": b, "epochs": epochs, "max_minutes": round(max(1.0, 2.0 * budget_minutes / fits), 1)}
+    return {"batch_size": b, "epochs": epochs}
 
 
 def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_hw: tuple[int, int] | None,
@@ -212,14 +222,29 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
             raw["data"]["test_fraction"] = TEST_FRACTION
             if layout:
                 raw["data"]["layout"] = layout
-        if task in ("classification", "weld") and len(nonzero) >= 2:
+        if task == "classification" and len(nonzero) >= 2:
             big, small = max(nonzero.values()), min(nonzero.values())
             balance = big / small > IMBALANCE_RATIO
             raw["train"]["class_balance"] = balance
             reasons.append(f"largest / smallest class = {big} / {small} = {big / small:.1f}: class-balanced "
                            f"sampling {'ON' if balance else 'off'} (on above {IMBALANCE_RATIO:g})")
-        raw["train"].update(_steps(n_train, hw, folds, budget_minutes, reasons))
+        raw["train"].update(_steps(n_train, hw, folds + 1 if folds > 1 else 1, budget_minutes, reasons))
         raw["train"].setdefault("lr", 5.0e-4 if task != "weld" else 2.0e-4)
+        if folds > 1 and task == "classification":
+            raw["eval"]["candidates"] = list(CLASSIFICATION_CANDIDATES)
+            reasons.append("candidates on the same folds: " + ", ".join(CLASSIFICATION_CANDIDATES) + "; the best pooled "
+                           "out-of-fold accuracy becomes the model (ties: the cheaper), refit on all the images")
+        if task == "weld":
+            raw["model"] = {"freeze_backbone": True}
+            reasons.append("weld: the ImageNet vision encoder is kept frozen (its features are computed once), the "
+                           "seam U-Net is trained only when every sample has a seam mask")
+            # the folds are the weld task's own default (engine/weld.py default_folds): it knows the data's
+            # group field (sessions, batches), which caps K and keeps a group in one fold
+            raw["eval"] = {"candidates": list(WELD_CANDIDATES)}
+            reasons.append("folds: the weld task's default (cross-validation below 200 samples, K = min(5, smallest "
+                           "class, groups), grouped by the data's group field when every sample has one)")
+            reasons.append("candidates on the same (grouped) folds: " + ", ".join(WELD_CANDIDATES) + "; the best pooled "
+                           "out-of-fold accuracy becomes the model (ties: the cheaper), refit on all the samples")
     else:  # segmentation
         hw = _aspect_size(image_hw, (320, 128))
         raw["data"]["height"], raw["data"]["width"] = hw
@@ -232,7 +257,7 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
             raw["data"]["defect_oversample"] = over
             reasons.append(f"{bad} defective / {good} good images: each defective image {over}x per epoch")
         raw["train"]["lr"] = 1.0e-3
-        raw["train"].update(_steps(n_train, hw, folds, budget_minutes, reasons, max_batch=8))
+        raw["train"].update(_steps(n_train, hw, folds + 1 if folds > 1 else 1, budget_minutes, reasons, max_batch=8))
     return _Plan(raw, reasons)
 
 

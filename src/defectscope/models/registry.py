@@ -38,6 +38,7 @@ def _ensure_loaded() -> None:
     import defectscope.models.weld_fusion  # noqa: F401
     import defectscope.models.box_heads  # noqa: F401
     import defectscope.models.linear_probe  # noqa: F401
+    import defectscope.models.signal_stats  # noqa: F401
 
 
 def list_models() -> list[str]:
