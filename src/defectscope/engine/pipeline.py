@@ -544,6 +544,8 @@ def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_b
                       f"a group never spans two folds, nor train and validation (--group-by '' to ungroup)", flush=True)
         if folds < 1:
             raise ConfigError(f"folds must be >= 1, got {folds}")
+        if ev is not None:  # the config.yaml written to the run states the folds and groups used: it re-runs the same
+            recipe = recipe.model_copy(update={"eval": ev.model_copy(update={"folds": folds, "group_by": group_by or None})})
         groups = groups_from(group_by, samples.ids, samples.columns)
         if folds == 1:
             split = task.split(recipe, samples)
