@@ -79,7 +79,7 @@ def main() -> None:
     rows = {"neu_test": stream(predictor, neu), "neu_test_darkened_40": stream(predictor, dark),
             "kolektorsdd": stream(predictor, ksdd)}
     ref = predictor.drift_alarm()
-    answers = predictor.predict([np.asarray(Image.open(f).convert("RGB")) for f in files], with_features=True)
+    answers = predictor.answers([np.asarray(Image.open(f).convert("RGB")) for f in files], with_features=True)
     coords = ref.project({"features": np.stack([a["features"] for a in answers]),
                           "image_statistics": np.stack([a["image_statistics"] for a in answers])})
     w = ref.window

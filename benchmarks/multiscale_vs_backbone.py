@@ -9,7 +9,7 @@ Prints one table measured in one process (these machines are noisy: compare
 only rows of the same run). FLOPs are counted by ``torch.utils.flop_counter``
 (multiply-add = 2 FLOPs) for one image. Inference is fp32, eval mode; the
 optional training column times forward + backward + AdamW steps at batch 16
-with bf16 autocast and channels_last (the training recipe).
+with channels_last and the precision ``auto`` picks on this CPU (the training recipe; bf16 only where native).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from defectscope.models import create_model
+from defectscope.machine import autocast
 
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -45,14 +46,14 @@ def images_per_second(model: torch.nn.Module, batch: int, size: int, min_seconds
 
 
 def train_seconds_per_image(model: torch.nn.Module, size: int, steps: int, batch: int = 16) -> float:
-    """Seconds per image of training steps (bf16 autocast, channels_last, AdamW)."""
+    """Seconds per image of training steps (precision ``auto`` of :mod:`defectscope.machine`, channels_last, AdamW)."""
     model.train().to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 6, (batch,))
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("auto"):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad()
         loss.backward()

@@ -32,7 +32,8 @@ from rich.table import Table
 from defectscope.config import load_raw, validate
 from defectscope.engine.pipeline import train
 from defectscope.engine.run import RunFolder
-from defectscope.engine.segmentation import SegmentationRecipe, SegmentationTask, predict_mask_probs
+from defectscope.engine.segmentation import SegmentationRecipe, SegmentationTask
+from defectscope.models.unet.inference import UNetInference, predict_unet
 from defectscope.evaluation.segmentation import IMAGE_SCORE_METHODS, segmentation_metrics
 from defectscope.utils.io import write_json
 
@@ -63,7 +64,7 @@ def score_rules(recipe: SegmentationRecipe, cv_dir: Path) -> dict:
         model, _ = RunFolder(cv_dir / "folds" / str(k)).load_model()
         x, _ = samples.data.get(idx)
         for tta in (False, True):
-            probs[tta].append(predict_mask_probs(model, x, tta=tta))
+            probs[tta].append(predict_unet(UNetInference(model, tta, "max", tuple(x.shape[2:])), x)[0])
         order += idx.tolist()
         fold_of += [k] * len(idx)
     _, y = samples.data.get(order)

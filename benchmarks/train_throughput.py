@@ -3,8 +3,9 @@
     python benchmarks/train_throughput.py --json OUT.json [--images-per-class 32] [--epochs 3]
 
 For each model (the plain ``classifier`` and the ``multiscale`` classifier, EfficientNet-Lite0 with
-its ImageNet weights, 200 px, batch 16, AdamW, channels_last + bf16 autocast, random flips, focal
-loss) both runners train on the same real NEU images in this one process, one after the other:
+its ImageNet weights, 200 px, batch 16, AdamW, channels_last, the precision ``--precision`` resolves
+to on this CPU (``auto``: bf16 autocast only where bf16 is native, :mod:`defectscope.machine`), random
+flips, focal loss) both runners train on the same real NEU images in this one process, one after the other:
 
 - **bare**: a hand-written loop (``for x, y in loader: loss.backward(); opt.step()``);
 - **ours**: :class:`ImageClassifierModule` fitted by :func:`defectscope.engine.trainer.fit_lightning`
@@ -37,6 +38,7 @@ from defectscope.config import ClassifierTrainConfig  # noqa: E402
 from defectscope.data.images import discover_labelled_images, load_stack  # noqa: E402
 from defectscope.engine.classification import image_loader  # noqa: E402
 from defectscope.engine.trainer import fit_lightning  # noqa: E402
+from defectscope.machine import autocast, environment, resolve_precision, resolve_threads  # noqa: E402
 from defectscope.models import create_model  # noqa: E402
 from defectscope.models.classifier.lightning_model import ImageClassifierModule  # noqa: E402
 from defectscope.models.training import build_loss, random_flips, to_model_input, warmup_cosine  # noqa: E402
@@ -71,7 +73,8 @@ def make_model(name: str, size: int) -> torch.nn.Module:
     return create_model(name, **kw)
 
 
-def bare_loop(name: str, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, seed: int) -> list[float]:
+def bare_loop(name: str, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, seed: int,
+              precision: str = "auto") -> list[float]:
     torch.manual_seed(seed)
     model = make_model(name, x.shape[-1]).to(memory_format=torch.channels_last).train()
     loss_fn = build_loss("focal", 2.0)
@@ -83,7 +86,7 @@ def bare_loop(name: str, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, 
         t0 = time.perf_counter()
         for xb, yb in loader:
             xb = random_flips(to_model_input(xb, True))
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast(precision):
                 loss = loss_fn(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -93,10 +96,12 @@ def bare_loop(name: str, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, 
     return times
 
 
-def ours(name: str, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, seed: int) -> list[float]:
+def ours(name: str, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, seed: int,
+         precision: str = "auto") -> list[float]:
     L.seed_everything(seed, verbose=False)
-    cfg = ClassifierTrainConfig(epochs=epochs, batch_size=batch, lr=5e-4, precision="bf16-mixed", channels_last=True,
-                                val_fraction=0.0, early_stopping_patience=0, progress=False)
+    cfg = ClassifierTrainConfig(epochs=epochs, batch_size=batch, lr=5e-4, precision=precision, channels_last=True,
+                                val_fraction=0.0, early_stopping_patience=0, progress=False,
+                                num_threads=torch.get_num_threads())
     module = ImageClassifierModule(make_model(name, x.shape[-1]), 6, cfg.lr, cfg.weight_decay, "focal", 2.0)
     timer = EpochTimes()
     import defectscope.engine.trainer as tr
@@ -124,17 +129,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="auto", help="torch threads (default: the CPUs this process may use)")
+    ap.add_argument("--precision", default="auto", help="auto (this CPU decides), 32 or bf16-mixed")
     ap.add_argument("--models", default="classifier,multiscale")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(resolve_threads(args.threads))
+    prec = resolve_precision(args.precision)
+    env = environment(prec)
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; precision {prec.value} ({prec.reason}); "
+          f"{torch.get_num_threads()} threads", flush=True)
     x, y = load_data(args.images_per_class, args.size)
     n_steps = len(image_loader(x, y, args.batch, True))
     n_img = n_steps * args.batch if len(y) >= 4 * args.batch else len(y)
     rows = []
     for name in args.models.split(","):
         for runner, fn in (("bare", bare_loop), ("ours", ours)):
-            times = fn(name, x, y, args.epochs, args.batch, 0)
+            times = fn(name, x, y, args.epochs, args.batch, 0, args.precision)
             steady = float(np.mean(times[1:])) if len(times) > 1 else times[0]
             rows.append({"model": name, "runner": runner, "images": n_img, "epochs": len(times),
                          "first_epoch_ms_per_image": round(1000 * times[0] / n_img, 1),
@@ -144,7 +154,7 @@ def main() -> None:
     for r in rows:
         bare = next(b for b in rows if b["model"] == r["model"] and b["runner"] == "bare")
         r["ratio_ours_vs_bare"] = round(r["steady_ms_per_image"] / bare["steady_ms_per_image"], 3)
-    out = {"rows": rows, "threads": args.threads, "size": args.size, "batch": args.batch,
+    out = {"rows": rows, "threads": torch.get_num_threads(), "environment": env, "size": args.size, "batch": args.batch,
            "load_average_1min": os.getloadavg()[0],
            "ratio_ours_vs_bare": max(r["ratio_ours_vs_bare"] for r in rows if r["runner"] == "ours"),
            "first_epoch_overhead_s": max(r["first_epoch_overhead_s"] for r in rows if r["runner"] == "ours")}

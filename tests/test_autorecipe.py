@@ -60,12 +60,29 @@ def test_large_set_single_split_with_validation():
     assert r["train"]["epochs"] >= 5  # at least 5 passes over a large set
 
 
-def test_budget_caps_steps_and_says_so():
+def test_schedule_is_fixed_and_the_time_estimate_comes_from_this_machine():
+    """Issue 23: no wall-clock cut in the sized recipe; the estimate is measured, not a constant."""
     counts = {c: 300 for c in SIX}
-    r_small = size_recipe("classification", 1800, counts, (200, 200), budget_minutes=1.0)
-    r_big = size_recipe("classification", 1800, counts, (200, 200), budget_minutes=30.0)
-    assert r_small["train"]["epochs"] < r_big["train"]["epochs"]
-    assert "compute budget" in explain("classification", 1800, counts, (200, 200), budget_minutes=1.0)
+    r = size_recipe("classification", 1800, counts, (200, 200))
+    assert "max_minutes" not in r["train"]
+    fast = explain("classification", 1800, counts, (200, 200), seconds_per_image=lambda hw: 0.01)
+    slow = explain("classification", 1800, counts, (200, 200), seconds_per_image=lambda hw: 0.10)
+    # the same schedule on a 10x slower machine, with a 10x longer estimate
+    assert size_recipe("classification", 1800, counts, (200, 200)) == r
+    n_passes = r["train"]["epochs"] * int(1800 * 0.8 * 0.9)
+    assert f"estimated training time {n_passes * 0.01 / 60:.1f} min" in fast
+    assert f"estimated training time {n_passes * 0.10 / 60:.1f} min" in slow
+    for task, n, c, hw in (("segmentation", 399, {"good": 347, "defective": 52}, (1257, 500)),
+                           ("anomaly", 400, {"good": 300, "crack": 20}, (900, 900)),
+                           ("detection", 300, {"a": 150, "b": 150}, (200, 200))):
+        assert "max_minutes" not in size_recipe(task, n, c, hw)["train"]
+
+
+def test_measured_seconds_per_image_grows_with_the_image():
+    from defectscope.engine.autorecipe import measure_seconds_per_image
+
+    small, big = measure_seconds_per_image((64, 64)), measure_seconds_per_image((160, 160))
+    assert 0 < small < big < 5.0
 
 
 def test_image_size_follows_the_data():

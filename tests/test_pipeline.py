@@ -55,7 +55,16 @@ def test_classification_cross_validation_writes_every_sample_once(tmp_path, neu_
         assert test and not (test & seen), "a fold trained or selected its checkpoint on its own test samples"
         assert test == {r["file"] for r in rows if r["fold"] == str(k)}
         assert (fold / "model.ckpt").is_file() and (fold / "metrics.json").is_file()
+        env = json.loads((fold / "metrics.json").read_text())["environment"]
+        assert env["precision"] == "32" and env["precision_requested"] == "32"  # the recipe's explicit setting
     assert (out / "report.html").is_file() and "mean +- std" in (out / "report.html").read_text()
+    # issue 23: every run records its machine (metrics/crossval.json and the report)
+    import torch
+
+    assert cv["environment"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert {"cpu_model", "native_bf16", "precision_reason", "threads", "onnxruntime"} <= set(cv["environment"])
+    html = (out / "report.html").read_text()
+    assert "Machine" in html and cv["environment"]["precision_reason"] in html
 
 
 def test_existing_run_is_refused_and_kept_when_a_new_train_fails(tmp_path, neu_small):

@@ -339,12 +339,12 @@ def test_empty_class_folder_warns_and_a_single_class_is_an_error(tmp_path):
 
 
 def test_predict_checks_out_before_the_work(tmp_path, cls_run, monkeypatch):
-    from defectscope.engine.classification import ClassificationTask
+    from defectscope.deploy.adapters.classification import ClassificationAdapter
 
     def _must_not_run(*a, **k):
         raise AssertionError("predict ran before the output path was checked")
 
-    monkeypatch.setattr(ClassificationTask, "predict", _must_not_run)
+    monkeypatch.setattr(ClassificationAdapter, "predict_files", _must_not_run)
     (tmp_path / "adir").mkdir()
     for out, expected in ((tmp_path / "adir", "is an existing folder"), (Path("/sys/preds.csv"), "is not writable")):
         res = runner.invoke(app, ["predict", str(cls_run), str(tmp_path), "--out", str(out)])
@@ -425,12 +425,12 @@ def test_unknown_task_in_a_recipe_is_one_line(tmp_path):
 
 
 def test_an_internal_bug_keeps_its_traceback(tmp_path, cls_run, monkeypatch):
-    from defectscope.engine.classification import ClassificationTask
+    from defectscope.deploy.adapters.classification import ClassificationAdapter
 
     def _bug(*a, **k):
         raise ValueError("internal: shapes (3,) and (4,) not aligned")
 
-    monkeypatch.setattr(ClassificationTask, "predict", _bug)
+    monkeypatch.setattr(ClassificationAdapter, "predict_files", _bug)
     res = runner.invoke(app, ["predict", str(cls_run), str(tmp_path), "--out", str(tmp_path / "p.csv")])
     assert res.exit_code == 1 and isinstance(res.exception, ValueError)  # not turned into a tidy line
 

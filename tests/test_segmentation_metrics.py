@@ -83,7 +83,10 @@ def test_image_score_methods_hand_computed():
 
 def test_flip_tta_averages_the_flipped_predictions():
     """TTA = mean over identity, h-flip, v-flip and both, each flipped back; a per-pixel model is unchanged by it."""
-    from defectscope.engine.segmentation import predict_mask_probs
+    from defectscope.models.unet.inference import UNetInference, predict_unet
+
+    def predict_mask_probs(model, x, batch_size=8, tta=False):
+        return predict_unet(UNetInference(model, tta, "max", tuple(x.shape[2:])), x, batch_size)[0]
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (3, 3, 16, 8), dtype=torch.uint8)

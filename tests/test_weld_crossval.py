@@ -16,6 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import defectscope
 from defectscope.cli import app
 from defectscope.data.weld import WeldDataError
 from defectscope.engine.pipeline import Samples
@@ -89,19 +90,24 @@ def test_messy_recordings_imported_cross_validated_by_batch_and_predicted(tmp_pa
                                                     "audio_50_400hz", "audio_400_1500hz", "audio_1500_3500hz"}
     assert "mean +- std" in (run / "report.html").read_text() and "SYNTHETIC" in (run / "report.html").read_text()
 
-    # predict with the cross-validation run: its model refit on all 16 runs (RUN/model.ckpt)
-    assert cv["chosen"] == "model" and cv["model"]["samples"] == {"train": 16}
+    # a fold's run folder predicts through the deploy predictor (the one execution path)
+    per_fold = []
+    for f in range(1, 5):
+        defectscope.predict(run / "folds" / str(f), [data], tmp_path / f"p{f}.csv")
+        out = list(csv.DictReader((tmp_path / f"p{f}.csv").open()))
+        assert [r["id"] for r in out] == rec.run_ids
+        p = np.array([[float(r["prob_ok"]), float(r["prob_porosity"])] for r in out])
+        np.testing.assert_allclose(p.sum(1), 1, atol=1e-4)
+        per_fold.append(p[:, 0])
+    assert np.ptp(np.array(per_fold), axis=0).max() > 0  # four different models
+    # the cross-validation run itself executes its refit model (RUN/model.ckpt) when it has one, else is refused
     preds = tmp_path / "preds.csv"
+    assert cv["chosen"] == "model" and cv["model"]["samples"] == {"train": 16}
     res = runner.invoke(app, ["predict", str(run), str(data), "--out", str(preds)])
     assert res.exit_code == 0, res.output
     out = list(csv.DictReader(preds.open()))
     assert [r["id"] for r in out] == rec.run_ids
-    p = np.array([[float(r["prob_ok"]), float(r["prob_porosity"])] for r in out])
-    np.testing.assert_allclose(p.sum(1), 1, atol=1e-4)
     assert {"defect_score", "decision"} <= set(out[0])  # the threshold chosen on the out-of-fold scores
-    task = get_task("weld")
-    for f in (1,):
-        task.predict(run / "folds" / str(f), [data], tmp_path / f"p{f}.csv")
 
     # channels are matched by name: a folder with its channels in another order predicts the same
     shuffled = tmp_path / "shuffled"
@@ -114,20 +120,20 @@ def test_messy_recordings_imported_cross_validated_by_batch_and_predicted(tmp_pa
             arr = np.load(shuffled / w["signals"])
             np.save(shuffled / w["signals"], arr[order])
     (shuffled / "manifest.json").write_text(json.dumps(man))
-    task.predict(run / "folds" / "1", [shuffled], tmp_path / "p_shuffled.csv")
+    defectscope.predict(run / "folds" / "1", [shuffled], tmp_path / "p_shuffled.csv")
     assert (tmp_path / "p_shuffled.csv").read_text().replace(str(shuffled), "X") == \
         (tmp_path / "p1.csv").read_text().replace(str(data), "X")
     # ... and a folder whose channel names differ is refused, naming the field and the channel
     name = man["channels"][0]["name"]
     man["channels"][0]["name"] = "arc_current"
     (shuffled / "manifest.json").write_text(json.dumps(man))
-    res = runner.invoke(app, ["predict", str(run), str(shuffled), "--out", str(tmp_path / "x.csv")])
+    res = runner.invoke(app, ["predict", str(run / "folds" / "1"), str(shuffled), "--out", str(tmp_path / "x.csv")])
     assert res.exit_code == 2 and "field 'channels'" in res.output and "arc_current" in res.output and name in res.output
     man["channels"][0]["name"] = name  # ... as is a channel in another unit
     man["channels"][0]["unit"] = "kA"
     (shuffled / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(WeldDataError, match="is in 'kA'"):
-        task.predict(run / "folds" / "1", [shuffled], tmp_path / "x.csv")
+        defectscope.predict(run / "folds" / "1", [shuffled], tmp_path / "x.csv")
 
 
 @pytest.mark.parametrize("seam", [True, False])

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import defectscope
 from defectscope.cli import app
 from defectscope.config import validate
 from defectscope.data.weld import WeldDataError
@@ -76,7 +77,7 @@ def test_real_format_round_trip_trains_and_predicts(tmp_path):
     # prediction on an unlabelled folder in the same format
     unlabelled = _hand_written_folder(tmp_path / "new", n_per_class=2, with_labels=False)
     out = tmp_path / "preds.csv"
-    summary = task.predict(run, [unlabelled], out)
+    summary = defectscope.predict(run, [unlabelled], out)
     rows = list(csv.DictReader(out.open()))
     assert summary["predicted"] == 4 and len(rows) == 4
     for r in rows:
@@ -87,7 +88,7 @@ def test_real_format_round_trip_trains_and_predicts(tmp_path):
     man["wavelengths_nm"] = [400, 800, 1400]
     (unlabelled / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(WeldDataError, match="wavelengths_nm"):
-        task.predict(run, [unlabelled], out)
+        defectscope.predict(run, [unlabelled], out)
 
 
 def test_demo_end_to_end_on_a_tiny_simulated_set(tmp_path):

@@ -52,17 +52,26 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
-def _get_task(name: str, source: str):
-    """The registered task ``name``; an unknown name is a :class:`ConfigError` naming ``source``."""
-    from defectscope.config import ConfigError
-    from defectscope.engine.tasks import get_task
+MaxMegapixels = Annotated[Optional[float], typer.Option(
+    "--max-megapixels", show_default=False,
+    help="Largest image accepted, megapixels (default 40; decompression-bomb guard). Raise it for line-scan "
+         "images (a 13000 x 13000 px image is 169). Same as the environment variable DEFECTSCOPE_MAX_MEGAPIXELS.")]
 
-    if not isinstance(name, str):
-        raise ConfigError(f"{source}: expected a task name (text), got {name!r}")
-    try:
-        return get_task(name)
-    except KeyError as exc:
-        raise ConfigError(f"{source}: {exc.args[0] if exc.args else exc}") from None
+
+def _set_pixel_limit(max_megapixels: float | None) -> None:
+    """Apply ``--max-megapixels`` to every image reader of this process and of its workers (through
+    ``DEFECTSCOPE_MAX_MEGAPIXELS``, which :func:`defectscope.data.images.pixel_limit` reads)."""
+    import math
+    import os
+
+    from defectscope.config import ConfigError
+    from defectscope.data.images import MAX_MEGAPIXELS_ENV
+
+    if max_megapixels is None:
+        return
+    if not math.isfinite(max_megapixels) or max_megapixels <= 0:
+        raise ConfigError(f"--max-megapixels {max_megapixels:g}: expected a positive number of megapixels (e.g. 200)")
+    os.environ[MAX_MEGAPIXELS_ENV] = f"{max_megapixels:g}"
 
 
 def _summary_table(title: str, metrics: dict, keys: list[str]) -> Table:
@@ -74,12 +83,6 @@ def _summary_table(title: str, metrics: dict, keys: list[str]) -> Table:
             v = metrics[k]
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     return table
-
-
-def _run_task(run: Path) -> str:
-    from defectscope.engine.run import RunFolder
-
-    return RunFolder(run).read_config()["task"]
 
 
 def _print_result(task, out: Path, result: dict, title: str | None = None) -> None:
@@ -115,61 +118,6 @@ def _print_result(task, out: Path, result: dict, title: str | None = None) -> No
     console.print(f"train_seconds={result.get('train_seconds')}{cut}  report: {out / 'report.html'}")
 
 
-def _train(raw: dict, source: str, out: Path, folds: int | None, group_by: str | None, overwrite: bool,
-           resume: bool = False) -> tuple:
-    """Validate ``raw`` against its task's schema and run the pipeline; ``(task, result)``."""
-    from defectscope.config import ConfigError, validate
-    from defectscope.engine.pipeline import train as run_pipeline
-
-    if "task" not in raw:
-        raise ConfigError(f"{source}: missing 'task' key")
-    task = _get_task(raw["task"], f"{source}: field 'task'")
-    cfg = validate(raw, task.recipe, source)
-    return task, run_pipeline(cfg, out, folds=folds, group_by=group_by, overwrite=overwrite, resume=resume)
-
-
-def _run_task_obj(run: Path):
-    from defectscope.engine.run import RunFolder
-
-    return _get_task(_run_task(run), f"{RunFolder(run).config_path}: field 'task'")
-
-
-def _recipe_for_folder(folder: Path, task: str | None, override: list[str] | None) -> tuple[dict, dict]:
-    """A recipe sized to an unknown data folder: data check, layout guess, :func:`size_recipe`.
-
-    Returns ``(raw recipe, data check result)``; prints the evidence, the warnings and the choices.
-    """
-    import yaml
-
-    from defectscope.config import _set_dotted, parse_overrides
-    from defectscope.data.check import check_dataset, warn_on_leaks
-    from defectscope.data.layout import guess_layout
-    from defectscope.engine.autorecipe import explain, size_recipe
-
-    guess = guess_layout(folder, task)
-    check = check_dataset(folder) if guess.task in ("classification", "segmentation", "detection") else {}
-    for line in warn_on_leaks(check) if check else []:
-        console.print(f"[bold red]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
-    d = guess.details
-    console.print(f"{escape(str(folder))}: {guess.task} ({guess.layout} layout); " + "; ".join(map(escape, guess.evidence)),
-                  highlight=False, soft_wrap=True)
-    args = (guess.task, d["n_images"], d.get("class_counts"), d.get("image_hw"))
-    raw = size_recipe(*args, root=d["root"], layout=guess.layout)
-    if guess.task in ("segmentation", "detection"):
-        layout = raw.get("data", {}).pop("layout", None)
-        if guess.task == "segmentation" and layout not in (None, "kolektor"):
-            from defectscope.data.images import DatasetError
-
-            raise DatasetError(f"{folder}: segmentation data in the '{layout}' layout needs a manifest.csv "
-                               "(id,split,defective) beside images/ and masks/ (see README, Data layouts)")
-    for key, value in parse_overrides(override):
-        _set_dotted(raw, key, value, f"{folder} (override)")
-    console.print(escape(explain(*args, root=d["root"], layout=guess.layout)), highlight=False, soft_wrap=True)
-    console.print("[bold]recipe[/] (written to RUN/config.yaml; edit it and run 'defectscope train RUN/config.yaml'):\n"
-                  + escape(yaml.safe_dump(raw, sort_keys=False)), highlight=False)
-    return raw, check
-
-
 @app.command()
 @friendly
 def train(
@@ -182,77 +130,108 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted train into --out from its last checkpoints (same recipe and options).")] = False,
     task_name: Annotated[Optional[str], typer.Option("--task", help="With a data folder: the task to train (overrides the guess).")] = None,
     nested: Annotated[bool, typer.Option("--nested", help="Cross-validation: also select the candidate inside each outer fold (inner CV) for an unbiased figure (eval.nested).")] = False,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Train a recipe (or a data folder with a recipe sized to it), evaluate it and write the run folder.
 
-    With a data folder, the data are checked first (duplicates across classes, empty classes,
-    unreadable files are warned about) and k-fold cross-validation is chosen when a single split
+    The data are checked first, for a recipe as for a data folder (duplicates across classes or
+    within a class, empty classes, unreadable files are warned about; the check is written to
+    RUN/data_check.json). With a data folder, k-fold cross-validation is chosen when a single split
     would hold fewer than 10 test images of some class; ``--folds 1`` forces a single split.
     """
-    from defectscope.config import load_raw
-    from defectscope.utils.io import write_json
+    from defectscope import api
 
-    check = None
     if nested:
         override = [*(override or []), "eval.nested=true"]
+    _set_pixel_limit(max_megapixels)
+
+    def log(message: str) -> None:
+        if message.startswith("warning: "):
+            console.print(f"[bold red]warning:[/] {escape(message[9:])}", highlight=False, soft_wrap=True)
+        else:
+            console.print(escape(message), highlight=False, soft_wrap=True)
+
+    if task_name and not recipe.is_dir():
+        from defectscope.config import ConfigError
+
+        raise ConfigError("--task is for data folders; a recipe names its task in its 'task' key")
     if recipe.is_dir():
-        raw, check = _recipe_for_folder(recipe, task_name, override)
-        source = str(recipe)
+        import yaml
+
+        raw, check = api.recipe_for_folder(recipe, task_name, override, log)
+        console.print("[bold]recipe[/] (written to RUN/config.yaml; edit it and run 'defectscope train RUN/config.yaml'):\n"
+                      + escape(yaml.safe_dump(raw, sort_keys=False)), highlight=False)
         folds_eff = folds if folds is not None else raw.get("eval", {}).get("folds")
         if folds_eff and folds_eff > 1:
             console.print(f"evaluation: {folds_eff}-fold cross-validation (a single split would leave fewer than "
                           "10 test images of some class; --folds 1 forces one split)", highlight=False)
-    else:
-        if task_name:
-            from defectscope.config import ConfigError
+        run = api.train(raw, out, folds=folds, group_by=group_by, overwrite=overwrite, resume=resume)
+        if run is not None and check:
+            from defectscope.utils.io import write_json
 
-            raise ConfigError("--task is for data folders; a recipe names its task in its 'task' key")
-        raw = load_raw(recipe, override)
-        source = str(recipe)
-    task, result = _train(raw, source, out, folds, group_by, overwrite, resume)
-    if result is None:  # a non-zero DDP rank
+            write_json(out / "data_check.json", check)
+    else:  # the same data check as for a folder runs once the recipe is valid (api.check_recipe_data)
+        run = api.train(recipe, out, folds=folds, group_by=group_by, overwrite=overwrite, resume=resume, override=override,
+                        log=log)
+    if run is None:  # a non-zero DDP rank
         return
-    if check:
-        write_json(out / "data_check.json", check)
-    _print_result(task, out, result)
+    _print_result(_task_of(run), out, run.result)
+
+
+def _task_of(run):
+    """The task hooks of a :class:`~defectscope.api.Run` (for its summary keys)."""
+    from defectscope.engine.tasks import get_task
+
+    return get_task(run.task)
 
 
 @app.command()
 @friendly
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
+    run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train', or an .onnx file from 'defectscope export'.")],
     data: Annotated[Path, typer.Option("--data", help="Labelled data to evaluate on (a folder; for detection also a COCO .json file).")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default RUN/evaluations/<data name>).")] = None,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
-    """Re-evaluate a trained run on another labelled folder."""
-    from defectscope.utils.io import check_output_path
+    """Re-evaluate a trained run (or an exported .onnx file) on another labelled folder."""
+    from defectscope import api
 
-    task = _run_task_obj(run)
-    check_output_path(out if out else Path(run) / "evaluations" / Path(data).name, "dir")
-    metrics = task.evaluate(run, data, out)
+    _set_pixel_limit(max_megapixels)
+    metrics = api.evaluate(run, data, out)
     console.print(_summary_table(f"{run} on {data}", metrics, ["n", "accuracy", "weighted_f1", "macro_auroc", "image_auroc", "map_50", "map", "box_mae", "dice"]))
 
 
 @app.command()
 @friendly
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
+    run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train', or an .onnx file from 'defectscope export'.")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output file; default per task: preds.csv (classification, anomaly, weld), masks.csv (segmentation, run-length encoded), boxes.json (detection, COCO).")] = None,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also write masks / boxes as images (segmentation, detection).")] = False,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
-    """Predict files with a trained run; unreadable files are skipped and reported."""
-    from defectscope.utils.io import check_output_path, display_path
+    """Predict files with a trained run (or an exported .onnx file); unreadable files are skipped and
+    reported, and so is an animated GIF / multi-page TIFF ("frame 1 of N used")."""
+    import warnings
 
-    task = _run_task_obj(run)
-    out = out or Path(getattr(task, "default_predict_out", "preds.csv"))
-    check_output_path(out, "file")  # before the work, not after it
+    from defectscope import api
+    from defectscope.data.images import MultiFrameWarning
+    from defectscope.utils.io import display_path
+
+    _set_pixel_limit(max_megapixels)
     options = {"save_images": save_images} if save_images else {}
-    summary = task.predict(run, inputs, out, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default", MultiFrameWarning)
+        summary = api.predict(run, inputs, out, **options)
+    for w in caught:
+        if issubclass(w.category, MultiFrameWarning):
+            console.print(f"[yellow]warning:[/] {error_line(ValueError(str(w.message)))}", highlight=False, soft_wrap=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     for f, err in summary.get("skipped", []):
         console.print(f"[yellow]skipped[/] {escape(display_path(f))}: {error_line(ValueError(err))}", highlight=False, soft_wrap=True)
     console.print(f"predicted {summary.get('predicted')} file(s), skipped {len(summary.get('skipped', []))}: "
-                  f"{escape(display_path(out))}", highlight=False)
+                  f"{escape(display_path(Path(summary['out'])))}", highlight=False)
 
 
 @app.command()
@@ -279,11 +258,9 @@ def export(
     member: Annotated[Optional[str], typer.Option("--member", help="Anomaly runs: patchcore (default) or grad_mobilenet.")] = None,
 ) -> None:
     """Export a run's model to ONNX (dynamic batch axis, metadata for standalone use)."""
-    from defectscope.deploy.export import export_onnx
-    from defectscope.utils.io import check_output_path
+    from defectscope import api
 
-    check_output_path(out, "file")
-    info = export_onnx(run, out, opset=opset, member=member)
+    info = api.export(run, out, opset=opset, member=member)
     console.print(f"wrote {out}: {info.task} '{info.model_name}', input {info.inputs}, outputs {info.outputs}, "
                   f"classes {info.class_names}", highlight=False)
 
@@ -315,7 +292,7 @@ def weld_simulate(
 def benchmark(
     run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for model.onnx, model.int8.onnx, benchmark.json (default RUN/deploy).")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="Intra-op threads for every runtime.")] = 2,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads for every runtime (default: the CPUs this process may use).", show_default=False)] = None,
     iters: Annotated[int, typer.Option("--iters", help="Batch-1 latency samples (at most).")] = 50,
     budget: Annotated[float, typer.Option("--budget", help="Seconds of batch-1 sampling per runtime (at most, 5 samples minimum).")] = 8.0,
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Use at most this many held-out images.")] = None,
@@ -325,7 +302,9 @@ def benchmark(
     from defectscope.deploy.benchmark import benchmark as run_benchmark
     from defectscope.deploy.benchmark import render_table
 
-    res = run_benchmark(run, out, threads=threads, iters=iters, budget_s=budget, test_limit=test_limit,
+    from defectscope.machine import resolve_threads
+
+    res = run_benchmark(run, out, threads=resolve_threads(threads), iters=iters, budget_s=budget, test_limit=test_limit,
                         compile_=not no_compile, log=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
     Console(width=250).print(render_table(res))
 
@@ -339,8 +318,9 @@ def serve(
     workers: Annotated[int, typer.Option("--workers", help="Inference threads.")] = 1,
     queue: Annotated[int, typer.Option("--queue", help="Requests allowed to wait; more get 503.")] = 64,
     max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload per file, MiB.")] = 10.0,
-    threads: Annotated[int, typer.Option("--threads", help="Intra-op threads of the model.")] = 2,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads of the model (default: the CPUs this process may use).", show_default=False)] = None,
     member: Annotated[Optional[str], typer.Option("--member", help="Anomaly run folders: patchcore (default) or grad_mobilenet (PyTorch only).")] = None,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /healthz, /docs, and the operator page at /."""
     import math
@@ -350,10 +330,14 @@ def serve(
 
     if not math.isfinite(max_mb) or max_mb <= 0:
         raise ConfigError(f"--max-mb {max_mb:g}: the upload limit must be a positive number of MiB (e.g. 10)")
+    from defectscope.machine import resolve_threads
+
+    threads = resolve_threads(threads) if threads is None else threads
     if workers < 1 or queue < 0 or threads < 1:
         raise ConfigError(f"--workers {workers}, --queue {queue}, --threads {threads}: need workers >= 1, queue >= 0, threads >= 1")
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: must be in 1..65535")
+    _set_pixel_limit(max_megapixels)
     console.print(f"serving {model} on http://{host}:{port}/ (docs: /docs)", highlight=False)
     run_service(model, host=host, port=port, workers=workers, queue=queue, max_bytes=int(max_mb * 1024 * 1024), threads=threads,
                 member=member)
@@ -373,9 +357,12 @@ def inspect_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard earlier results of --out.")] = False,
     flush_every: Annotated[int, typer.Option("--flush-every", help="Write a results part every N rows (or 10 s); a kill loses at most that much work.")] = 1000,
     save_maps: Annotated[Optional[Path], typer.Option("--save-maps", help="Folder for each image's mask / anomaly map / boxes / attention overlay as PNG (column map_path).")] = None,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Score image archives on Ray Data: streaming reads, one model copy per worker, Parquet results, resumable."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    _set_pixel_limit(max_megapixels)
 
     from defectscope.deploy.inspect import inspect_archive
     from defectscope.utils.io import display_path
@@ -438,6 +425,38 @@ def inspect_cmd(
 
 @app.command()
 @friendly
+def doctor(
+    no_measure: Annotated[bool, typer.Option("--no-measure", help="Skip the matrix-product measurements.")] = False,
+) -> None:
+    """What this machine is and what train, serve and inspect would use here (before a long run).
+
+    Prints the CPU model, torch's CPU capability, whether bf16 is native, the measured fp32 (and, where
+    native, bf16) matrix-product rate, the precision and threads ``train`` chooses with ``auto``, and the
+    runtime ``serve`` / ``inspect`` use (exact fp32: ONNX Runtime for an ``.onnx`` file, PyTorch for a run
+    folder). Nothing is written.
+    """
+    from defectscope.machine import environment, matmul_gflops, resolve_precision, resolve_threads
+
+    prec = resolve_precision("auto")
+    env = environment(prec, resolve_threads("auto"))
+    table = Table(title="defectscope doctor: this machine", show_header=False)
+    table.add_column("fact", justify="left")
+    table.add_column("value", justify="left")
+    for k, v in env.items():
+        table.add_row(k, ", ".join(v) if isinstance(v, list) else ("n/a" if v is None else str(v)))
+    if not no_measure:
+        table.add_row("fp32 matmul (1024^2, measured)", f"{matmul_gflops('float32', 1024, 0.3):.0f} GFLOP/s")
+        table.add_row("bf16 matmul (1024^2, measured)",
+                      f"{matmul_gflops('bfloat16', 1024, 0.3):.0f} GFLOP/s" if prec.bf16 else
+                      "not measured: bf16 is emulated here (one product would take seconds)")
+    table.add_row("train (precision: auto)", f"precision {prec.value}, {env['threads']} threads (num_threads: auto)")
+    table.add_row("serve / inspect", "ONNX Runtime fp32 for a .onnx file (fastest exact runtime measured here, "
+                  "README deployment table), PyTorch fp32 for a run folder; threads = the CPUs this process may use")
+    Console(width=200).print(table)
+
+
+@app.command()
+@friendly
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
     samples: Annotated[int, typer.Option("--samples", "-n", help="Simulated coupons (paper 000: 603).")] = 603,
@@ -445,15 +464,15 @@ def demo(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")] = False,
 ) -> None:
     """Weld demo, no data needed: simulate coupons, train the seam U-Net and the fusion model, evaluate (8:2)."""
-    from defectscope.config import _set_dotted, parse_overrides
+    from defectscope import api
     from defectscope.engine.weld import demo_recipe
 
-    raw = demo_recipe(samples)
-    for key, value in parse_overrides(override):
-        _set_dotted(raw, key, value, "demo (override)")
-    task, result = _train(raw, "demo", out, None, None, overwrite)
-    _print_result(task, out, result, f"weld demo (SYNTHETIC data): {out}")
-    if result is not None and "selected_channel_names" in result:
+    run = api.train(demo_recipe(samples), out, overwrite=overwrite, override=override)
+    if run is None:
+        return
+    result = run.result
+    _print_result(_task_of(run), out, result, f"weld demo (SYNTHETIC data): {out}")
+    if "selected_channel_names" in result:
         console.print(f"seam Dice={result['test'].get('seam_dice')}  channels={', '.join(result['selected_channel_names'])}",
                       highlight=False)
 
@@ -494,8 +513,10 @@ def data_check(
     folder: Annotated[Path, typer.Argument(help="Data folder (any layout defectscope reads).")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for data_check.json, report.html, thumbnails/.")] = None,
     near: Annotated[int, typer.Option("--near", help="pHash Hamming distance (of 64 bits) for near duplicates.")] = 8,
+    max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Health of a data set: images per class, sizes, modes, bit depths, unreadable files, duplicates, empty classes."""
+    _set_pixel_limit(max_megapixels)
     from rich.markup import escape
 
     from defectscope.data.check import check_dataset, render_table

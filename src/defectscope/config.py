@@ -44,7 +44,9 @@ class TrainConfig(StrictModel):
         batch_size: images per optimisation step (per process under DDP).
         lr: AdamW learning rate (paper 000: 5e-4 for NEU, 2e-4 for welds).
         weight_decay: AdamW weight decay.
-        precision: Lightning precision string; ``bf16-mixed`` uses bf16 autocast on the CPU.
+        precision: ``auto`` (default: bf16 mixed precision only where this CPU computes bf16
+            natively and faster than fp32, fp32 elsewhere; see :mod:`defectscope.machine`), ``32``
+            or ``bf16-mixed`` (explicit settings win).
         channels_last: NHWC memory layout for convolutions (faster on this CPU).
         val_fraction: share of the training split held out for early stopping and
             checkpoint selection; the test split is only used once, at the end.
@@ -53,7 +55,8 @@ class TrainConfig(StrictModel):
         strategy: Lightning strategy (``auto``, ``ddp`` for multi-process CPU/GPU).
         devices: number of processes/devices.
         accelerator: ``cpu`` (default here), ``gpu`` or ``auto``.
-        num_threads: torch intra-op threads per process (0 = leave torch's default).
+        num_threads: torch intra-op threads per process: ``auto`` (default; also ``0``) = the CPUs
+            this process may use (:func:`defectscope.machine.resolve_threads`), or a count.
         max_minutes: wall-clock budget for training; Lightning stops after it.
         augment: random horizontal/vertical flips during training.
         logger: ``csv`` and/or ``tensorboard`` logs inside the run folder.
@@ -63,14 +66,14 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
-    precision: Literal["32", "bf16-mixed", "32-true"] = "bf16-mixed"
+    precision: Literal["auto", "32", "bf16-mixed", "32-true"] = "auto"
     channels_last: bool = True
     val_fraction: float = Field(0.1, ge=0, lt=1)
     early_stopping_patience: int = Field(2, ge=0)
     strategy: str = "auto"
     devices: int = Field(1, ge=1)
     accelerator: str = "cpu"
-    num_threads: int = Field(0, ge=0)
+    num_threads: Literal["auto"] | int = "auto"
     max_minutes: float | None = Field(None, gt=0)
     augment: bool = True
     logger: list[Literal["csv", "tensorboard"]] = ["csv", "tensorboard"]
@@ -80,6 +83,20 @@ class TrainConfig(StrictModel):
     @classmethod
     def _precision_as_text(cls, v: object) -> object:
         return str(v) if isinstance(v, int) else v
+
+    @field_validator("num_threads", mode="before")
+    @classmethod
+    def _threads(cls, v: object) -> object:
+        if v in (0, "0", None):
+            return "auto"
+        if isinstance(v, str) and v != "auto":
+            try:
+                v = int(v)
+            except ValueError:
+                raise ValueError("expected 'auto' or a thread count >= 1") from None
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError("expected 'auto' or a thread count >= 1")
+        return v
 
 
 class EvalConfig(StrictModel):
@@ -213,13 +230,16 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
     """Read a recipe file into a dict and apply overrides (no validation yet).
 
     Raises:
-        ConfigError: missing file, invalid YAML, or a top level that is not a mapping.
+        ConfigError: missing file, not UTF-8 text, invalid YAML, or a top level that is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "a recipe is a YAML text file saved as UTF-8 (see configs/)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):

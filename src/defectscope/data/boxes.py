@@ -413,3 +413,22 @@ def image_class(record: ImageBoxes, class_names: list[str]) -> int:
     counts = {n: record.labels.count(n) for n in record.labels}
     best = max(counts.values())
     return class_names.index(next(n for n in record.labels if counts[n] == best))
+
+
+def load_record_images(records: list[ImageBoxes], size: int) -> np.ndarray:
+    """Decode and resize the images of ``records`` to ``[N, 3, size, size]`` uint8.
+
+    Raises:
+        ImageReadError: an unreadable image (named).
+        BoxFormatError: an image whose pixel size differs from its annotation's width/height.
+    """
+    from defectscope.data.images import load_image, resize_uint8
+
+    out = np.empty((len(records), 3, size, size), dtype=np.uint8)
+    for i, r in enumerate(records):
+        img = load_image(r.image)
+        if img.shape[0] != r.height or img.shape[1] != r.width:
+            raise BoxFormatError(f"{r.source}: size says {r.width}x{r.height} (width x height) but image {r.image} "
+                                 f"is {img.shape[1]}x{img.shape[0]}")
+        out[i] = resize_uint8(img, size).transpose(2, 0, 1)
+    return out

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from defectscope.data.images import DatasetError, ImageReadError, load_image, resize_uint8
+from defectscope.data.images import DatasetError, ImageReadError, _too_large, check_pixels, load_image, resize_uint8, resolve_pixel_limit
 
 MANIFEST_FIELDS = ("id", "defective")  # required; "split" is optional
 #: ``split`` values :func:`read_manifest` accepts unless told otherwise.
@@ -138,12 +138,18 @@ def load_mask(path: str | Path) -> np.ndarray:
             whose channels differ (a colour image, not a mask).
     """
     path = Path(path)
+    limit = resolve_pixel_limit(None)
     try:
         with Image.open(path) as im:
+            check_pixels(im, str(path), limit)
             im.load()
             arr = np.asarray(im)
     except FileNotFoundError as exc:
         raise ImageReadError(f"{path}: mask file not found") from exc
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise _too_large(str(path), exc, None) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: cannot be decoded as a mask image ({exc})") from exc
     if arr.ndim == 3:

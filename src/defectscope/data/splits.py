@@ -12,7 +12,8 @@ from defectscope.utils.io import write_text
 
 
 def stratified_split(
-    labels: list[int] | np.ndarray, test_fraction: float, seed: int
+    labels: list[int] | np.ndarray, test_fraction: float, seed: int, class_names: list[str] | None = None,
+    source: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a stratified split (scikit-learn's ``train_test_split``).
 
@@ -20,20 +21,33 @@ def stratified_split(
         labels: class index per item, length N.
         test_fraction: share of each class in the second part, in (0, 1).
         seed: random seed; the same labels and seed give the same split.
+        class_names: names of the class indices, for the error message (``None``: indices).
+        source: the data set (e.g. its folder), for the error message.
 
     Returns:
         ``(first_idx, second_idx)``, sorted int arrays partitioning ``range(N)``. The second part
         holds ``ceil(test_fraction * N)`` items, but at least one per class (small sets).
 
     Raises:
-        DatasetError (a ValueError): a class has fewer than 2 items, or ``test_fraction`` is outside (0, 1).
+        DatasetError (a ValueError): a class has fewer than 2 items (each such class named with its
+            count), or ``test_fraction`` is outside (0, 1).
     """
     labels = np.asarray(labels)
     if not 0 < test_fraction < 1:
         raise DatasetError(f"test_fraction must be in (0, 1), got {test_fraction}")
     counts = np.bincount(labels)
-    if (counts[counts > 0] < 2).any():
-        raise DatasetError(f"every class needs at least 2 items for a stratified split; counts: {counts.tolist()}")
+
+    def name(i: int) -> str:
+        return repr(class_names[i]) if class_names is not None and i < len(class_names) else str(i)
+
+    lonely = [i for i, c in enumerate(counts) if c == 1]
+    if lonely:
+        which = ", ".join(f"class {name(i)}" for i in lonely)
+        every = ", ".join(f"{name(i)} {int(c)}" for i, c in enumerate(counts) if c > 0)
+        raise DatasetError(f"{source + ': ' if source else ''}{which} {'has' if len(lonely) == 1 else 'have'} a single "
+                           f"item; every class needs at least 2 items for a stratified split (one to train on, one to "
+                           f"test); counts: {every}. Add items to {'it' if len(lonely) == 1 else 'them'} or remove "
+                           f"{'that class' if len(lonely) == 1 else 'those classes'}")
     n_classes = int((counts > 0).sum())
     n_test = max(int(np.ceil(test_fraction * len(labels))), n_classes)
     if len(labels) - n_test < n_classes:

@@ -3,7 +3,7 @@
 Rows (measured one after the other in the same process, same threads):
 
 - **PyTorch eager fp32** (the baseline of every ratio);
-- **eager channels_last + bf16** (``torch.autocast("cpu", torch.bfloat16)``);
+- **eager channels_last + bf16** (``defectscope.machine.autocast``), only where this CPU computes bf16 natively;
 - **torch.compile** (inductor; if compilation fails here the row shows the error);
 - **ONNX Runtime fp32** (the file of ``defectscope export``);
 - **ONNX Runtime int8** (``onnxruntime.quantization.quantize_static``, QDQ, per-channel
@@ -34,6 +34,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from defectscope.machine import autocast
 
 from defectscope.deploy.adapters import EvalSet, ModelInfo, TaskAdapter, get_adapter
 
@@ -79,6 +81,7 @@ class BenchmarkResult:
     rows: list[Row] = field(default_factory=list)
     agreement_name: str = "same top-1"
     input_size: list[int] = field(default_factory=list)
+    environment: dict = field(default_factory=dict)
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -140,7 +143,7 @@ def torch_runner(module: torch.nn.Module, info: ModelInfo, channels_last: bool =
         ts = [torch.from_numpy(x[k]) for k in names]
         if channels_last:
             ts = [t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t for t in ts]
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), autocast("bf16-mixed" if bf16 else "32"):
             outs = module(*ts)
         return {k: o.float().numpy() for k, o in zip(info.outputs, outs)}
 
@@ -304,7 +307,12 @@ def benchmark(run_dir: str | Path, out_dir: str | Path | None = None, threads: i
     module, info = adapter.load_torch(run_dir)
     names = list(info.inputs)
     log(f"measuring the matrix-product rate ({threads} threads)")
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    from defectscope.machine import environment, resolve_precision
+
+    auto = resolve_precision("auto")
+    # bf16 is measured only where this CPU computes it natively: emulated bf16 (AVX2) is ~24x slower
+    # than fp32, and a single 2048^3 bf16 product would take seconds
+    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16) if auto.bf16 else None}
     x1 = adapter.example_inputs(info, 1)
     flops = count_flops(module, x1, names)
     params = sum(p.numel() for p in module.parameters())
@@ -313,7 +321,7 @@ def benchmark(run_dir: str | Path, out_dir: str | Path | None = None, threads: i
     x1 = {k: v[:1] for k, v in data.inputs.items()}
     res = BenchmarkResult(str(run_dir), info.task, info.model_name, threads, params, flops / 1e9, rates,
                           "", len(data.targets), agreement_name=adapter.agreement_name,
-                          input_size=[int(v) for v in info.input_size])
+                          input_size=[int(v) for v in info.input_size], environment=environment(auto, threads))
 
     reference: dict[str, np.ndarray] = {}
 
@@ -330,7 +338,7 @@ def benchmark(run_dir: str | Path, out_dir: str | Path | None = None, threads: i
             row.max_abs_diff, row.agreement = adapter.compare(info, reference, outs)
             res.quality_metric = metric
             row.gflops_per_s = flops / 1e9 * row.images_per_s
-            row.peak_share = row.gflops_per_s / rates[rate_key]
+            row.peak_share = row.gflops_per_s / rates[rate_key] if rates.get(rate_key) else None
         except Exception as exc:  # a runtime that fails here is a result, shown in its row
             row.error = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
         res.rows.append(row)
@@ -341,7 +349,10 @@ def benchmark(run_dir: str | Path, out_dir: str | Path | None = None, threads: i
         m = copy.deepcopy(module).to(memory_format=torch.channels_last)
         return torch_runner(m, info, channels_last=True, bf16=True)
 
-    measure("eager channels_last+bf16", cl_bf16, "bf16")
+    if auto.bf16:
+        measure("eager channels_last+bf16", cl_bf16, "bf16")
+    else:
+        res.rows.append(Row("eager channels_last+bf16", note=f"not measured: {auto.reason}"))
     if compile_:
         compile_seconds: list[float] = []
 
@@ -374,7 +385,7 @@ def benchmark(run_dir: str | Path, out_dir: str | Path | None = None, threads: i
     measure("OpenVINO fp32", lambda: openvino_runner(onnx_path, threads), "fp32", note="same model.onnx")
     base = res.rows[0]
     for r in res.rows:
-        if r.error is None and base.error is None:
+        if r.error is None and base.error is None and r.p50_ms is not None:
             r.speedup_b1 = base.p50_ms / r.p50_ms
             r.quality_delta = r.quality - base.quality
     write_json(out_dir / "benchmark.json", asdict(res))
@@ -387,7 +398,10 @@ def render_table(res: BenchmarkResult):
 
     t = Table(title=(f"{res.task} '{res.model}' ({Path(res.run).name}): {res.params / 1e6:.2f} M parameters, "
                      f"{res.gflops_per_image:.3f} GFLOP/image; {res.threads} threads; matmul rate here "
-                     f"fp32 {res.matmul_gflops['fp32']:.0f}, bf16 {res.matmul_gflops['bf16']:.0f} GFLOP/s; "
+                     f"fp32 {res.matmul_gflops['fp32']:.0f}, bf16 "
+                     + (f"{res.matmul_gflops['bf16']:.0f}" if res.matmul_gflops.get("bf16") else "not native")
+                     + " GFLOP/s; "
+                     f"{res.environment.get('torch_cpu_capability', '?')}; "
                      f"held-out images: {res.test_images}"))
     for c in ("runtime", "params M", "GFLOP/img", "b1 p50 ms", "b1 p95 ms", "b1 speed-up", "b32 img/s",
               "GFLOP/s (b32)", "% of matmul", res.quality_metric or "quality", "Δ vs fp32", "max |Δ| vs fp32",

@@ -16,7 +16,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from defectscope.data.images import MAX_PIXELS, ImageReadError, ImageTooLargeError, check_pixels, load_image
+from defectscope.data.images import (
+    MAX_PIXELS,
+    ImageReadError,
+    ImageTooLargeError,
+    _too_large,
+    check_pixels,
+    frame_note,
+    load_image,
+    resolve_pixel_limit,
+)
 
 __all__ = ["MAX_PIXELS", "CorruptImageError", "ImageTooLargeError", "NotAnImageError", "as_rgb_uint8", "decode_image_bytes"]
 
@@ -29,13 +38,17 @@ class CorruptImageError(ImageReadError):
     """The bytes start like an image but cannot be decoded (truncated or damaged)."""
 
 
-def decode_image_bytes(data: bytes, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_image_bytes(data: bytes, name: str = "<upload>", max_pixels: int | None = None,
+                       notes: list[str] | None = None) -> np.ndarray:
     """Decode image bytes to ``uint8`` RGB ``[H, W, 3]``.
 
     Args:
         data: the encoded file (JPEG, PNG, BMP, TIFF, WebP, ...).
         name: file name used in error messages.
-        max_pixels: largest ``H * W`` accepted.
+        max_pixels: largest ``H * W`` accepted; ``None``: :func:`~defectscope.data.images.pixel_limit`
+            (40 Mpx unless ``DEFECTSCOPE_MAX_MEGAPIXELS`` / ``--max-megapixels`` says otherwise).
+        notes: a list that receives notes for the answer: an animated GIF / multi-page TIFF gives
+            ``"NAME: GIF file has N frames (pages); frame 1 of N used"`` (thread-safe, unlike warnings).
 
     Raises:
         NotAnImageError: empty or unrecognised bytes.
@@ -44,14 +57,18 @@ def decode_image_bytes(data: bytes, name: str = "<upload>", max_pixels: int = MA
     """
     if not data:
         raise NotAnImageError(f"{name}: empty file; expected a JPEG, PNG, BMP, TIFF or WebP image")
+    max_pixels = resolve_pixel_limit(max_pixels)
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # not an OSError: PIL's own limit (above ours) hit in open()
-        raise ImageTooLargeError(f"{name}: too many pixels ({exc}); limit {max_pixels} pixels") from exc
+        raise _too_large(name, exc, max_pixels) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise NotAnImageError(f"{name}: not an image ({exc.__class__.__name__}); expected a JPEG, PNG, BMP, TIFF or WebP image") from exc
     with im:
         check_pixels(im, name, max_pixels)
+        note = frame_note(im, name)
+        if note and notes is not None:
+            notes.append(note)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

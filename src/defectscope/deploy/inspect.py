@@ -237,7 +237,7 @@ def probe_answer(predictor) -> dict:
         raise InspectError(f"{info.source}: model '{info.model_name}' ({info.task}) takes inputs {sorted(info.inputs)}; "
                            "inspect scores image-only models (weld fusion needs a spectra array per image)")
     h, w = info.input_size
-    return predictor.predict([np.full((int(h), int(w), 3), 128, np.uint8)])[0]
+    return predictor.answers([np.full((int(h), int(w), 3), 128, np.uint8)])[0]
 
 
 class ImageScorer:
@@ -605,7 +605,11 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
     if address:  # the workers import the driver's own defectscope (shipped by Ray), not whatever is installed there
         _check_reachable(address)
         try:
-            ray.init(address=address, runtime_env={"py_modules": [str(pkg)], "excludes": ["__pycache__", "*.pyc"]}, **quiet)
+            from defectscope.data.images import MAX_MEGAPIXELS_ENV
+
+            env = {MAX_MEGAPIXELS_ENV: os.environ[MAX_MEGAPIXELS_ENV]} if os.environ.get(MAX_MEGAPIXELS_ENV) else {}
+            ray.init(address=address, runtime_env={"py_modules": [str(pkg)], "excludes": ["__pycache__", "*.pyc"],
+                                                   **({"env_vars": env} if env else {})}, **quiet)
         except ConnectionError as exc:
             raise InspectError(f"--address {address}: cannot join the Ray cluster ({exc}); check the address "
                                "(head:6379 or ray://head:10001) and the cluster's authentication settings") from None

@@ -2,14 +2,17 @@
 
     >>> p = load_predictor("runs/neu")            # PyTorch, from RUN/model.ckpt
     >>> q = load_predictor("model.onnx")          # ONNX Runtime, metadata only
-    >>> p.predict(["crazing_1.jpg"])[0]["class"]  # same inputs, same outputs
+    >>> p.predict(["crazing_1.jpg"])[0].label     # same inputs, same outputs
     'crazing'
 
-Both backends take the same inputs (image files, encoded bytes, ``uint8``/float
-arrays ``[H, W, 3]``; spectra arrays for multimodal tasks) and return the same
-answers (one JSON-ready dict per image, built by the task's adapter). The
-batched tensor function is :meth:`Predictor.run`: named ``float32`` arrays
-``[B, ...]`` in, named arrays out.
+This is the one way a trained run is executed: ``defectscope predict``, ``evaluate``, ``export``,
+``benchmark``, ``serve``, ``inspect`` and the Python API (:mod:`defectscope.api`) all go through
+it. Both backends take the same inputs (image files, encoded bytes, ``uint8``/float arrays
+``[H, W, 3]``; spectra arrays for multimodal tasks) and return the same answers:
+:meth:`Predictor.predict` gives typed :class:`~defectscope.deploy.results.Prediction` objects,
+:meth:`Predictor.answers` the JSON-ready dicts the service sends (both built by the task's
+adapter). The batched tensor function is :meth:`Predictor.run`: named ``float32`` arrays
+``[B, ...]`` in, named arrays out; :meth:`Predictor.outputs` runs it over many images.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from defectscope.deploy.adapters import DeployError, ModelInfo, TaskAdapter, file_sha256, get_adapter
 from defectscope.deploy.images import as_rgb_uint8
+from defectscope.deploy.results import Prediction
 
 ImageLike = str | Path | bytes | np.ndarray
 
@@ -36,6 +40,8 @@ class Predictor:
     """
 
     backend = ""
+    #: the run folder of a PyTorch predictor (``None`` for an ONNX file)
+    run_dir: Path | None = None
 
     def __init__(self, info: ModelInfo, adapter: TaskAdapter) -> None:
         self.info = info
@@ -81,9 +87,34 @@ class Predictor:
         batch = {k: np.stack([p[k] for p in per]).astype(np.float32, copy=False) for k in self.info.inputs}
         return batch, decoded
 
-    def predict(self, images: Sequence[ImageLike], spectra: Sequence[np.ndarray | None] | None = None,
+    def run_batches(self, inputs: dict[str, np.ndarray], batch_size: int = 32) -> dict[str, np.ndarray]:
+        """:meth:`run` over already prepared inputs ``{name: float32 [N, ...]}`` in batches; outputs ``[N, ...]``."""
+        n = len(next(iter(inputs.values()))) if inputs else 0
+        parts = [self.run({k: v[i : i + batch_size] for k, v in inputs.items()}) for i in range(0, n, batch_size)]
+        if not parts:
+            return {}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def outputs(self, images: Sequence[ImageLike], spectra: Sequence[np.ndarray | None] | None = None,
+                batch_size: int = 32) -> dict[str, np.ndarray]:
+        """The model's raw outputs for many images, batched: ``{output name: array [N, ...]}`` (what
+        ``evaluate`` scores; :meth:`predict` turns the same outputs into answers).
+
+        Raises:
+            ImageReadError: an unreadable image (named); DeployError: spectra problems.
+        """
+        parts: list[dict[str, np.ndarray]] = []
+        spectra = list(spectra) if spectra is not None else None
+        for i in range(0, len(images), batch_size):
+            batch, _ = self.prepare(images[i : i + batch_size], spectra[i : i + batch_size] if spectra is not None else None)
+            parts.append(self.run(batch))
+        if not parts:
+            return {}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def answers(self, images: Sequence[ImageLike], spectra: Sequence[np.ndarray | None] | None = None,
                 batch_size: int = 32, with_features: bool = False) -> list[dict]:
-        """Answers for images (and spectra), one dict per image, in order.
+        """JSON-ready answers (the service's body), one dict per image, in order.
 
         Each answer has the adapter's fields (``class``, ``probabilities``, ``overlay_png``, ...)
         plus ``latency_ms``: the model time of its batch divided by the batch size. With
@@ -92,7 +123,21 @@ class Predictor:
         ``image_statistics`` the drift alarm's image statistics ``float64 [3]`` of the model input
         (:func:`defectscope.deploy.drift.image_statistics`).
         """
-        answers: list[dict] = []
+        return [a for a, _, _ in self._answers(images, spectra, batch_size, with_features)]
+
+    def predict(self, images: Sequence[ImageLike], spectra: Sequence[np.ndarray | None] | None = None,
+                batch_size: int = 32, with_features: bool = False) -> list[Prediction]:
+        """Typed results, one :class:`~defectscope.deploy.results.Prediction` per image, in order
+        (``label``, ``scores``, ``decision``, ``mask`` / ``boxes`` / ``anomaly_map``; the JSON answer
+        of :meth:`answers` in ``.answer``, also readable as ``prediction["class"]``).
+
+        Raises:
+            ImageReadError: an unreadable image (named); DeployError: spectra missing, unexpected or
+                of the wrong shape.
+        """
+        return [Prediction.from_answer(a, o, hw) for a, o, hw in self._answers(images, spectra, batch_size, with_features)]
+
+    def _answers(self, images, spectra, batch_size, with_features):
         spectra = list(spectra) if spectra is not None else None
         for i in range(0, len(images), batch_size):
             sp = spectra[i : i + batch_size] if spectra is not None else None
@@ -106,14 +151,14 @@ class Predictor:
 
                 stats = image_statistics(batch["image"])
             for j, im in enumerate(decoded):
-                ans = self.adapter.postprocess(self.info, {k: v[j] for k, v in out.items()}, im)
+                one = {k: v[j] for k, v in out.items()}
+                ans = self.adapter.postprocess(self.info, one, im)
                 ans["latency_ms"] = round(ms, 3)
                 if with_features and "features" in out:
                     ans["features"] = np.asarray(out["features"][j], dtype=np.float32)
                     if stats is not None:
                         ans["image_statistics"] = stats[j]
-                answers.append(ans)
-        return answers
+                yield ans, one, tuple(int(v) for v in im.shape[:2])
 
 
 class TorchPredictor(Predictor):
@@ -134,6 +179,12 @@ class TorchPredictor(Predictor):
         if threads:
             torch.set_num_threads(threads)
         run_dir = Path(run_dir)
+        self.run_dir = run_dir
+        if not (run_dir / "model.ckpt").is_file() and (run_dir / "crossval.json").is_file():
+            from defectscope.engine.run import RunError
+
+            raise RunError(f"{run_dir}: a cross-validation run without a refit model (no model.ckpt); load one fold's "
+                           f"run folder ({run_dir / 'folds' / '1'}) or train with --folds 1")
         task = _run_task(run_dir)
         adapter = get_adapter(task)
         self.module, info = load_module(adapter, run_dir, member)
@@ -245,6 +296,11 @@ def load_predictor(path: str | Path, threads: int | None = None, member: str | N
         DeployError: the path is neither, or ``member`` with an ONNX file; RunError: the run folder is incomplete.
     """
     path = Path(path)
+    if not path.exists():
+        from defectscope.engine.run import RunError
+
+        raise RunError(f"{path}: not found; give a run folder from 'defectscope train' (config.yaml, model.ckpt) "
+                       "or an .onnx file from 'defectscope export'")
     if path.is_dir():
         return TorchPredictor(path, threads, member)
     if member is not None:

@@ -8,7 +8,8 @@ Endpoints:
   segmentation ``masks`` (run-length), ``threshold``, ``image_score_rule``; detection
   ``boxes`` (``class``, ``score``, pixel ``box``); anomaly ``threshold``, ``map_max``,
   ``map_scale``, ``member``) plus ``latency_ms`` (model time), ``total_ms`` (decode + queue +
-  model) and ``model`` (identity).
+  model) and ``model`` (identity); ``warnings`` (a list of sentences) when the answer rests on an
+  assumption, e.g. ``"x.gif: GIF file has 3 frames (pages); frame 1 of 3 used"``.
 - ``GET /healthz``: liveness, model identity and pool occupancy.
 - ``GET /v1/drift``: the drift alarm (classification models with a stored drift reference,
   :class:`~defectscope.deploy.drift.DriftAlarm`): per channel (pooled features, image statistics)
@@ -26,7 +27,8 @@ Errors are JSON ``{"error": code, "detail": message}``:
                               ``2 * max_bytes + 64 KiB`` (refused from its Content-Length
                               before it is read; a chunked body is counted while it
                               streams and refused the moment it passes the limit), or
-                              an image over the pixel limit (decompression bombs)
+                              an image over the pixel limit (decompression bombs; 40 Mpx,
+                              ``--max-megapixels`` / ``DEFECTSCOPE_MAX_MEGAPIXELS`` raise it)
 415  ``not_an_image``         bytes are not an image format
 422  ``corrupt_image``        recognised image format that cannot be decoded
 422  ``bad_spectra``          spectra unreadable or of the wrong shape (expected shape stated)
@@ -231,15 +233,19 @@ def _jsonable(d: dict) -> dict:
 
 
 def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers: int = 1, queue: int = 64,
-               max_pixels: int = 40_000_000):
+               max_pixels: int | None = None):
     """Build the FastAPI application around one loaded predictor.
 
     Args:
         predictor: a :class:`~defectscope.deploy.predictor.Predictor` (PyTorch or ONNX Runtime).
         max_bytes: largest accepted upload per file, bytes.
         workers: inference threads; queue: requests allowed to wait for one (503 beyond).
-        max_pixels: largest decoded image, pixels.
+        max_pixels: largest decoded image, pixels (``None``: :func:`~defectscope.data.images.pixel_limit`,
+            40 Mpx unless ``--max-megapixels`` / ``DEFECTSCOPE_MAX_MEGAPIXELS`` says otherwise).
     """
+    from defectscope.data.images import pixel_limit
+
+    max_pixels = pixel_limit() if max_pixels is None else max_pixels
     if max_bytes < 1 or max_pixels < 1:
         raise ValueError(f"max_bytes and max_pixels must be >= 1, got {max_bytes}, {max_pixels}")
     pool = BoundedPool(workers, queue)
@@ -290,8 +296,9 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
         return data
 
     def _infer(data: bytes, name: str, spectra: np.ndarray | None) -> dict:
+        notes: list[str] = []
         try:
-            image = decode_image_bytes(data, name, max_pixels=max_pixels)
+            image = decode_image_bytes(data, name, max_pixels=max_pixels, notes=notes)
         except NotAnImageError as exc:
             raise ApiError(415, "not_an_image", str(exc)) from exc
         except ImageTooLargeError as exc:
@@ -299,13 +306,15 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
         except CorruptImageError as exc:
             raise ApiError(422, "corrupt_image", str(exc)) from exc
         try:
-            ans = predictor.predict([image], None if spectra is None else [spectra], with_features=monitor is not None)[0]
+            ans = predictor.answers([image], None if spectra is None else [spectra], with_features=monitor is not None)[0]
         except DeployError as exc:
             raise ApiError(400, "bad_request", str(exc)) from exc
         feats, stats = ans.pop("features", None), ans.pop("image_statistics", None)
         if monitor is not None and feats is not None:
             channels = {"features": feats[None], "image_statistics": None if stats is None else stats[None]}
             ans["drift"] = _jsonable(monitor.update(**{k: channels[k] for k in monitor.channels}))
+        if notes:
+            ans["warnings"] = notes
         return ans
 
     @app.post("/v1/predict", summary="Classify one image (plus spectra for weld models)")
@@ -347,7 +356,7 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
     async def healthz():
         return {"status": "ok", "model": predictor.identity(), "classes": info.class_names,
                 "input_size": list(info.input_size), "spectra_shape": list(spectra_shape) if spectra_shape else None,
-                "max_bytes": max_bytes, "workers": pool.workers, "capacity": pool.capacity,
+                "max_bytes": max_bytes, "max_pixels": max_pixels, "workers": pool.workers, "capacity": pool.capacity,
                 "in_flight": pool.in_flight, "rejected": pool.rejected}
 
     @app.get("/", include_in_schema=False)
@@ -358,13 +367,14 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, queue: int = 64,
-          max_bytes: int = DEFAULT_MAX_BYTES, threads: int | None = 2, member: str | None = None) -> None:
+          max_bytes: int = DEFAULT_MAX_BYTES, threads: int | None = 2, member: str | None = None,
+          max_pixels: int | None = None) -> None:
     """Load ``path`` (run folder or ``.onnx``; ``member``: which model of an anomaly run folder) and serve it
-    with uvicorn until interrupted."""
+    with uvicorn until interrupted (``max_pixels``: see :func:`create_app`)."""
     import uvicorn
 
     from defectscope.deploy.predictor import load_predictor
 
     predictor = load_predictor(path, threads=threads, member=member)
-    app = create_app(predictor, max_bytes=max_bytes, workers=workers, queue=queue)
+    app = create_app(predictor, max_bytes=max_bytes, workers=workers, queue=queue, max_pixels=max_pixels)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -244,7 +244,7 @@ class AnomalyRecipe(BaseRecipe):
 
 
 def fit_grad_mobilenet(cfg: GradModelConfig, t: TrainConfig, x_fit: np.ndarray,
-                       run_dir: Path) -> tuple[nn.Module, dict, dict] | None:
+                       run_dir: Path, resume: bool = False) -> tuple[nn.Module, dict, dict] | None:
     """Train a Grad-MobileNet on normal images ``x_fit`` (uint8 ``[N, 3, H, W]``) toward ``y = target``.
 
     Uses :func:`defectscope.engine.trainer.fit_lightning` without a validation loader (the last
@@ -259,7 +259,7 @@ def fit_grad_mobilenet(cfg: GradModelConfig, t: TrainConfig, x_fit: np.ndarray,
     module = GradMobileNetModule(model, cfg.target, t.lr, t.weight_decay, t.augment, t.channels_last)
     loader = DataLoader(TensorDataset(torch.from_numpy(x_fit)), batch_size=t.batch_size, shuffle=True,
                         num_workers=0, drop_last=len(x_fit) > t.batch_size)
-    info = fit_lightning(module, loader, None, t, run_dir, None)
+    info = fit_lightning(module, loader, None, t, run_dir, None, resume=resume)
     if info is None:
         return None
     model = module.model.to(memory_format=torch.contiguous_format).float().eval()
@@ -697,7 +697,7 @@ class AnomalyTask(TaskHooks):
         start = time.perf_counter()
         size = tuple(d.image_size)
         x = samples.data["x"]
-        res = fit_grad_mobilenet(m, t, x[fit_idx], run.path)
+        res = fit_grad_mobilenet(m, t, x[fit_idx], run.path, resume=run.resume)
         if res is None:
             return None
         grad, kwargs, info = res

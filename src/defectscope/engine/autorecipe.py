@@ -10,8 +10,10 @@ noise on an 8-image test split. :func:`size_recipe` instead derives the settings
   share of the data (``n >= 20 b``).
 - **Optimizer steps**: ``max(MIN_STEPS, MIN_EPOCHS * steps_per_epoch)`` (fine-tuning a pretrained
   backbone needs a few dozen steps whatever the data size, see :data:`MIN_STEPS`; large sets get
-  at least ``MIN_EPOCHS`` passes), capped by the compute budget ``budget_minutes`` for the whole run
-  (all folds) at the measured CPU cost of a training image, then expressed as ``train.epochs``.
+  at least ``MIN_EPOCHS`` passes), expressed as ``train.epochs``. The schedule is fixed: it does
+  not depend on the machine, and no wall-clock cut (``max_minutes``) is written. :func:`explain`
+  measures a few training steps of the model at the chosen size on this CPU, in the precision
+  ``auto`` chooses here, and prints the time the schedule will take (information only).
 - **Image size**: from the median image size: classification / detection take the short side,
   clipped to [64, 224] (NEU 200 px stays 200; no up-sampling beyond the backbone's 224);
   segmentation / anomaly keep the aspect ratio with sides multiples of 32, the long side at most
@@ -23,13 +25,11 @@ noise on an 8-image test split. :func:`size_recipe` instead derives the settings
 - **Folds** (``eval.folds``): k-fold cross-validation (``k = min(5, smallest class)``) when a
   single stratified split (``test_fraction`` 0.2) would hold fewer than ``MIN_TEST_PER_CLASS`` (10)
   images of some class; otherwise 1 (single split). The anomaly task tests on every defective
-  image already (folds 1). The compute budget counts the K fold fits and the final refit of the
-  chosen candidate on all the data.
+  image already (folds 1). The time estimate counts the K fold fits and the final refit of the
+  chosen candidate on all the data (of one fine-tuned candidate).
 - **Candidates** (``eval.candidates``, cross-validated classification and weld recipes): the
   models compared on the same folds (:data:`CLASSIFICATION_CANDIDATES`, :data:`WELD_CANDIDATES`);
   the best pooled out-of-fold accuracy becomes the run's model (see :mod:`defectscope.engine.pipeline`).
-- **No clock cut**: the recipe writes no ``train.max_minutes``; the schedule is a fixed number of
-  steps, so the same recipe gives the same model on a busy or an idle machine.
 
 Keys not in today's schemas are listed in :data:`NEW_KEYS`; the pipeline's schemas take them.
 :func:`explain` gives the one paragraph ``train`` prints.
@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 MAX_BATCH = 16
 #: Fewest optimizer steps of a fine-tuning run. Measured (NEU, 6 images per class = 36 training
@@ -55,9 +55,6 @@ MIN_VAL_PER_CLASS = 5
 TEST_FRACTION = 0.2
 VAL_FRACTION = 0.1
 MAX_FOLDS = 5
-#: Training seconds per image at 200 x 200 px (tf_efficientnet_lite0, bf16 + channels_last, the
-#: shared 2-core CPU; ../shared/FACTS.md: 37.5 ms on 2 threads, 57 ms on 1); scaled by pixel count.
-SECONDS_PER_IMAGE_200 = 0.045
 #: Keys :func:`size_recipe` writes that the task schemas of today do not have yet (dotted paths).
 NEW_KEYS = ("eval.folds", "train.class_balance", "data.layout@anomaly", "data.layout@segmentation",
             "data.layout@detection")
@@ -72,6 +69,9 @@ WELD_CANDIDATES = ("model", "signal_stats", "image_probe")
 class _Plan:
     recipe: dict[str, Any]
     reasons: list[str] = field(default_factory=list)
+    #: training images processed by the whole run (epochs x images x fits) and their size (H, W)
+    image_passes: int = 0
+    hw: tuple[int, int] = (200, 200)
 
 
 def _round32(v: float) -> int:
@@ -94,9 +94,49 @@ def drop_last(n_train: int, batch_size: int) -> bool:
     return n_train >= 20 * batch_size and n_train % batch_size != 0
 
 
-def seconds_per_image(hw: tuple[int, int]) -> float:
-    """Estimated training seconds per image of ``hw`` pixels on this CPU (:data:`SECONDS_PER_IMAGE_200`)."""
-    return SECONDS_PER_IMAGE_200 * hw[0] * hw[1] / (200.0 * 200.0)
+_MEASURED: dict[tuple, float] = {}
+
+
+def measure_seconds_per_image(hw: tuple[int, int], backbone: str = "efficientnet_lite0", steps: int = 2,
+                              batch: int = 4) -> float:
+    """Training seconds per image of ``hw = (H, W)`` pixels, measured here: ``steps`` AdamW steps (after
+    one warm-up step) of ``backbone`` + a linear head on random data, in the precision ``auto``
+    chooses on this CPU (:mod:`defectscope.machine`), channels_last, the current torch threads.
+
+    About 1-3 s at 224 px on a 2-core CPU; cached per process and size. The backbone starts from
+    random weights (its speed does not depend on them; nothing is loaded).
+    """
+    import time
+
+    import torch
+
+    from defectscope.machine import autocast
+    from defectscope.models.backbones import create_backbone
+
+    key = (tuple(hw), backbone, torch.get_num_threads())
+    if key in _MEASURED:
+        return _MEASURED[key]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = create_backbone(backbone, pretrained=False)
+        head = torch.nn.Linear(net.out_channels, 4)
+        params = list(net.parameters()) + list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        net.train().to(memory_format=torch.channels_last)
+        x = torch.rand(batch, 3, *hw).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 4, (batch,))
+        times = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            with autocast("auto"):
+                loss = torch.nn.functional.cross_entropy(head(net(x).mean((2, 3))).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i:
+                times.append(time.perf_counter() - t0)
+    _MEASURED[key] = min(times) / batch
+    return _MEASURED[key]
 
 
 def _square_side(image_hw: tuple[int, int] | None, lo: int, hi: int, default: int) -> int:
@@ -136,29 +176,22 @@ def _folds(counts: dict[str, int], reasons: list[str]) -> int:
     return k
 
 
-def _steps(n_train: int, hw: tuple[int, int], folds: int, budget_minutes: float, reasons: list[str],
+def _steps(plan: _Plan, n_train: int, hw: tuple[int, int], folds: int, reasons: list[str],
            max_batch: int = MAX_BATCH) -> dict[str, Any]:
     b = batch_size_for(n_train, max_batch)
     per_epoch = max(1, math.ceil(n_train / b)) if not drop_last(n_train, b) else n_train // b
-    target = max(MIN_STEPS, MIN_EPOCHS * per_epoch)
-    fits = max(1, folds)
-    budget_images = budget_minutes * 60.0 / fits / seconds_per_image(hw)
-    budget_steps = max(1, int(budget_images // b))
-    steps = min(target, budget_steps)
+    steps = max(MIN_STEPS, MIN_EPOCHS * per_epoch)
     epochs = max(1, math.ceil(steps / per_epoch))
-    est = epochs * n_train * seconds_per_image(hw) * fits / 60.0
-    text = (f"{n_train} training images per fit in batches of {b} ({per_epoch} steps per epoch, "
-            f"{'last partial batch kept' if not drop_last(n_train, b) else 'last partial batch dropped'}); "
-            f"{epochs} epochs = {epochs * per_epoch} optimizer steps")
-    if steps < target:
-        text += (f", cut from the {target} steps wanted by the {budget_minutes:g}-minute compute budget "
-                 f"(raise it or lower the image size)")
-    reasons.append(text + f" (about {est:.1f} min of training on this CPU)")
+    reasons.append(f"{n_train} training images per fit in batches of {b} ({per_epoch} steps per epoch, "
+                   f"{'last partial batch kept' if not drop_last(n_train, b) else 'last partial batch dropped'}); "
+                   f"{epochs} epochs = {epochs * per_epoch} optimizer steps (a fixed schedule: no wall-clock cut)")
+    plan.image_passes = epochs * n_train * max(1, folds)  # folds + the refit (see _plan)
+    plan.hw = tuple(hw)
     return {"batch_size": b, "epochs": epochs}
 
 
 def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_hw: tuple[int, int] | None,
-          root: str | Path | None, layout: str | None, budget_minutes: float) -> _Plan:
+          root: str | Path | None, layout: str | None) -> _Plan:
     if task not in TASKS:
         raise ValueError(f"size_recipe: unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if n_images < 1:
@@ -166,6 +199,7 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
     counts = dict(class_counts or {})
     reasons: list[str] = []
     raw: dict[str, Any] = {"task": task, "seed": 0, "data": {}, "train": {}}
+    plan = _Plan(raw, reasons)
     if root is not None:
         raw["data"]["root"] = str(root)
     empty = sorted(k for k, v in counts.items() if v == 0)
@@ -184,8 +218,8 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
         raw["eval"] = {"folds": 1}
         # the task's own training defaults (a partial ``train`` section would fall back to TrainConfig's)
         raw["train"].update({"lr": 1.0e-3, "augment": False, "val_fraction": 0.0, "early_stopping_patience": 0})
-        raw["train"].update(_steps(max(1, int(n_fit * 0.85)), hw, 1, budget_minutes, reasons))
-        return _Plan(raw, reasons)
+        raw["train"].update(_steps(plan, max(1, int(n_fit * 0.85)), hw, 1, reasons))
+        return plan
 
     folds = _folds(nonzero, reasons) if nonzero else 1
     raw["eval"] = {"folds": folds}
@@ -228,7 +262,7 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
             raw["train"]["class_balance"] = balance
             reasons.append(f"largest / smallest class = {big} / {small} = {big / small:.1f}: class-balanced "
                            f"sampling {'ON' if balance else 'off'} (on above {IMBALANCE_RATIO:g})")
-        raw["train"].update(_steps(n_train, hw, folds + 1 if folds > 1 else 1, budget_minutes, reasons))
+        raw["train"].update(_steps(plan, n_train, hw, folds + 1 if folds > 1 else 1, reasons))
         raw["train"].setdefault("lr", 5.0e-4 if task != "weld" else 2.0e-4)
         if folds > 1 and task == "classification":
             raw["eval"]["candidates"] = list(CLASSIFICATION_CANDIDATES)
@@ -257,13 +291,12 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
             raw["data"]["defect_oversample"] = over
             reasons.append(f"{bad} defective / {good} good images: each defective image {over}x per epoch")
         raw["train"]["lr"] = 1.0e-3
-        raw["train"].update(_steps(n_train, hw, folds + 1 if folds > 1 else 1, budget_minutes, reasons, max_batch=8))
-    return _Plan(raw, reasons)
+        raw["train"].update(_steps(plan, n_train, hw, folds + 1 if folds > 1 else 1, reasons, max_batch=8))
+    return plan
 
 
 def size_recipe(task: str, n_images: int, class_counts: dict[str, int] | None, image_hw: tuple[int, int] | None,
-                *, root: str | Path | None = None, layout: str | None = None,
-                budget_minutes: float = 10.0) -> dict[str, Any]:
+                *, root: str | Path | None = None, layout: str | None = None) -> dict[str, Any]:
     """A raw recipe dict for ``task`` sized to the data (rules in the module docstring).
 
     Args:
@@ -275,7 +308,6 @@ def size_recipe(task: str, n_images: int, class_counts: dict[str, int] | None, i
         image_hw: median ``(H, W)`` of the images in pixels (``None``: the task's default size).
         root: the data folder to put in ``data.root`` (omitted when ``None``).
         layout: the layout from :func:`defectscope.data.layout.guess_layout` (``data.layout``).
-        budget_minutes: compute budget of the whole run (all folds) on this CPU; caps the steps.
 
     Returns:
         The raw recipe (``task``, ``seed``, ``data``, ``model`` for classification, ``train``,
@@ -284,13 +316,28 @@ def size_recipe(task: str, n_images: int, class_counts: dict[str, int] | None, i
     Raises:
         ValueError: unknown ``task`` or ``n_images < 1``.
     """
-    return _plan(task, n_images, class_counts, image_hw, root, layout, budget_minutes).recipe
+    return _plan(task, n_images, class_counts, image_hw, root, layout).recipe
 
 
 def explain(task: str, n_images: int, class_counts: dict[str, int] | None, image_hw: tuple[int, int] | None,
-            *, root: str | Path | None = None, layout: str | None = None, budget_minutes: float = 10.0) -> str:
-    """One paragraph saying what :func:`size_recipe` chose and why (same arguments)."""
-    plan = _plan(task, n_images, class_counts, image_hw, root, layout, budget_minutes)
+            *, root: str | Path | None = None, layout: str | None = None,
+            seconds_per_image: "Callable[[tuple[int, int]], float] | None" = None) -> str:
+    """One paragraph saying what :func:`size_recipe` chose and why (same arguments), ending with the
+    time the schedule takes on this CPU.
+
+    Args:
+        seconds_per_image: training seconds per image of a given ``(H, W)``; default
+            :func:`measure_seconds_per_image` (a few steps measured here, 1-3 s).
+    """
+    plan = _plan(task, n_images, class_counts, image_hw, root, layout)
+    measure = seconds_per_image or measure_seconds_per_image
+    spi = measure(plan.hw)
+    from defectscope.machine import resolve_precision
+
+    prec = resolve_precision("auto")
+    plan.reasons.append(f"estimated training time {plan.image_passes * spi / 60.0:.1f} min: {plan.image_passes} "
+                        f"image passes x {spi * 1000:.0f} ms per {plan.hw[0]} x {plan.hw[1]} image, measured on this "
+                        f"CPU in precision {prec.value} (an estimate; the schedule above is what runs)")
     counts = {k: v for k, v in (class_counts or {}).items()}
     head = f"Recipe sized to the data ({task}, {n_images} images"
     if counts:

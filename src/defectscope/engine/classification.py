@@ -13,39 +13,28 @@ validation set for early stopping and checkpoint selection.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from defectscope.config import BaseRecipe, ClassificationData, ClassifierTrainConfig, StrictModel  # noqa: F401 (ClassificationData re-exported)
-from defectscope.data.images import (  # noqa: F401  (expand_inputs: re-exported for older imports)
-    discover_labelled_images,
-    expand_inputs,
-    iter_images,
-    load_labelled_samples,
-    load_stack,
-    resize_uint8,
-)
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, report_sections, selection_section
+from defectscope.data.images import load_labelled_samples
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import fit_lightning, report_training_curves
+from defectscope.engine.trainer import fit_lightning, resolved_precision
 from defectscope.evaluation.classification import classification_metrics
-from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves
-from defectscope.evaluation.report import Report
+from defectscope.evaluation.classification_report import write_classification_report  # noqa: F401 (re-exported)
 from defectscope.models import create_model
+from defectscope.models.classifier.inference import pooled_features, predict_probs  # noqa: F401 (re-exported)
 from defectscope.models.classifier.lightning_model import ImageClassifierModule
 from defectscope.models.linear_probe.torch_model import train_linear_probe
 from defectscope.models.training import build_loss, random_flips, scale_probs, to_float, to_model_input, warmup_cosine  # noqa: F401
-from defectscope.utils.io import write_text
 
 
 class ClassificationModelConfig(StrictModel):
@@ -133,15 +122,6 @@ def image_loader(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool) -
                       shuffle=shuffle, num_workers=0, drop_last=shuffle and len(y) >= 4 * batch_size)
 
 
-@torch.no_grad()
-def predict_probs(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 32) -> np.ndarray:
-    """Softmax probabilities ``[N, K]`` of uint8 images ``[N, 3, H, W]`` (fp32, eval mode)."""
-    model.eval()
-    x = torch.as_tensor(x)
-    out = [F.softmax(model(to_float(x[i : i + batch_size])).float(), dim=1) for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
-
-
 def model_kwargs_from(recipe: ClassificationRecipe, num_classes: int) -> dict:
     """Arguments for :func:`create_model` that rebuild the architecture without loading weights."""
     m = recipe.model
@@ -149,56 +129,6 @@ def model_kwargs_from(recipe: ClassificationRecipe, num_classes: int) -> dict:
     if m.name == "multiscale":
         kw.update(low_res=m.low_res, embed_dim=m.embed_dim, num_heads=m.num_heads, num_layers=m.num_layers)
     return kw
-
-
-def load_classifier(run_dir: Path) -> tuple[nn.Module, dict]:
-    """Rebuild a trained classifier from ``RUN/model.ckpt``; returns ``(model in eval mode, payload)``."""
-    return RunFolder(run_dir).load_model()
-
-
-def write_classification_report(run: RunFolder, title: str, metrics: dict, y_true: np.ndarray, probs: np.ndarray,
-                                class_names: list[str], info: dict, prefix: str = "", baseline_note: str | None = None) -> None:
-    """Report with the metrics table, per-class table, confusion matrix, ROC and training curves.
-
-    ``info["crossval"]`` / ``info["decisions"]`` (from the pipeline) add the fold table (mean +-
-    std, pooled) and the "Decisions" section (operating points, reliability diagram).
-    """
-    rep = Report(title)
-    info = dict(info)
-    cv = info.pop("crossval", None)
-    dec = info.pop("decisions", None)
-    selection = info.pop("selection", None)
-    rep.kv("Run", info)
-    selection_section(rep, {"selection": selection})
-    report_sections(rep, run, {"crossval": cv}, ["n", "accuracy", "weighted_f1", "macro_f1", "macro_auroc"])
-    what = "pooled out-of-fold predictions" if cv else "the held-out split"
-    rep.kv("Test metrics" if not cv else "Pooled out-of-fold metrics",
-           {k: metrics[k] for k in ("n", "accuracy", "weighted_precision", "weighted_recall",
-                                    "weighted_f1", "macro_f1", "macro_auroc")})
-    ref = metrics.get("reference", {}).get("linear_probe")
-    if ref:
-        keys = ("accuracy", "weighted_f1", "macro_f1", "macro_auroc")
-        rows = [{"model": "this run's model", **{k: metrics[k] for k in keys}},
-                {"model": "linear probe (logistic regression on frozen pooled features)", **{k: ref[k] for k in keys}}]
-        if cv:
-            for name, pre in (("this run's model", ""), ("linear probe", "reference.linear_probe.")):
-                rows.append({"model": f"{name}: mean +- std over folds",
-                             **{k: (f"{cv['mean'][pre + k]:.4f} +- {cv['std'][pre + k]:.4f}" if pre + k in cv["mean"] else None)
-                                for k in keys}})
-        rep.table("Did fine-tuning earn its cost? The model against a linear-probe reference on the same "
-                  + ("folds" if cv else "test part"), rows)
-    rep.table("Per class", [{"class": n, **v} for n, v in metrics["per_class"].items()],
-              ["class", "precision", "recall", "f1", "auroc", "support"])
-    plot_confusion_matrix(metrics["confusion_matrix"], class_names, run.plots / f"{prefix}confusion_matrix.png")
-    rep.image(f"plots/{prefix}confusion_matrix.png", f"Confusion matrix on {what} (rows: true class)")
-    plot_roc_curves(y_true, probs, class_names, run.plots / f"{prefix}roc_curves.png")
-    rep.image(f"plots/{prefix}roc_curves.png", f"One-vs-rest ROC curves on {what}")
-    if not cv:
-        report_training_curves(rep, run, "Training loss and validation scores per epoch")
-    if baseline_note:
-        rep.text(baseline_note)
-    report_sections(rep, run, {"decisions": dec})
-    rep.write(run.report_path)
 
 
 OK_NAMES = ("good", "ok", "normal", "pass", "no_defect")
@@ -243,23 +173,14 @@ def probe_probs_cached(probe: nn.Module, samples: Samples, idx: np.ndarray) -> n
     return None
 
 
-@torch.no_grad()
-def pooled_features(model: nn.Module, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Global-average-pooled backbone features ``[N, C]`` of uint8 images ``[N, 3, S, S]`` (the drift features)."""
-    model.eval()
-    xt = torch.as_tensor(x)
-    out = [model.backbone(to_float(xt[i : i + batch_size])).float().mean(dim=(2, 3)) for i in range(0, len(xt), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, model.backbone.out_channels), np.float32)
-
-
 def drift_reference(model: nn.Module, x_ref: np.ndarray, seed: int, max_images: int = 600) -> dict | None:
-    """The drift alarm of a trained classifier (:class:`~defectscope.deploy.drift.DriftAlarm`, MMD
+    """The drift alarm of a trained classifier (:class:`~defectscope.evaluation.drift.DriftAlarm`, MMD
     with resampling-calibrated thresholds, Bonferroni over two channels): the pooled backbone
-    features and the :func:`~defectscope.deploy.drift.image_statistics` of at most ``max_images``
+    features and the :func:`~defectscope.evaluation.drift.image_statistics` of at most ``max_images``
     uint8 images ``[N, 3, S, S]`` the model was not fitted on (the validation part), as plain lists
     for ``model.ckpt``; ``None`` when there are fewer than ``2 * DRIFT_WINDOW`` images or the model
     has no ``backbone``."""
-    from defectscope.deploy.drift import DriftAlarm, image_statistics
+    from defectscope.evaluation.drift import DriftAlarm, image_statistics
 
     if not hasattr(model, "backbone") or len(x_ref) < 2 * DRIFT_WINDOW:
         return None
@@ -380,11 +301,11 @@ class ClassificationTask(TaskHooks):
         has_val = val is not None and len(val) > 0
         info = fit_lightning(module, image_loader(x[tr], y[tr], t.batch_size, True),
                              image_loader(x[val], y[val], t.batch_size, False) if has_val else None,
-                             t, run.path, self.monitor, "max")
+                             t, run.path, self.monitor, "max", resume=run.resume)
         if info is None:
             return None
         model = module.model.to(memory_format=torch.contiguous_format).float().eval()
-        info.update(precision=t.precision, channels_last=t.channels_last,
+        info.update(precision=resolved_precision(t), channels_last=t.channels_last,
                     class_weights=None if cw is None else [round(float(v), 4) for v in cw])
         ckpt = {"model_name": m.name, "model_kwargs": kwargs, "state_dict": model.state_dict(),
                 "class_names": samples.class_names, "image_size": recipe.data.image_size,
@@ -441,59 +362,6 @@ class ClassificationTask(TaskHooks):
         write_classification_report(run, f"defectscope {self.name}: {recipe.model.name} on {Path(recipe.data.root).name}",
                                     metrics, samples.labels[idx], preds.raw, samples.class_names,
                                     {"model": recipe.model.name, "backbone": recipe.model.backbone, **info})
-
-    def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
-        """Evaluate a trained run on all labelled images in ``data``; writes ``out`` (default ``RUN/evaluations/<name>``)."""
-        model, payload = load_classifier(run_dir)
-        items, class_names, layout = discover_labelled_images(data, "auto", payload["class_names"])
-        x = load_stack([it.path for it in items], payload["image_size"])
-        y = np.array([it.label for it in items])
-        probs = predict_probs(model, x)
-        metrics = classification_metrics(y, probs, class_names)
-        out = Path(out) if out else Path(run_dir) / "evaluations" / Path(data).name
-        ev = RunFolder(out).create()
-        ev.write_metrics({"task": self.name, "run": str(run_dir), "data": str(data), "layout": layout, "test": metrics})
-        write_classification_report(ev, f"defectscope evaluate: {Path(run_dir).name} on {Path(data).name}", metrics, y, probs,
-                                    class_names, {"run": str(run_dir), "data": str(data), "images": len(y)})
-        return metrics
-
-    def predict(self, run_dir: Path, inputs: list[Path], out: Path, **options) -> dict:
-        """Classify image files (folders are expanded); unreadable files are skipped and reported.
-
-        Writes ``out`` as CSV: ``file, class, prob_<name>..., [defect_score, decision,] error`` (one
-        row per file; skipped files have an empty class and the error message). Probabilities are
-        temperature-scaled when the run was calibrated; ``decision`` (``accept`` / ``reject``) uses
-        the run's stored threshold when it has an OK class.
-        """
-        self.check_predict_options(options)
-        model, payload = load_classifier(run_dir)
-        names, size = payload["class_names"], payload["image_size"]
-        files = expand_inputs(inputs)
-        ok_files, arrays, skipped = [], [], []
-        for f, img, err in iter_images(files):
-            if err:
-                skipped.append((f, err))
-                continue
-            arrays.append(resize_uint8(img, size).transpose(2, 0, 1))
-            ok_files.append(f)
-        probs = predict_probs(model, np.stack(arrays)) if arrays else np.zeros((0, len(names)))
-        probs = scale_probs(probs, float(payload.get("temperature", 1.0)))
-        dec = payload.get("decision")
-        ok = dec.get("ok_class") if dec else None
-        extra = ["defect_score", "decision"] if ok in names else []
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["file", "class", *[f"prob_{n}" for n in names], *extra, "error"])
-        for f, p in zip(ok_files, probs):
-            more = []
-            if extra:
-                score = 1.0 - float(p[names.index(ok)])
-                more = [f"{score:.6f}", "reject" if score >= dec["threshold"] else "accept"]
-            w.writerow([str(f), names[int(p.argmax())], *[f"{v:.6f}" for v in p], *more, ""])
-        for f, err in skipped:
-            w.writerow([str(f), "", *[""] * len(names), *[""] * len(extra), err])
-        write_text(out, buf.getvalue())
-        return {"predicted": len(ok_files), "skipped": skipped, "out": str(out)}
 
 
 register_task(ClassificationTask())

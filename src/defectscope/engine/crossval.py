@@ -15,8 +15,11 @@ import numpy as np
 from defectscope.config import ConfigError
 
 
-def cv_folds(labels: np.ndarray, folds: int, groups: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+def cv_folds(labels: np.ndarray, folds: int, groups: np.ndarray | None = None, seed: int = 0,
+             class_names: list[str] | None = None, source: str = "the data") -> np.ndarray:
     """Fold index ``[N]`` (0 .. folds-1) of each sample for stratified k-fold cross-validation.
+
+    The one place every task's folds are made, so the one place that checks they can be made.
 
     Args:
         labels: ``[N]`` int stratification label (class index, or defective 0/1).
@@ -24,28 +27,44 @@ def cv_folds(labels: np.ndarray, folds: int, groups: np.ndarray | None = None, s
         groups: optional ``[N]`` group key; a group never spans two folds
             (scikit-learn ``StratifiedGroupKFold``); ``None``: ``StratifiedKFold`` sample by sample.
         seed: shuffling seed (same labels, groups and seed give the same folds).
+        class_names: names of the label values (index = label), for the error message.
+        source: the data set, for the error message (e.g. its folder).
 
     Raises:
-        ValueError: fewer than 2 folds, or fewer samples (groups) of some class than folds.
+        ConfigError (a ValueError): fewer than 2 folds; fewer samples of some class than folds (the
+            message names the class, its count and the largest K that works); fewer groups than folds.
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     labels = np.asarray(labels)
     if folds < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
-    counts = np.bincount(np.unique(labels, return_inverse=True)[1].ravel())
+        raise ConfigError(f"cross-validation needs at least 2 folds, got {folds}")
+    values, inverse = np.unique(labels, return_inverse=True)
+    counts = np.bincount(inverse.ravel())
+    n_groups = len(np.unique(groups)) if groups is not None else None
+    k_max = int(min(counts.min(), n_groups if n_groups is not None else counts.min()))
+    advice = (f"the most this data allows is {k_max}: use --folds {k_max} (or eval.folds: {k_max})" if k_max >= 2 else
+              "it is too small for cross-validation: add samples, or use --folds 1 (a single split)")
     if counts.min() < folds:
-        raise ValueError(f"{folds}-fold cross-validation needs at least {folds} samples of every class; "
-                         f"the smallest class has {counts.min()} (counts {counts.tolist()})")
+        def name(v) -> str:
+            return repr(class_names[int(v)]) if class_names is not None and 0 <= int(v) < len(class_names) else f"label {v}"
+
+        small = [(name(v), int(c)) for v, c in sorted(zip(values, counts), key=lambda vc: vc[1]) if c < folds]
+        which = f"class {small[0][0]} has only {small[0][1]} sample{'s' if small[0][1] != 1 else ''}"
+        if len(small) > 1:
+            which += f" ({len(small) - 1} other class{'es' if len(small) > 2 else ''} also fewer than {folds})"
+        every = ", ".join(f"{name(v)} {int(c)}" for v, c in zip(values, counts))
+        raise ConfigError(f"{source}: {folds}-fold cross-validation (--folds / eval.folds) needs at least {folds} samples "
+                          f"of every class, but {which}; counts: {every}; {advice}")
+    if n_groups is not None and n_groups < folds:
+        raise ConfigError(f"{source}: {folds}-fold cross-validation with groups (--group-by / eval.group_by) needs at "
+                          f"least {folds} groups; found {n_groups}; {advice}")
     out = np.empty(len(labels), dtype=int)
     if groups is None:
         splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
         it = splitter.split(np.zeros(len(labels)), labels)
     else:
         groups = np.asarray(groups)
-        n_groups = len(np.unique(groups))
-        if n_groups < folds:
-            raise ValueError(f"{folds}-fold cross-validation with groups needs at least {folds} groups; found {n_groups}")
         splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
         it = splitter.split(np.zeros(len(labels)), labels, groups)
     for k, (_, te) in enumerate(it):

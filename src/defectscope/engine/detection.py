@@ -50,15 +50,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from defectscope.config import BaseRecipe, ConfigError, StrictModel, resolve_path
-from defectscope.data.boxes import BoxFormatError, ImageBoxes, image_class, read_boxes, write_coco
-from defectscope.data.images import expand_inputs, iter_images, load_image, resize_uint8
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
+from defectscope.data.boxes import BoxFormatError, ImageBoxes, image_class, load_record_images, read_boxes  # noqa: F401
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks
 from defectscope.engine.run import RunError, RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import fit_lightning, report_training_curves, set_threads
+from defectscope.engine.trainer import fit_lightning, resolved_precision, set_threads
 from defectscope.evaluation.detection import detection_metrics, per_image_quality
-from defectscope.evaluation.detection_plots import draw_boxes_pil, plot_box_cases
-from defectscope.evaluation.report import Report
+from defectscope.evaluation.detection_report import write_detection_report  # noqa: F401 (re-exported)
 from defectscope.models import create_model
 from defectscope.models.box_heads.lightning_model import (  # noqa: F401  (flip_target, single_targets: re-exported)
     BoxDataset,
@@ -68,8 +66,7 @@ from defectscope.models.box_heads.lightning_model import (  # noqa: F401  (flip_
     flip_target,
     single_targets,
 )
-from defectscope.models.training import to_float
-from defectscope.utils.io import atomic_path
+from defectscope.models.box_heads.inference import detect_normalised
 
 
 class DetectionData(StrictModel):
@@ -191,23 +188,6 @@ def to_target(record: ImageBoxes, class_names: list[str]) -> dict:
             "labels": torch.as_tensor(labels, dtype=torch.long)}
 
 
-def load_record_images(records: list[ImageBoxes], size: int) -> np.ndarray:
-    """Decode and resize the images of ``records`` to ``[N, 3, size, size]`` uint8.
-
-    Raises:
-        ImageReadError: an unreadable image (named).
-        BoxFormatError: an image whose pixel size differs from its annotation's width/height.
-    """
-    out = np.empty((len(records), 3, size, size), dtype=np.uint8)
-    for i, r in enumerate(records):
-        img = load_image(r.image)
-        if img.shape[0] != r.height or img.shape[1] != r.width:
-            raise BoxFormatError(f"{r.source}: size says {r.width}x{r.height} (width x height) but image {r.image} "
-                                 f"is {img.shape[1]}x{img.shape[0]}")
-        out[i] = resize_uint8(img, size).transpose(2, 0, 1)
-    return out
-
-
 def read_box_records(data: DetectionData, class_names: list[str] | None = None
                      ) -> tuple[list[ImageBoxes], list[str], np.ndarray]:
     """The annotated images of ``data.root`` (subset by ``max_per_class``), their class names and image classes.
@@ -304,15 +284,14 @@ def model_kwargs_from(recipe: DetectionRecipe, num_classes: int, num_slots: int)
             "dropout": m.dropout, "image_size": recipe.data.image_size, "extra_level": m.extra_level}
 
 
-@torch.no_grad()
-def predict_normalised(model: nn.Module, x: np.ndarray, batch_size: int = 32) -> list[dict]:
-    """Detections of uint8 images ``[N, 3, S, S]`` (fp32, eval mode): normalised xyxy ``boxes``, ``scores``, ``labels``."""
-    model.eval()
-    xt = torch.from_numpy(x)
-    out: list[dict] = []
-    for i in range(0, len(xt), batch_size):
-        out += [{k: v.cpu() for k, v in d.items()} for d in model.detect(to_float(xt[i : i + batch_size]))]
-    return out
+def predict_normalised(model: nn.Module, x: np.ndarray, batch_size: int = 32, nms_iou: float | None = None) -> list[dict]:
+    """Detections of uint8 images ``[N, 3, S, S]`` (fp32): normalised xyxy ``boxes``, ``scores``, ``labels`` (NumPy).
+
+    The method's one inference (:func:`~defectscope.models.box_heads.inference.detect_normalised`: the
+    export-ready forward, then the NumPy selection), as ``predict``, the service and the ONNX graph run
+    it; ``nms_iou`` overrides an ``fcos_lite`` model's NMS IoU threshold (the sweep).
+    """
+    return detect_normalised(model, x, batch_size, nms_iou)
 
 
 def to_pixels(dets: list[dict], records: list[ImageBoxes]) -> list[dict]:
@@ -320,8 +299,9 @@ def to_pixels(dets: list[dict], records: list[ImageBoxes]) -> list[dict]:
     out = []
     for d, r in zip(dets, records):
         scale = np.array([r.width, r.height, r.width, r.height], dtype=np.float64)
-        out.append({"boxes": d["boxes"].double().numpy().reshape(-1, 4) * scale,
-                    "scores": d["scores"].double().numpy().reshape(-1), "labels": d["labels"].numpy().reshape(-1)})
+        out.append({"boxes": np.asarray(d["boxes"], np.float64).reshape(-1, 4) * scale,
+                    "scores": np.asarray(d["scores"], np.float64).reshape(-1),
+                    "labels": np.asarray(d["labels"]).reshape(-1)})
     return out
 
 
@@ -332,7 +312,9 @@ def targets_in_pixels(records: list[ImageBoxes], class_names: list[str]) -> list
 
 
 def load_detector(run_dir: Path) -> tuple[nn.Module, dict]:
-    """Rebuild a trained box model from ``RUN/model.ckpt``; returns ``(model in eval mode, payload)``.
+    """The trained box model of a run (:meth:`RunFolder.load_model`) and its checkpoint payload, for the
+    training-side NMS sweep (:func:`nms_sweep`); predictions go through
+    :func:`defectscope.api.load` (the one execution path).
 
     Raises:
         RunError: missing or foreign checkpoint, or weights that do not fit.
@@ -341,10 +323,11 @@ def load_detector(run_dir: Path) -> tuple[nn.Module, dict]:
 
 
 def evaluate_records(model: nn.Module, records: list[ImageBoxes], x: np.ndarray, class_names: list[str],
-                     image_labels: list[int], score_threshold: float) -> tuple[dict, list[dict], list[dict], float]:
+                     image_labels: list[int], score_threshold: float, nms_iou: float | None = None
+                     ) -> tuple[dict, list[dict], list[dict], float]:
     """Predict ``x`` and compute :func:`detection_metrics`; returns ``(metrics, preds, targets, images_per_second)``."""
     start = time.perf_counter()
-    dets = predict_normalised(model, x)
+    dets = predict_normalised(model, x, nms_iou=nms_iou)
     ips = len(x) / max(1e-9, time.perf_counter() - start)
     preds = to_pixels(dets, records)
     targets = targets_in_pixels(records, class_names)
@@ -358,7 +341,7 @@ def nms_sweep(model: nn.Module, splits: BoxSplits, thresholds: list[float], scor
     """COCO mAP@0.5 and mAP@[.5:.95] per split for each NMS IoU threshold of an ``fcos_lite`` model.
 
     Choose the threshold on ``val`` (:func:`choose_on_validation`), then read ``test`` at it.
-    The model's own threshold is restored afterwards.
+    The model is not changed (the threshold is an argument of the selection).
 
     Args:
         model: a trained :class:`~defectscope.models.box_heads.LiteFCOS` (eval mode).
@@ -377,19 +360,15 @@ def nms_sweep(model: nn.Module, splits: BoxSplits, thresholds: list[float], scor
     bad = [t for t in thresholds if not 0 < t <= 1]
     if bad:
         raise ValueError(f"nms_sweep: NMS IoU thresholds must be in (0, 1], got {bad}")
-    old, rows = det.nms_thresh, []
-    try:
-        for thr in thresholds:
-            det.nms_thresh = float(thr)
-            row: dict = {"nms_threshold": float(thr)}
-            for name in split_names:
-                if name in splits.x:
-                    m, *_ = evaluate_records(model, splits.records[name], splits.x[name], splits.class_names,
-                                             list(splits.image_labels[name]), score_threshold)
-                    row[f"{name}_map_50"], row[f"{name}_map"] = m["map_50"], m["map"]
-            rows.append(row)
-    finally:
-        det.nms_thresh = old
+    rows = []
+    for thr in thresholds:
+        row: dict = {"nms_threshold": float(thr)}
+        for name in split_names:
+            if name in splits.x:
+                m, *_ = evaluate_records(model, splits.records[name], splits.x[name], splits.class_names,
+                                         list(splits.image_labels[name]), score_threshold, nms_iou=float(thr))
+                row[f"{name}_map_50"], row[f"{name}_map"] = m["map_50"], m["map"]
+        rows.append(row)
     return rows
 
 
@@ -403,47 +382,6 @@ def choose_on_validation(rows: list[dict]) -> dict:
     if not rows:
         raise ValueError("choose_on_validation: no validation split in the sweep (train.val_fraction = 0?)")
     return max(rows, key=lambda r: r["val_map_50"])
-
-
-def write_detection_report(run: RunFolder, title: str, metrics: dict, info: dict, records: list[ImageBoxes],
-                           preds: list[dict], targets: list[dict], class_names: list[str], score_threshold: float,
-                           prefix: str = "", cases: int = 8) -> None:
-    """Report: metrics, per-class AP, best and worst held-out images with true (green) and predicted (red) boxes.
-
-    ``info["crossval"]`` (from the pipeline) adds the fold table (mean +- std, pooled); the
-    metrics are then those of the pooled out-of-fold predictions.
-    """
-    rep = Report(title)
-    info = dict(info)
-    cv = info.pop("crossval", None)
-    rep.kv("Run", info)
-    keys = ("n", "n_boxes", "map_50", "map", "map_75", "mar_100", "accuracy",
-            "box_mse", "box_mae", "mean_matched_iou", "box_pairs", "box_unmatched")
-    if cv:
-        rep.table("Cross-validation: held-out figures per fold", crossval_table(
-            {**cv, "pooled": metrics}, ["n", "map_50", "map", "accuracy", "box_mae"]))
-    rep.kv("Pooled out-of-fold metrics" if cv else "Test metrics", {k: metrics[k] for k in keys})
-    rep.table("Per class AP (COCO, pycocotools)",
-              [{"class": n, "AP@0.5": metrics["per_class_ap50"][n], "AP@[.5:.95]": metrics["per_class_ap"][n]}
-               for n in class_names], ["class", "AP@0.5", "AP@[.5:.95]"])
-    rep.text("box_mse / box_mae: normalised xyxy coordinates; each true box is paired one-to-one with a detection "
-             f"of score >= {score_threshold} by maximum total IoU (unpaired true boxes: box_unmatched).")
-    quality = np.array([per_image_quality(p, t, score_threshold) for p, t in zip(preds, targets)])
-    order = np.argsort(-quality, kind="stable")
-    k = min(cases, len(order))
-    what = "out-of-fold" if cv else "held-out"
-    for name, idx in (("best", order[:k]), ("worst", order[::-1][:k])):
-        imgs = [load_image(records[i].image) for i in idx]
-        titles = [f"{Path(records[i].image).name}  q={quality[i]:.2f}" for i in idx]
-        plot_box_cases(imgs, [preds[i] for i in idx], [targets[i] for i in idx], class_names, titles,
-                       run.plots / f"{prefix}{name}_cases.png", score_threshold,
-                       suptitle=f"{name} {k} {what} images (green: true, red dashed: predicted, score >= {score_threshold})")
-        rep.image(f"plots/{prefix}{name}_cases.png",
-                  f"The {k} {name} {what} images by q = mean IoU of same-class one-to-one pairs "
-                  f"(misses and extra detections count 0)")
-    if not cv:
-        report_training_curves(rep, run, "Training losses and validation mAP per epoch")
-    rep.write(run.report_path)
 
 
 # ---------------------------------------------------------------------------------------------- task
@@ -463,8 +401,6 @@ class DetectionTask(TaskHooks):
     recipe = DetectionRecipe
     monitor = DetectionModule.monitor
     summary_keys = ("map_50", "map", "accuracy", "box_mae")
-    predict_options = ("save_images",)
-    default_predict_out = "boxes.json"
 
     def load_samples(self, recipe: DetectionRecipe, run_dir: Path | None = None) -> Samples:
         return load_box_samples(recipe.data)
@@ -490,12 +426,12 @@ class DetectionTask(TaskHooks):
         loss = "fcos" if m.name == "fcos_lite" else m.loss
         frozen = m.freeze_backbone
         start = time.perf_counter()
-        if frozen:  # the feature cache is always computed with bf16 autocast (1.8x faster here)
+        if frozen:  # frozen-backbone inference: bf16 autocast where this CPU computes bf16 natively (defectscope.machine)
             if t.channels_last:
                 model.to(memory_format=torch.channels_last)
             train_in: torch.Tensor | list = cache_features(model, x[tr], (0, 1, 2, 3) if t.augment else (0,),
-                                                           bf16=True, channels_last=t.channels_last)
-            val_in = cache_features(model, x[va], (0,), bf16=True, channels_last=t.channels_last) if has_val else None
+                                                           precision="auto", channels_last=t.channels_last)
+            val_in = cache_features(model, x[va], (0,), precision="auto", channels_last=t.channels_last) if has_val else None
         else:
             train_in = torch.from_numpy(x[tr])
             val_in = torch.from_numpy(x[va]) if has_val else None
@@ -509,7 +445,8 @@ class DetectionTask(TaskHooks):
                                   shuffle=True, num_workers=0, collate_fn=collate, drop_last=n_train > t.batch_size)
         val_loader = DataLoader(BoxDataset(val_in, [targets[i] for i in va], False), batch_size=max(32, t.batch_size),
                                 shuffle=False, num_workers=0, collate_fn=collate) if has_val else None
-        info = fit_lightning(module, train_loader, val_loader, t, run.path, self.monitor, DetectionModule.mode)
+        info = fit_lightning(module, train_loader, val_loader, t, run.path, self.monitor, DetectionModule.mode,
+                             resume=run.resume)
         if info is None:
             return None
         train_seconds = time.perf_counter() - start
@@ -517,7 +454,7 @@ class DetectionTask(TaskHooks):
         epochs = info["epochs_run"]
         info.update(num_slots=k, train_seconds=round(train_seconds, 1), feature_cache_seconds=round(cache_seconds, 1),
                     train_images_per_second=round(n_train * max(1, epochs) / max(1e-9, train_seconds - cache_seconds), 1),
-                    precision=t.precision, channels_last=t.channels_last, threads=torch.get_num_threads())
+                    precision=resolved_precision(t), channels_last=t.channels_last, threads=torch.get_num_threads())
         ckpt = {"model_name": m.name, "model_kwargs": kwargs, "state_dict": model.state_dict(), "class_names": names,
                 "image_size": recipe.data.image_size, "score_threshold": m.score_threshold, "loss": loss,
                 "normalisation": "inside model: input RGB in [0, 1]", "weights_source": weights_source,
@@ -563,77 +500,6 @@ class DetectionTask(TaskHooks):
         write_detection_report(run, f"defectscope {self.name}: {m.name} ({loss}) on {Path(recipe.data.root).name}",
                                metrics, {**head, **info}, records, preds.raw, targets_in_pixels(records, samples.class_names),
                                samples.class_names, m.score_threshold)
-
-    def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
-        """Evaluate a trained run on every annotated image of ``data`` (VOC folder or COCO .json).
-
-        Writes ``out`` (default ``RUN/evaluations/<data name>``): metrics.json, report.html, plots/.
-        """
-        model, payload = load_detector(run_dir)
-        names = payload["class_names"]
-        records, _ = read_boxes(data, names)
-        if not records:
-            raise BoxFormatError(f"{data}: no annotated images")
-        x = load_record_images(records, payload["image_size"])
-        labels = [image_class(r, names) for r in records]
-        metrics, preds, targets, ips = evaluate_records(model, records, x, names, labels, payload["score_threshold"])
-        out = Path(out) if out else Path(run_dir) / "evaluations" / Path(data).stem
-        ev = RunFolder(out).create()
-        ev.write_metrics({"task": self.name, "run": str(run_dir), "data": str(data), "images_per_second": round(ips, 1),
-                          "test": metrics})
-        write_detection_report(ev, f"defectscope evaluate: {Path(run_dir).name} on {Path(data).name}", metrics,
-                               {"run": str(run_dir), "data": str(data), "images": len(records)}, records, preds, targets,
-                               names, payload["score_threshold"])
-        return metrics
-
-    def predict(self, run_dir: Path, inputs: list[Path], out: Path, save_images: bool = False,
-                score_threshold: float | None = None, **options) -> dict:
-        """Detect defects in image files (folders are expanded); unreadable files are skipped and reported.
-
-        Writes ``out`` (default ``boxes.json``) as COCO JSON: ``images`` (full paths, own sizes),
-        ``categories`` and ``annotations`` with ``bbox`` = ``[x, y, w, h]`` pixels of the image's
-        own size and a ``score``; only detections with ``score >= score_threshold`` (default: the
-        run's). ``info`` lists skipped files. With ``save_images``, images with the boxes drawn go
-        to ``<out without suffix>_images/``.
-
-        Raises:
-            ConfigError: an option this task does not support.
-            RunError: no usable ``model.ckpt`` in ``run_dir``.
-            FileNotFoundError: an input path does not exist.
-        """
-        self.check_predict_options(options)
-        model, payload = load_detector(run_dir)
-        names, size = payload["class_names"], payload["image_size"]
-        thr = payload["score_threshold"] if score_threshold is None else score_threshold
-        files = expand_inputs(inputs)
-        records, arrays, skipped, originals = [], [], [], []
-        for f, img, err in iter_images(files):
-            if err:
-                skipped.append((f, err))
-                continue
-            arrays.append(resize_uint8(img, size).transpose(2, 0, 1))
-            records.append(ImageBoxes(Path(f).resolve(), img.shape[1], img.shape[0], np.zeros((0, 4)), []))
-            if save_images:
-                originals.append(img)
-        dets = to_pixels(predict_normalised(model, np.stack(arrays)), records) if arrays else []
-        for r, d in zip(records, dets):
-            keep = d["scores"] >= thr
-            order = np.argsort(-d["scores"][keep], kind="stable")
-            r.boxes = d["boxes"][keep][order]
-            r.labels = [names[int(i)] for i in d["labels"][keep][order]]
-            r.scores = d["scores"][keep][order]
-        info = {"description": f"defectscope predict with {run_dir}", "score_threshold": thr,
-                "skipped": [{"file": str(f), "error": e} for f, e in skipped]}
-        write_coco(out, records, names, info=info)
-        if save_images:
-            folder = Path(out).with_suffix("")
-            folder = folder.parent / f"{folder.name}_images"
-            folder.mkdir(parents=True, exist_ok=True)
-            for r, img in zip(records, originals):
-                with atomic_path(folder / f"{Path(r.image).stem}.png") as tmp:
-                    draw_boxes_pil(img, r.boxes, r.labels, r.scores).save(tmp, format="PNG")
-        return {"predicted": len(records), "skipped": skipped, "out": str(out),
-                "boxes": int(sum(len(r.labels) for r in records))}
 
 
 register_task(DetectionTask())

@@ -256,8 +256,8 @@ class MultiCNNTask(TaskHooks):
     """The ``multicnn`` task: hooks of the shared pipeline (:mod:`defectscope.engine.pipeline`).
 
     The saved model (``multicnn_fusion``) keeps the classification checkpoint contract
-    (``class_names``, ``image_size``, input RGB in [0, 1]), so ``evaluate`` and ``predict`` are the
-    ``classification`` task's, reached through the task registry.
+    (``class_names``, ``image_size``, input RGB in [0, 1]); ``predict`` and ``evaluate`` run it through
+    the deploy predictor (:mod:`defectscope.deploy.adapters.multicnn`), as the ``classification`` task.
     """
 
     name = "multicnn"
@@ -310,7 +310,7 @@ class MultiCNNTask(TaskHooks):
         has_val = val is not None and len(val) > 0
         info = fit_lightning(module, _loader(x[tr], y[tr], mt.batch_size, True),
                              _loader(x[val], y[val], mt.batch_size, False) if has_val else None,
-                             mt, mrun.path, MemberModule.monitor, MemberModule.mode)
+                             mt, mrun.path, MemberModule.monitor, MemberModule.mode, resume=run.resume)
         model = module.model.to(memory_format=torch.contiguous_format).float().eval()
         weights = model.backbone.weights_source
         mrun.save_model("classification", "classifier", kwargs, model.state_dict(), class_names=names,
@@ -500,19 +500,6 @@ class MultiCNNTask(TaskHooks):
                  f"({best}) {metrics['members'][best]['weighted_f1']:.4f}; "
                  f"late fusion {metrics['members']['late_fusion']['weighted_f1']:.4f}.")
         rep.write(run.report_path)
-
-    def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
-        """Evaluate the fused model on the labelled images of ``data`` (the ``classification`` task's evaluation)."""
-        return get_task("classification").evaluate(run_dir, data, out)
-
-    def predict(self, run_dir: Path, inputs: list[Path], out: Path, **options) -> dict:
-        """Classify image files with the fused model (the ``classification`` task's CSV writer).
-
-        Raises:
-            ConfigError: an option this task does not support.
-        """
-        self.check_predict_options(options)
-        return get_task("classification").predict(run_dir, inputs, out, **options)
 
 
 register_task(MultiCNNTask())

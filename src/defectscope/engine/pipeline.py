@@ -44,6 +44,7 @@ from defectscope.config import BaseRecipe, ConfigError
 from defectscope.data.splits import stratified_split, write_file_list
 from defectscope.engine.crossval import cv_folds, groups_from, mean_std, validation_split
 from defectscope.engine.run import RunError, RunFolder
+from defectscope.evaluation.run_report import crossval_table, report_sections, selection_section  # noqa: F401 (re-exported)
 from defectscope.utils.io import write_json, write_text
 
 
@@ -123,28 +124,36 @@ class TaskHooks:
         recipe: the task's pydantic recipe schema.
         monitor: what selects the checkpoint / stops early (stated in the schema docs).
 
-    Hooks (``parts`` maps ``train`` / ``val`` / ``test`` to sorted position arrays):
+    Hooks (``parts`` maps ``train`` / ``val`` / ``test`` to sorted position arrays); every hook the
+    pipeline calls is a method of this class (a default where a task may leave it out):
         load_samples(recipe, run_dir) -> Samples     (``run_dir``: the staged run folder, where data
                                             the recipe generates, e.g. a simulated set, go; most tasks ignore it)
         default_folds(recipe, samples) -> int | None     (optional: folds when neither ``--folds``
                                             nor ``eval.folds`` is given; default ``None``: the recipe's)
         default_group_by(recipe, samples) -> str | None  (optional: a ``columns`` name to group by
                                             when neither ``--group-by`` nor ``eval.group_by`` is given)
-        fit_model(recipe, samples, parts, run) -> Fitted | None  (``None`` on DDP ranks > 0)
+        split(recipe, samples), split_info(recipe)       (optional: the single split and how it was made)
+        fit_model(recipe, samples, parts, run) -> Fitted | None  (``None`` on DDP ranks > 0; ``run.resume``
+                                            goes to :func:`~defectscope.engine.trainer.fit_lightning`)
         predict_samples(recipe, fitted, samples, idx) -> Predictions
         compute_metrics(recipe, samples, idx, preds) -> dict
         pool(preds_list) -> Predictions     (default: concatenates columns and raw arrays)
+        decision_scores(recipe, samples, idx, preds), class_probs(preds), with_temperature(preds, T),
+        ok_class_of(recipe, samples)        (optional: operating points and calibration, :func:`decide`)
+        run_info(recipe, fitted) -> dict    (optional: facts for ``metrics.json``)
         write_report(run, recipe, samples, idx, preds, metrics, info) -> None
         summary_keys -> metric names printed by the CLI
-        evaluate(run_dir, data, out) -> dict; predict(run_dir, inputs, out, **options) -> dict
+
+    A trained run is executed (``predict``, ``evaluate``, ``serve``, ...) by the deploy predictor
+    (:mod:`defectscope.deploy.predictor`, through the task's adapter), not by these hooks.
     """
 
     name: str = ""
     recipe: type[BaseRecipe] = BaseRecipe
     monitor: str = ""
     summary_keys: tuple[str, ...] = ("accuracy", "weighted_f1")
+    #: legacy (anomaly's engine-side ``predict`` until its adapter writes files): options it accepts
     predict_options: tuple[str, ...] = ()
-    default_predict_out: str = "preds.csv"
     #: pooled out-of-fold metric that selects among candidates (higher is better; ties -> the cheaper)
     selection_metric: str = "accuracy"
     #: a validation part holding fewer samples than this of some class is dropped (fixed schedule,
@@ -173,6 +182,7 @@ class TaskHooks:
         """Candidates of a cross-validated run when ``eval.candidates`` is not set (default: the recipe's model only)."""
         return ["model"]
 
+
     def load_samples(self, recipe: BaseRecipe, run_dir: Path | None = None) -> Samples:  # pragma: no cover - interface
         """The task's samples of ``recipe.data``. ``run_dir``: the (staged) run folder, for tasks that
         write generated data into the run (weld's simulated set); the others ignore it."""
@@ -197,7 +207,8 @@ class TaskHooks:
         data = getattr(recipe, "data", None)
         fraction = getattr(data, "test_fraction", 0.2)
         seed = getattr(data, "split_seed", 0)
-        a, b = stratified_split(samples.labels, fraction, seed)
+        a, b = stratified_split(samples.labels, fraction, seed, samples.class_names,
+                                str(getattr(data, "root", None) or samples.description or "") or None)
         return {"trainval": a, "test": b}
 
     def split_info(self, recipe: BaseRecipe) -> dict:
@@ -245,6 +256,12 @@ class TaskHooks:
 
     def class_probs(self, preds: Predictions) -> np.ndarray | None:
         """Class probabilities ``[n, K]`` of the predictions for calibration, or ``None``."""
+        return None
+
+    def ok_class_of(self, recipe: BaseRecipe, samples: Samples) -> str | None:
+        """The class name meaning "no defect" of a classifier's run, stored with the decision threshold
+        (``defect_score = 1 - p(OK class)``); ``None`` for tasks whose decision score is not a class
+        probability (segmentation, detection, anomaly)."""
         return None
 
     def with_temperature(self, preds: Predictions, temperature: float) -> Predictions:
@@ -302,18 +319,12 @@ class StagedRun:
             raise RunError(f"{self.out.parent}: not writable; choose another --out")
 
     def __enter__(self) -> Path:
-        from defectscope.engine import trainer
-
         if is_rank_zero() and not self.resume:
             shutil.rmtree(self.stage, ignore_errors=True)
             self.stage.mkdir(parents=True)
-        trainer.RESUME = self.resume
         return self.stage
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        from defectscope.engine import trainer
-
-        trainer.RESUME = False
         if not is_rank_zero():
             return False
         if exc_type is not None:
@@ -380,13 +391,15 @@ def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict
     if fitted is None or not is_rank_zero():
         return None
     fit_seconds = time.perf_counter() - start
+    env = run_environment(recipe)
     test = parts["test"]
     t0 = time.perf_counter()
     preds = task.predict_samples(recipe, fitted, samples, test)
     infer_seconds = time.perf_counter() - t0
     metrics = task.compute_metrics(recipe, samples, test, preds)
-    decisions = _decisions(task, recipe, samples, parts, fitted, preds, metrics)
-    run.save_model(task.name, **fitted.checkpoint)
+    dec = decide(task, recipe, samples, parts, fitted, preds)
+    metrics = {**metrics, **dec.metrics}
+    run.save_model(task.name, **{**fitted.checkpoint, **dec.checkpoint})
     sizes = {k: int(len(v)) for k, v in parts.items()}
     result = {
         "task": task.name,
@@ -397,45 +410,85 @@ def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict
         **fitted.info,
         "train_seconds": fitted.info.get("train_seconds", round(fit_seconds, 1)),
         "test_inference_seconds": round(infer_seconds, 2),
+        "environment": env,
         "test": metrics,
     }
     result.update({k: v for k, v in (extra or {}).items() if k != "split"})
     run.write_metrics(result)
-    info = {"data": samples.description, "split": result["split"], **fitted.info}
-    if decisions:
-        info["decisions"] = decisions
+    info = {"data": samples.description, "split": result["split"], **fitted.info, "environment": env}
+    if dec.report:
+        info["decisions"] = dec.report
     task.write_report(run, recipe, samples, test, preds, metrics, info)
+    add_machine_section(run.report_path, env)
     return result, preds
 
 
-def _decisions(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict[str, np.ndarray], fitted: Fitted,
-               preds: Predictions, metrics: dict) -> dict | None:
+def add_machine_section(report_path: Path, env: dict) -> None:
+    """Append the "Machine" table (:func:`run_environment`) to a task's written report, so every
+    task's report names the CPU, precision and threads its figures were measured with."""
+    from defectscope.evaluation.report import append_kv
+
+    if Path(report_path).is_file():
+        append_kv(report_path, "Machine (a figure is comparable only with its machine beside it)",
+                  {k: (", ".join(v) if isinstance(v, list) else v) for k, v in env.items()})
+
+
+def run_environment(recipe: BaseRecipe) -> dict:
+    """The machine record of a run (:func:`defectscope.machine.environment`) with the recipe's
+    precision as resolved on this machine and torch's current thread count."""
+    from defectscope.machine import environment, resolve_precision
+
+    t = getattr(recipe, "train", None)
+    prec = resolve_precision(getattr(t, "precision", "auto"), getattr(t, "accelerator", "cpu"))
+    return environment(prec)
+
+
+@dataclass
+class Decisions:
+    """What calibration and operating points add to a run (:func:`decide`); nothing is changed in place.
+
+    Attributes:
+        metrics: keys for ``metrics.json``'s ``test`` (``calibration``, ``operating_points``,
+            ``operating_points_note``).
+        checkpoint: keys for ``model.ckpt`` (``temperature``, ``decision``: the threshold predict
+            and serve use, with the run's ``ok_class`` where the task has one).
+        report: what the report's "Decisions" section draws (``None``: no section).
+    """
+
+    metrics: dict = field(default_factory=dict)
+    checkpoint: dict = field(default_factory=dict)
+    report: dict | None = None
+
+
+def decide(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict[str, np.ndarray], fitted: Fitted,
+           preds: Predictions) -> Decisions:
     """Calibration (temperature on the validation part) and operating points (chosen on validation).
 
-    Writes ``metrics["calibration"]`` and ``metrics["operating_points"]`` and the checkpoint's
-    ``temperature`` and ``decision`` (threshold used by predict / serve). Never reads the test
-    part to choose anything: the test predictions only re-measure. Returns what the report's
-    "Decisions" section draws, or ``None`` when the task has no decision and no probabilities.
+    Never reads the test part to choose anything: the test predictions only re-measure. Returns
+    the additions to the metrics, the checkpoint and the report (:class:`Decisions`); the caller
+    applies them.
     """
     from defectscope.evaluation.calibration import calibrate, logits_from_probs
 
+    res = Decisions()
     val = parts.get("val")
     test = parts["test"]
     has_dec = task.decision_scores(recipe, samples, test, preds) is not None
     probs = task.class_probs(preds)
     if not has_dec and probs is None:
-        return None
+        return res
     if val is None or len(val) == 0:
-        metrics["operating_points_note"] = ("no validation part (train.val_fraction = 0): thresholds and calibration "
-                                            "need one, or use --folds for out-of-fold operating points")
-        return None
+        res.metrics["operating_points_note"] = ("no validation part (train.val_fraction = 0): thresholds and calibration "
+                                                "need one, or use --folds for out-of-fold operating points")
+        return res
     val_preds = task.predict_samples(recipe, fitted, samples, val)
     out: dict = {"chosen_on": "validation"}
+    res.report = out
     vprobs = task.class_probs(val_preds)
     if probs is not None and vprobs is not None:
         cal = calibrate(logits_from_probs(vprobs), samples.labels[val], logits_from_probs(probs), samples.labels[test])
-        metrics["calibration"] = cal
-        fitted.checkpoint["temperature"] = float(cal["temperature"])
+        res.metrics["calibration"] = cal
+        res.checkpoint["temperature"] = float(cal["temperature"])
         out.update(calibration=cal, probs_before=probs, y_true=samples.labels[test])
         val_preds = task.with_temperature(val_preds, cal["temperature"])
         preds_t = task.with_temperature(preds, cal["temperature"])
@@ -445,51 +498,26 @@ def _decisions(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dic
     vd = task.decision_scores(recipe, samples, val, val_preds)
     td = task.decision_scores(recipe, samples, test, preds_t)
     if vd is None or td is None:
-        return out
+        return res
     ev = getattr(recipe, "eval", None)
     targets = list(ev.escape_rate_targets) if ev else [0.05, 0.01, 0.001]
     if not vd[0].any() or vd[0].all():
-        metrics["operating_points_note"] = "the validation part holds only one kind (good or defective): no operating points"
-        return out
+        res.metrics["operating_points_note"] = "the validation part holds only one kind (good or defective): no operating points"
+        return res
     from defectscope.evaluation.decisions import operating_points
 
     points = operating_points(vd[1], vd[0], targets, test_scores=td[1], test_defective=td[0])
-    metrics["operating_points"] = points
+    res.metrics["operating_points"] = points
     chosen = (ev.decision_target if ev and ev.decision_target else targets[0])
     point = min(points, key=lambda p: abs(p["target_escape_rate"] - chosen))
-    fitted.checkpoint["decision"] = {k: point[k] for k in ("target_escape_rate", "threshold", "escape_rate_upper_95",
-                                                           "false_call_rate", "n_defective_used")}
-    ok = getattr(task, "ok_class_of", lambda r, s: None)(recipe, samples)
+    decision = {k: point[k] for k in ("target_escape_rate", "threshold", "escape_rate_upper_95", "false_call_rate",
+                                      "n_defective_used")}
+    ok = task.ok_class_of(recipe, samples)
     if ok is not None:
-        fitted.checkpoint["decision"]["ok_class"] = ok
+        decision["ok_class"] = ok
+    res.checkpoint["decision"] = decision
     out.update(points=points, val=vd, test=td)
-    return out
-
-
-def report_sections(rep, run: RunFolder, info: dict, keys: list[str] | None = None) -> None:
-    """Add the pipeline's report sections: the cross-validation fold table and the "Decisions" section.
-
-    Every task's ``write_report`` calls it before writing (``info`` as the pipeline passed it;
-    ``keys``: the metrics shown per fold).
-    """
-    cv = info.get("crossval")
-    if cv and keys:
-        rep.table("Cross-validation: held-out figures per fold", crossval_table(cv, keys))
-    dec = info.get("decisions")
-    if not dec:
-        return
-    from defectscope.evaluation.decision_report import add_decisions_section
-
-    if "points" in dec:
-        add_decisions_section(rep, run.path, dec["val"][0], dec["val"][1], dec["points"],
-                              test_defective=dec["test"][0], test_scores=dec["test"][1],
-                              calibration=dec.get("calibration"), probs_before=dec.get("probs_before"),
-                              probs_after=dec.get("probs_after"), y_true=dec.get("y_true"),
-                              chosen_on=dec.get("chosen_on", "validation"))
-    elif dec.get("calibration"):
-        add_decisions_section(rep, run.path, np.zeros(0, bool), np.zeros(0), [], calibration=dec["calibration"],
-                              probs_before=dec.get("probs_before"), probs_after=dec.get("probs_after"),
-                              y_true=dec.get("y_true"))
+    return res
 
 
 def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_by: str | None = None,
@@ -551,9 +579,9 @@ def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_b
             split = task.split(recipe, samples)
             parts = _with_validation(recipe, samples, split["trainval"], split["test"], groups,
                                      min_val_per_class=task.min_val_per_class)
-            res = _fit_part(task, recipe, samples, parts, RunFolder(stage), {"split": task.split_info(recipe)})
+            res = _fit_part(task, recipe, samples, parts, RunFolder(stage, resume), {"split": task.split_info(recipe)})
             return None if res is None else res[0]
-        return cross_validate(task, recipe, samples, Path(stage), folds, groups, group_by)
+        return cross_validate(task, recipe, samples, Path(stage), folds, groups, group_by, resume=resume)
 
 
 @dataclass
@@ -599,7 +627,8 @@ def candidates_of(task: TaskHooks, recipe: BaseRecipe, samples: Samples) -> list
 
 
 def _run_folds(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: Path, assign: np.ndarray,
-               pool_idx: np.ndarray, groups: np.ndarray | None, group_by: str | None, label: str = "") -> dict | None:
+               pool_idx: np.ndarray, groups: np.ndarray | None, group_by: str | None, label: str = "",
+               resume: bool = False) -> dict | None:
     """Fit and predict every fold of ``assign`` (fold ``k`` in ``out/folds/<k+1>``); ``None`` on DDP ranks > 0.
 
     Returns ``{"fold_metrics", "fold_preds", "order", "fold_of", "idx", "pooled_preds", "pooled",
@@ -614,7 +643,7 @@ def _run_folds(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: Path,
                                  min_val_per_class=task.min_val_per_class)
         print(f"{label + ': ' if label else ''}fold {k + 1}/{folds}: train {len(parts['train'])}, "
               f"val {len(parts.get('val', []))}, test {len(parts['test'])}", flush=True)
-        res = _fit_part(task, recipe, samples, parts, RunFolder(out / "folds" / str(k + 1)),
+        res = _fit_part(task, recipe, samples, parts, RunFolder(out / "folds" / str(k + 1), resume),
                         {"split": {"fold": k + 1, "folds": folds, "cv_seed": recipe.seed, "group_by": group_by}})
         if res is None:
             return None
@@ -680,7 +709,7 @@ def _nested(task: TaskHooks, cands: list[Candidate], samples: Samples, assign: n
             if ki < 2:
                 raise ConfigError(f"--nested: outer fold {k + 1} leaves too few samples of some class for an inner "
                                   "cross-validation (at least 2 per class needed)")
-            inner = cv_folds(y, ki, g, seed)
+            inner = cv_folds(y, ki, g, seed, class_names=samples.class_names, source=f"outer fold {k + 1}")
             pooled = {}
             for c in cands:
                 res = _run_folds(task, c.recipe, samples, Path(tmp) / str(k + 1) / c.name, inner, tv, groups, None,
@@ -709,7 +738,7 @@ def _summary(metrics: dict) -> dict:
 
 
 def _refit(task: TaskHooks, chosen: Candidate, samples: Samples, pool_idx: np.ndarray, groups: np.ndarray | None,
-           out: Path, ev: dict) -> dict | None:
+           out: Path, ev: dict, resume: bool = False) -> dict | None:
     """Fit the chosen candidate on all trainable samples of the cross-validation (same procedure as each
     fold: the same fixed schedule, or the same validation share) and save ``out/model.ckpt``.
 
@@ -725,7 +754,7 @@ def _refit(task: TaskHooks, chosen: Candidate, samples: Samples, pool_idx: np.nd
     print(f"refit {chosen.name} on all {len(parts['train']) + len(parts.get('val', []))} trainable samples "
           f"(train {len(parts['train'])}, val {len(parts.get('val', []))})", flush=True)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
-    run = RunFolder(out).create()
+    run = RunFolder(out, resume).create()
     _write_parts(run, samples, {k: v for k, v in parts.items() if k != "test"})
     start = time.perf_counter()
     fitted = task.fit_model(recipe, samples, parts, run)
@@ -766,7 +795,7 @@ def _refit(task: TaskHooks, chosen: Candidate, samples: Samples, pool_idx: np.nd
 
 
 def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: Path, folds: int,
-                   groups: np.ndarray | None = None, group_by: str | None = None) -> dict | None:
+                   groups: np.ndarray | None = None, group_by: str | None = None, resume: bool = False) -> dict | None:
     """Stratified K-fold cross-validation of ``recipe``'s candidates on ``samples``, then the chosen one refit.
 
     Samples marked ``test_only`` are left out. Every candidate (:func:`candidates_of`: ``eval.candidates``
@@ -787,14 +816,16 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
         chosen candidate.
 
     Raises:
-        ValueError: too few samples (or groups) of a class for ``folds`` folds.
-        ConfigError: an unknown candidate.
+        ConfigError: too few samples of a class (named, with the largest K that works) or too few
+            groups for ``folds`` folds; an unknown candidate.
     """
     pool_idx = np.arange(len(samples))
     if samples.test_only is not None:
         pool_idx = pool_idx[~samples.test_only]
     labels = samples.labels[pool_idx]
-    assign = cv_folds(labels, folds, None if groups is None else groups[pool_idx], recipe.seed)
+    assign = cv_folds(labels, folds, None if groups is None else groups[pool_idx], recipe.seed,
+                      class_names=samples.class_names,
+                      source=str(getattr(getattr(recipe, "data", None), "root", None) or samples.description or "the data"))
     cands = candidates_of(task, recipe, samples)
     key = task.selection_metric
     evals: dict[str, dict] = {}
@@ -803,7 +834,7 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
         if len(cands) > 1:
             print(f"candidate {c.name}: {c.description}", flush=True)
         res = _run_folds(task, c.recipe, samples, where, assign, pool_idx, groups, group_by,
-                         label=c.name if len(cands) > 1 else "")
+                         label=c.name if len(cands) > 1 else "", resume=resume)
         if res is None:
             return None
         evals[c.name] = res
@@ -833,7 +864,7 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
             nested = _nested(task, cands, samples, assign, pool_idx, groups, evals, key, recipe.seed)
             if nested is None:
                 return None
-    model = _refit(task, chosen, samples, pool_idx, groups, out, ev)
+    model = _refit(task, chosen, samples, pool_idx, groups, out, ev, resume)
     if model is None:
         return None
     table = {c.name: {"description": c.description, "cost": c.cost, "overrides": c.overrides,
@@ -858,6 +889,7 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
         "chosen_because": why,
         "selection_note": SELECTION_NOTE if len(cands) > 1 else "a single candidate: nothing was selected on these folds",
         "model": model,
+        "environment": run_environment(recipe),
     }
     if nested is not None:
         result["nested"] = nested
@@ -870,46 +902,11 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
     selection = {"candidates": table, "chosen": chosen.name, "why": why, "key": key, "model": model,
                  "note": result["selection_note"], "nested": nested}
     task.write_report(run, chosen.recipe, samples, idx, pooled_preds, pooled,
-                      {**info, "crossval": {"folds": fold_metrics, "mean": mean, "std": std, "pooled": pooled},
+                      {**info, "environment": result["environment"],
+                       "crossval": {"folds": fold_metrics, "mean": mean, "std": std, "pooled": pooled},
                        "selection": selection, **({"decisions": decisions} if decisions else {})})
+    add_machine_section(run.report_path, result["environment"])
     return result
-
-
-def selection_rows(selection: dict) -> list[dict]:
-    """Report rows: one per candidate with its pooled and mean +- std figures, the chosen one marked."""
-    rows = []
-    for name, c in selection["candidates"].items():
-        row = {"candidate": name + (" (chosen)" if name == selection["chosen"] else ""), "what": c["description"]}
-        for k in ("accuracy", "weighted_f1", "macro_auroc"):
-            if k in c["pooled"]:
-                row[f"pooled {k}"] = c["pooled"][k]
-                if k in c["mean"]:
-                    row[f"{k} mean +- std"] = f"{c['mean'][k]:.4f} +- {c['std'][k]:.4f}"
-        rows.append(row)
-    nested = selection.get("nested")
-    if nested:
-        row = {"candidate": "nested selection (unbiased)",
-               "what": "chosen inside each outer fold: " + ", ".join(nested["chosen_per_fold"])}
-        for k in ("accuracy", "weighted_f1", "macro_auroc"):
-            if k in nested["pooled"]:
-                row[f"pooled {k}"] = nested["pooled"][k]
-                if k in nested["mean"]:
-                    row[f"{k} mean +- std"] = f"{nested['mean'][k]:.4f} +- {nested['std'][k]:.4f}"
-        rows.append(row)
-    return rows
-
-
-def selection_section(rep, info: dict) -> None:
-    """Add the "Candidates" section (every candidate's out-of-fold figures, the choice and why, the refit
-    model and the optimism note) to a report, when the pipeline passed ``info["selection"]``."""
-    sel = info.get("selection")
-    if not sel:
-        return
-    if len(sel["candidates"]) > 1:
-        rep.table("Candidates on the same folds (pooled out-of-fold and mean +- std over folds)", selection_rows(sel))
-        rep.text(f"Chosen: {sel['chosen']}: {sel['why']}. {sel['note']}")
-    rep.text(f"The deployable model (model.ckpt) is {sel['model']['what']}. "
-             + " ".join(f"{n}." for n in sel["model"].get("notes", [])))
 
 
 def _write_oof(path: Path, samples: Samples, idx: np.ndarray, fold_of: list[int], preds: Predictions) -> None:
@@ -927,18 +924,6 @@ def _cell(v: Any) -> str:
     if isinstance(v, (float, np.floating)):
         return f"{float(v):.6g}"
     return str(v)
-
-
-def crossval_table(crossval: dict, keys: list[str]) -> list[dict]:
-    """Report rows: one per fold, then ``mean +- std`` and ``pooled``, for the metric ``keys``."""
-    rows = []
-    for k, m in enumerate(crossval["folds"]):
-        rows.append({"fold": str(k + 1), **{key: m.get(key) for key in keys}})
-    rows.append({"fold": "mean +- std", **{key: (f"{crossval['mean'][key]:.4f} +- {crossval['std'][key]:.4f}"
-                                                 if key in crossval["mean"] else None) for key in keys}})
-    if "pooled" in crossval:
-        rows.append({"fold": "pooled (out-of-fold)", **{key: crossval["pooled"].get(key) for key in keys}})
-    return rows
 
 
 def fit_seconds(start: float) -> float:

@@ -25,9 +25,6 @@ message to train them again.
 
 from __future__ import annotations
 
-import pickle
-import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,7 @@ import torch
 import yaml
 
 from defectscope.errors import DefectscopeError
-from defectscope.utils.io import torch_save, write_json, write_yaml
+from defectscope.utils.io import torch_load_weights_only, torch_save, write_json, write_yaml
 
 CHECKPOINT_FORMAT = "defectscope-model/2"
 #: formats :meth:`RunFolder.load_model_payload` reads; ``/1`` files without pickled objects load as they are.
@@ -88,27 +85,17 @@ def safe_checkpoint_value(value: Any, where: str = "payload") -> Any:
 
 
 def _load_weights_only(path: Path, what: str, convert_hint: str | None) -> Any:
-    """``torch.load(path, weights_only=True)`` with every failure turned into a :class:`RunError`."""
-    if not path.is_file():
-        raise RunError(f"{path}: {what} not found")
-    if path.stat().st_size == 0:
+    """``torch.load(path, weights_only=True)`` with every failure turned into a :class:`RunError`
+    (:func:`~defectscope.utils.io.torch_load_weights_only`)."""
+    if path.is_file() and path.stat().st_size == 0:
         raise RunError(f"{path}: empty file (0 bytes); the {what} is missing its content: train again or restore it")
+    hint = (f"If this is a run folder from an older defectscope, {convert_hint}.") if convert_hint else None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Weights only load failed" not in text and "weights_only" not in text:
-            raise RunError(f"{path}: {what} is corrupt ({exc.__class__.__name__}: {text.splitlines()[0][:200]})") from None
-        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global[^\w]+([\w.]+)", text)
-        name = found.group(1) if found else "a Python object"
-        hint = (f" If this is a run folder from an older defectscope, {convert_hint}.") if convert_hint \
-            else " Do not load files of unknown origin."
-        raise RunError(f"{path}: refused to load the {what}: it holds a pickled Python object ({name}) and loading "
-                       f"it could run arbitrary code.{hint}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError, IndexError) as exc:
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise RunError(f"{path}: {what} cannot be read: truncated or corrupt ({exc.__class__.__name__}: {first}); "
-                       "train again or restore the file") from None
+        return torch_load_weights_only(path, what, RunError, hint)
+    except RunError as exc:
+        if "truncated or corrupt" in str(exc):
+            raise RunError(f"{exc}; train again or restore the file") from None
+        raise
 
 
 def load_lightning_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -139,10 +126,14 @@ class RunFolder:
 
     Args:
         path: the run folder (created on :meth:`create`).
+        resume: the run continues an interrupted one (``defectscope train --resume``): every fit in
+            it restarts from its ``checkpoints/last.ckpt`` (tasks pass it to
+            :func:`~defectscope.engine.trainer.fit_lightning`).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, resume: bool = False) -> None:
         self.path = Path(path)
+        self.resume = bool(resume)
 
     @property
     def config_path(self) -> Path:
@@ -245,17 +236,33 @@ class RunFolder:
         The one place that turns a checkpoint into a model: ``create_model(model_name,
         **model_kwargs)`` then ``load_state_dict(state_dict)`` (strict).
 
+        The stored architecture arguments are checked before anything is built
+        (:func:`~defectscope.models.registry.check_model_kwargs`): an impossible one (e.g.
+        ``num_classes: -1``) is refused by name instead of failing inside torch.
+
         Raises:
-            RunError: missing or unreadable checkpoint, unknown model, or weights that do not
+            RunError: missing or unreadable checkpoint, unknown model, an impossible architecture
+                argument (file and field ``model_kwargs.<name>`` named), or weights that do not
                 fit the architecture (the message names the file).
         """
         from defectscope.models import create_model
+        from defectscope.models.registry import ModelArgumentError
 
         payload = self.load_model_payload()
+        name, kwargs = payload.get("model_name"), payload.get("model_kwargs")
+        if not isinstance(name, str) or not isinstance(kwargs, dict):
+            raise RunError(f"{self.model_path}: fields 'model_name' (text) and 'model_kwargs' (a mapping) are required; "
+                           f"got {type(name).__name__} and {type(kwargs).__name__}")
         try:
-            model = create_model(payload["model_name"], **payload["model_kwargs"])
-        except (KeyError, TypeError) as exc:
-            raise RunError(f"{self.model_path}: cannot rebuild model {payload.get('model_name')!r} ({exc})") from None
+            model = create_model(name, **kwargs)
+        except ModelArgumentError as exc:
+            raise RunError(f"{self.model_path}: field 'model_kwargs.{exc.field}' of model {name!r}: "
+                           f"{str(exc).split(': ', 1)[-1]}; the checkpoint is corrupt or was edited: "
+                           "train again or restore it") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            first = (str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).splitlines() or [""])[0][:200]
+            raise RunError(f"{self.model_path}: cannot rebuild model {name!r} from its field 'model_kwargs' "
+                           f"({exc.__class__.__name__}: {first})") from None
         try:
             model.load_state_dict(payload["state_dict"])
         except RuntimeError as exc:

@@ -45,27 +45,22 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
-from torch import nn
 from torch.utils.data import DataLoader
 
 from defectscope.config import BaseRecipe, StrictModel, TrainConfig
-from defectscope.data.images import DatasetError, expand_inputs, iter_images, resize_uint8
-from defectscope.data.masks import MaskedImage, MaskStack, load_masked_stack, read_manifest
-from defectscope.data.rle import masks_to_records, write_rle_csv
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections
+from defectscope.data.images import DatasetError
+from defectscope.data.masks import MaskedImage, MaskStack, read_manifest
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import fit_lightning, report_training_curves
-from defectscope.evaluation.report import Report
-from defectscope.evaluation.segmentation import IMAGE_SCORE_METHODS, dice_per_image, image_scores, segmentation_metrics
-from defectscope.evaluation.segmentation_plots import plot_image_level_curves, plot_mask_overlays
+from defectscope.engine.trainer import fit_lightning, resolved_precision
+from defectscope.evaluation.segmentation import IMAGE_SCORE_METHODS, dice_per_image, segmentation_metrics
+from defectscope.evaluation.segmentation_report import write_segmentation_report  # noqa: F401 (re-exported)
 from defectscope.models import create_model
-from defectscope.models.training import to_float
 from defectscope.models.unet import check_input_size
+from defectscope.models.unet.inference import UNetInference, predict_unet
 from defectscope.models.unet.lightning_model import DefectOversampler, MaskDataset, SegmentationModule
-from defectscope.utils.io import atomic_path
 
 #: Rows per block of the computed ``--group-by`` column ``block8`` (KolektorSDD: 8 views per part).
 BLOCK_ROWS = 8
@@ -154,27 +149,6 @@ class SegmentationRecipe(BaseRecipe):
     train: TrainConfig = TrainConfig(epochs=12, batch_size=8, lr=1e-3, val_fraction=0.0, early_stopping_patience=0)
 
 
-@torch.no_grad()
-def predict_mask_probs(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 8, tta: bool = False) -> np.ndarray:
-    """Sigmoid mask probabilities ``float32 [N, K, H, W]`` of ``uint8 [N, 3, H, W]`` images (fp32, eval mode).
-
-    With ``tta`` the probabilities are the mean over the image and its horizontal, vertical and
-    double flips, each flipped back (4 forward passes per image).
-    """
-    model.eval()
-    x = torch.as_tensor(x)
-    flips = ((), (-1,), (-2,), (-2, -1)) if tta else ((),)
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb = to_float(x[i : i + batch_size])
-        total = torch.zeros(())
-        for dims in flips:
-            prob = torch.sigmoid(model(xb.flip(dims) if dims else xb).float())
-            total = total + (prob.flip(dims) if dims else prob)
-        out.append(total / len(flips))
-    return torch.cat(out).numpy() if out else np.zeros((0, 1, *x.shape[2:]), dtype=np.float32)
-
-
 def select_items(items: list[MaskedImage], split: str, limit: int | None, source: str) -> list[MaskedImage]:
     """The manifest rows of ``split``; with ``limit``, at most that many (half defective where possible).
 
@@ -242,55 +216,6 @@ def model_kwargs_from(recipe: SegmentationRecipe) -> dict:
     return {"encoder": m.encoder, "num_classes": 1, "decoder_channels": list(m.decoder_channels)}
 
 
-def load_segmenter(run_dir: Path) -> tuple[nn.Module, dict]:
-    """Rebuild a trained U-Net from ``RUN/model.ckpt``; returns ``(model in eval mode, payload)``."""
-    return RunFolder(run_dir).load_model()
-
-
-def write_segmentation_report(run: RunFolder, title: str, metrics: dict, x: np.ndarray, y: np.ndarray, probs: np.ndarray,
-                              ids: list[str], scores: np.ndarray, dice: np.ndarray, info: dict, threshold: float,
-                              prefix: str = "", crossval: dict | None = None, decisions: dict | None = None) -> None:
-    """Report: run facts, metrics, image-level ROC/PR, overlays on defective and good images, training curves.
-
-    Args:
-        metrics: from :func:`segmentation_metrics` (the lists may be absent).
-        x, y, probs: ``uint8 [N, 3, H, W]`` images, ``[N, 1, H, W]`` true masks and probabilities.
-        ids: ``N`` image names for the overlay titles; scores, dice: ``[N]`` image scores and Dice.
-        prefix: file-name prefix of the figures (``oof_`` for cross-validation).
-        crossval: the pipeline's ``{"folds", "mean", "std"}``: adds the fold table; the metrics
-            are then the pooled out-of-fold ones and no training curves are drawn.
-    """
-    rep = Report(title)
-    rep.kv("Run", info)
-    keys = ["n", "n_defective", "image_ap", "image_auroc", "dice", "dice_defective", "pixel_auroc"]
-    if crossval:
-        rep.table("Cross-validation: held-out figures per fold", crossval_table({**crossval, "pooled": metrics}, keys))
-    what = "out-of-fold" if crossval else "held-out"
-    rep.kv("Pooled out-of-fold metrics" if crossval else "Held-out metrics",
-           {k: metrics[k] for k in ("n", "n_defective", "dice", "iou", "dice_defective", "iou_defective",
-                                    "pixel_auroc", "image_ap", "image_auroc", "threshold", "image_score")})
-    defective = y.reshape(len(y), -1).any(axis=1)
-    scores, dice = np.asarray(scores, dtype=float), np.asarray(dice, dtype=float)
-    if plot_image_level_curves(defective, scores, run.plots / f"{prefix}image_level_curves.png"):
-        rep.image(f"plots/{prefix}image_level_curves.png", f"Image level ({what}): ROC and precision-recall of 'defect present'")
-    pos = np.flatnonzero(defective)[:10]
-    neg_all = np.flatnonzero(~defective)
-    hardest = neg_all[np.argsort(-scores[neg_all])][:3]
-    rest = np.setdiff1d(neg_all, hardest)
-    neg = np.concatenate([hardest, np.random.default_rng(0).permutation(rest)[:3]]).astype(int)
-    for name, idx, caption in (("defective", pos, f"Defective {what} images"),
-                               ("good", neg, f"Good {what} images (3 with the highest scores, 3 at random)")):
-        if len(idx):
-            titles = [f"{ids[i]} s={scores[i]:.2f} d={dice[i]:.2f}" for i in idx]
-            plot_mask_overlays(x[idx], y[idx, 0], probs[idx, 0], titles, run.plots / f"{prefix}overlays_{name}.png", threshold)
-            rep.image(f"plots/{prefix}overlays_{name}.png",
-                      f"{caption}: predicted mask red, true mask green outline; s = image score, d = Dice")
-    if not prefix and not crossval:
-        report_training_curves(rep, run, "Training loss per epoch")
-    report_sections(rep, run, {"decisions": decisions})
-    rep.write(run.report_path)
-
-
 class SegmentationTask(TaskHooks):
     """The ``segmentation`` task (registered as such): hooks of the shared pipeline."""
 
@@ -298,8 +223,6 @@ class SegmentationTask(TaskHooks):
     recipe = SegmentationRecipe
     monitor = SegmentationModule.monitor
     summary_keys = ("image_ap", "image_auroc", "dice", "dice_defective", "pixel_auroc")
-    predict_options = ("save_images",)
-    default_predict_out = "masks.csv"
 
     def load_samples(self, recipe: SegmentationRecipe, run_dir: Path | None = None) -> Samples:
         check_input_size(recipe.data.height, recipe.data.width)
@@ -328,11 +251,12 @@ class SegmentationTask(TaskHooks):
         train_loader = DataLoader(MaskDataset(xtr, ytr, d.crop_height), batch_size=t.batch_size, sampler=sampler,
                                   num_workers=0, drop_last=len(sampler) > t.batch_size)
         val_loader = DataLoader(MaskDataset(*stack.get(val, progress=t.progress)), batch_size=t.batch_size) if has_val else None
-        info = fit_lightning(module, train_loader, val_loader, t, run.path, self.monitor, SegmentationModule.mode)
+        info = fit_lightning(module, train_loader, val_loader, t, run.path, self.monitor, SegmentationModule.mode,
+                             resume=run.resume)
         if info is None:
             return None
         model = module.model.to(memory_format=torch.contiguous_format).float().eval()
-        info.update(weights=weights_source, precision=t.precision,
+        info.update(weights=weights_source, precision=resolved_precision(t),
                     defective={k: int(samples.labels[v].sum()) for k, v in parts.items()})
         ckpt = {"model_name": m.name, "model_kwargs": kwargs, "state_dict": model.state_dict(),
                 "class_names": ["defect"], "input_size": [d.height, d.width], "threshold": m.threshold,
@@ -349,13 +273,16 @@ class SegmentationTask(TaskHooks):
     def predict_samples(self, recipe: SegmentationRecipe, fitted: Fitted, samples: Samples, idx: np.ndarray) -> Predictions:
         """Mask probabilities of ``idx`` (``raw``: ``float32 [n, 1, H, W]``); table ``pred``, ``image_score``, ``dice``.
 
+        The forward is the method's :class:`~defectscope.models.unet.inference.UNetInference`, the module
+        ``predict``, ``serve`` and the ONNX graph run, so the image scores the operating point is chosen
+        on are the ones the deployed model computes.
+
         ``pred`` is ``defective`` when the image score reaches ``model.threshold``; ``dice`` is the
         image's Dice at that threshold (1 for a good image predicted empty).
         """
-        m = recipe.model
+        m, d = recipe.model, recipe.data
         x, y = samples.data.get(idx)
-        probs = predict_mask_probs(fitted.model, x, tta=m.tta)
-        scores = image_scores(probs, m.image_score)
+        probs, scores = predict_unet(UNetInference(fitted.model, m.tta, m.image_score, (d.height, d.width)), x)
         dice = dice_per_image(probs >= m.threshold, y).mean(axis=1)
         table = {"pred": [CLASS_NAMES[int(s >= m.threshold)] for s in scores],
                  "image_score": [float(s) for s in scores], "dice": [float(v) for v in dice]}
@@ -385,69 +312,6 @@ class SegmentationTask(TaskHooks):
         write_segmentation_report(run, title + (" (cross-validation)" if cv else ""), metrics, x, y, preds.raw, ids,
                                   preds.table["image_score"], preds.table["dice"], facts, m.threshold,
                                   prefix="oof_" if cv else "", crossval=cv, decisions=decisions)
-
-    def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
-        """Evaluate a trained run on every image of a KolektorSDD-layout folder; writes ``out`` (default ``RUN/evaluations/<name>``)."""
-        model, payload = load_segmenter(run_dir)
-        items = read_manifest(data)
-        x, y = load_masked_stack(items, tuple(payload["input_size"]))
-        probs = predict_mask_probs(model, x, tta=payload.get("tta", False))
-        metrics = segmentation_metrics(probs, y, payload["threshold"], score_method=payload.get("image_score", "max"))
-        out = Path(out) if out else Path(run_dir) / "evaluations" / Path(data).name
-        ev = RunFolder(out).create()
-        test = {k: v for k, v in metrics.items() if k not in ("image_scores", "per_image_dice")}
-        ev.write_metrics({"task": self.name, "run": str(run_dir), "data": str(data), "test": test})
-        write_segmentation_report(ev, f"defectscope evaluate: {Path(run_dir).name} on {Path(data).name}", metrics, x, y, probs,
-                                  [it.id for it in items], metrics["image_scores"], metrics["per_image_dice"],
-                                  {"run": str(run_dir), "data": str(data), "images": len(items)}, payload["threshold"])
-        return test
-
-    def predict(self, run_dir: Path, inputs: list[Path], out: Path, save_images: bool = False, **options) -> dict:
-        """Segment image files; write the run-length csv ``out`` (``ImageId,ClassId,EncodedPixels``).
-
-        Masks are predicted at the model's input size, upsampled bilinearly to each
-        image's own size and thresholded; every (image, class) gets a row (empty
-        ``EncodedPixels`` for no defect). ``save_images`` also writes 0/255 PNG masks
-        to ``<out stem>_masks/<image stem>.png`` (``_class<k>`` suffix when K > 1).
-
-        Raises:
-            ConfigError: an option other than ``save_images``.
-            ValueError: two inputs share a file name (``ImageId`` must be unique).
-        """
-        self.check_predict_options(options)
-        model, payload = load_segmenter(run_dir)
-        h, w = payload["input_size"]
-        thr = payload["threshold"]
-        tta, score_method = payload.get("tta", False), payload.get("image_score", "max")
-        files = expand_inputs(inputs)
-        names = [f.name for f in files]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"input file names must be unique (they become ImageId); repeated: {dup[:5]}")
-        out = Path(out)
-        mask_dir = out.parent / f"{out.stem}_masks"
-        records, skipped, scores = [], [], {}
-        for f, img, err in iter_images(files):
-            if err:
-                skipped.append((f, err))
-                continue
-            x = resize_uint8(img, (h, w)).transpose(2, 0, 1)[None]
-            probs = predict_mask_probs(model, x, tta=tta)
-            scores[f.name] = float(image_scores(probs, score_method)[0])
-            p = F.interpolate(torch.from_numpy(probs), size=img.shape[:2], mode="bilinear", align_corners=False)
-            p = p[0].numpy()
-            masks = (p >= thr).astype(np.uint8)
-            records += masks_to_records(f.name, masks, include_empty=True)
-            if save_images:
-                from PIL import Image
-
-                for k in range(masks.shape[0]):
-                    name = f"{f.stem}.png" if masks.shape[0] == 1 else f"{f.stem}_class{k + 1}.png"
-                    with atomic_path(mask_dir / name) as tmp:
-                        Image.fromarray(masks[k] * 255).save(tmp, format="PNG")
-        write_rle_csv(out, records)
-        return {"predicted": len(files) - len(skipped), "skipped": skipped, "out": str(out), "scores": scores,
-                "mask_dir": str(mask_dir) if save_images else None}
 
 
 register_task(SegmentationTask())

@@ -12,11 +12,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProg
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from defectscope.config import TrainConfig
-
-# Set by the pipeline while it resumes an interrupted run (``defectscope train --resume``):
-# :func:`fit_lightning` then continues from ``RUN/checkpoints/last.ckpt`` when it exists.
-RESUME = False
-
+from defectscope.evaluation.run_report import csv_log_path, report_training_curves  # noqa: F401 (re-exported)
 
 class EpochSummary(L.Callback):
     """One line per epoch (time and logged metrics) for logs where no progress bar is drawn."""
@@ -37,14 +33,24 @@ class EpochSummary(L.Callback):
               file=sys.stderr, flush=True)
 
 
-def set_threads(cfg: TrainConfig) -> None:
-    """Set torch's intra-op threads (``num_threads``; under DDP the cores are shared out)."""
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    elif cfg.devices > 1 and cfg.accelerator == "cpu":
-        import os
+def set_threads(cfg: TrainConfig) -> int:
+    """Set torch's intra-op threads from ``num_threads`` (:func:`defectscope.machine.resolve_threads`;
+    ``auto`` under CPU DDP shares the usable CPUs out among the processes). Returns the count set."""
+    from defectscope.machine import resolve_threads
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.devices))
+    n = resolve_threads(cfg.num_threads)
+    if cfg.num_threads == "auto" and cfg.devices > 1 and cfg.accelerator == "cpu":
+        n = max(1, n // cfg.devices)
+    torch.set_num_threads(n)
+    return n
+
+
+def resolved_precision(cfg: TrainConfig) -> str:
+    """The Lightning precision string for ``cfg.precision`` on this machine (``auto`` decided by
+    :func:`defectscope.machine.resolve_precision`)."""
+    from defectscope.machine import resolve_precision
+
+    return resolve_precision(cfg.precision, cfg.accelerator).value
 
 
 def build_trainer(cfg: TrainConfig, run_dir: Path, monitor: str | None, mode: str = "max") -> L.Trainer:
@@ -81,7 +87,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, monitor: str | None, mode: st
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         strategy=strategy,
-        precision=cfg.precision,
+        precision=resolved_precision(cfg),
         logger=loggers or False,
         callbacks=callbacks,
         enable_progress_bar=show_progress,
@@ -94,32 +100,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, monitor: str | None, mode: st
     )
 
 
-def csv_log_path(run_dir: Path) -> Path:
-    """The per-epoch metrics file that :func:`build_trainer`'s CSV logger writes into a run folder."""
-    return Path(run_dir) / "logs" / "csv" / "metrics.csv"
-
-
-def report_training_curves(rep, run, caption: str) -> bool:
-    """Draw the run's training curves to ``plots/training_curves.png`` and add them to the report.
-
-    Args:
-        rep: the :class:`defectscope.evaluation.report.Report` being written.
-        run: the :class:`defectscope.engine.run.RunFolder`.
-        caption: the figure caption.
-
-    Returns:
-        ``True`` if the CSV log existed and the figure was added, else ``False`` (nothing drawn).
-    """
-    from defectscope.evaluation.plots import plot_training_curves
-
-    if plot_training_curves(csv_log_path(run.path), run.plots / "training_curves.png") is None:
-        return False
-    rep.image("plots/training_curves.png", caption)
-    return True
-
-
 def fit_lightning(module: L.LightningModule, train_loader, val_loader, cfg: TrainConfig, run_dir: Path,
-                  monitor: str | None, mode: str = "max") -> dict | None:
+                  monitor: str | None, mode: str = "max", resume: bool = False) -> dict | None:
     """Fit ``module`` with :func:`build_trainer`, then load its best checkpoint's weights into it.
 
     The best checkpoint (by ``monitor`` on ``val_loader``) is read with ``weights_only=True``
@@ -131,6 +113,8 @@ def fit_lightning(module: L.LightningModule, train_loader, val_loader, cfg: Trai
         train_loader, val_loader: data loaders (``val_loader`` may be ``None``).
         cfg: training settings; run_dir: the run folder (logs, checkpoints).
         monitor, mode: the logged validation metric selecting the checkpoint, ``max`` or ``min``.
+        resume: continue from ``run_dir/checkpoints/last.ckpt`` when it exists (Lightning's
+            ``ckpt_path``; ``defectscope train --resume`` sets it through :attr:`RunFolder.resume`).
 
     Returns:
         ``{"epochs_run", "best_checkpoint", "train_seconds", "cut_short", "stopped_by"}`` on rank 0;
@@ -145,7 +129,7 @@ def fit_lightning(module: L.LightningModule, train_loader, val_loader, cfg: Trai
     has_val = val_loader is not None
     trainer = build_trainer(cfg, run_dir, monitor if has_val else None, mode)
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    ckpt_path = str(last) if RESUME and last.is_file() else None
+    ckpt_path = str(last) if resume and last.is_file() else None
     if ckpt_path:
         print(f"resuming from {last}", file=sys.stderr, flush=True)
     start = time.perf_counter()

@@ -26,8 +26,6 @@ A sample with several images (views) is classified from its first view (``images
 
 from __future__ import annotations
 
-import csv
-import io
 import sys
 import time
 from dataclasses import dataclass
@@ -44,7 +42,7 @@ from defectscope.data.weld.format import WeldDataError, WeldDataset, read_weld_d
 from defectscope.data.weld.prepare import SpectralPrep, crop_welds, fit_spectral_prep
 from defectscope.models.training import scale_probs
 from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections, selection_section
-from defectscope.engine.run import RunError, RunFolder
+from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
 from defectscope.engine.trainer import fit_lightning, report_training_curves, set_threads
 from defectscope.evaluation.classification import classification_metrics
@@ -71,7 +69,6 @@ from defectscope.models.weld_fusion.lightning_model import (
     weld_loader,
 )
 from defectscope.models.weld_fusion.torch_model import MODALITIES
-from defectscope.utils.io import write_text
 
 #: data sets with fewer samples are cross-validated by default (a single 8:2 split leaves a handful of test samples)
 CV_BELOW = 200
@@ -305,117 +302,19 @@ def load_weld_data(data: WeldData, run_dir: Path | None) -> WeldDataset:
     return read_weld_dataset(data.root, data.seq_len, data.length_policy)
 
 
-def _run_channels(payload: dict) -> list[dict]:
-    """The trained run's channels (v2 checkpoints store them; older ones only their wavelengths)."""
-    if payload.get("channels"):
-        return payload["channels"]
-    return [{"name": f"{float(w):g} nm", "unit": "counts", "wavelength_nm": float(w)} for w in payload["wavelengths_nm"]]
-
-
-def check_channels(ds: WeldDataset, payload: dict) -> list[int]:
-    """Positions in ``ds``'s channels of the trained run's channels (order may differ).
-
-    Channels are matched by wavelength when every channel on both sides has one (a v1 folder's
-    ``"317 nm"`` is the simulator's ``"VIS 317"``), else by name.
-
-    Raises:
-        WeldDataError: channels missing or extra, or a unit that differs, naming the manifest and
-            its field (``wavelengths_nm`` for v1 folders, ``channels`` for v2).
-    """
-    mpath = ds.root / "manifest.json"
-    run = _run_channels(payload)
-    by_wavelength = all(c.get("wavelength_nm") is not None for c in run) and ds.wavelengths_nm is not None
-    if by_wavelength:
-        names = [f"{float(c['wavelength_nm']):g} nm" for c in run]
-        have = [f"{float(w):g} nm" for w in ds.wavelengths_nm]
-    else:
-        names = [c["name"] for c in run]
-        have = ds.channel_names
-    fld = "wavelengths_nm" if ds.format_version == 1 else "channels"
-    missing = [n for n in names if n not in have]
-    extra = [n for n in have if n not in names]
-    if missing or extra:
-        raise WeldDataError(f"{mpath}: field '{fld}' differs from the trained run's {len(names)} channels: "
-                            f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
-                            f"not in the run {extra[:6]}{'...' if len(extra) > 6 else ''}")
-    pos = [have.index(n) for n in names]
-    for c, p in zip(run, pos):
-        unit = ds.channels[p].get("unit", "")
-        if "unit" in c and c["unit"] != unit:
-            raise WeldDataError(f"{mpath}: field '{fld}': channel '{c['name']}' is in {unit!r}, the run was trained on {c['unit']!r}")
-    return pos
-
-
 # ------------------------------------------------------------------------------------------ the task
 
 
-def _load_unet(run: RunFolder, payload: dict) -> nn.Module | None:
-    """The checkpoint's seam U-Net (strict load), or ``None`` when the run cropped fixed bands."""
-    if payload.get("unet_state_dict") is None:
-        return None
-    try:
-        unet = create_model("weld_seam_unet", **payload["unet_kwargs"])
-        unet.load_state_dict(payload["unet_state_dict"])
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise RunError(f"{run.model_path}: cannot rebuild the seam U-Net ({str(exc).splitlines()[0]})") from None
-    return unet.eval()
-
-
-def load_weld_run(run_dir: Path) -> tuple[WeldPredictor, dict, WeldRecipe]:
-    """Rebuild a trained weld run: ``(predictor, checkpoint payload, recipe)``.
-
-    Raises:
-        RunError: missing or unreadable checkpoint, or weights that do not fit.
-    """
-    run = RunFolder(run_dir)
-    model, payload = run.load_model()
-    recipe = WeldRecipe.model_validate(payload["recipe"])
-    prep = SpectralPrep(np.zeros((0, 0)), list(payload["selected_channels"]), np.asarray(payload["minmax_lo"], np.float32),
-                        np.asarray(payload["minmax_hi"], np.float32))
-    crop = tuple(payload.get("crop_size", [recipe.data.crop_height, recipe.data.crop_width]))
-    pred = WeldPredictor(model.float().eval(), _load_unet(run, payload), prep, recipe.data.seg_size, crop,
-                         recipe.data.segmented, int(payload["welds_per_sample"]))
-    return pred, payload, recipe
-
-
-def run_models(run_dir: Path) -> list[Path]:
-    """The run folders whose models predict for ``run_dir``: itself, or for a cross-validation run
-    (``crossval.json``, no ``model.ckpt``) its K fold runs ``folds/<k>`` (their probabilities are averaged).
-
-    Raises:
-        RunError: neither a model nor fold models.
-    """
-    run_dir = Path(run_dir)
-    if (run_dir / "model.ckpt").is_file() or not (run_dir / "crossval.json").is_file():
-        return [run_dir]
-    folds = sorted((p for p in (run_dir / "folds").glob("*") if (p / "model.ckpt").is_file()), key=lambda p: int(p.name))
-    if not folds:
-        raise RunError(f"{run_dir}: a cross-validation run without fold models (folds/<k>/model.ckpt)")
-    return folds
-
-
-def _read_for_run(run_dir: Path, data: Path, require_labels: bool):
-    """Read ``data`` as the run was trained (``T``, length policy), check welds and channels; raw signals in the run's channel order."""
-    pred, payload, recipe = load_weld_run(run_dir)
-    ds = read_weld_dataset(data, recipe.data.seq_len, recipe.data.length_policy, require_labels=require_labels,
-                           load_masks=require_labels, classes=payload["class_names"] if require_labels else None)
-    if ds.welds_per_sample != payload["welds_per_sample"]:
-        raise WeldDataError(f"{data}/manifest.json: field 'welds_per_sample' is {ds.welds_per_sample}, the run was "
-                            f"trained with {payload['welds_per_sample']}")
-    pos = check_channels(ds, payload)
-    spectra = np.stack([s.spectra for s in ds.samples]).astype(np.float32)[:, :, pos]
-    return ds, spectra, pred, payload
-
-
 def _unet_train_config(t: WeldTrainConfig, seg: SegmentationConfig) -> TrainConfig:
-    """Trainer settings of the seam U-Net: ``segmentation.*`` epochs/batch/lr, bf16 autocast, no validation, no logger."""
-    return TrainConfig(epochs=seg.epochs, batch_size=seg.batch_size, lr=seg.lr, precision="bf16-mixed",
+    """Trainer settings of the seam U-Net: ``segmentation.*`` epochs/batch/lr, the run's ``train.precision``
+    (``auto``: bf16 only where native, :mod:`defectscope.machine`), no validation, no logger."""
+    return TrainConfig(epochs=seg.epochs, batch_size=seg.batch_size, lr=seg.lr, precision=t.precision,
                        channels_last=False, val_fraction=0.0, early_stopping_patience=0, strategy="auto", devices=1,
                        accelerator=t.accelerator, num_threads=t.num_threads, augment=False, logger=[], progress=t.progress)
 
 
 def train_seam_unet(images: list[np.ndarray], masks: list[np.ndarray], seg: SegmentationConfig, size: int, seed: int,
-                    train_cfg: WeldTrainConfig, run_dir: Path) -> tuple[nn.Module, dict]:
+                    train_cfg: WeldTrainConfig, run_dir: Path, resume: bool = False) -> tuple[nn.Module, dict]:
     """Train the seam U-Net (:class:`SeamUNetModule`, BCE + Dice, AdamW, one-cycle) on images and binary masks.
 
     The model is initialised from ``torch.manual_seed(seed)``; batches are one seeded permutation per
@@ -431,7 +330,8 @@ def train_seam_unet(images: list[np.ndarray], masks: list[np.ndarray], seg: Segm
     loader = seam_loader(images, masks, size, seg.batch_size, seed)
     module = SeamUNetModule(model, seg.lr, seg.epochs * len(loader))
     with torch.random.fork_rng(devices=[]):
-        info = fit_lightning(module, loader, None, _unet_train_config(train_cfg, seg), Path(run_dir) / "seam_unet", None)
+        info = fit_lightning(module, loader, None, _unet_train_config(train_cfg, seg), Path(run_dir) / "seam_unet", None,
+                             resume=resume)
     return module.model.float().eval(), info or {}
 
 
@@ -442,8 +342,6 @@ class WeldTask(TaskHooks):
     recipe = WeldRecipe
     monitor = "val/weighted_f1"
     summary_keys = ("accuracy", "weighted_f1", "macro_auroc", "seam_dice")
-    predict_options = ()
-    default_predict_out = "preds.csv"
     min_val_per_class = MIN_VAL_PER_CLASS
     candidate_names = ("model", "signal_stats", "image_probe")
 
@@ -538,7 +436,7 @@ class WeldTask(TaskHooks):
         if use_unet:
             t0 = time.perf_counter()
             unet, unet_info = train_seam_unet([ds.samples[i].image for i in tr], [ds.samples[i].mask for i in tr],
-                                              recipe.segmentation, d.seg_size, recipe.seed, t, run.path)
+                                              recipe.segmentation, d.seg_size, recipe.seed, t, run.path, resume=run.resume)
             unet_seconds = time.perf_counter() - t0
         else:
             print(f"weld: seam U-Net {seam_note}", file=sys.stderr, flush=True)
@@ -574,13 +472,13 @@ class WeldTask(TaskHooks):
             if m.freeze_backbone and hasattr(model, "vision"):
                 backbone = model.vision.backbone
                 backbone.requires_grad_(False)
-                x = cached_features(backbone, crops)
+                x = cached_features(backbone, crops, precision=t.precision)
             features_seconds = time.perf_counter() - t0
             n_tr = len(tr)
             has_val = len(va) > 0
             info = fit_lightning(module, weld_loader(x[:n_tr], s[:n_tr], y[:n_tr], t.batch_size, True),
                                  weld_loader(x[n_tr:], s[n_tr:], y[n_tr:], t.batch_size, False) if has_val else None,
-                                 t, run.path, self.monitor, "max")
+                                 t, run.path, self.monitor, "max", resume=run.resume)
             if info is None:
                 return None
             model = module.model
@@ -740,79 +638,6 @@ class WeldTask(TaskHooks):
     def with_temperature(self, preds: Predictions, temperature: float) -> Predictions:
         return Predictions(preds.table, {**preds.raw, "probs": scale_probs(np.asarray(preds.raw["probs"]), temperature)})
 
-    # -------------------------------------------------------------------------------- run-level
-
-    def _predict_folder(self, run_dir: Path, data: Path, require_labels: bool):
-        """``(dataset, probabilities [N, K], seam masks of the first model or None, payload)``; a
-        cross-validation run averages the probabilities of its fold models (:func:`run_models`),
-        each temperature-scaled with its own fitted temperature first."""
-        probs, masks = [], None
-        for k, r in enumerate(run_models(Path(run_dir))):
-            ds, spectra, pred, payload = _read_for_run(r, data, require_labels)
-            res = pred.predict([s.image for s in ds.samples], spectra)
-            probs.append(scale_probs(res["probs"], float(payload.get("temperature", 1.0))))
-            masks = res["masks"] if k == 0 else masks
-        return ds, np.mean(probs, axis=0), masks, payload
-
-    def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
-        """Evaluate a trained run on a labelled weld folder; writes metrics and a report to ``out``.
-
-        A cross-validation run is evaluated with its refit model (older runs without one: the mean of the K fold models).
-
-        Raises:
-            WeldDataError: the folder is not in the format, or its classes, channels or welds differ from the run's.
-        """
-        ds, probs, masks, payload = self._predict_folder(run_dir, Path(data), require_labels=True)
-        metrics = classification_metrics(ds.labels, probs, payload["class_names"])
-        metrics["seam_dice"] = None if masks is None else seam_dice(masks, [s.mask for s in ds.samples])
-        out = Path(out) if out else Path(run_dir) / "evaluations" / Path(data).name
-        ev = RunFolder(out).create()
-        ev.write_metrics({"task": self.name, "run": str(run_dir), "data": str(data), "synthetic": ds.synthetic, "test": metrics})
-        rep = Report(f"defectscope evaluate: {Path(run_dir).name} on {Path(data).name}", synthetic=ds.synthetic)
-        rep.table("Per class (Table 4 layout)", percent_strings(table4_rows(metrics)), TABLE4_COLUMNS)
-        plot_confusion_matrix(metrics["confusion_matrix"], payload["class_names"], ev.plots / "confusion_matrix.png")
-        rep.image("plots/confusion_matrix.png", "Confusion matrix")
-        rep.write(ev.report_path)
-        return metrics
-
-    def predict(self, run_dir: Path, inputs: list[Path], out: Path, **options) -> dict:
-        """Classify every sample of one or more weld data folders (labels optional).
-
-        The folders' channels are matched to the run's by wavelength (all channels have one) or by name, in any order.
-        A cross-validation run predicts with its refit model (``RUN/model.ckpt``); a run folder written before
-        the refit existed (fold models only) with the mean probabilities of its K fold models.
-        Writes ``out`` as CSV: ``folder, id, class, prob_<name>...`` (one row per sample).
-
-        Raises:
-            WeldDataError: a folder is not in the format, or its channels (names, units) or welds differ from the run's.
-            FileNotFoundError: an input is not a folder.
-        """
-        self.check_predict_options(options)
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        names: list[str] | None = None
-        count = 0
-        for folder in map(Path, inputs):
-            if not folder.is_dir():
-                raise FileNotFoundError(f"{folder}: not a weld data folder (expected a folder with manifest.json)")
-            ds, probs, _, payload = self._predict_folder(run_dir, folder, require_labels=False)
-            # a cross-validation run without a refit model (older runs) averages its fold models: no single threshold applies
-            dec = (payload.get("decision") or {}) if (Path(run_dir) / "model.ckpt").is_file() else {}
-            if names is None:
-                names = payload["class_names"]
-                ok = dec.get("ok_class") if dec.get("ok_class") in names else None
-                w.writerow(["folder", "id", "class", *[f"prob_{n}" for n in names],
-                            *(["defect_score", "decision"] if ok else [])])
-            for s, p in zip(ds.samples, probs):
-                more = []
-                if ok:
-                    score = 1.0 - float(p[names.index(ok)])
-                    more = [f"{score:.6f}", "reject" if score >= dec["threshold"] else "accept"]
-                w.writerow([str(folder), s.id, names[int(p.argmax())], *[f"{v:.6f}" for v in p], *more])
-                count += 1
-        write_text(out, buf.getvalue())
-        return {"predicted": count, "skipped": [], "out": str(out)}
-
 
 register_task(WeldTask())
 
@@ -822,8 +647,8 @@ def demo_recipe(n_samples: int = 603) -> dict:
 
     Sized for a shared 2-core CPU in <= 15 minutes: 256 px coupons, compact seam U-Net at 128 px for
     4 epochs, weld crops of 48 x 192 px, EfficientNet-Lite0 with ImageNet weights kept frozen (its
-    feature maps are computed once), then up to 30 epochs of the fusion and head (5-minute cap), one
-    torch thread (on an oversubscribed machine two threads were 7x slower than one). The demo is a
+    feature maps are computed once), then up to 30 epochs of the fusion and head (5-minute safety cap),
+    threads and precision chosen by this machine (``auto``, :mod:`defectscope.machine`). The demo is a
     single stratified 8:2 split at any size (``eval.folds: 1``).
     """
     return {"task": "weld", "seed": 0,
@@ -833,5 +658,5 @@ def demo_recipe(n_samples: int = 603) -> dict:
             "model": {"name": "weld_fusion", "fusion": "v2s", "embedding": "inverted", "spectral_dim": 96, "embed_dim": 128,
                       "backbone": "efficientnet_lite0", "pretrained": True, "freeze_backbone": True, "num_channels": 4},
             "train": {"epochs": 30, "batch_size": 16, "lr": 2.0e-4, "early_stopping_patience": 6, "max_minutes": 5.0,
-                      "num_threads": 1, "augment": False, "channels_last": False},
+                      "augment": False, "channels_last": False},
             "eval": {"folds": 1}}

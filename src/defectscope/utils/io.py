@@ -147,3 +147,46 @@ def torch_save(target: str | os.PathLike, obj: Any) -> Path:
     with atomic_path(target) as tmp:
         torch.save(obj, tmp)
     return Path(target)
+
+
+def torch_load_weights_only(path: str | os.PathLike, what: str, error: type[Exception], hint: str | None = None) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with every failure turned into ``error``.
+
+    Opening the file never runs code from it: a file that carries a pickled Python object is
+    refused (the message names the file, the object's type and why), and so is a missing, empty,
+    truncated or corrupt file.
+
+    Args:
+        path: the file (a checkpoint, a weights file).
+        what: what the file is, for the message (``checkpoint``, ``weights file (model.weights)``).
+        error: the exception class to raise (the caller's :class:`~defectscope.errors.DefectscopeError`).
+        hint: a sentence appended when the file holds a pickled object (default: do not load files
+            of unknown origin).
+
+    Raises:
+        error: the message names ``path`` and the reason.
+    """
+    import pickle
+    import re
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    if path.stat().st_size == 0:
+        raise error(f"{path}: empty file (0 bytes); the {what} is missing its content")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" not in text and "weights_only" not in text:
+            raise error(f"{path}: {what} is corrupt ({exc.__class__.__name__}: {text.splitlines()[0][:200]})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global[^\w]+([\w.]+)", text)
+        name = found.group(1) if found else "a Python object"
+        raise error(f"{path}: refused to load the {what}: it holds a pickled Python object ({name}) and loading "
+                    f"it could run arbitrary code. {hint or 'Do not load files of unknown origin.'}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError, IndexError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise error(f"{path}: {what} cannot be read: truncated or corrupt ({exc.__class__.__name__}: {first})") from None

@@ -64,6 +64,7 @@ from typing import Literal, Sequence
 import numpy as np
 from PIL import Image
 
+from defectscope.data.images import check_pixels
 from defectscope.data.weld.channels import channel_group
 from defectscope.errors import DefectscopeError
 from defectscope.utils.io import atomic_path, write_json
@@ -281,6 +282,7 @@ def _load_image(path: Path, sid: str, fld: str, mode: Literal["RGB", "L"] = "RGB
         raise _err(sid, fld, f"file {path} not found")
     try:
         with Image.open(path) as im:
+            check_pixels(im, str(path))
             im.load()
             arr = np.array(im.convert(mode))
     except Exception as exc:  # PIL raises many types for corrupt files
@@ -781,3 +783,66 @@ def write_weld_dataset(root: str | Path, samples: Sequence[dict], classes: Seque
     manifest.update(extra or {})
     manifest["samples"] = entries
     return write_json(root / "manifest.json", manifest)
+
+
+def v1_channel_records(wavelengths_nm: Sequence[float]) -> list[dict]:
+    """The channel records of a run that stored only wavelengths: ``{"name": "317 nm", "unit": "counts", "wavelength_nm"}``."""
+    return [{"name": f"{float(w):g} nm", "unit": "counts", "wavelength_nm": float(w)} for w in wavelengths_nm]
+
+
+def match_channels(ds: WeldDataset, run_channels: list[dict]) -> list[int]:
+    """Positions in ``ds``'s channels of a trained run's channels ``run_channels`` (order may differ).
+
+    Channels are matched by wavelength when every channel on both sides has one (a v1 folder's
+    ``"317 nm"`` is the simulator's ``"VIS 317"``), else by name.
+
+    Raises:
+        WeldDataError: channels missing or extra, or a unit that differs, naming the manifest and
+            its field (``wavelengths_nm`` for v1 folders, ``channels`` for v2).
+    """
+    mpath = ds.root / "manifest.json"
+    run = run_channels
+    by_wavelength = all(c.get("wavelength_nm") is not None for c in run) and ds.wavelengths_nm is not None
+    if by_wavelength:
+        names = [f"{float(c['wavelength_nm']):g} nm" for c in run]
+        have = [f"{float(w):g} nm" for w in ds.wavelengths_nm]
+    else:
+        names = [c["name"] for c in run]
+        have = ds.channel_names
+    fld = "wavelengths_nm" if ds.format_version == 1 else "channels"
+    missing = [n for n in names if n not in have]
+    extra = [n for n in have if n not in names]
+    if missing or extra:
+        raise WeldDataError(f"{mpath}: field '{fld}' differs from the trained run's {len(names)} channels: "
+                            f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+                            f"not in the run {extra[:6]}{'...' if len(extra) > 6 else ''}")
+    pos = [have.index(n) for n in names]
+    for c, p in zip(run, pos):
+        unit = ds.channels[p].get("unit", "")
+        if "unit" in c and c["unit"] != unit:
+            raise WeldDataError(f"{mpath}: field '{fld}': channel '{c['name']}' is in {unit!r}, the run was trained on {c['unit']!r}")
+    return pos
+
+
+def read_for_run(data: str | Path, run_channels: list[dict], welds: int, length: int,
+                 policy: Literal["resample", "crop"] = "resample", classes: Sequence[str] | None = None
+                 ) -> tuple[WeldDataset, np.ndarray]:
+    """Read a weld folder as a trained run reads it: ``(dataset, raw signals float32 [N, W, C_run, T])``, the
+    signals' channels in the run's order (:func:`match_channels`).
+
+    Args:
+        data: the weld folder. run_channels: the run's channel records. welds: the run's welds per sample.
+        length, policy: the run's ``data.seq_len`` and ``data.length_policy``.
+        classes: the run's class names when labels are required (``evaluate``), else ``None``.
+
+    Raises:
+        WeldDataError: not in the format, or classes, channels or welds that differ from the run's (named).
+    """
+    ds = read_weld_dataset(data, length, policy, require_labels=classes is not None, load_masks=classes is not None,
+                           classes=list(classes) if classes is not None else None)
+    if ds.welds_per_sample != welds:
+        raise WeldDataError(f"{data}/manifest.json: field 'welds_per_sample' is {ds.welds_per_sample}, the run was "
+                            f"trained with {welds}")
+    pos = match_channels(ds, run_channels)
+    spectra = np.stack([s.spectra for s in ds.samples]).astype(np.float32)[:, :, pos]
+    return ds, spectra

@@ -172,7 +172,7 @@ class AnomalyAdapter(TaskAdapter):
             try:
                 pc = create_model("patchcore", **kwargs, pretrained=False)
                 pc.load_state_dict(peer["state_dict"])
-            except (KeyError, RuntimeError, TypeError) as exc:
+            except (KeyError, RuntimeError, TypeError, ValueError) as exc:
                 raise RunError(f"{rf.model_path}: PatchCore peer cannot be rebuilt ({str(exc).splitlines()[0]})") from None
             h, w = (int(v) for v in (peer.get("image_size") or payload["image_size"]))
             thr = float(peer["threshold"])

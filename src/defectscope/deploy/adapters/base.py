@@ -214,6 +214,97 @@ class TaskAdapter:
         described by :attr:`map_kind`; ``None`` for tasks without one (classification)."""
         return None
 
+    # ---------------------------------------------------------------- files: ``defectscope predict`` / ``evaluate``
+
+    #: options of ``defectscope predict`` this task supports (e.g. ``save_images``)
+    predict_options: tuple[str, ...] = ()
+    #: default output file of ``defectscope predict``
+    default_predict_out: str = "preds.csv"
+
+    def check_predict_options(self, options: dict) -> None:
+        """Refuse ``predict`` options this task does not support (a set option not in :attr:`predict_options`).
+
+        Raises:
+            ConfigError: names the option and the task.
+        """
+        from defectscope.config import ConfigError
+
+        for k, v in options.items():
+            if v and k not in self.predict_options:
+                raise ConfigError(f"--{k.replace('_', '-')} is not supported by task '{self.task}'")
+
+    def predict_files(self, predictor, inputs: list[Path], out: Path, batch_size: int = 16, **options) -> dict:
+        """``defectscope predict``: run ``predictor`` on image files (folders expanded) and write ``out``
+        in the task's format (:meth:`write_predictions`); unreadable files are skipped and reported.
+
+        Returns:
+            ``{"predicted", "skipped": [(file, reason)], "out", ...}``.
+
+        Raises:
+            ConfigError: an option the task does not support; FileNotFoundError: an input path does not exist.
+        """
+        from defectscope.data.images import expand_inputs, iter_images
+
+        if type(self).write_predictions is TaskAdapter.write_predictions:  # transition, see evaluate
+            return self._engine_fallback("predict", predictor)(predictor.run_dir, inputs, out, **options)
+        self.check_predict_options(options)
+        files = expand_inputs(inputs)
+        done: list[Path] = []
+        results: list = []
+        skipped: list[tuple[Path, str]] = []
+        batch: list[tuple[Path, np.ndarray]] = []
+
+        def flush() -> None:
+            results.extend(predictor.predict([im for _, im in batch], batch_size=len(batch)))
+            done.extend(f for f, _ in batch)
+            batch.clear()
+
+        for f, img, err in iter_images(files, self.read_size(predictor)):
+            if err:
+                skipped.append((f, err))
+                continue
+            batch.append((f, img))
+            if len(batch) >= batch_size:
+                flush()
+        if batch:
+            flush()
+        summary = self.write_predictions(predictor, done, results, skipped, Path(out), **options)
+        return {"predicted": len(done), "skipped": skipped, "out": str(out), **summary}
+
+    def read_size(self, predictor) -> tuple[int, int] | None:
+        """``(h, w)`` at which :meth:`predict_files` may read files, when the task's preprocessing is a
+        plain resize to that size anyway (images above the pixel limit's default are then decoded
+        reduced, in bounded memory: :func:`defectscope.data.images.load_image_resized`; smaller ones
+        exactly as at full size); ``None``: read at full resolution (masks, boxes, maps in image pixels)."""
+        return None
+
+    def write_predictions(self, predictor, files: list[Path], results: list, skipped: list[tuple[Path, str]],
+                          out: Path, **options) -> dict:
+        """Write the predictions of ``files`` (typed :class:`~defectscope.deploy.results.Prediction`,
+        in order) and the skipped files to ``out``; returns extra summary fields."""
+        raise NotImplementedError
+
+    def evaluate(self, predictor, data: Path, out: Path) -> dict:
+        """``defectscope evaluate``: the metrics of ``predictor`` on the labelled data ``data``; writes
+        ``out/metrics.json`` and ``out/report.html``; returns the metrics.
+
+        Transition: a task whose adapter does not implement it yet (``anomaly``, until its model
+        contract moves into the adapter) runs its engine task's ``evaluate`` on the run folder.
+
+        Raises:
+            DeployError: the task has neither.
+        """
+        return self._engine_fallback("evaluate", predictor)(predictor.run_dir, data, out)
+
+    def _engine_fallback(self, what: str, predictor):
+        from defectscope.engine.tasks import get_task
+
+        fn = getattr(get_task(self.task), what, None)
+        if fn is None or predictor.run_dir is None:
+            raise DeployError(f"task '{self.task}' has no '{what}' for {predictor.info.source} "
+                              f"({'an exported file' if predictor.run_dir is None else 'no adapter support'})")
+        return fn
+
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """A split of the run (``RUN/split/<split>.txt``; ``test`` = held out) as model inputs and targets.
 

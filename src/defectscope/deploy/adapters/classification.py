@@ -82,6 +82,10 @@ class ClassificationAdapter(TaskAdapter):
         )
         return ClassifierWithProbabilities(model, thresholds.get("temperature", 1.0), with_features).eval(), info
 
+    def read_size(self, predictor) -> tuple[int, int]:
+        """Classification resizes every image to the model's input: read files at that size."""
+        return tuple(int(v) for v in predictor.info.input_size)
+
     def preprocess(self, info: ModelInfo, image: np.ndarray, spectra: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if spectra is not None:
             raise DeployError(f"model '{info.model_name}' ({info.task}) takes an image only; remove the spectra file")
@@ -98,6 +102,57 @@ class ClassificationAdapter(TaskAdapter):
             ans.update(defect_score=defect, decision="reject" if defect >= dec["threshold"] else "accept",
                        decision_threshold=dec["threshold"], target_escape_rate=dec["target_escape_rate"])
         return ans
+
+    def write_predictions(self, predictor, files: list[Path], results: list, skipped: list[tuple[Path, str]],
+                          out: Path, **options) -> dict:
+        """CSV ``file, class, prob_<name>..., [defect_score, decision,] error``: one row per file; skipped
+        files have an empty class and the error. Probabilities are temperature-scaled when the run was
+        calibrated; ``decision`` (``accept`` / ``reject``) uses the run's stored threshold when it has an OK class."""
+        import csv
+        import io
+
+        from defectscope.utils.io import write_text
+
+        info = predictor.info
+        names = list(info.class_names)
+        dec = info.thresholds.get("decision") if isinstance(info.thresholds, dict) else None
+        extra = ["defect_score", "decision"] if dec and dec.get("ok_class") in names else []
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["file", "class", *[f"prob_{n}" for n in names], *extra, "error"])
+        for f, r in zip(files, results):
+            more = [f"{r.defect_score:.6f}", r.decision] if extra else []
+            w.writerow([str(f), r.label, *[f"{r.scores[n]:.6f}" for n in names], *more, ""])
+        for f, err in skipped:
+            w.writerow([str(f), "", *[""] * len(names), *[""] * len(extra), err])
+        write_text(out, buf.getvalue())
+        return {}
+
+    def evaluate(self, predictor, data: Path, out: Path) -> dict:
+        """Every labelled image of ``data`` (class-per-folder or NEU-style names, the model's classes):
+        classification metrics of the model's (temperature-scaled) probabilities, ``out/metrics.json``
+        and ``out/report.html`` (per-class table, confusion matrix, ROC curves).
+
+        Raises:
+            DatasetError: a folder without the model's classes; ImageReadError: an unreadable image (named).
+        """
+        from defectscope.data.images import discover_labelled_images
+        from defectscope.engine.run import RunFolder
+        from defectscope.evaluation.classification import classification_metrics
+        from defectscope.evaluation.classification_report import write_classification_report
+
+        info = predictor.info
+        items, class_names, layout = discover_labelled_images(data, "auto", list(info.class_names))
+        y = np.array([it.label for it in items])
+        probs = predictor.outputs([it.path for it in items])["probabilities"]
+        metrics = classification_metrics(y, probs, class_names)
+        ev = RunFolder(out).create()
+        ev.write_metrics({"task": info.task, "run": info.source, "backend": predictor.backend, "data": str(data),
+                          "layout": layout, "test": metrics})
+        write_classification_report(ev, f"defectscope evaluate: {Path(info.source).name} on {Path(data).name}", metrics, y,
+                                    probs, class_names, {"run": info.source, "backend": predictor.backend, "data": str(data),
+                                                         "images": len(y)})
+        return metrics
 
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         lst = Path(run_dir) / "split" / f"{split}.txt"

@@ -32,169 +32,27 @@ The answer keeps the detections with score >= the run's ``score_threshold``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from defectscope.deploy.adapters._common import draw_boxes, image_to_input, png_base64, read_split, spread
 from defectscope.deploy.adapters.base import DeployError, EvalSet, ModelInfo, TaskAdapter, file_sha256, register_adapter
-from defectscope.models.box_heads.losses import cxcywh_to_xyxy
+from defectscope.models.box_heads.inference import (  # noqa: F401 (re-exported)
+    FCOSInference,
+    SlotInference,
+    box_inference,
+    box_iou,
+    fcos_select,
+    nms,
+    select_detections,
+    slot_select,
+)
 
 
-class FCOSExport(nn.Module):
-    """torchvision FCOS of :class:`~defectscope.models.box_heads.fcos.LiteFCOS` up to (not including) the
-    selection: ``image [B, 3, S, S]`` -> ``(boxes [B, A, 4] normalised xyxy, class_scores [B, A, C + 1])``.
-
-    Reproduces ``GeneralizedRCNNTransform`` for inputs already at the model's size (normalise; the
-    resize to ``S`` is then the identity; zero padding to a multiple of ``size_divisible``).
-
-    Attributes:
-        level_sizes: locations per pyramid level, in order (the split :func:`fcos_select` needs).
-    """
-
-    def __init__(self, model: nn.Module, size: int) -> None:
-        super().__init__()
-        from torchvision.models.detection.image_list import ImageList
-
-        det = model.det
-        self.backbone, self.head, self.coder = det.backbone, det.head, det.box_coder
-        if hasattr(self.backbone, "channels_last"):
-            self.backbone.channels_last = False  # memory layout only; NCHW traces to plain Conv nodes
-        self.size = int(size)
-        div = int(det.transform.size_divisible)
-        self.padded = int(math.ceil(self.size / div) * div)
-        self.register_buffer("mean", torch.tensor(det.transform.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(det.transform.image_std).view(1, 3, 1, 1), persistent=False)
-        with torch.no_grad():  # batch 2: GroupNorm refuses a 1 x 1 top level at batch 1 (sides <= 128 px)
-            x = torch.zeros(2, 3, self.padded, self.padded)
-            feats = list(self.backbone(x).values())
-            anchors = det.anchor_generator(ImageList(x, [(self.size, self.size)] * 2), feats)[0]
-        self.level_sizes = [int(f.shape[2] * f.shape[3]) for f in feats]
-        self.register_buffer("anchors", anchors.float(), persistent=False)
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (image - self.mean) / self.std
-        pad = self.padded - self.size
-        if pad:
-            x = F.pad(x, (0, pad, 0, pad))
-        out = self.head(list(self.backbone(x).values()))
-        boxes = self.coder.decode(out["bbox_regression"], self.anchors).clamp(0, self.size) / self.size
-        scores = torch.sqrt(torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"]))
-        return boxes, scores
-
-
-class SlotExport(nn.Module):
-    """:class:`~defectscope.models.box_heads.SlotDetector` -> ``(boxes [B, K, 4] normalised xyxy in [0, 1],
-    class_scores [B, K, C])`` (softmax; the "no defect" class of ``mode="slots"`` dropped after it)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.slots = model.mode == "slots"
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model.forward_head(self.model.forward_features(image))
-        prob = out["logits"].float().softmax(-1)
-        if self.slots:
-            prob = prob[..., :-1]
-        return cxcywh_to_xyxy(out["boxes"].float()).clamp(0, 1), prob
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix ``[N, M]`` of ``xyxy`` boxes ``a [N, 4]`` and ``b [M, 4]`` (float64; 0 where a union is 0)."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Class-wise greedy non-maximum suppression (``torchvision.ops.batched_nms`` semantics).
-
-    Within each class, boxes are taken in decreasing score order and every later box whose IoU with a
-    kept one is **greater than** ``iou_threshold`` is dropped.
-
-    Args:
-        boxes: ``[N, 4]`` xyxy. scores: ``[N]``. labels: ``[N]`` class of each box.
-        iou_threshold: IoU above which the lower-scored box is suppressed.
-
-    Returns:
-        Indices of the kept boxes ``[M]`` (int64), in decreasing score order.
-    """
-    boxes, scores, labels = np.asarray(boxes, np.float64), np.asarray(scores, np.float64), np.asarray(labels)
-    keep: list[int] = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[np.argsort(-scores[idx], kind="stable")]
-        iou = box_iou(boxes[idx], boxes[idx])
-        alive = np.ones(len(idx), bool)
-        for i in range(len(idx)):
-            if alive[i]:
-                keep.append(int(idx[i]))
-                alive[i + 1 :] &= iou[i, i + 1 :] <= iou_threshold
-    keep_arr = np.asarray(keep, np.int64)
-    return keep_arr[np.argsort(-scores[keep_arr], kind="stable")] if len(keep_arr) else keep_arr
-
-
-def fcos_select(boxes: np.ndarray, scores: np.ndarray, level_sizes: list[int], score_thresh: float, topk: int,
-                iou_threshold: float, max_detections: int, background: int | None = 0) -> dict[str, np.ndarray]:
-    """torchvision ``FCOS.postprocess_detections`` for one image, in NumPy.
-
-    Args:
-        boxes: ``[A, 4]`` decoded boxes of every location. scores: ``[A, L]`` per-label scores.
-        level_sizes: locations per pyramid level (``sum = A``).
-        score_thresh: candidate threshold (strictly greater). topk: candidates kept per level.
-        iou_threshold: class-wise NMS IoU. max_detections: detections kept after NMS.
-        background: label index dropped at the end and subtracted from the others (torchvision's 0),
-            ``None`` to keep every label.
-
-    Returns:
-        ``{"boxes" [M, 4], "scores" [M], "labels" [M]}``, decreasing score.
-
-    Raises:
-        ValueError: ``level_sizes`` does not add up to ``A``.
-    """
-    boxes, scores = np.asarray(boxes), np.asarray(scores)
-    if sum(level_sizes) != len(boxes) or len(scores) != len(boxes):
-        raise ValueError(f"fcos_select: level sizes {level_sizes} (sum {sum(level_sizes)}) do not fit "
-                         f"{len(boxes)} boxes and {len(scores)} score rows")
-    n_labels = scores.shape[1]
-    bs, ss, ls = [], [], []
-    start = 0
-    for n in level_sizes:
-        flat = scores[start : start + n].reshape(-1)
-        cand = np.flatnonzero(flat > score_thresh)
-        order = np.argsort(-flat[cand], kind="stable")[: min(topk, len(cand))]
-        idx = cand[order]
-        bs.append(boxes[start + idx // n_labels])
-        ss.append(flat[idx])
-        ls.append(idx % n_labels)
-        start += n
-    b, s, lab = np.concatenate(bs), np.concatenate(ss), np.concatenate(ls)
-    keep = nms(b, s, lab, iou_threshold)[:max_detections]
-    b, s, lab = b[keep], s[keep], lab[keep]
-    if background is not None:
-        fg = lab != background
-        b, s, lab = b[fg], s[fg], np.where(lab[fg] > background, lab[fg] - 1, lab[fg])
-    return {"boxes": b.reshape(-1, 4), "scores": s, "labels": lab.astype(np.int64)}
-
-
-def slot_select(boxes: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
-    """Every slot with its best class (:meth:`SlotDetector.postprocess`): ``boxes [K, 4]``, ``scores [K]``,
-    ``labels [K]``, in decreasing score order."""
-    scores = np.asarray(scores)
-    lab, s = scores.argmax(-1), scores.max(-1)
-    order = np.argsort(-s, kind="stable")
-    return {"boxes": np.asarray(boxes).reshape(-1, 4)[order], "scores": s[order], "labels": lab[order].astype(np.int64)}
+#: the export-ready modules and the selection live with the method (one forward for every caller)
+FCOSExport, SlotExport = FCOSInference, SlotInference
 
 
 class DetectionAdapter(TaskAdapter):
@@ -207,23 +65,21 @@ class DetectionAdapter(TaskAdapter):
         model, payload, model_path = self.load_run(run_dir, ("class_names", "image_size", "score_threshold"))
         size = int(payload["image_size"])
         name = payload["model_name"]
+        try:
+            module, settings = box_inference(model, size)
+        except ValueError:
+            raise DeployError(f"{model_path}: detection model '{name}' has no deploy decoder "
+                              "(known: fcos_lite, slot_detector)") from None
+        extra = {k: v for k, v in settings.items() if k != "nms_iou"}
+        thresholds = {"score": float(payload["score_threshold"])}
+        if "nms_iou" in settings:
+            thresholds["nms_iou"] = settings["nms_iou"]
         if name == "fcos_lite":
             det = model.det
-            module: nn.Module = FCOSExport(model, size)
-            extra = {"decoder": "fcos", "level_sizes": module.level_sizes, "candidate_threshold": float(det.score_thresh),
-                     "topk_candidates": int(det.topk_candidates), "detections_per_img": int(det.detections_per_img),
-                     "background_label": 0}
-            thresholds = {"score": float(payload["score_threshold"]), "nms_iou": float(det.nms_thresh)}
             norm = {"inside_model": True, "mean": list(det.transform.image_mean), "std": list(det.transform.image_std)}
-        elif name == "slot_detector":
-            module = SlotExport(model)
-            extra = {"decoder": "slots", "mode": model.mode, "slots": int(model.num_slots)}
-            thresholds = {"score": float(payload["score_threshold"])}
+        else:
             spec = model.backbone.spec
             norm = {"inside_model": True, "mean": list(spec.mean), "std": list(spec.std)}
-        else:
-            raise DeployError(f"{model_path}: detection model '{name}' has no deploy decoder "
-                              "(known: fcos_lite, slot_detector)")
         info = ModelInfo(
             task=self.task, model_name=name, model_kwargs=payload["model_kwargs"], inputs={"image": [3, size, size]},
             outputs=["boxes", "class_scores"], input_size=(size, size), normalisation=norm,
@@ -237,11 +93,7 @@ class DetectionAdapter(TaskAdapter):
     def detections(self, info: ModelInfo, boxes: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
         """All detections of one image (normalised ``boxes [M, 4]``, ``scores``, 0-based ``labels``),
         before the run's score threshold: :func:`fcos_select` or :func:`slot_select`."""
-        e = info.extra
-        if e.get("decoder") == "fcos":
-            return fcos_select(boxes, scores, e["level_sizes"], e["candidate_threshold"], e["topk_candidates"],
-                               info.thresholds["nms_iou"], e["detections_per_img"], e.get("background_label", 0))
-        return slot_select(boxes, scores)
+        return select_detections({**info.extra, "nms_iou": info.thresholds.get("nms_iou")}, boxes, scores)
 
     def preprocess(self, info: ModelInfo, image: np.ndarray, spectra: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if spectra is not None:
@@ -278,6 +130,86 @@ class DetectionAdapter(TaskAdapter):
         h, w = image.shape[:2]
         px = d["boxes"][keep].astype(np.float64) * np.array([w, h, w, h], np.float64)
         return draw_boxes(image, px, [int(v) for v in d["labels"][keep]], info.class_names, d["scores"][keep])
+
+    predict_options = ("save_images",)
+    default_predict_out = "boxes.json"
+
+    def pixel_detections(self, info: ModelInfo, boxes: np.ndarray, scores: np.ndarray, width: int, height: int
+                         ) -> dict[str, np.ndarray]:
+        """:meth:`detections` of one image in its own pixels (float64 ``boxes [M, 4]`` xyxy, ``scores``, ``labels``)."""
+        d = self.detections(info, boxes, scores)
+        scale = np.array([width, height, width, height], np.float64)
+        return {"boxes": d["boxes"].astype(np.float64).reshape(-1, 4) * scale,
+                "scores": np.asarray(d["scores"], np.float64).reshape(-1), "labels": np.asarray(d["labels"]).reshape(-1)}
+
+    def write_predictions(self, predictor, files: list[Path], results: list, skipped: list[tuple[Path, str]],
+                          out: Path, save_images: bool = False, **options) -> dict:
+        """COCO JSON ``out``: ``images`` (full paths, own sizes), ``categories`` and ``annotations`` with
+        ``bbox`` = ``[x, y, w, h]`` pixels of the image's own size and a ``score``, the detections with
+        ``score >= score_threshold`` (the run's); ``info`` lists skipped files. With ``save_images``, the
+        images with the boxes drawn (the answers' overlays) go to ``<out without suffix>_images/``."""
+        import base64
+
+        from defectscope.data.boxes import ImageBoxes, write_coco
+        from defectscope.utils.io import atomic_path
+
+        info = predictor.info
+        records = []
+        for f, r in zip(files, results):
+            h, w = r.image_size
+            rec = ImageBoxes(Path(f).resolve(), w, h, np.array([b.xyxy for b in r.boxes], np.float64).reshape(-1, 4),
+                             [b.label for b in r.boxes])
+            rec.scores = np.array([b.score for b in r.boxes], np.float64)
+            records.append(rec)
+        desc = {"description": f"defectscope predict with {info.source}", "score_threshold": info.thresholds["score"],
+                "skipped": [{"file": str(f), "error": e} for f, e in skipped]}
+        write_coco(out, records, list(info.class_names), info=desc)
+        if save_images:
+            folder = Path(out).with_suffix("")
+            folder = folder.parent / f"{folder.name}_images"
+            folder.mkdir(parents=True, exist_ok=True)
+            for rec, r in zip(records, results):
+                with atomic_path(folder / f"{Path(rec.image).stem}.png") as tmp:
+                    Path(tmp).write_bytes(base64.b64decode(r.answer["overlay_png"]))
+        return {"boxes": int(sum(len(r.labels) for r in records))}
+
+    def evaluate(self, predictor, data: Path, out: Path) -> dict:
+        """Every annotated image of ``data`` (VOC folder or COCO ``.json``): COCO mAP and the box metrics of
+        :func:`~defectscope.evaluation.detection.detection_metrics` over the model's detections (all scores;
+        ``score_threshold`` for the box errors), ``out/metrics.json`` and ``out/report.html``.
+
+        Raises:
+            BoxFormatError: bad or no annotations (named); ImageReadError: an unreadable image.
+        """
+        import time
+
+        from defectscope.data.boxes import BoxFormatError, image_class, load_record_images, read_boxes
+        from defectscope.engine.run import RunFolder
+        from defectscope.evaluation.detection import detection_metrics
+        from defectscope.evaluation.detection_report import write_detection_report
+
+        info = predictor.info
+        names = list(info.class_names)
+        records, _ = read_boxes(data, names)
+        if not records:
+            raise BoxFormatError(f"{data}: no annotated images")
+        x = load_record_images(records, int(info.input_size[0]))
+        start = time.perf_counter()
+        outs = predictor.run_batches({"image": x.astype(np.float32) / np.float32(255.0)})
+        preds = [self.pixel_detections(info, b, s, r.width, r.height)
+                 for b, s, r in zip(outs["boxes"], outs["class_scores"], records)]
+        ips = len(records) / max(1e-9, time.perf_counter() - start)
+        targets = [{"boxes": r.boxes, "labels": np.array([names.index(n) for n in r.labels], dtype=np.int64)} for r in records]
+        thr = float(info.thresholds["score"])
+        metrics = detection_metrics(preds, targets, [(r.width, r.height) for r in records],
+                                    [image_class(r, names) for r in records], names, thr)
+        ev = RunFolder(out).create()
+        ev.write_metrics({"task": info.task, "run": info.source, "backend": predictor.backend, "data": str(data),
+                          "images_per_second": round(ips, 1), "test": metrics})
+        write_detection_report(ev, f"defectscope evaluate: {Path(info.source).name} on {Path(data).name}", metrics,
+                               {"run": info.source, "backend": predictor.backend, "data": str(data), "images": len(records)},
+                               records, preds, targets, names, thr)
+        return metrics
 
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """Images of ``RUN/split/<split>.txt`` (``path,image class``); targets: the image class index ``[N]``."""

@@ -5,7 +5,7 @@ Exported graph: ``image`` float32 ``[B, 3, H, W]`` RGB in [0, 1] (``H, W`` = the
 
 - ``mask_probabilities`` ``[B, K, H, W]``: sigmoid of the logits (KolektorSDD: ``K = 1``); with
   the payload's ``tta`` the mean over the image and its horizontal, vertical and double flips,
-  each flipped back (4 forward passes inside the graph), as the engine's ``predict_mask_probs``;
+  each flipped back (4 forward passes inside the graph), as :class:`~defectscope.models.unet.inference.UNetInference` (the one forward of the method);
 - ``image_score`` ``[B]``: the payload's ``image_score`` rule computed in the graph, equal to
   :func:`defectscope.evaluation.segmentation.image_scores`: ``max`` (largest pixel probability),
   ``blur_max`` (largest value after a Gaussian blur, sigma 2 px, truncated at 4 sigma,
@@ -23,8 +23,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from defectscope.deploy.adapters._common import (
@@ -37,71 +35,12 @@ from defectscope.deploy.adapters._common import (
     spread,
 )
 from defectscope.deploy.adapters.base import DeployError, EvalSet, ModelInfo, TaskAdapter, file_sha256, register_adapter
-from defectscope.evaluation.segmentation import IMAGE_SCORE_METHODS
+from defectscope.models.unet.inference import UNetInference, gaussian_kernel1d  # noqa: F401 (re-exported)
 
-#: ``image_scores`` defaults (evaluation/segmentation.py): blur sigma in map pixels, top-mean share
-BLUR_SIGMA = 2.0
-BLUR_TRUNCATE = 4.0
-TOP_FRACTION = 0.001
 DECISION_CLASSES = ["good", "defective"]
-
-
-def gaussian_kernel1d(sigma: float, truncate: float = BLUR_TRUNCATE) -> torch.Tensor:
-    """scipy's 1-D Gaussian weights ``exp(-x^2 / (2 sigma^2))``, normalised, ``x`` in
-    ``[-r, r]`` with ``r = int(truncate * sigma + 0.5)`` (``scipy.ndimage.gaussian_filter``); ``[2r + 1]``."""
-    r = int(truncate * sigma + 0.5)
-    x = torch.arange(-r, r + 1, dtype=torch.float64)
-    w = torch.exp(-0.5 * x**2 / sigma**2)
-    return (w / w.sum()).float()
-
-
-class SegmentationExport(nn.Module):
-    """U-Net -> ``(mask_probabilities [B, K, H, W], image_score [B])`` (see the module docstring).
-
-    Args:
-        model: the trained U-Net, images ``[B, 3, H, W]`` in [0, 1] -> logits ``[B, K, H, W]``.
-        tta: average over the four flips.
-        image_score: ``max``, ``blur_max`` or ``top_mean``.
-        size: ``(H, W)`` of the input (fixes ``k`` of ``top_mean``).
-
-    Raises:
-        DeployError: unknown ``image_score`` rule.
-    """
-
-    def __init__(self, model: nn.Module, tta: bool, image_score: str, size: tuple[int, int]) -> None:
-        super().__init__()
-        if image_score not in IMAGE_SCORE_METHODS:
-            raise DeployError(f"image_score rule {image_score!r} unknown; expected one of {IMAGE_SCORE_METHODS}")
-        self.model, self.tta, self.rule = model, bool(tta), image_score
-        self.register_buffer("kernel", gaussian_kernel1d(BLUR_SIGMA), persistent=False)
-        self.top_k = max(1, int(round(TOP_FRACTION * size[0] * size[1])))
-
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        flips = ((), (3,), (2,), (2, 3)) if self.tta else ((),)
-        total = None
-        for dims in flips:
-            p = torch.sigmoid(self.model(x.flip(dims) if dims else x).float())
-            p = p.flip(dims) if dims else p
-            total = p if total is None else total + p
-        return total / len(flips)
-
-    def blur(self, p: torch.Tensor) -> torch.Tensor:
-        """Separable Gaussian blur of ``[B, K, H, W]`` with repeated edge pixels (scipy ``mode="nearest"``)."""
-        b, k, h, w = p.shape
-        r = (self.kernel.numel() - 1) // 2
-        z = p.reshape(b * k, 1, h, w)
-        z = F.conv2d(F.pad(z, (0, 0, r, r), mode="replicate"), self.kernel.view(1, 1, -1, 1))
-        z = F.conv2d(F.pad(z, (r, r, 0, 0), mode="replicate"), self.kernel.view(1, 1, 1, -1))
-        return z.reshape(b, k, h, w)
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.probabilities(image)
-        if self.rule == "top_mean":
-            score = p.flatten(2).topk(self.top_k, dim=2).values.mean(dim=2).amax(dim=1)
-        else:
-            q = self.blur(p) if self.rule == "blur_max" else p
-            score = q.flatten(1).amax(dim=1)
-        return p, score
+#: the export-ready module is the method's inference module (one forward for training-time test
+#: predictions, ``predict``, ``evaluate``, ``serve``, ``inspect`` and the ONNX graph)
+SegmentationExport = UNetInference
 
 
 def _load_masks(files: list[Path], size: tuple[int, int]) -> np.ndarray | None:
@@ -192,6 +131,78 @@ class SegmentationAdapter(TaskAdapter):
         thr = float(info.thresholds["pixel"])
         union = np.stack([resize_map(p, image.shape[:2]) >= thr for p in probs]).any(axis=0)
         return union.astype(np.uint8) * np.uint8(255)
+
+    predict_options = ("save_images",)
+    default_predict_out = "masks.csv"
+
+    def predict_files(self, predictor, inputs: list[Path], out: Path, batch_size: int = 16, **options) -> dict:
+        """Segment image files; see :meth:`write_predictions`.
+
+        Raises:
+            ValueError: two inputs share a file name (``ImageId`` must be unique).
+        """
+        from defectscope.data.images import expand_inputs
+
+        names = [f.name for f in expand_inputs(inputs)]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"input file names must be unique (they become ImageId); repeated: {dup[:5]}")
+        return super().predict_files(predictor, inputs, out, batch_size, **options)
+
+    def write_predictions(self, predictor, files: list[Path], results: list, skipped: list[tuple[Path, str]],
+                          out: Path, save_images: bool = False, **options) -> dict:
+        """The run-length CSV ``out`` (``ImageId,ClassId,EncodedPixels``): the mask probabilities upsampled
+        bilinearly to each image's own size and thresholded; every (image, class) gets a row (empty
+        ``EncodedPixels`` for no defect). ``save_images`` also writes 0/255 PNG masks to
+        ``<out stem>_masks/<image stem>.png`` (``_class<k>`` suffix when K > 1)."""
+        from PIL import Image
+
+        from defectscope.data.rle import masks_to_records, write_rle_csv
+        from defectscope.utils.io import atomic_path
+
+        out = Path(out)
+        mask_dir = out.parent / f"{out.stem}_masks"
+        records, scores = [], {}
+        for f, r in zip(files, results):
+            masks = r.mask.astype(np.uint8)
+            scores[f.name] = r.score
+            records += masks_to_records(f.name, masks, include_empty=True)
+            if save_images:
+                for k in range(masks.shape[0]):
+                    name = f"{f.stem}.png" if masks.shape[0] == 1 else f"{f.stem}_class{k + 1}.png"
+                    with atomic_path(mask_dir / name) as tmp:
+                        Image.fromarray(masks[k] * 255).save(tmp, format="PNG")
+        write_rle_csv(out, records)
+        return {"scores": scores, "mask_dir": str(mask_dir) if save_images else None}
+
+    def evaluate(self, predictor, data: Path, out: Path) -> dict:
+        """Every image of a KolektorSDD-layout folder (``manifest.csv``, images/, masks/), at the model's
+        input size: :func:`~defectscope.evaluation.segmentation.segmentation_metrics` of the model's mask
+        probabilities, ``out/metrics.json`` and ``out/report.html``.
+
+        Raises:
+            DatasetError: missing manifest, column or file (named).
+        """
+        from defectscope.data.masks import load_masked_stack, read_manifest
+        from defectscope.engine.run import RunFolder
+        from defectscope.evaluation.segmentation import segmentation_metrics
+        from defectscope.evaluation.segmentation_report import write_segmentation_report
+
+        info = predictor.info
+        items = read_manifest(data)
+        x, y = load_masked_stack(items, tuple(info.input_size))
+        probs = predictor.run_batches({"image": x.astype(np.float32) / np.float32(255.0)}, 8)["mask_probabilities"]
+        thr = float(info.thresholds["pixel"])
+        metrics = segmentation_metrics(probs, y, thr, score_method=info.extra.get("image_score", "max"))
+        test = {k: v for k, v in metrics.items() if k not in ("image_scores", "per_image_dice")}
+        ev = RunFolder(out).create()
+        ev.write_metrics({"task": info.task, "run": info.source, "backend": predictor.backend, "data": str(data),
+                          "test": test})
+        write_segmentation_report(ev, f"defectscope evaluate: {Path(info.source).name} on {Path(data).name}", metrics, x, y,
+                                  probs, [it.id for it in items], metrics["image_scores"], metrics["per_image_dice"],
+                                  {"run": info.source, "backend": predictor.backend, "data": str(data), "images": len(items)},
+                                  thr)
+        return test
 
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """Images of ``RUN/split/<split>.txt`` (``path,good|defective`` lines); targets are the true

@@ -59,53 +59,14 @@ from torch import nn
 from defectscope.deploy.adapters._common import heat_overlay, png_base64, resize_map
 from defectscope.deploy.adapters.base import DeployError, EvalSet, ModelInfo, file_sha256, register_adapter
 from defectscope.deploy.adapters.classification import ClassificationAdapter
+from defectscope.models.weld_fusion.inference import WeldInference, attention_kind
 
 #: seam U-Nets of loaded run folders by checkpoint SHA-256 (preprocessing of PyTorch predictors only)
 _UNETS: dict[str, nn.Module] = {}
 
 
-class WeldExport(nn.Module):
-    """A weld model ``(images [B, W, 3, h, w], spectra [B, W, C, T]) -> logits [B, K]`` as a graph over
-    the inputs it reads, returning ``(logits, softmax(logits / temperature))``.
-
-    Args:
-        model: the weld classifier (eval mode, fp32).
-        inputs: the input names in order, a non-empty subset of ``("image", "spectra")``.
-        temperature: ``T`` of temperature scaling (1 = plain softmax).
-    """
-
-    def __init__(self, model: nn.Module, inputs: tuple[str, ...], temperature: float = 1.0,
-                 attention: str | None = None) -> None:
-        super().__init__()
-        self.model, self.names, self.temperature = model, tuple(inputs), float(temperature)
-        self.attention = attention
-
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(logits [B, K], probabilities [B, K])``, with ``attention`` also the attention outputs of the
-        module docstring: ``v2s``: ``attention_map [B, W, h', w']``, ``channel_attention [B, W, C_sel]``;
-        ``s2v``: ``attention_map [B, W, h', w']``."""
-        x = dict(zip(self.names, args))
-        if not self.attention:
-            logits = self.model(x.get("image"), x.get("spectra")).float()
-            return logits, torch.softmax(logits / self.temperature, dim=1)
-        logits, attn = self.model.forward_with_attention(x["image"], x["spectra"])
-        logits = logits.float()
-        probs = torch.softmax(logits / self.temperature, dim=1)
-        gh, gw = self.model.grid
-        a = attn[self.attention].float().mean(2)  # heads averaged
-        if self.attention == "v2s":  # [B, W, N, C]: rows sum to 1 over the channels
-            amap = a.amax(-1)
-            return logits, probs, amap.reshape(amap.shape[0], amap.shape[1], gh, gw), a.mean(2)
-        amap = a.mean(2)  # s2v [B, W, C, N] -> share of attention per image position [B, W, N]
-        return logits, probs, amap.reshape(amap.shape[0], amap.shape[1], gh, gw)
-
-
-def attention_kind(model: nn.Module, model_name: str) -> str | None:
-    """Which attention weights of a weld model become outputs: ``v2s`` (also for ``bidirectional``), ``s2v``,
-    or ``None`` (no cross-attention fusion: add/concat fusions and the baselines)."""
-    if model_name != "weld_fusion":
-        return None
-    return {"v2s": "v2s", "bidirectional": "v2s", "s2v": "s2v"}.get(getattr(model, "fusion_kind", None))
+#: the export-ready module lives with the method (one forward for the pipeline and every runtime)
+WeldExport = WeldInference
 
 
 def _recipe_data(payload: dict) -> dict:
@@ -168,7 +129,7 @@ class WeldAdapter(ClassificationAdapter):
 
         rf = RunFolder(run_dir)
         if not rf.model_path.is_file() and (Path(run_dir) / "crossval.json").is_file():
-            raise DeployError(f"{run_dir}: a cross-validation run (its K fold models are averaged by 'defectscope predict'); "
+            raise DeployError(f"{run_dir}: a cross-validation run without a refit model (no model.ckpt); "
                               f"deploy one fold's run folder {Path(run_dir) / 'folds' / '1'} or train with eval.folds: 1")
         model, payload = rf.load_model()
         for key in ("selected_channels", "minmax_lo", "minmax_hi", "welds_per_sample", "crop_size", "class_names"):
@@ -192,7 +153,7 @@ class WeldAdapter(ClassificationAdapter):
             try:
                 unet = create_model("weld_seam_unet", **payload["unet_kwargs"])
                 unet.load_state_dict(payload["unet_state_dict"])
-            except (KeyError, TypeError, RuntimeError) as exc:
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
                 raise DeployError(f"{rf.model_path}: cannot rebuild the seam U-Net ({str(exc).splitlines()[0]})") from None
             _UNETS[sha] = unet.float().eval()
         model = model.float().eval()
@@ -313,6 +274,84 @@ class WeldAdapter(ClassificationAdapter):
             m = (norm[k][::-1] if k == 0 else norm[k]).copy()  # the first crop was flipped vertically (copy: positive strides)
             out[y0:y1, x0:x1] = heat_overlay(out[y0:y1, x0:x1], resize_map(m, (y1 - y0, x1 - x0)))
         return out
+
+    def _read(self, info: ModelInfo, folder: Path, labelled: bool):
+        """``(dataset, raw signals [N, W, C_run, T])`` of a weld folder read as the run reads it."""
+        from defectscope.data.weld.format import read_for_run
+
+        e = info.extra
+        return read_for_run(folder, e["channels"], int(e["welds"]), int(e["seq_len"]), e.get("length_policy", "resample"),
+                            list(info.class_names) if labelled else None)
+
+    def predict_files(self, predictor, inputs: list[Path], out: Path, batch_size: int = 16, **options) -> dict:
+        """Classify every sample of one or more weld data folders (labels optional) and write ``out`` as CSV:
+        ``folder, id, class, prob_<name>..., [defect_score, decision]`` (one row per sample; the decision
+        columns when the run stored an operating point with an OK class).
+
+        The folders' channels are matched to the run's by wavelength (all channels have one) or by name,
+        in any order.
+
+        Raises:
+            WeldDataError: a folder is not in the format, or its channels (names, units) or welds differ
+                from the run's. FileNotFoundError: an input is not a folder.
+        """
+        import csv
+        import io
+
+        from defectscope.utils.io import write_text
+
+        self.check_predict_options(options)
+        info = predictor.info
+        names = list(info.class_names)
+        dec = info.thresholds.get("decision") or {}
+        ok = dec.get("ok_class") if dec.get("ok_class") in names else None
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["folder", "id", "class", *[f"prob_{n}" for n in names], *(["defect_score", "decision"] if ok else [])])
+        count = 0
+        for folder in map(Path, inputs):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{folder}: not a weld data folder (expected a folder with manifest.json)")
+            ds, spectra = self._read(info, folder, labelled=False)
+            results = predictor.predict([s.image for s in ds.samples], list(spectra), batch_size=batch_size)
+            for s, r in zip(ds.samples, results):
+                more = [f"{r.defect_score:.6f}", r.decision] if ok else []
+                w.writerow([str(folder), s.id, r.label, *[f"{r.scores[n]:.6f}" for n in names], *more])
+                count += 1
+        write_text(out, buf.getvalue())
+        return {"predicted": count, "skipped": [], "out": str(out)}
+
+    def evaluate(self, predictor, data: Path, out: Path) -> dict:
+        """A labelled weld folder: the Table-4 classification metrics of the model's (temperature-scaled)
+        probabilities, ``seam_dice`` of the seam U-Net's masks against the true masks (``None`` without
+        either), ``out/metrics.json`` and ``out/report.html``.
+
+        Raises:
+            WeldDataError: the folder is not in the format, or its classes, channels or welds differ from the run's.
+        """
+        from defectscope.engine.run import RunFolder
+        from defectscope.evaluation.classification import classification_metrics
+        from defectscope.evaluation.plots import plot_confusion_matrix
+        from defectscope.evaluation.report import Report
+        from defectscope.evaluation.weld_plots import TABLE4_COLUMNS, percent_strings, seam_dice, table4_rows
+
+        info = predictor.info
+        ds, spectra = self._read(info, Path(data), labelled=True)
+        images = [s.image for s in ds.samples]
+        probs = predictor.outputs(images, list(spectra))["probabilities"]
+        names = list(info.class_names)
+        metrics = classification_metrics(ds.labels, probs, names)
+        masks = [self._mask(info, im) for im in images] if info.extra.get("seam_unet") else None
+        metrics["seam_dice"] = None if masks is None else seam_dice(masks, [s.mask for s in ds.samples])
+        ev = RunFolder(out).create()
+        ev.write_metrics({"task": info.task, "run": info.source, "backend": predictor.backend, "data": str(data),
+                          "synthetic": ds.synthetic, "test": metrics})
+        rep = Report(f"defectscope evaluate: {Path(info.source).name} on {Path(data).name}", synthetic=ds.synthetic)
+        rep.table("Per class (Table 4 layout)", percent_strings(table4_rows(metrics)), TABLE4_COLUMNS)
+        plot_confusion_matrix(metrics["confusion_matrix"], names, ev.plots / "confusion_matrix.png")
+        rep.image("plots/confusion_matrix.png", "Confusion matrix")
+        rep.write(ev.report_path)
+        return metrics
 
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """Samples of ``RUN/split/<split>.txt`` (``sample id,class`` lines) read from the run's weld folder

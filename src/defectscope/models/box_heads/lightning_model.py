@@ -10,10 +10,12 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
+
 from torch import nn
 from torch.utils.data import Dataset
 
 from defectscope.evaluation.detection import coco_map
+from defectscope.machine import autocast
 from defectscope.models.box_heads.losses import SetCriterion, padded_slot_loss, single_loss
 from defectscope.models.training import to_float, warmup_cosine
 
@@ -74,16 +76,20 @@ def collate(batch):
 
 @torch.no_grad()
 def cache_features(model: nn.Module, x: np.ndarray, variants: tuple[int, ...], batch_size: int = 64,
-                   bf16: bool = True, channels_last: bool = True) -> list[list[torch.Tensor]]:
+                   precision: str = "auto", channels_last: bool = True) -> list[list[torch.Tensor]]:
     """Backbone feature maps of uint8 images ``[N, 3, S, S]`` for each flip variant.
 
     Paper 002, section III-E: the (frozen) backbone runs once per image and variant, and only
     the head is trained on the stored features.
 
+    Args:
+        precision: the recipe's ``train.precision``; bf16 autocast only where
+            :func:`defectscope.machine.use_bf16` says this CPU computes it natively.
+
     Returns:
         Per variant, the list of feature levels, each a bf16 tensor ``[N, D, h, w]`` (bf16 storage
         halves the memory; NEU-DET's 1296 training images x 4 variants take about 0.6 GB with
-        EfficientNet-Lite0's last map at 200 px).
+        EfficientNet-Lite0's last map at 200 px; the head reads them back as fp32).
     """
     model.eval()
     xt = torch.from_numpy(x)
@@ -94,7 +100,7 @@ def cache_features(model: nn.Module, x: np.ndarray, variants: tuple[int, ...], b
             b = flip_images(to_float(xt[i : i + batch_size]), v)
             if channels_last:
                 b = b.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with autocast(precision):
                 parts.append([f.to(torch.bfloat16).contiguous() for f in model.forward_features(b)])
         out.append([torch.cat(level) for level in zip(*parts)])
     return out

@@ -71,5 +71,16 @@ class MultiscaleCrossAttentionClassifier(nn.Module):
         fused, attn = self.fusion(q, kv)
         return self.head(fused), attn
 
+    def logits_and_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, K]`` and the global-average-pooled high-resolution backbone features
+        ``[B, C]`` (the drift monitor's input) from one pass: the backbone runs once per resolution."""
+        hi = self._resize(x, self.image_size)
+        lo = self._resize(x, self.low_res)
+        fmap = self.backbone(hi)
+        q = self.proj_q(feature_map_to_tokens(fmap))
+        kv = self.proj_kv(feature_map_to_tokens(self.backbone(lo)))
+        fused, _ = self.fusion(q, kv)
+        return self.head(fused), fmap.float().mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_attention(x)[0]

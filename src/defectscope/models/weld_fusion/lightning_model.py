@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from defectscope.machine import autocast
 from defectscope.models.training import build_loss, warmup_cosine
 
 
@@ -200,14 +201,17 @@ def predict_masks(model: nn.Module, images: list[np.ndarray], size: int, batch_s
 
 
 @torch.no_grad()
-def cached_features(backbone: nn.Module, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Feature maps of a frozen backbone for uint8 crops ``[N, W, 3, h, w]`` -> float32 ``[N, W, C, h', w']`` (bf16 autocast)."""
+def cached_features(backbone: nn.Module, crops: np.ndarray, batch_size: int = 32, precision: str = "auto") -> np.ndarray:
+    """Feature maps of a frozen backbone for uint8 crops ``[N, W, 3, h, w]`` -> float32 ``[N, W, C, h', w']``.
+
+    ``precision``: the recipe's ``train.precision``; bf16 autocast only where
+    :func:`defectscope.machine.use_bf16` says this CPU computes bf16 natively."""
     backbone.eval()
     out = []
     flat = crops.reshape(-1, *crops.shape[2:])
     for i in range(0, len(flat), batch_size):
         x = torch.from_numpy(flat[i : i + batch_size]).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(precision):
             out.append(backbone(x).float())
     f = torch.cat(out).numpy() if out else np.zeros((0, 1, 1, 1), np.float32)
     return f.reshape(crops.shape[0], crops.shape[1], *f.shape[1:])
@@ -216,8 +220,12 @@ def cached_features(backbone: nn.Module, crops: np.ndarray, batch_size: int = 32
 @torch.no_grad()
 def predict_weld_probs(model: nn.Module, crops: np.ndarray, spectra: np.ndarray, batch_size: int = 32,
                        with_attention: bool = False):
-    """Softmax probabilities ``[N, K]`` (and the fusion attention per batch when asked), fp32, eval mode."""
+    """Softmax probabilities ``[N, K]`` of :class:`~defectscope.models.weld_fusion.inference.WeldInference`
+    (and, when asked, the fusion's raw attention weights per head for the report), fp32, eval mode."""
+    from defectscope.models.weld_fusion.inference import WeldInference
+
     model.eval()
+    module = WeldInference(model, ("image", "spectra")).eval()
     probs, attns = [], []
     for i in range(0, len(crops), batch_size):
         x = torch.from_numpy(crops[i : i + batch_size]).float() / 255.0
@@ -225,9 +233,9 @@ def predict_weld_probs(model: nn.Module, crops: np.ndarray, spectra: np.ndarray,
         if with_attention and hasattr(model, "forward_with_attention"):
             logits, attn = model.forward_with_attention(x, s)
             attns.append({k: v.numpy() for k, v in attn.items()})
+            probs.append(module.probabilities(logits).numpy())
         else:
-            logits = model(x, s)
-        probs.append(F.softmax(logits.float(), dim=1).numpy())
+            probs.append(module(x, s)[1].numpy())
     p = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
     if not with_attention:
         return p
