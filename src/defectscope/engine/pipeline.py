@@ -762,19 +762,27 @@ def _refit(task: TaskHooks, chosen: Candidate, samples: Samples, pool_idx: np.nd
         return None
     seconds = time.perf_counter() - start
     notes = []
-    probs = task.class_probs(ev["pooled_preds"])
+    preds = ev["pooled_preds"]
+    probs = task.class_probs(preds)
     if probs is not None:
         y = samples.labels[ev["idx"]]
         try:
             cal = calibrate(logits_from_probs(probs), y)
             fitted.checkpoint["temperature"] = float(cal["temperature"])
+            preds = task.with_temperature(preds, cal["temperature"])  # thresholds apply to the scaled scores
             notes.append(f"temperature {cal['temperature']:.3f} fitted on the pooled out-of-fold probabilities")
         except ValueError as exc:
             notes.append(f"no temperature ({exc})")
-    points = ev["pooled"].get("operating_points")
+    evc = getattr(recipe, "eval", None)
+    targets = list(evc.escape_rate_targets) if evc else [0.05, 0.01, 0.001]
+    dec = task.decision_scores(recipe, samples, ev["idx"], preds)
+    points = None
+    if dec is not None and dec[0].any() and not dec[0].all():
+        from defectscope.evaluation.decisions import operating_points
+
+        points = operating_points(dec[1], dec[0], targets)
     if points:
-        evc = getattr(recipe, "eval", None)
-        target = evc.decision_target if evc and evc.decision_target else (list(evc.escape_rate_targets)[0] if evc else 0.05)
+        target = evc.decision_target if evc and evc.decision_target else targets[0]
         point = min(points, key=lambda p: abs(p["target_escape_rate"] - target))
         fitted.checkpoint["decision"] = {k: point[k] for k in ("target_escape_rate", "threshold", "escape_rate_upper_95",
                                                                "false_call_rate", "n_defective_used")}
