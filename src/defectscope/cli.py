@@ -100,6 +100,17 @@ def _print_result(task, out: Path, result: dict, title: str | None = None) -> No
                 table.add_row(k, f"{result['mean'][k]:.4f} +- {result['std'][k]:.4f}",
                               f"{p:.4f}" if isinstance(p, float) else str(p))
         console.print(table)
+        cands = result.get("candidates") or {}
+        key = result.get("selection_metric", "accuracy")
+        if len(cands) > 1:
+            console.print(f"candidates, pooled out-of-fold {key}: " + ", ".join(
+                f"{n} {c['pooled'].get(key, float('nan')):.4f}" for n, c in cands.items())
+                + f"; chosen: {result['chosen']} (the figures above; selected on these folds, so optimistic"
+                + (f"; nested selection: {result['nested']['pooled'].get(key, float('nan')):.4f}" if result.get("nested") else
+                   ", --nested for an unbiased figure") + ")", highlight=False, soft_wrap=True)
+        if result.get("model"):
+            console.print(f"model: {out / 'model.ckpt'} ({result['model']['candidate']} refit on all the data; "
+                          "its expected performance is the pooled out-of-fold figure)", highlight=False, soft_wrap=True)
         console.print(f"crossval: {out / 'crossval.json'}  out-of-fold: {out / 'oof_predictions.csv'}  report: {out / 'report.html'}")
         return
     console.print(_summary_table(title or f"{task.name}: {out}", result.get("test", {}), keys))
@@ -118,6 +129,7 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder (only once the new run succeeded).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted train into --out from its last checkpoints (same recipe and options).")] = False,
     task_name: Annotated[Optional[str], typer.Option("--task", help="With a data folder: the task to train (overrides the guess).")] = None,
+    nested: Annotated[bool, typer.Option("--nested", help="Cross-validation: also select the candidate inside each outer fold (inner CV) for an unbiased figure (eval.nested).")] = False,
     max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Train a recipe (or a data folder with a recipe sized to it), evaluate it and write the run folder.
@@ -129,6 +141,8 @@ def train(
     """
     from defectscope import api
 
+    if nested:
+        override = [*(override or []), "eval.nested=true"]
     _set_pixel_limit(max_megapixels)
 
     def log(message: str) -> None:

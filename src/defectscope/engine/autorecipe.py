@@ -26,7 +26,11 @@ noise on an 8-image test split. :func:`size_recipe` instead derives the settings
   single stratified split (``test_fraction`` 0.2) would hold fewer than ``MIN_TEST_PER_CLASS`` (10)
   images of some class; otherwise 1 (single split). The anomaly task tests on every defective
   image already (folds 1); it uses PatchCore (no network training, so no ``train`` section) and
-  reads nothing but the user's folder (no clustering study).
+  reads nothing but the user's folder (no clustering study). The time estimate counts the K fold
+  fits and the final refit of the chosen candidate on all the data (of one fine-tuned candidate).
+- **Candidates** (``eval.candidates``, cross-validated classification and weld recipes): the
+  models compared on the same folds (:data:`CLASSIFICATION_CANDIDATES`, :data:`WELD_CANDIDATES`);
+  the best pooled out-of-fold accuracy becomes the run's model (see :mod:`defectscope.engine.pipeline`).
 
 Keys not in today's schemas are listed in :data:`NEW_KEYS`; the pipeline's schemas take them.
 :func:`explain` gives the one paragraph ``train`` prints.
@@ -56,6 +60,10 @@ MAX_FOLDS = 5
 NEW_KEYS = ("eval.folds", "train.class_balance", "data.layout@anomaly", "data.layout@segmentation",
             "data.layout@detection")
 TASKS = ("classification", "segmentation", "detection", "anomaly", "weld")
+#: candidates a cross-validated classification recipe evaluates on the same folds (see engine/pipeline.py)
+CLASSIFICATION_CANDIDATES = ("model", "linear_probe", "finetune_small")
+#: candidates of a cross-validated weld recipe: the fusion model, the signal-statistics and image-probe references
+WELD_CANDIDATES = ("model", "signal_stats", "image_probe")
 
 
 @dataclass
@@ -182,7 +190,7 @@ def _steps(plan: _Plan, n_train: int, hw: tuple[int, int], folds: int, reasons: 
     reasons.append(f"{n_train} training images per fit in batches of {b} ({per_epoch} steps per epoch, "
                    f"{'last partial batch kept' if not drop_last(n_train, b) else 'last partial batch dropped'}); "
                    f"{epochs} epochs = {epochs * per_epoch} optimizer steps (a fixed schedule: no wall-clock cut)")
-    plan.image_passes = epochs * n_train * max(1, folds)
+    plan.image_passes = epochs * n_train * max(1, folds)  # folds + the refit (see _plan)
     plan.hw = tuple(hw)
     return {"batch_size": b, "epochs": epochs}
 
@@ -258,14 +266,29 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
             raw["data"]["test_fraction"] = TEST_FRACTION
             if layout:
                 raw["data"]["layout"] = layout
-        if task in ("classification", "weld") and len(nonzero) >= 2:
+        if task == "classification" and len(nonzero) >= 2:
             big, small = max(nonzero.values()), min(nonzero.values())
             balance = big / small > IMBALANCE_RATIO
             raw["train"]["class_balance"] = balance
             reasons.append(f"largest / smallest class = {big} / {small} = {big / small:.1f}: class-balanced "
                            f"sampling {'ON' if balance else 'off'} (on above {IMBALANCE_RATIO:g})")
-        raw["train"].update(_steps(plan, n_train, hw, folds, reasons))
+        raw["train"].update(_steps(plan, n_train, hw, folds + 1 if folds > 1 else 1, reasons))
         raw["train"].setdefault("lr", 5.0e-4 if task != "weld" else 2.0e-4)
+        if folds > 1 and task == "classification":
+            raw["eval"]["candidates"] = list(CLASSIFICATION_CANDIDATES)
+            reasons.append("candidates on the same folds: " + ", ".join(CLASSIFICATION_CANDIDATES) + "; the best pooled "
+                           "out-of-fold accuracy becomes the model (ties: the cheaper), refit on all the images")
+        if task == "weld":
+            raw["model"] = {"freeze_backbone": True}
+            reasons.append("weld: the ImageNet vision encoder is kept frozen (its features are computed once), the "
+                           "seam U-Net is trained only when every sample has a seam mask")
+            # the folds are the weld task's own default (engine/weld.py default_folds): it knows the data's
+            # group field (sessions, batches), which caps K and keeps a group in one fold
+            raw["eval"] = {"candidates": list(WELD_CANDIDATES)}
+            reasons.append("folds: the weld task's default (cross-validation below 200 samples, K = min(5, smallest "
+                           "class, groups), grouped by the data's group field when every sample has one)")
+            reasons.append("candidates on the same (grouped) folds: " + ", ".join(WELD_CANDIDATES) + "; the best pooled "
+                           "out-of-fold accuracy becomes the model (ties: the cheaper), refit on all the samples")
     else:  # segmentation
         hw = _aspect_size(image_hw, (320, 128))
         raw["data"]["height"], raw["data"]["width"] = hw
@@ -278,7 +301,7 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
             raw["data"]["defect_oversample"] = over
             reasons.append(f"{bad} defective / {good} good images: each defective image {over}x per epoch")
         raw["train"]["lr"] = 1.0e-3
-        raw["train"].update(_steps(plan, n_train, hw, folds, reasons, max_batch=8))
+        raw["train"].update(_steps(plan, n_train, hw, folds + 1 if folds > 1 else 1, reasons, max_batch=8))
     return plan
 
 
