@@ -634,7 +634,7 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
                     workers: int | None = None, threads: int = 1, batch_size: int = 32, address: str | None = None,
                     resume: bool = False, overwrite: bool = False, flush_rows: int = 1000, flush_seconds: float = 10.0,
                     block_rows: int | None = None, on_progress: ProgressFn | None = None,
-                    save_maps: str | os.PathLike | None = None, runtime: str = "auto") -> InspectResult:
+                    save_maps: str | os.PathLike | None = None, runtime: str = "onnxruntime") -> InspectResult:
     """Score every image of ``sources`` with ``model`` on Ray Data and write one Parquet row per image.
 
     Args:
@@ -661,8 +661,8 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
         save_maps: folder for each scored image's picture output (mask, anomaly map, boxes overlay,
             attention overlay: the adapter's ``map_kind``), named by :func:`map_file_name`; the rows get
             ``map_path``. On resume only the newly scored images' files are written.
-        runtime: for an ``.onnx`` model, ``onnxruntime``, ``openvino`` or ``auto``: the driver times
-            both exact runtimes once (:class:`~defectscope.deploy.predictor.OnnxPredictor`) and every
+        runtime: for an ``.onnx`` model, ``onnxruntime`` (default here; the CLI's default is ``auto``),
+            ``openvino`` or ``auto``: the driver times both exact runtimes once (:class:`~defectscope.deploy.predictor.OnnxPredictor`) and every
             worker runs the faster one.
 
     Returns:

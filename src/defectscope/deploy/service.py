@@ -368,10 +368,12 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, queue: int = 64,
           max_bytes: int = DEFAULT_MAX_BYTES, threads: int | None = 2, member: str | None = None,
-          max_pixels: int | None = None, runtime: str = "auto") -> None:
+          max_pixels: int | None = None, runtime: str = "onnxruntime") -> None:
     """Load ``path`` (run folder or ``.onnx``; ``member``: which model of an anomaly run folder) and serve it
     with uvicorn until interrupted (``max_pixels``: see :func:`create_app`; ``runtime``: for an ``.onnx``
-    file, ``onnxruntime``, ``openvino`` or ``auto`` = the faster exact one measured at start,
+    file, ``onnxruntime`` (default here; the CLI's default is ``auto``), ``openvino`` or ``auto`` = the
+    faster exact one measured at start (thresholded outputs may then differ from ONNX Runtime's in a few
+    boundary pixels),
     :class:`~defectscope.deploy.predictor.OnnxPredictor`)."""
     import uvicorn
 
