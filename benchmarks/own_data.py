@@ -1,13 +1,24 @@
-"""Small own-data folders: `defectscope train FOLDER` (no recipe) against its linear-probe reference.
+"""Small own-data folders: `defectscope train FOLDER` (no recipe), every candidate side by side.
 
-    python benchmarks/own_data.py --out DIR [--per-class 4 8 16] [--seed 0]
+    python benchmarks/own_data.py --out DIR [--proxies neu_grey ksdd weld_spread] [--nested weld_spread] [--seed 0]
+    python benchmarks/own_data.py --out DIR --proxies neu6 --per-class 4 8 16     # the older NEU 6-class table
 
-For each size, a class-per-folder set of N real NEU images per class (6 classes; the first N of a
-seeded permutation of each class, copied) is trained with the recipe ``train`` sizes to it (k-fold
-cross-validation when a split would hold fewer than 10 test images of a class). Printed per size:
-folds, wall seconds of the whole command, pooled out-of-fold accuracy and mean +- std over folds of
-the fine-tuned model and of the linear probe (logistic regression on the frozen EfficientNet-Lite0
-ImageNet features, same folds). Writes ``DIR/own_data.json``.
+Proxies (issue 25), none of them what the recipes were tuned on; folders are written under ``DIR``,
+never into the repository:
+
+- ``neu_grey``: NEU converted to single-channel grey PNG, 4 classes (rolled-in_scale, pitted_surface,
+  inclusion, scratches), 10 images per class (the first of a seeded permutation);
+- ``ksdd``: KolektorSDD as ``good`` / ``defective`` class folders (as ``benchmarks/ksdd_as_classes.py``),
+  15 images per class (seeded), symlinks;
+- ``weld_spread``: 24 weld runs from ``tests/weld_fixtures.py`` (12 batches of an ``ok`` and a
+  ``porosity`` run) written as recordings and imported with ``defectscope signals import``; the photos,
+  audio, gas and photodiode carry no class information, the defect is a doubled spread of the arc voltage;
+- ``neu6``: class-per-folder NEU, 6 classes, ``--per-class`` images each (the pre-issue-25 table).
+
+For each proxy ``defectscope train FOLDER --out RUN`` runs with the recipe it sizes (plus ``-o
+train.precision=32`` on CPUs without native bf16), then ``predict RUN FOLDER`` and ``export RUN``. Printed:
+folds, wall seconds, every candidate's pooled out-of-fold accuracy and mean +- std over folds, the chosen
+one, and with ``--nested`` the nested (unbiased) figure. Writes ``DIR/own_data.json``.
 """
 
 from __future__ import annotations
@@ -23,63 +34,118 @@ from pathlib import Path
 
 import numpy as np
 
-NEU = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "neu-det" / "images"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+NEU = SHARED / "neu-det" / "images"
+KSDD = SHARED / "kolektorsdd"
 
 
-def make_folder(out: Path, per_class: int, seed: int) -> Path:
+def make_neu(out: Path, per_class: int, seed: int, classes: list[str] | None = None, grey: bool = False) -> Path:
+    from PIL import Image
+
     rng = np.random.default_rng(seed)
-    classes = sorted({p.stem.rsplit("_", 1)[0] for p in NEU.glob("*.jpg")})
+    classes = classes or sorted({p.stem.rsplit("_", 1)[0] for p in NEU.glob("*.jpg")})
     for c in classes:
         files = sorted(NEU.glob(f"{c}_*.jpg"))
         (out / c).mkdir(parents=True, exist_ok=True)
         for i in rng.permutation(len(files))[:per_class]:
-            shutil.copy(files[i], out / c / files[i].name)
+            if grey:
+                Image.open(files[i]).convert("L").save(out / c / f"{files[i].stem}.png")
+            else:
+                shutil.copy(files[i], out / c / files[i].name)
     return out
 
 
+def make_ksdd(out: Path, per_class: int, seed: int) -> Path:
+    import csv
+
+    rows = list(csv.DictReader((KSDD / "manifest.csv").open()))
+    rng = np.random.default_rng(seed)
+    for cls, flag in (("good", "0"), ("defective", "1")):
+        ids = sorted(r["id"] for r in rows if r["defective"] == flag)
+        (out / cls).mkdir(parents=True, exist_ok=True)
+        for i in rng.permutation(len(ids))[:per_class]:
+            os.symlink((KSDD / "images" / f"{ids[i]}.jpg").resolve(), out / cls / f"{ids[i]}.jpg")
+    return out
+
+
+def make_weld(out: Path, seed: int) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from weld_fixtures import write_messy_recordings
+
+    rec = write_messy_recordings(out / "recordings", n_runs=24, seed=seed, defect="spread", n_groups=12)
+    _cli(["signals", "import", str(rec.spec_path), "--out", str(out / "welds")])
+    return out / "welds"
+
+
+def _cli(args: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "defectscope.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        raise SystemExit(f"defectscope {' '.join(args[:3])} failed")
+    return time.perf_counter() - t0, proc.stdout
+
+
+def run_proxy(name: str, data: Path, run: Path, nested: bool, extra: list[str]) -> dict:
+    shutil.rmtree(run, ignore_errors=True)
+    wall, _ = _cli(["train", str(data), "--out", str(run), *(["--nested"] if nested else []), *extra])
+    cv = json.loads((run / "crossval.json").read_text())
+    _cli(["predict", str(run), str(data), "--out", str(run / "p.csv")])
+    _cli(["export", str(run), "--out", str(run / "model.onnx")])
+    row = {"proxy": name, "n": cv["n"], "folds": cv["k"], "group_by": cv["group_by"], "wall_s": round(wall, 1),
+           "chosen": cv["chosen"], "delivered_pooled_acc": cv["pooled"]["accuracy"],
+           "candidates": {n: {"pooled_acc": c["pooled"]["accuracy"], "acc_mean": c["mean"].get("accuracy"),
+                              "acc_std": c["std"].get("accuracy")} for n, c in cv["candidates"].items()},
+           "model": cv["model"]["what"], "predict_rows": len((run / "p.csv").read_text().splitlines()) - 1}
+    if "nested" in cv:
+        row["nested"] = {"pooled_acc": cv["nested"]["pooled"]["accuracy"], "acc_mean": cv["nested"]["mean"].get("accuracy"),
+                         "acc_std": cv["nested"]["std"].get("accuracy"), "chosen_per_fold": cv["nested"]["chosen_per_fold"]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
+    import torch
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--per-class", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--proxies", nargs="+", default=["neu_grey", "ksdd", "weld_spread"])
+    ap.add_argument("--nested", nargs="*", default=[], help="proxies also run with --nested")
+    ap.add_argument("--per-class", type=int, nargs="+", default=[4, 8, 16], help="neu6 only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-o", "--override", action="append", default=[], help="passed to every train")
     args = ap.parse_args()
+    extra = [a for o in args.override for a in ("-o", o)]
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        extra += ["-o", "train.precision=32"]
     rows = []
-    for n in args.per_class:
-        data = make_folder(args.out / f"neu_{n}", n, args.seed)
-        run = args.out / f"run_{n}"
-        shutil.rmtree(run, ignore_errors=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "defectscope.cli", "train", str(data), "--out", str(run)],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            print(proc.stdout[-3000:], proc.stderr[-3000:])
-            raise SystemExit(f"train failed for {n} per class")
-        cv_path = run / "crossval.json"
-        if cv_path.is_file():
-            cv = json.loads(cv_path.read_text())
-            row = {"per_class": n, "images": 6 * n, "folds": cv["k"], "wall_s": round(wall, 1),
-                   "model_pooled_acc": cv["pooled"]["accuracy"],
-                   "model_acc_mean": cv["mean"]["accuracy"], "model_acc_std": cv["std"]["accuracy"],
-                   "probe_pooled_acc": cv["pooled"]["reference"]["linear_probe"]["accuracy"],
-                   "probe_acc_mean": cv["mean"]["reference.linear_probe.accuracy"],
-                   "probe_acc_std": cv["std"]["reference.linear_probe.accuracy"]}
-        else:
-            m = json.loads((run / "metrics.json").read_text())
-            row = {"per_class": n, "images": 6 * n, "folds": 1, "wall_s": round(wall, 1),
-                   "model_pooled_acc": m["test"]["accuracy"], "model_acc_mean": m["test"]["accuracy"], "model_acc_std": 0.0,
-                   "probe_pooled_acc": m["test"]["reference"]["linear_probe"]["accuracy"],
-                   "probe_acc_mean": m["test"]["reference"]["linear_probe"]["accuracy"], "probe_acc_std": 0.0}
-        rows.append(row)
-        print(row, flush=True)
-    (args.out / "own_data.json").write_text(json.dumps({"rows": rows, "seed": args.seed,
-                                                         "load_average_1min": os.getloadavg()[0]}, indent=2))
-    print("| images per class | images | folds | wall s | model pooled acc | model mean +- std | probe pooled acc | probe mean +- std |")
+    for p in args.proxies:
+        if p == "neu6":
+            for n in args.per_class:
+                data = make_neu(args.out / f"neu6_{n}", n, args.seed)
+                rows.append(run_proxy(f"neu6_{n}", data, args.out / f"run_neu6_{n}", p in args.nested, extra))
+            continue
+        data = {"neu_grey": lambda: make_neu(args.out / "neu_grey", 10, args.seed,
+                                             ["rolled-in_scale", "pitted_surface", "inclusion", "scratches"], grey=True),
+                "ksdd": lambda: make_ksdd(args.out / "ksdd", 15, args.seed),
+                "weld_spread": lambda: make_weld(args.out / "weld_spread", args.seed)}[p]()
+        rows.append(run_proxy(p, data, args.out / f"run_{p}", p in args.nested, extra))
+    meta = {"seed": args.seed, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "load_average_1min": os.getloadavg()[0]}
+    (args.out / "own_data.json").write_text(json.dumps({"rows": rows, **meta}, indent=2))
+    print(meta)
+    print("| proxy | n | folds | candidate | pooled accuracy | mean +- std over folds | chosen | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['per_class']} | {r['images']} | {r['folds']} | {r['wall_s']} | {r['model_pooled_acc']:.3f} | "
-              f"{r['model_acc_mean']:.3f} +- {r['model_acc_std']:.3f} | {r['probe_pooled_acc']:.3f} | "
-              f"{r['probe_acc_mean']:.3f} +- {r['probe_acc_std']:.3f} |")
+        for n, c in r["candidates"].items():
+            print(f"| {r['proxy']} | {r['n']} | {r['folds']} | {n} | {c['pooled_acc']:.3f} | "
+                  f"{c['acc_mean']:.3f} +- {c['acc_std']:.3f} | {'**yes**' if n == r['chosen'] else ''} | {r['wall_s']} |")
+        if "nested" in r:
+            nn = r["nested"]
+            print(f"| {r['proxy']} | {r['n']} | {r['folds']} | nested selection ({', '.join(nn['chosen_per_fold'])}) | "
+                  f"{nn['pooled_acc']:.3f} | {nn['acc_mean']:.3f} +- {nn['acc_std']:.3f} | | |")
 
 
 if __name__ == "__main__":

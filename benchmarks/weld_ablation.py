@@ -118,6 +118,7 @@ def variant_recipe(raw: dict, name: str) -> WeldRecipe:
     r = json.loads(json.dumps(raw))
     r.setdefault("model", {}).update(overrides)
     r["data"]["segmented"] = crops == "segmented"
+    r.setdefault("eval", {})["candidates"] = ["model"]  # each variant alone (no selection among references)
     return validate(r, WeldRecipe, f"variant {name}")
 
 

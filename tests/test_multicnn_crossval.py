@@ -73,7 +73,9 @@ def test_multicnn_cross_validation_through_the_cli(tmp_path, neu_small):
         assert {e["split"] for e in fm["feature_cache"]["entries"]} == {"train", "val", "test"}
     html = (out / "report.html").read_text()
     assert "mean +- std" in html and "Every model over the folds" in html and "late_fusion" in html
-    assert not (out / "members").exists() and not (out / "model.ckpt").exists()
+    # always a model: the fused model refit on all 24 images (its members under RUN/members), for predict / export
+    assert (out / "model.ckpt").is_file() and cv["model"]["samples"]["train"] + cv["model"]["samples"].get("val", 0) == n
+    assert (out / "members" / "lite0" / "model.ckpt").is_file()
 
 
 def test_schema_refuses_settings_multicnn_does_not_use(tmp_path):

@@ -21,11 +21,16 @@ def _folder(tmp_path, neu_root, per_class, classes=("crazing", "inclusion", "pat
     return out
 
 
-def test_a_small_class_folder_gets_cross_validation_and_a_linear_probe_reference(tmp_path, neu_root):
+def test_a_small_class_folder_gets_candidates_on_the_same_folds_and_a_refit_model(tmp_path, neu_root):
+    """`train FOLDER`: candidates (fine-tuning, linear probe, strong-augmentation fine-tuning) on the same
+    folds, the best pooled out-of-fold accuracy chosen, refit on all images into RUN/model.ckpt, which
+    predict and export load."""
+    from defectscope.engine.run import RunFolder
+
     data = _folder(tmp_path, neu_root, 5)
     shutil.copy(data / "crazing" / "crazing_1.jpg", data / "patches" / "copy_of_crazing_1.jpg")  # leaks across classes
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "-o", "data.image_size=64",
+    res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "--folds", "2", "-o", "data.image_size=64",
                                    "-o", "train.epochs=2", "-o", "train.precision=32", "-o", "train.progress=false"])
     assert res.exit_code == 0, res.output
     assert "classification (folder layout)" in res.output and "cross-validation" in res.output
@@ -33,16 +38,110 @@ def test_a_small_class_folder_gets_cross_validation_and_a_linear_probe_reference
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["task"] == "classification" and cfg["data"]["root"] == str(data)
     assert cfg["eval"]["folds"] >= 2 and cfg["data"]["image_size"] == 64  # sized, then overridden
+    assert cfg["eval"]["candidates"] == ["model", "linear_probe", "finetune_small"]
+    assert "max_minutes" not in (out / "config.yaml").read_text() or cfg["train"]["max_minutes"] is None
     cv = json.loads((out / "crossval.json").read_text())
-    assert cv["n"] == 21 and len(cv["folds"]) == cfg["eval"]["folds"]
-    probe = cv["pooled"]["reference"]["linear_probe"]
-    assert probe["n"] == 21 and 0 <= probe["accuracy"] <= 1
-    assert "reference.linear_probe.accuracy" in cv["mean"]
+    assert cv["n"] == 21 and cv["k"] == 2 and len(cv["folds"]) == 2
+    cands = cv["candidates"]
+    assert list(cands) == ["model", "linear_probe", "finetune_small"]
+    acc = {n: c["pooled"]["accuracy"] for n, c in cands.items()}
+    for c in cands.values():
+        assert c["pooled"]["n"] == 21 and "accuracy" in c["mean"] and "accuracy" in c["std"]
+    best = max(acc.values())
+    assert acc[cv["chosen"]] == best and cv["pooled"]["accuracy"] == best  # the floor: never below a reference
+    if acc["linear_probe"] == best:
+        assert cv["chosen"] == "linear_probe"  # ties go to the cheaper
+    assert "optimistic" in cv["selection_note"] and "nested" not in cv
+    # the chosen candidate's folds are the run's folds; the others are kept beside them
+    assert (out / "folds" / "1" / "model.ckpt").is_file()
+    for n in set(cands) - {cv["chosen"]}:
+        assert (out / "candidates" / n / "folds" / "2" / "metrics.json").is_file()
+    # always a model: the chosen candidate refit on all 21 images
+    assert cv["model"]["candidate"] == cv["chosen"] and cv["model"]["samples"] == {"train": 21}
+    model, payload = RunFolder(out).load_model()
+    assert payload["class_names"] == ["crazing", "inclusion", "patches", "scratches"] and "temperature" in payload
+    assert payload["model_name"] == ("linear_probe" if cv["chosen"] == "linear_probe" else "classifier")
+    report = (out / "report.html").read_text()
+    assert "Candidates on the same folds" in report and "refit on all 21" in report
+    res = CliRunner().invoke(app, ["predict", str(out), str(data), "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 22
+    res = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
     check = json.loads((out / "data_check.json").read_text())
     assert check["duplicates"]
-    # the recipe written to the run trains again as it is
-    res = CliRunner().invoke(app, ["train", str(out / "config.yaml"), "--out", str(tmp_path / "again"), "--folds", "2"])
+    # the recipe written to the run trains again as it is (here with only the probe, to stay fast)
+    res = CliRunner().invoke(app, ["train", str(out / "config.yaml"), "--out", str(tmp_path / "again"), "--folds", "2",
+                                   "-o", "eval.candidates=[linear_probe]"])
     assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "again" / "crossval.json").read_text())
+    assert again["pooled"]["accuracy"] == acc["linear_probe"]  # same folds, same features, same probe
+
+
+def test_weld_signals_proxy_trains_with_no_recipe_and_the_statistics_reference_is_the_floor(tmp_path):
+    """An imported weld folder whose only class signal is the spread of one channel: `train FOLDER` (no
+    recipe) evaluates the fusion model, the signal-statistics and the image-probe references on folds
+    grouped by batch, delivers the best (never below the statistics reference), refits it, and
+    predict / export load the run; the written recipe re-runs, here with --nested."""
+    from weld_fixtures import write_messy_recordings
+
+    rec = write_messy_recordings(tmp_path / "rec", n_runs=16, seed=1, defect="spread", n_groups=8)
+    data = tmp_path / "welds"
+    assert CliRunner().invoke(app, ["signals", "import", str(rec.spec_path), "--out", str(data)]).exit_code == 0
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "-o", "train.precision=32",
+                                   "-o", "train.epochs=3", "-o", "train.progress=false", "-o", "data.seq_len=64",
+                                   "-o", "data.crop_height=32", "-o", "data.crop_width=64", "-o", "model.embed_dim=32",
+                                   "-o", "model.spectral_dim=16", "-o", "train.logger=[csv]"])
+    assert res.exit_code == 0, res.output
+    assert "grouped by the data's 'batch' field (8 groups)" in res.output
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["task"] == "weld" and "class_balance" not in cfg["train"] and cfg["train"].get("max_minutes") is None
+    cv = json.loads((out / "crossval.json").read_text())
+    assert cv["k"] == 5 and cv["group_by"] == "batch" and list(cv["candidates"]) == ["model", "signal_stats", "image_probe"]
+    acc = {n: c["pooled"]["accuracy"] for n, c in cv["candidates"].items()}
+    assert acc["signal_stats"] >= 0.75, acc  # the statistics see the spread of the voltage
+    assert cv["pooled"]["accuracy"] == max(acc.values()) >= acc["signal_stats"]
+    assert cv["model"]["samples"] == {"train": 16}
+    res = CliRunner().invoke(app, ["predict", str(out), str(data), "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 17
+    res = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "w.onnx")])
+    assert res.exit_code == 0, res.output
+    # the written recipe re-runs unchanged; --nested repeats the selection inside each outer fold
+    res = CliRunner().invoke(app, ["train", str(out / "config.yaml"), "--out", str(tmp_path / "nested"), "--nested",
+                                   "-o", "eval.candidates=[signal_stats,image_probe]"])
+    assert res.exit_code == 0, res.output
+    nested = json.loads((tmp_path / "nested" / "crossval.json").read_text())["nested"]
+    assert len(nested["chosen_per_fold"]) == 5 and set(nested["chosen_per_fold"]) <= {"signal_stats", "image_probe"}
+    assert nested["pooled"]["n"] == 16 and 0 <= nested["pooled"]["accuracy"] <= 1
+
+
+def test_signal_statistics_match_numpy():
+    import numpy as np
+    import torch
+
+    from defectscope.models.signal_stats import signal_statistics
+
+    x = np.random.default_rng(0).normal(size=(3, 2, 4, 57)).astype(np.float32)
+    f = signal_statistics(torch.from_numpy(x)).numpy().reshape(3, 2, 4, 4)
+    np.testing.assert_allclose(f[..., 0], x.mean(-1), atol=1e-5)
+    np.testing.assert_allclose(f[..., 1], x.std(-1), atol=1e-5)
+    np.testing.assert_allclose(f[..., 2], np.percentile(x, 10, axis=-1), atol=1e-5)
+    np.testing.assert_allclose(f[..., 3], np.percentile(x, 90, axis=-1), atol=1e-5)
+
+
+def test_candidate_ties_go_to_the_cheaper():
+    from types import SimpleNamespace
+
+    from defectscope.engine.pipeline import choose_candidate
+
+    c = [SimpleNamespace(name="model", cost=1.0), SimpleNamespace(name="probe", cost=0.1),
+         SimpleNamespace(name="small", cost=1.0)]
+    win, why = choose_candidate(c, {"model": {"accuracy": 0.8}, "probe": {"accuracy": 0.8}, "small": {"accuracy": 0.7}}, "accuracy")
+    assert win.name == "probe" and "tied with model" in why
+    win, _ = choose_candidate(c, {"model": {"accuracy": 0.9}, "probe": {"accuracy": 0.8}, "small": {"accuracy": 0.9}}, "accuracy")
+    assert win.name == "model"  # same cost: the one listed first
 
 
 def test_linear_probe_as_the_model(tmp_path, neu_small):
@@ -62,12 +161,19 @@ def test_linear_probe_as_the_model(tmp_path, neu_small):
 def test_an_mvtec_layout_folder_trains_the_anomaly_task_with_pixel_metrics(tmp_path, ksdd_root):
     data = mvtec_from_kolektor(ksdd_root, tmp_path / "mvtec", n_train_good=12, n_test_good=6, n_defect=6)
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "-o", "data.image_size=[96,32]",
-                                   "-o", "train.epochs=1", "-o", "train.batch_size=4", "-o", "train.progress=false",
-                                   "-o", "peer.max_patches=500", "-o", "clustering.enabled=false"])
+    res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "-o", "data.image_size=[96,32]"])
     assert res.exit_code == 0, res.output
     assert "anomaly (mvtec layout)" in res.output
+    # only the user's folder: no clustering study (no NEU path), and the summary's counts are the split's
+    assert "neu" not in res.output.lower() and "clustering" not in res.output
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["clustering"]["enabled"] is False and cfg["clustering"]["root"] is None
+    assert cfg["data"]["root"] == str(data) and cfg["model"]["name"] == "patchcore"
+    assert "10 good training images fill its memory bank, 2 more" in " ".join(res.output.split())
+    assert len((out / "split" / "fit.txt").read_text().splitlines()) == 10
+    assert len((out / "split" / "calibration.txt").read_text().splitlines()) == 2
     m = json.loads((out / "metrics.json").read_text())
+    assert m["clustering"] is None
     assert m["test"]["n"] == 12 and m["test"]["n_defective"] == 6
     assert 0 <= m["test"]["image_auroc"] <= 1 and 0 <= m["test"]["pixel_auroc"] <= 1
 

@@ -72,7 +72,7 @@ def test_messy_recordings_imported_cross_validated_by_batch_and_predicted(tmp_pa
     rec, data = messy
     recipe = tmp_path / "weld.yaml"
     recipe.write_text(yaml.safe_dump({"task": "weld", "data": {"root": str(data), **SMALL}, "model": TINY_MODEL,
-                                      "train": TINY_TRAIN}))
+                                      "train": TINY_TRAIN, "eval": {"candidates": ["model"]}}))
     run = tmp_path / "run"
     res = runner.invoke(app, ["train", str(recipe), "--out", str(run), "--folds", "4"])
     assert res.exit_code == 0, res.output
@@ -102,12 +102,12 @@ def test_messy_recordings_imported_cross_validated_by_batch_and_predicted(tmp_pa
     assert np.ptp(np.array(per_fold), axis=0).max() > 0  # four different models
     # the cross-validation run itself executes its refit model (RUN/model.ckpt) when it has one, else is refused
     preds = tmp_path / "preds.csv"
+    assert cv["chosen"] == "model" and cv["model"]["samples"] == {"train": 16}
     res = runner.invoke(app, ["predict", str(run), str(data), "--out", str(preds)])
-    if (run / "model.ckpt").is_file():
-        assert res.exit_code == 0, res.output
-        assert [r["id"] for r in csv.DictReader(preds.open())] == rec.run_ids
-    else:
-        assert res.exit_code == 2 and "cross-validation run without a refit model" in res.output, res.output
+    assert res.exit_code == 0, res.output
+    out = list(csv.DictReader(preds.open()))
+    assert [r["id"] for r in out] == rec.run_ids
+    assert {"defect_score", "decision"} <= set(out[0])  # the threshold chosen on the out-of-fold scores
 
     # channels are matched by name: a folder with its channels in another order predicts the same
     shuffled = tmp_path / "shuffled"
@@ -140,7 +140,7 @@ def test_messy_recordings_imported_cross_validated_by_batch_and_predicted(tmp_pa
 def test_weld_recipe_cross_validation_with_and_without_seam_unet(tmp_path, seam):
     run = tmp_path / "cv"
     args = ["train", str(ROOT / "configs" / "weld_fusion.yaml"), "--out", str(run), "--folds", "3",
-            "-o", "data.simulate.n_samples=42", *TINY_O] + ([] if seam else ["-o", "segmentation.enabled=false"])
+            "-o", "data.simulate.n_samples=42", "-o", "eval.candidates=[model]", *TINY_O] + ([] if seam else ["-o", "segmentation.enabled=false"])
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     man = json.loads((run / "data" / "manifest.json").read_text())

@@ -112,12 +112,20 @@ class EvalConfig(StrictModel):
             (tasks with an OK-vs-defective decision; see :mod:`defectscope.evaluation.decisions`).
         decision_target: the target whose threshold ``predict`` / ``serve`` / ``inspect`` apply
             (``accept`` / ``reject``); default the first of ``escape_rate_targets``.
+        candidates: under cross-validation, the models evaluated on the same folds; the best pooled
+            out-of-fold score becomes the run's model (refit on all the data). Names are the task's
+            (``model`` = the recipe's own model; classification also ``linear_probe``,
+            ``finetune_small``; weld ``signal_stats``, ``image_probe``); ``None``: the task's default.
+        nested: also select the candidate inside each outer fold (inner cross-validation on its
+            training part) and report that unbiased out-of-fold figure beside the selected one.
     """
 
     folds: int = Field(1, ge=1)
     group_by: str | None = None
     escape_rate_targets: list[float] = [0.05, 0.01, 0.001]
     decision_target: float | None = None
+    candidates: list[str] | None = None
+    nested: bool = False
 
     @field_validator("escape_rate_targets")
     @classmethod

@@ -25,7 +25,12 @@ noise on an 8-image test split. :func:`size_recipe` instead derives the settings
 - **Folds** (``eval.folds``): k-fold cross-validation (``k = min(5, smallest class)``) when a
   single stratified split (``test_fraction`` 0.2) would hold fewer than ``MIN_TEST_PER_CLASS`` (10)
   images of some class; otherwise 1 (single split). The anomaly task tests on every defective
-  image already (folds 1).
+  image already (folds 1); it uses PatchCore (no network training, so no ``train`` section) and
+  reads nothing but the user's folder (no clustering study). The time estimate counts the K fold
+  fits and the final refit of the chosen candidate on all the data (of one fine-tuned candidate).
+- **Candidates** (``eval.candidates``, cross-validated classification and weld recipes): the
+  models compared on the same folds (:data:`CLASSIFICATION_CANDIDATES`, :data:`WELD_CANDIDATES`);
+  the best pooled out-of-fold accuracy becomes the run's model (see :mod:`defectscope.engine.pipeline`).
 
 Keys not in today's schemas are listed in :data:`NEW_KEYS`; the pipeline's schemas take them.
 :func:`explain` gives the one paragraph ``train`` prints.
@@ -55,6 +60,10 @@ MAX_FOLDS = 5
 NEW_KEYS = ("eval.folds", "train.class_balance", "data.layout@anomaly", "data.layout@segmentation",
             "data.layout@detection")
 TASKS = ("classification", "segmentation", "detection", "anomaly", "weld")
+#: candidates a cross-validated classification recipe evaluates on the same folds (see engine/pipeline.py)
+CLASSIFICATION_CANDIDATES = ("model", "linear_probe", "finetune_small")
+#: candidates of a cross-validated weld recipe: the fusion model, the signal-statistics and image-probe references
+WELD_CANDIDATES = ("model", "signal_stats", "image_probe")
 
 
 @dataclass
@@ -138,6 +147,10 @@ def _square_side(image_hw: tuple[int, int] | None, lo: int, hi: int, default: in
     return int(min(hi, max(lo, round(side / 8) * 8)))
 
 
+#: share of the good training images an anomaly recipe keeps for the threshold (AnomalyData's default)
+ANOMALY_CALIBRATION = 0.15
+
+
 def _aspect_size(image_hw: tuple[int, int] | None, default: tuple[int, int]) -> tuple[int, int]:
     if not image_hw:
         return default
@@ -177,7 +190,7 @@ def _steps(plan: _Plan, n_train: int, hw: tuple[int, int], folds: int, reasons: 
     reasons.append(f"{n_train} training images per fit in batches of {b} ({per_epoch} steps per epoch, "
                    f"{'last partial batch kept' if not drop_last(n_train, b) else 'last partial batch dropped'}); "
                    f"{epochs} epochs = {epochs * per_epoch} optimizer steps (a fixed schedule: no wall-clock cut)")
-    plan.image_passes = epochs * n_train * max(1, folds)
+    plan.image_passes = epochs * n_train * max(1, folds)  # folds + the refit (see _plan)
     plan.hw = tuple(hw)
     return {"batch_size": b, "epochs": epochs}
 
@@ -204,13 +217,18 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
         raw["data"]["image_size"] = list(hw)
         if layout:
             raw["data"]["layout"] = layout
-        n_fit = int(counts.get("good", n_images))
+        # only the user's own data: PatchCore (no network training), no clustering study
+        raw["model"] = {"name": "patchcore"}
+        n_good = int(counts.get("train/good", counts.get("good", n_images)))
+        n_cal = int(round(ANOMALY_CALIBRATION * n_good))  # as data.kolektor / data.mvtec draw it
         reasons.append(f"images resized to {hw[0]} x {hw[1]} (H x W; aspect kept, sides multiples of 32)")
+        reasons.append(f"PatchCore on EfficientNet-Lite0 ImageNet features (no network training): {n_good - n_cal} "
+                       f"good training images fill its memory bank, {n_cal} more ({ANOMALY_CALIBRATION:g} of them) "
+                       "set the decision threshold")
         reasons.append("the test set already holds every defective image: single split (folds 1)")
         raw["eval"] = {"folds": 1}
-        # the task's own training defaults (a partial ``train`` section would fall back to TrainConfig's)
-        raw["train"].update({"lr": 1.0e-3, "augment": False, "val_fraction": 0.0, "early_stopping_patience": 0})
-        raw["train"].update(_steps(plan, max(1, int(n_fit * 0.85)), hw, 1, reasons))
+        del raw["train"]
+        plan.hw = tuple(hw)  # no training: plan.image_passes stays 0
         return plan
 
     folds = _folds(nonzero, reasons) if nonzero else 1
@@ -248,14 +266,29 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
             raw["data"]["test_fraction"] = TEST_FRACTION
             if layout:
                 raw["data"]["layout"] = layout
-        if task in ("classification", "weld") and len(nonzero) >= 2:
+        if task == "classification" and len(nonzero) >= 2:
             big, small = max(nonzero.values()), min(nonzero.values())
             balance = big / small > IMBALANCE_RATIO
             raw["train"]["class_balance"] = balance
             reasons.append(f"largest / smallest class = {big} / {small} = {big / small:.1f}: class-balanced "
                            f"sampling {'ON' if balance else 'off'} (on above {IMBALANCE_RATIO:g})")
-        raw["train"].update(_steps(plan, n_train, hw, folds, reasons))
+        raw["train"].update(_steps(plan, n_train, hw, folds + 1 if folds > 1 else 1, reasons))
         raw["train"].setdefault("lr", 5.0e-4 if task != "weld" else 2.0e-4)
+        if folds > 1 and task == "classification":
+            raw["eval"]["candidates"] = list(CLASSIFICATION_CANDIDATES)
+            reasons.append("candidates on the same folds: " + ", ".join(CLASSIFICATION_CANDIDATES) + "; the best pooled "
+                           "out-of-fold accuracy becomes the model (ties: the cheaper), refit on all the images")
+        if task == "weld":
+            raw["model"] = {"freeze_backbone": True}
+            reasons.append("weld: the ImageNet vision encoder is kept frozen (its features are computed once), the "
+                           "seam U-Net is trained only when every sample has a seam mask")
+            # the folds are the weld task's own default (engine/weld.py default_folds): it knows the data's
+            # group field (sessions, batches), which caps K and keeps a group in one fold
+            raw["eval"] = {"candidates": list(WELD_CANDIDATES)}
+            reasons.append("folds: the weld task's default (cross-validation below 200 samples, K = min(5, smallest "
+                           "class, groups), grouped by the data's group field when every sample has one)")
+            reasons.append("candidates on the same (grouped) folds: " + ", ".join(WELD_CANDIDATES) + "; the best pooled "
+                           "out-of-fold accuracy becomes the model (ties: the cheaper), refit on all the samples")
     else:  # segmentation
         hw = _aspect_size(image_hw, (320, 128))
         raw["data"]["height"], raw["data"]["width"] = hw
@@ -268,7 +301,7 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
             raw["data"]["defect_oversample"] = over
             reasons.append(f"{bad} defective / {good} good images: each defective image {over}x per epoch")
         raw["train"]["lr"] = 1.0e-3
-        raw["train"].update(_steps(plan, n_train, hw, folds, reasons, max_batch=8))
+        raw["train"].update(_steps(plan, n_train, hw, folds + 1 if folds > 1 else 1, reasons, max_batch=8))
     return plan
 
 
@@ -307,20 +340,25 @@ def explain(task: str, n_images: int, class_counts: dict[str, int] | None, image
             :func:`measure_seconds_per_image` (a few steps measured here, 1-3 s).
     """
     plan = _plan(task, n_images, class_counts, image_hw, root, layout)
-    measure = seconds_per_image or measure_seconds_per_image
-    spi = measure(plan.hw)
-    from defectscope.machine import resolve_precision
-
-    prec = resolve_precision("auto")
-    plan.reasons.append(f"estimated training time {plan.image_passes * spi / 60.0:.1f} min: {plan.image_passes} "
-                        f"image passes x {spi * 1000:.0f} ms per {plan.hw[0]} x {plan.hw[1]} image, measured on this "
-                        f"CPU in precision {prec.value} (an estimate; the schedule above is what runs)")
+    if plan.image_passes:  # a plan without network training (anomaly: PatchCore) has nothing to time
+        plan.reasons.append(_time_estimate(plan, seconds_per_image))
     counts = {k: v for k, v in (class_counts or {}).items()}
     head = f"Recipe sized to the data ({task}, {n_images} images"
     if counts:
         head += ", " + ", ".join(f"{k} {v}" for k, v in counts.items())
     head += "): "
     return head + "; ".join(plan.reasons) + ". Edit the written config.yaml and re-run with it to change anything."
+
+
+def _time_estimate(plan: _Plan, seconds_per_image: "Callable[[tuple[int, int]], float] | None") -> str:
+    measure = seconds_per_image or measure_seconds_per_image
+    spi = measure(plan.hw)
+    from defectscope.machine import resolve_precision
+
+    prec = resolve_precision("auto")
+    return (f"estimated training time {plan.image_passes * spi / 60.0:.1f} min: {plan.image_passes} "
+                        f"image passes x {spi * 1000:.0f} ms per {plan.hw[0]} x {plan.hw[1]} image, measured on this "
+                        f"CPU in precision {prec.value} (an estimate; the schedule above is what runs)")
 
 
 def strip_new_keys(raw: dict[str, Any]) -> dict[str, Any]:

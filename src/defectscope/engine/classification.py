@@ -66,13 +66,25 @@ class ClassificationModelConfig(StrictModel):
     linear_probe_reference: bool = True
 
 
+class ClassificationTrainConfig(ClassifierTrainConfig):
+    """:class:`ClassifierTrainConfig` with a stronger augmentation option.
+
+    Attributes:
+        augment: ``true``: random flips; ``"strong"``: flips, rotations by multiples of 90 degrees
+            and grey-level jitter, for images with no "up" (radiographs, strip surfaces; the
+            ``finetune_small`` candidate); ``false``: none.
+    """
+
+    augment: bool | Literal["strong"] = True
+
+
 class ClassificationRecipe(BaseRecipe):
     """Recipe of the ``classification`` task; checkpoints are selected on ``val/weighted_f1`` (max)."""
 
     task: Literal["classification"] = "classification"
     data: ClassificationData
     model: ClassificationModelConfig = ClassificationModelConfig()
-    train: ClassifierTrainConfig = ClassifierTrainConfig()
+    train: ClassificationTrainConfig = ClassificationTrainConfig()
 
 
 def load_labelled(data: ClassificationData, progress: bool = False) -> Samples:
@@ -124,6 +136,43 @@ OK_NAMES = ("good", "ok", "normal", "pass", "no_defect")
 DRIFT_WINDOW, DRIFT_ALPHA = 32, 0.001
 
 
+def frozen_features(samples: Samples, backbone: str, pretrained: bool, weights: str | None) -> tuple[nn.Module, np.ndarray]:
+    """``(backbone, pooled features float64 [N, C])`` of every sample's image through the frozen backbone,
+    computed once per run and backbone (cached in ``samples.data``) and shared by the linear-probe
+    candidate and the linear-probe reference of every fold: features of a frozen ImageNet backbone do
+    not depend on the labels, so computing them for all images at once leaks nothing between folds."""
+    from defectscope.models.backbones import create_backbone
+    from defectscope.models.linear_probe.torch_model import extract_features
+
+    cache = samples.data.setdefault("frozen_features", {})
+    key = (backbone, bool(pretrained), weights)
+    if key not in cache:
+        bb = create_backbone(backbone, pretrained=pretrained, weights=weights)
+        cache[key] = (bb, extract_features(bb, samples.data["x"]))
+    return cache[key]
+
+
+def fit_probe_cached(samples: Samples, seen: np.ndarray, backbone: str, pretrained: bool, weights: str | None,
+                     image_size: int) -> "LinearProbeClassifier":
+    """The linear probe fitted on the cached frozen features of ``seen`` (:func:`frozen_features`, :func:`fit_logistic`)."""
+    from defectscope.models.linear_probe.torch_model import LinearProbeClassifier, fit_logistic
+
+    bb, feats = frozen_features(samples, backbone, pretrained, weights)
+    w, b = fit_logistic(feats[seen], samples.labels[seen], len(samples.class_names))
+    return LinearProbeClassifier(bb, w.shape[0], w, b, image_size=image_size)
+
+
+def probe_probs_cached(probe: nn.Module, samples: Samples, idx: np.ndarray) -> np.ndarray | None:
+    """Probabilities ``[n, K]`` of a linear probe from the cached features of ``idx`` (``None``: no cache for its backbone)."""
+    for (name, _, _), (bb, feats) in samples.data.get("frozen_features", {}).items():
+        if getattr(probe, "backbone", None) is bb:
+            z = feats[idx] @ probe.head.weight.detach().double().numpy().T + probe.head.bias.detach().double().numpy()
+            z -= z.max(axis=1, keepdims=True)
+            p = np.exp(z)
+            return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+    return None
+
+
 def drift_reference(model: nn.Module, x_ref: np.ndarray, seed: int, max_images: int = 600) -> dict | None:
     """The drift alarm of a trained classifier (:class:`~defectscope.evaluation.drift.DriftAlarm`, MMD
     with resampling-calibrated thresholds, Bonferroni over two channels): the pooled backbone
@@ -164,8 +213,31 @@ class ClassificationTask(TaskHooks):
     monitor = "val/weighted_f1"
     summary_keys = ("accuracy", "weighted_f1", "macro_auroc")
 
+    candidate_names = ("model", "linear_probe", "finetune_small")
+
     def load_samples(self, recipe: ClassificationRecipe, run_dir: Path | None = None) -> Samples:
         return load_labelled(recipe.data, progress=recipe.train.progress)
+
+    def candidate(self, recipe: ClassificationRecipe, name: str) -> tuple[dict, float, str]:
+        """Candidates: ``model`` (the recipe as written), ``linear_probe`` (logistic regression on the
+        frozen backbone's pooled features; seconds), ``finetune_small`` (the recipe's fine-tuning with
+        :func:`~defectscope.models.training.strong_augment`: flips, 90-degree rotations, grey jitter)."""
+        m = recipe.model
+        if name == "model":
+            what = ("linear probe" if m.name == "linear_probe" else f"fine-tuned {m.name}") + f" ({m.backbone}, the recipe's model)"
+            return {}, 0.1 if m.name == "linear_probe" else 1.0, what
+        if name == "linear_probe":
+            return ({"model.name": "linear_probe"}, 0.1,
+                    f"linear probe: logistic regression on frozen pooled {m.backbone} features")
+        if name == "finetune_small":
+            return ({"train.augment": "strong"} if m.name != "linear_probe" else {"model.name": "classifier", "train.augment": "strong"},
+                    1.0, f"fine-tuned {m.name if m.name != 'linear_probe' else 'classifier'} ({m.backbone}) with strong "
+                         "augmentation for tiny data: flips, 90-degree rotations, grey-level jitter")
+        return super().candidate(recipe, name)
+
+    def default_candidates(self, recipe: ClassificationRecipe, samples: Samples) -> list[str]:
+        """The recipe's model and, for a fine-tuned model, the linear probe (its features are computed anyway for the reference)."""
+        return ["model"] if recipe.model.name == "linear_probe" else ["model", "linear_probe"]
 
     def fit_model(self, recipe: ClassificationRecipe, samples: Samples, parts: dict[str, np.ndarray],
                   run: RunFolder) -> Fitted | None:
@@ -194,8 +266,8 @@ class ClassificationTask(TaskHooks):
             import time as _time
 
             t0 = _time.perf_counter()
-            fitted.extras["probe"] = train_linear_probe(x[seen], y[seen], k, backbone=m.backbone,
-                                                        pretrained=m.pretrained, weights=m.weights)
+            fitted.extras["probe"] = fit_probe_cached(samples, seen, m.backbone, m.pretrained, m.weights,
+                                                      recipe.data.image_size)
             fitted.info["linear_probe_seconds"] = round(_time.perf_counter() - t0, 1)
         return fitted
 
@@ -205,8 +277,7 @@ class ClassificationTask(TaskHooks):
 
         m = recipe.model
         t0 = _time.perf_counter()
-        probe = train_linear_probe(samples.data["x"][seen], samples.labels[seen], len(samples.class_names),
-                                   backbone=m.backbone, pretrained=m.pretrained, weights=m.weights)
+        probe = fit_probe_cached(samples, seen, m.backbone, m.pretrained, m.weights, recipe.data.image_size)
         info = {"epochs_run": 0, "best_checkpoint": "none (closed-form fit)", "train_seconds": round(_time.perf_counter() - t0, 1),
                 "cut_short": False, "stopped_by": "fit"}
         ckpt = {"model_name": "linear_probe", "model_kwargs": probe.model_kwargs(), "state_dict": probe.state_dict(),
@@ -246,13 +317,17 @@ class ClassificationTask(TaskHooks):
                 "weights": fitted.checkpoint["weights_source"]}
 
     def predict_samples(self, recipe, fitted: Fitted, samples: Samples, idx: np.ndarray) -> Predictions:
-        probs = predict_probs(fitted.model, samples.data["x"][idx])
+        probs = probe_probs_cached(fitted.model, samples, idx)
+        if probs is None:
+            probs = predict_probs(fitted.model, samples.data["x"][idx])
         names = samples.class_names
         table = {"pred": [names[int(p.argmax())] for p in probs],
                  **{f"prob_{n}": probs[:, c].tolist() for c, n in enumerate(names)}}
         extra = {}
         if "probe" in fitted.extras:
-            extra["linear_probe"] = predict_probs(fitted.extras["probe"], samples.data["x"][idx])
+            extra["linear_probe"] = probe_probs_cached(fitted.extras["probe"], samples, idx)
+            if extra["linear_probe"] is None:
+                extra["linear_probe"] = predict_probs(fitted.extras["probe"], samples.data["x"][idx])
             table["linear_probe_pred"] = [names[int(p.argmax())] for p in extra["linear_probe"]]
         return Predictions(table, probs, extra)
 

@@ -44,7 +44,7 @@ from defectscope.config import BaseRecipe, ConfigError
 from defectscope.data.splits import stratified_split, write_file_list
 from defectscope.engine.crossval import cv_folds, groups_from, mean_std, validation_split
 from defectscope.engine.run import RunError, RunFolder
-from defectscope.evaluation.run_report import crossval_table, report_sections  # noqa: F401 (re-exported)
+from defectscope.evaluation.run_report import crossval_table, report_sections, selection_section  # noqa: F401 (re-exported)
 from defectscope.utils.io import write_json, write_text
 
 
@@ -154,6 +154,34 @@ class TaskHooks:
     summary_keys: tuple[str, ...] = ("accuracy", "weighted_f1")
     #: legacy (anomaly's engine-side ``predict`` until its adapter writes files): options it accepts
     predict_options: tuple[str, ...] = ()
+    #: pooled out-of-fold metric that selects among candidates (higher is better; ties -> the cheaper)
+    selection_metric: str = "accuracy"
+    #: a validation part holding fewer samples than this of some class is dropped (fixed schedule,
+    #: last weights): checkpoint selection / early stopping on 1-2 samples per class selects on noise
+    min_val_per_class: int = 0
+
+    def candidate(self, recipe: BaseRecipe, name: str) -> tuple[dict, float, str]:
+        """Candidate ``name`` of a cross-validated run: ``(overrides, cost, description)``.
+
+        ``overrides`` maps dotted recipe keys to values (applied to ``recipe``); ``cost`` ranks the
+        candidates by compute (ties of the selection metric go to the cheaper). ``model`` is the
+        recipe as written; tasks add their own (references, variants for tiny data).
+
+        Raises:
+            ConfigError: ``name`` is not a candidate of this task (the message lists them).
+        """
+        if name == "model":
+            return {}, 1.0, "the recipe's model"
+        raise ConfigError(f"eval.candidates: {name!r} is not a candidate of task '{self.name}'; known: "
+                          f"{', '.join(self.candidate_names)}")
+
+    #: the names :meth:`candidate` knows
+    candidate_names: tuple[str, ...] = ("model",)
+
+    def default_candidates(self, recipe: BaseRecipe, samples: "Samples") -> list[str]:
+        """Candidates of a cross-validated run when ``eval.candidates`` is not set (default: the recipe's model only)."""
+        return ["model"]
+
 
     def load_samples(self, recipe: BaseRecipe, run_dir: Path | None = None) -> Samples:  # pragma: no cover - interface
         """The task's samples of ``recipe.data``. ``run_dir``: the (staged) run folder, for tasks that
@@ -321,11 +349,14 @@ def _write_parts(run: RunFolder, samples: Samples, parts: dict[str, np.ndarray])
 
 
 def _with_validation(recipe: BaseRecipe, samples: Samples, trainval: np.ndarray, test: np.ndarray,
-                     groups: np.ndarray | None, untrainable_to_test: bool = True) -> dict[str, np.ndarray]:
+                     groups: np.ndarray | None, untrainable_to_test: bool = True,
+                     min_val_per_class: int = 0) -> dict[str, np.ndarray]:
     """``train`` / ``val`` / ``test`` parts: ``val`` is a stratified share of the trainable ``trainval``.
 
     Samples of ``trainval`` that may not be trained on go to ``test`` (single split) or are
     dropped (``untrainable_to_test=False``: cross-validation predicts them in their own fold).
+    A validation part with fewer than ``min_val_per_class`` samples of some class of ``trainval``
+    is not made: the fit runs its fixed schedule and keeps the last weights (a note is printed).
     """
     if samples.trainable is not None:
         if untrainable_to_test:
@@ -336,6 +367,14 @@ def _with_validation(recipe: BaseRecipe, samples: Samples, trainval: np.ndarray,
         return {"train": trainval, "test": test}
     a, b = validation_split(samples.labels[trainval], fraction, recipe.seed,
                             None if groups is None else groups[trainval])
+    if min_val_per_class:
+        present = np.unique(samples.labels[trainval])
+        fewest = min(int((samples.labels[trainval[b]] == c).sum()) for c in present)
+        if fewest < min_val_per_class:
+            print(f"validation part of {len(b)} samples holds only {fewest} of some class (fewer than "
+                  f"{min_val_per_class}): no validation part, the fixed schedule runs and the last weights are kept",
+                  flush=True)
+            return {"train": trainval, "test": test}
     return {"train": trainval[a], "val": trainval[b], "test": test}
 
 
@@ -533,49 +572,79 @@ def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_b
                       f"a group never spans two folds, nor train and validation (--group-by '' to ungroup)", flush=True)
         if folds < 1:
             raise ConfigError(f"folds must be >= 1, got {folds}")
+        if ev is not None:  # the config.yaml written to the run states the folds and groups used: it re-runs the same
+            recipe = recipe.model_copy(update={"eval": ev.model_copy(update={"folds": folds, "group_by": group_by or None})})
         groups = groups_from(group_by, samples.ids, samples.columns)
         if folds == 1:
             split = task.split(recipe, samples)
-            parts = _with_validation(recipe, samples, split["trainval"], split["test"], groups)
+            parts = _with_validation(recipe, samples, split["trainval"], split["test"], groups,
+                                     min_val_per_class=task.min_val_per_class)
             res = _fit_part(task, recipe, samples, parts, RunFolder(stage, resume), {"split": task.split_info(recipe)})
             return None if res is None else res[0]
         return cross_validate(task, recipe, samples, Path(stage), folds, groups, group_by, resume=resume)
 
 
-def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: Path, folds: int,
-                   groups: np.ndarray | None = None, group_by: str | None = None, resume: bool = False) -> dict | None:
-    """Stratified K-fold cross-validation of ``recipe`` on ``samples``, written to ``out``.
+@dataclass
+class Candidate:
+    """One model evaluated on the folds of a cross-validated run.
 
-    Samples marked ``test_only`` are left out. Fold ``k`` (``out/folds/<k>``, a normal run
-    folder) trains on the other folds' trainable samples, selects its checkpoint on a
-    validation part taken from them, and predicts every sample of fold ``k``.
+    Attributes:
+        name: the task's candidate name (``model`` = the recipe's own model).
+        recipe: the recipe with the candidate's overrides applied (validated).
+        cost: compute rank (ties of the selection metric go to the lower).
+        description: one line for the report.
+        overrides: the dotted keys it changes.
+    """
 
-    Returns:
-        ``{"folds": [...], "mean": {...}, "std": {...}, "pooled": {...}, "n", "k", ...}``, also
-        written to ``out/crossval.json``; ``out/oof_predictions.csv`` holds one row per sample
-        (``file, fold, true, pred`` and the task's score columns).
+    name: str
+    recipe: BaseRecipe
+    cost: float
+    description: str
+    overrides: dict = field(default_factory=dict)
+
+
+def candidates_of(task: TaskHooks, recipe: BaseRecipe, samples: Samples) -> list[Candidate]:
+    """The candidates of a cross-validated run: ``eval.candidates``, else the task's default.
 
     Raises:
-        ConfigError: too few samples of a class (named, with the largest K that works) or too few
-            groups for ``folds`` folds.
+        ConfigError: an unknown candidate name, or overrides the task's schema refuses.
     """
-    pool_idx = np.arange(len(samples))
-    if samples.test_only is not None:
-        pool_idx = pool_idx[~samples.test_only]
-    labels = samples.labels[pool_idx]
-    assign = cv_folds(labels, folds, None if groups is None else groups[pool_idx], recipe.seed,
-                      class_names=samples.class_names,
-                      source=str(getattr(getattr(recipe, "data", None), "root", None) or samples.description or "the data"))
+    from defectscope.config import _set_dotted, validate
+
+    ev = getattr(recipe, "eval", None)
+    names = list(ev.candidates) if ev is not None and ev.candidates else task.default_candidates(recipe, samples)
+    out, seen = [], set()
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        overrides, cost, text = task.candidate(recipe, name)
+        raw = recipe.model_dump(mode="json")
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value, f"candidate {name!r}")
+        out.append(Candidate(name, validate(raw, type(recipe), f"candidate {name!r}"), float(cost), text, dict(overrides)))
+    return out
+
+
+def _run_folds(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: Path, assign: np.ndarray,
+               pool_idx: np.ndarray, groups: np.ndarray | None, group_by: str | None, label: str = "",
+               resume: bool = False) -> dict | None:
+    """Fit and predict every fold of ``assign`` (fold ``k`` in ``out/folds/<k+1>``); ``None`` on DDP ranks > 0.
+
+    Returns ``{"fold_metrics", "fold_preds", "order", "fold_of", "idx", "pooled_preds", "pooled",
+    "mean", "std"}``.
+    """
+    folds = int(assign.max()) + 1
     fold_metrics, fold_preds, order, fold_of = [], [], [], []
     for k in range(folds):
         test = np.sort(pool_idx[assign == k])
         trainval = np.sort(pool_idx[assign != k])
-        parts = _with_validation(recipe, samples, trainval, test, groups, untrainable_to_test=False)
-        print(f"fold {k + 1}/{folds}: train {len(parts['train'])}, val {len(parts.get('val', []))}, "
-              f"test {len(parts['test'])}", flush=True)
+        parts = _with_validation(recipe, samples, trainval, test, groups, untrainable_to_test=False,
+                                 min_val_per_class=task.min_val_per_class)
+        print(f"{label + ': ' if label else ''}fold {k + 1}/{folds}: train {len(parts['train'])}, "
+              f"val {len(parts.get('val', []))}, test {len(parts['test'])}", flush=True)
         res = _fit_part(task, recipe, samples, parts, RunFolder(out / "folds" / str(k + 1), resume),
-                        {"split": {"fold": k + 1, "folds": folds, "cv_seed": recipe.seed,
-                                   "group_by": group_by}})
+                        {"split": {"fold": k + 1, "folds": folds, "cv_seed": recipe.seed, "group_by": group_by}})
         if res is None:
             return None
         fold_metrics.append(res[0]["test"])
@@ -585,16 +654,232 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
     idx = np.concatenate(order)
     pooled_preds = task.pool(fold_preds)
     pooled = task.compute_metrics(recipe, samples, idx, pooled_preds)
-    decisions = None
-    dec = task.decision_scores(recipe, samples, idx, pooled_preds)
+    mean, std = mean_std(fold_metrics)
+    return {"fold_metrics": fold_metrics, "fold_preds": fold_preds, "order": order, "fold_of": fold_of, "idx": idx,
+            "pooled_preds": pooled_preds, "pooled": pooled, "mean": mean, "std": std}
+
+
+def _score(metrics: dict, key: str) -> float:
+    v = metrics.get(key)
+    return float(v) if isinstance(v, (int, float)) and v is not None and np.isfinite(v) else float("-inf")
+
+
+def choose_candidate(cands: list[Candidate], pooled: dict[str, dict], key: str) -> tuple[Candidate, str]:
+    """The candidate with the best pooled ``key`` (higher is better); ties go to the lower cost, then to
+    the earlier in the list. Returns ``(candidate, why)`` (one sentence)."""
+    best = max(range(len(cands)), key=lambda i: (round(_score(pooled[cands[i].name], key), 9), -cands[i].cost, -i))
+    c = cands[best]
+    top = _score(pooled[c.name], key)
+    tied = [o.name for o in cands if o is not c and round(_score(pooled[o.name], key), 9) == round(top, 9)]
+    why = f"highest pooled out-of-fold {key} ({top:.4f})"
+    if tied:
+        why += f", tied with {', '.join(tied)} and cheaper or listed first"
+    others = [f"{o.name} {_score(pooled[o.name], key):.4f}" for o in cands if o is not c]
+    if others:
+        why += f"; the others: {', '.join(others)}"
+    return c, why
+
+
+SELECTION_NOTE = ("The candidate was chosen on the same folds that give its figure, so the selected figure is "
+                  "optimistic (the best of several noisy estimates); `--nested` (eval.nested: true) selects inside "
+                  "each outer fold and reports an unbiased figure beside it.")
+
+
+def _nested(task: TaskHooks, cands: list[Candidate], samples: Samples, assign: np.ndarray, pool_idx: np.ndarray,
+            groups: np.ndarray | None, evals: dict[str, dict], key: str, seed: int) -> dict | None:
+    """Nested cross-validation: inside each outer fold, the candidates are compared by an inner
+    stratified (grouped) cross-validation of the outer training part; the outer fold is predicted by
+    the candidate that won there (its outer-fold fit is the one of the flat evaluation, same data).
+
+    Returns ``{"pooled", "mean", "std", "chosen_per_fold", "inner_folds", "inner"}`` or ``None`` (DDP).
+    The inner fits run in a temporary folder that is removed.
+    """
+    import tempfile
+
+    folds = int(assign.max()) + 1
+    chosen, inner_scores, inner_k = [], [], []
+    with tempfile.TemporaryDirectory(prefix="defectscope-nested-") as tmp:
+        for k in range(folds):
+            trainval = np.sort(pool_idx[assign != k])
+            tv = trainval if samples.trainable is None else trainval[samples.trainable[trainval]]
+            y = samples.labels[tv]
+            g = None if groups is None else groups[tv]
+            counts = np.bincount(y)
+            ki = min(folds, int(counts[counts > 0].min()), len(set(g)) if g is not None else len(tv))
+            if ki < 2:
+                raise ConfigError(f"--nested: outer fold {k + 1} leaves too few samples of some class for an inner "
+                                  "cross-validation (at least 2 per class needed)")
+            inner = cv_folds(y, ki, g, seed, class_names=samples.class_names, source=f"outer fold {k + 1}")
+            pooled = {}
+            for c in cands:
+                res = _run_folds(task, c.recipe, samples, Path(tmp) / str(k + 1) / c.name, inner, tv, groups, None,
+                                 label=f"nested {k + 1}/{folds} {c.name}")
+                if res is None:
+                    return None
+                pooled[c.name] = res["pooled"]
+                shutil.rmtree(Path(tmp) / str(k + 1) / c.name, ignore_errors=True)
+            win, _ = choose_candidate(cands, pooled, key)
+            chosen.append(win.name)
+            inner_k.append(ki)
+            inner_scores.append({n: _score(p, key) for n, p in pooled.items()})
+    preds = [evals[chosen[k]]["fold_preds"][k] for k in range(folds)]
+    idx = np.concatenate([evals[chosen[k]]["order"][k] for k in range(folds)])
+    pooled_preds = task.pool(preds)
+    recipe = next(c.recipe for c in cands if c.name == chosen[0])
+    pooled = task.compute_metrics(recipe, samples, idx, pooled_preds)
+    mean, std = mean_std([evals[chosen[k]]["fold_metrics"][k] for k in range(folds)])
+    return {"pooled": _summary(pooled), "mean": mean, "std": std, "chosen_per_fold": chosen, "inner_folds": inner_k,
+            "inner_pooled_" + key: inner_scores}
+
+
+def _summary(metrics: dict) -> dict:
+    """The scalar headline metrics of a metrics dict (for the candidate table)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _refit(task: TaskHooks, chosen: Candidate, samples: Samples, pool_idx: np.ndarray, groups: np.ndarray | None,
+           out: Path, ev: dict, resume: bool = False) -> dict | None:
+    """Fit the chosen candidate on all trainable samples of the cross-validation (same procedure as each
+    fold: the same fixed schedule, or the same validation share) and save ``out/model.ckpt``.
+
+    The temperature and the OK-vs-defective threshold stored with it are fitted on the pooled
+    out-of-fold predictions (the refit model has no held-out part of its own). Returns facts for
+    ``crossval.json`` ``model``; ``None`` on DDP ranks > 0.
+    """
+    from defectscope.evaluation.calibration import calibrate, logits_from_probs
+
+    recipe = chosen.recipe
+    parts = _with_validation(recipe, samples, pool_idx, np.zeros(0, dtype=int), groups, untrainable_to_test=False,
+                             min_val_per_class=task.min_val_per_class)
+    print(f"refit {chosen.name} on all {len(parts['train']) + len(parts.get('val', []))} trainable samples "
+          f"(train {len(parts['train'])}, val {len(parts.get('val', []))})", flush=True)
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    run = RunFolder(out, resume).create()
+    _write_parts(run, samples, {k: v for k, v in parts.items() if k != "test"})
+    start = time.perf_counter()
+    fitted = task.fit_model(recipe, samples, parts, run)
+    if fitted is None or not is_rank_zero():
+        return None
+    seconds = time.perf_counter() - start
+    notes = []
+    preds = ev["pooled_preds"]
+    probs = task.class_probs(preds)
+    if probs is not None:
+        y = samples.labels[ev["idx"]]
+        try:
+            cal = calibrate(logits_from_probs(probs), y)
+            fitted.checkpoint["temperature"] = float(cal["temperature"])
+            preds = task.with_temperature(preds, cal["temperature"])  # thresholds apply to the scaled scores
+            notes.append(f"temperature {cal['temperature']:.3f} fitted on the pooled out-of-fold probabilities")
+        except ValueError as exc:
+            notes.append(f"no temperature ({exc})")
+    evc = getattr(recipe, "eval", None)
+    targets = list(evc.escape_rate_targets) if evc else [0.05, 0.01, 0.001]
+    dec = task.decision_scores(recipe, samples, ev["idx"], preds)
+    points = None
     if dec is not None and dec[0].any() and not dec[0].all():
         from defectscope.evaluation.decisions import operating_points
 
-        ev = getattr(recipe, "eval", None)
-        points = operating_points(dec[1], dec[0], list(ev.escape_rate_targets) if ev else [0.05, 0.01, 0.001])
+        points = operating_points(dec[1], dec[0], targets)
+    if points:
+        target = evc.decision_target if evc and evc.decision_target else targets[0]
+        point = min(points, key=lambda p: abs(p["target_escape_rate"] - target))
+        fitted.checkpoint["decision"] = {k: point[k] for k in ("target_escape_rate", "threshold", "escape_rate_upper_95",
+                                                               "false_call_rate", "n_defective_used")}
+        ok = getattr(task, "ok_class_of", lambda r, s: None)(recipe, samples)
+        if ok is not None:
+            fitted.checkpoint["decision"]["ok_class"] = ok
+        notes.append(f"decision threshold for escape rate {point['target_escape_rate']} chosen on the pooled "
+                     "out-of-fold scores")
+    run.save_model(task.name, **fitted.checkpoint)
+    return {"file": "model.ckpt", "candidate": chosen.name,
+            "what": (f"'{chosen.name}' refit on all {len(parts['train']) + len(parts.get('val', []))} trainable samples "
+                     "with the same procedure as each fold; its expected performance is the pooled out-of-fold "
+                     "estimate of that candidate (the refit itself has no held-out data)"),
+            "samples": {k: int(len(v)) for k, v in parts.items() if k != "test"},
+            "train_seconds": round(seconds, 1), "notes": notes,
+            **{k: fitted.info[k] for k in ("epochs_run", "stopped_by", "cut_short") if k in fitted.info},
+            **task.run_info(recipe, fitted)}
+
+
+def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: Path, folds: int,
+                   groups: np.ndarray | None = None, group_by: str | None = None, resume: bool = False) -> dict | None:
+    """Stratified K-fold cross-validation of ``recipe``'s candidates on ``samples``, then the chosen one refit.
+
+    Samples marked ``test_only`` are left out. Every candidate (:func:`candidates_of`: ``eval.candidates``
+    or the task's default, e.g. the recipe's model, a linear probe, a variant for tiny data) is
+    evaluated on the same folds: fold ``k`` trains on the other folds' trainable samples (validation
+    part taken from them) and predicts every sample of fold ``k``. The candidate with the best pooled
+    out-of-fold :attr:`TaskHooks.selection_metric` (ties: the cheaper) is chosen; its fold runs are
+    ``out/folds/<k>`` (normal run folders; the others' under ``out/candidates/<name>/folds/<k>``).
+    Then the chosen candidate is **refit on all trainable samples** with the same procedure and
+    saved as ``out/model.ckpt`` (a normal run model: predict, evaluate, export, serve, inspect load
+    it); its figure is the pooled out-of-fold estimate. With ``eval.nested`` the selection is also
+    repeated inside each outer fold (:func:`_nested`) for an unbiased figure.
+
+    Returns:
+        ``{"folds": [...], "mean": {...}, "std": {...}, "pooled": {...}, "n", "k", "candidates",
+        "chosen", "model", ...}``, also written to ``out/crossval.json``; ``out/oof_predictions.csv``
+        holds one row per sample (``file, fold, true, pred`` and the task's score columns) of the
+        chosen candidate.
+
+    Raises:
+        ConfigError: too few samples of a class (named, with the largest K that works) or too few
+            groups for ``folds`` folds; an unknown candidate.
+    """
+    pool_idx = np.arange(len(samples))
+    if samples.test_only is not None:
+        pool_idx = pool_idx[~samples.test_only]
+    labels = samples.labels[pool_idx]
+    assign = cv_folds(labels, folds, None if groups is None else groups[pool_idx], recipe.seed,
+                      class_names=samples.class_names,
+                      source=str(getattr(getattr(recipe, "data", None), "root", None) or samples.description or "the data"))
+    cands = candidates_of(task, recipe, samples)
+    key = task.selection_metric
+    evals: dict[str, dict] = {}
+    for c in cands:
+        where = out if len(cands) == 1 else out / "candidates" / c.name
+        if len(cands) > 1:
+            print(f"candidate {c.name}: {c.description}", flush=True)
+        res = _run_folds(task, c.recipe, samples, where, assign, pool_idx, groups, group_by,
+                         label=c.name if len(cands) > 1 else "", resume=resume)
+        if res is None:
+            return None
+        evals[c.name] = res
+    chosen, why = choose_candidate(cands, {n: e["pooled"] for n, e in evals.items()}, key)
+    if len(cands) > 1:
+        os.replace(out / "candidates" / chosen.name / "folds", out / "folds")
+        shutil.rmtree(out / "candidates" / chosen.name, ignore_errors=True)
+        print(f"chosen: {chosen.name} ({why})", flush=True)
+    ev = evals[chosen.name]
+    idx, pooled_preds, pooled = ev["idx"], ev["pooled_preds"], ev["pooled"]
+    fold_metrics, mean, std = ev["fold_metrics"], ev["mean"], ev["std"]
+    decisions = None
+    dec = task.decision_scores(chosen.recipe, samples, idx, pooled_preds)
+    if dec is not None and dec[0].any() and not dec[0].all():
+        from defectscope.evaluation.decisions import operating_points
+
+        evc = getattr(recipe, "eval", None)
+        points = operating_points(dec[1], dec[0], list(evc.escape_rate_targets) if evc else [0.05, 0.01, 0.001])
         pooled["operating_points"] = points
         decisions = {"points": points, "val": dec, "test": (None, None), "chosen_on": "out-of-fold predictions"}
-    mean, std = mean_std(fold_metrics)
+    nested = None
+    evc = getattr(recipe, "eval", None)
+    if evc is not None and evc.nested:
+        if len(cands) < 2:
+            print("--nested: a single candidate, nothing is selected: the out-of-fold figure is already unbiased", flush=True)
+        else:
+            nested = _nested(task, cands, samples, assign, pool_idx, groups, evals, key, recipe.seed)
+            if nested is None:
+                return None
+    model = _refit(task, chosen, samples, pool_idx, groups, out, ev, resume)
+    if model is None:
+        return None
+    table = {c.name: {"description": c.description, "cost": c.cost, "overrides": c.overrides,
+                      "pooled": _summary(evals[c.name]["pooled"]),
+                      "mean": {k: v for k, v in evals[c.name]["mean"].items() if "." not in k},
+                      "std": {k: v for k, v in evals[c.name]["std"].items() if "." not in k},
+                      "folds": "folds" if c is chosen else f"candidates/{c.name}/folds"} for c in cands}
     result = {
         "task": task.name,
         "k": folds,
@@ -606,17 +891,28 @@ def cross_validate(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: P
         "mean": mean,
         "std": std,
         "pooled": pooled,
+        "selection_metric": key,
+        "candidates": table,
+        "chosen": chosen.name,
+        "chosen_because": why,
+        "selection_note": SELECTION_NOTE if len(cands) > 1 else "a single candidate: nothing was selected on these folds",
+        "model": model,
         "environment": run_environment(recipe),
     }
+    if nested is not None:
+        result["nested"] = nested
     run = RunFolder(out).create()
     run.write_config(recipe.model_dump(mode="json"))
     write_json(out / "crossval.json", result)
-    _write_oof(out / "oof_predictions.csv", samples, idx, fold_of, pooled_preds)
+    _write_oof(out / "oof_predictions.csv", samples, idx, ev["fold_of"], pooled_preds)
     info = {"data": samples.description, "protocol": f"stratified {folds}-fold cross-validation, seed {recipe.seed}"
             + (f", grouped by {group_by!r}" if group_by else ""), "samples": len(idx)}
-    task.write_report(run, recipe, samples, idx, pooled_preds, pooled,
-                      {**info, "environment": result["environment"], "crossval": {"folds": fold_metrics, "mean": mean, "std": std, "pooled": pooled},
-                       **({"decisions": decisions} if decisions else {})})
+    selection = {"candidates": table, "chosen": chosen.name, "why": why, "key": key, "model": model,
+                 "note": result["selection_note"], "nested": nested}
+    task.write_report(run, chosen.recipe, samples, idx, pooled_preds, pooled,
+                      {**info, "environment": result["environment"],
+                       "crossval": {"folds": fold_metrics, "mean": mean, "std": std, "pooled": pooled},
+                       "selection": selection, **({"decisions": decisions} if decisions else {})})
     add_machine_section(run.report_path, result["environment"])
     return result
 

@@ -41,7 +41,7 @@ from defectscope.config import BaseRecipe, StrictModel, TrainConfig
 from defectscope.data.weld.format import WeldDataError, WeldDataset, read_weld_dataset
 from defectscope.data.weld.prepare import SpectralPrep, crop_welds, fit_spectral_prep
 from defectscope.models.training import scale_probs
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections, selection_section
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
 from defectscope.engine.trainer import fit_lightning, report_training_curves, set_threads
@@ -74,6 +74,10 @@ from defectscope.models.weld_fusion.torch_model import MODALITIES
 CV_BELOW = 200
 #: folds of the default cross-validation (fewer when the smallest class or the number of groups is smaller)
 DEFAULT_FOLDS = 5
+#: weld models fitted in closed form (logistic regression on fixed features; no epochs, no seam U-Net needed)
+CLOSED_FORM = ("weld_signal_stats", "weld_image_probe")
+#: a validation part with fewer samples of some class selects checkpoints on noise: fixed schedule instead
+MIN_VAL_PER_CLASS = 5
 
 
 class SimulateConfig(StrictModel):
@@ -130,7 +134,10 @@ class WeldModelConfig(StrictModel):
     """Weld model and signal settings.
 
     Attributes:
-        name: ``weld_fusion`` (paper 000), ``weld_vision``, ``weld_dlinear``, ``weld_informer``, ``weld_inverted``.
+        name: ``weld_fusion`` (paper 000), ``weld_vision``, ``weld_dlinear``, ``weld_informer``, ``weld_inverted``;
+            the closed-form references ``weld_signal_stats`` (per-channel statistics of the process window ->
+            logistic regression, :mod:`defectscope.models.signal_stats`) and ``weld_image_probe`` (logistic
+            regression on the frozen backbone's pooled crop features); these two fit in seconds.
         backbone, pretrained, weights: vision encoder (``efficientnet_lite0`` has real ImageNet weights here;
             the paper's ``mobilenetv2_100`` has none on this machine).
         fusion: ``v2s`` | ``s2v`` | ``bidirectional`` | ``add`` | ``concat``.
@@ -144,7 +151,8 @@ class WeldModelConfig(StrictModel):
             2 + 2) or over the channel groups (e.g. electrical, gas, acoustic) when wavelengths are absent.
     """
 
-    name: Literal["weld_fusion", "weld_vision", "weld_dlinear", "weld_informer", "weld_inverted"] = "weld_fusion"
+    name: Literal["weld_fusion", "weld_vision", "weld_dlinear", "weld_informer", "weld_inverted",
+                  "weld_signal_stats", "weld_image_probe"] = "weld_fusion"
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
     weights: str | None = None
@@ -224,6 +232,10 @@ def model_kwargs(mcfg: WeldModelConfig, num_classes: int, channels: int, seq_len
     if name == "weld_inverted":
         return {"num_classes": num_classes, "channels": channels, "seq_len": seq_len, "spectral_dim": mcfg.spectral_dim,
                 "embed_dim": mcfg.embed_dim, "num_heads": mcfg.num_heads, "num_layers": mcfg.num_layers, "dropout": mcfg.dropout}
+    if name == "weld_signal_stats":
+        return {"num_classes": num_classes, "channels": channels, "welds": welds, "seq_len": seq_len}
+    if name == "weld_image_probe":
+        return {"num_classes": num_classes, "welds": welds, "backbone": mcfg.backbone}
     raise ValueError(f"unknown weld model {name!r}")
 
 
@@ -330,6 +342,31 @@ class WeldTask(TaskHooks):
     recipe = WeldRecipe
     monitor = "val/weighted_f1"
     summary_keys = ("accuracy", "weighted_f1", "macro_auroc", "seam_dice")
+    min_val_per_class = MIN_VAL_PER_CLASS
+    candidate_names = ("model", "signal_stats", "image_probe")
+
+    def candidate(self, recipe: WeldRecipe, name: str) -> tuple[dict, float, str]:
+        """Candidates: ``model`` (the recipe's model), ``signal_stats`` (per-channel statistics of the process
+        window of every channel -> logistic regression), ``image_probe`` (logistic regression on the frozen
+        backbone's pooled features of the weld crops, fixed bands). The two references fit in seconds."""
+        m = recipe.model
+        if name == "model":
+            what = m.name + (f" ({m.fusion} fusion)" if m.name == "weld_fusion" else "") + ", the recipe's model"
+            return {}, (0.05 if m.name in CLOSED_FORM else 1.0), what
+        if name == "signal_stats":
+            return ({"model.name": "weld_signal_stats", "model.channels": "all", "segmentation.enabled": False}, 0.05,
+                    "signal statistics: mean, std, 10th and 90th percentile of every channel over the process window "
+                    "-> logistic regression")
+        if name == "image_probe":
+            return ({"model.name": "weld_image_probe", "segmentation.enabled": False}, 0.1,
+                    f"image probe: logistic regression on frozen pooled {m.backbone} features of the weld crops")
+        return super().candidate(recipe, name)
+
+    def default_candidates(self, recipe: WeldRecipe, samples: Samples) -> list[str]:
+        """The recipe's model and the two closed-form references (seconds each)."""
+        if recipe.model.name in CLOSED_FORM:
+            return ["model"]
+        return ["model", "signal_stats", "image_probe"]
 
     # -------------------------------------------------------------------------------- data
 
@@ -412,24 +449,40 @@ class WeldTask(TaskHooks):
         kwargs = model_kwargs(m, len(ds.classes), len(prep.selected), d.seq_len, ds.welds_per_sample)
         model = build_weld_model(m, kwargs)
         weights_source = getattr(getattr(getattr(model, "vision", None), "backbone", None), "weights_source", "n/a (no vision encoder)")
-        module = WeldModule(model, len(ds.classes), t.lr, t.weight_decay, t.loss, t.focal_gamma, t.label_smoothing)
-        x = crops
-        t0 = time.perf_counter()
-        if m.freeze_backbone and hasattr(model, "vision"):
-            backbone = model.vision.backbone
-            backbone.requires_grad_(False)
-            x = cached_features(backbone, crops, precision=t.precision)
-        features_seconds = time.perf_counter() - t0
         s = prep.apply(spectra[fit_idx])
         y = samples.labels[fit_idx]
-        n_tr = len(tr)
-        has_val = len(va) > 0
-        info = fit_lightning(module, weld_loader(x[:n_tr], s[:n_tr], y[:n_tr], t.batch_size, True),
-                             weld_loader(x[n_tr:], s[n_tr:], y[n_tr:], t.batch_size, False) if has_val else None,
-                             t, run.path, self.monitor, "max", resume=run.resume)
-        if info is None:
-            return None
-        model = module.model.float().eval()
+        features_seconds = 0.0
+        if m.name in CLOSED_FORM:
+            # a logistic regression on fixed features of train + val (no epochs, nothing to select on validation)
+            from defectscope.models.linear_probe.torch_model import fit_logistic
+
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                feats = (model.features(torch.from_numpy(s)) if m.name == "weld_signal_stats"
+                         else model.features(torch.from_numpy(crops).float() / 255.0)).double().numpy()
+            w_, b_ = fit_logistic(feats, y, len(ds.classes))
+            model.set_head(w_, b_)
+            weights_source = getattr(getattr(model, "backbone", None), "weights_source", "n/a (closed-form fit on signal statistics)")
+            info = {"epochs_run": 0, "best_checkpoint": "none (closed-form fit)", "cut_short": False, "stopped_by": "fit",
+                    "train_seconds": round(time.perf_counter() - t0, 1)}
+        else:
+            module = WeldModule(model, len(ds.classes), t.lr, t.weight_decay, t.loss, t.focal_gamma, t.label_smoothing)
+            x = crops
+            t0 = time.perf_counter()
+            if m.freeze_backbone and hasattr(model, "vision"):
+                backbone = model.vision.backbone
+                backbone.requires_grad_(False)
+                x = cached_features(backbone, crops, precision=t.precision)
+            features_seconds = time.perf_counter() - t0
+            n_tr = len(tr)
+            has_val = len(va) > 0
+            info = fit_lightning(module, weld_loader(x[:n_tr], s[:n_tr], y[:n_tr], t.batch_size, True),
+                                 weld_loader(x[n_tr:], s[n_tr:], y[n_tr:], t.batch_size, False) if has_val else None,
+                                 t, run.path, self.monitor, "max", resume=run.resume)
+            if info is None:
+                return None
+            model = module.model
+        model = model.float().eval()
         predictor.model = model
         labels = ds.channel_labels
         info.update({
@@ -519,6 +572,7 @@ class WeldTask(TaskHooks):
                            "stage seconds": f"seam U-Net {info.get('unet_train_seconds')}, crops {info.get('crops_seconds')}, "
                                             f"frozen features {info.get('features_seconds')}"})
         rep.kv("Run", run_kv)
+        selection_section(rep, info)
         if cv:
             rep.table("Cross-validation: held-out figures per fold", crossval_table(
                 {**cv, "pooled": metrics}, ["n", "accuracy", "weighted_f1", "macro_f1", "macro_auroc", "seam_dice"]))

@@ -6,7 +6,7 @@ import numpy as np
 
 from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves
 from defectscope.evaluation.report import Report
-from defectscope.evaluation.run_report import report_sections, report_training_curves
+from defectscope.evaluation.run_report import report_sections, report_training_curves, selection_section
 
 
 def write_classification_report(run, title: str, metrics: dict, y_true: np.ndarray, probs: np.ndarray,
@@ -20,7 +20,9 @@ def write_classification_report(run, title: str, metrics: dict, y_true: np.ndarr
     info = dict(info)
     cv = info.pop("crossval", None)
     dec = info.pop("decisions", None)
+    selection = info.pop("selection", None)
     rep.kv("Run", info)
+    selection_section(rep, {"selection": selection})
     report_sections(rep, run, {"crossval": cv}, ["n", "accuracy", "weighted_f1", "macro_f1", "macro_auroc"])
     what = "pooled out-of-fold predictions" if cv else "the held-out split"
     rep.kv("Test metrics" if not cv else "Pooled out-of-fold metrics",

@@ -1,5 +1,6 @@
 """Report sections every run's ``report.html`` shares: the cross-validation fold table, the
-"Decisions" section (operating points, calibration) and the training curves.
+candidates of a cross-validated run (:func:`selection_section`), the "Decisions" section
+(operating points, calibration) and the training curves.
 
 Used by the pipeline (:mod:`defectscope.engine.pipeline`), the task reports and ``defectscope
 evaluate``; nothing here trains or loads a model.
@@ -48,6 +49,43 @@ def report_sections(rep, run, info: dict, keys: list[str] | None = None) -> None
         add_decisions_section(rep, run.path, np.zeros(0, bool), np.zeros(0), [], calibration=dec["calibration"],
                               probs_before=dec.get("probs_before"), probs_after=dec.get("probs_after"),
                               y_true=dec.get("y_true"))
+
+
+def selection_rows(selection: dict) -> list[dict]:
+    """Report rows: one per candidate with its pooled and mean +- std figures, the chosen one marked."""
+    rows = []
+    for name, c in selection["candidates"].items():
+        row = {"candidate": name + (" (chosen)" if name == selection["chosen"] else ""), "what": c["description"]}
+        for k in ("accuracy", "weighted_f1", "macro_auroc"):
+            if k in c["pooled"]:
+                row[f"pooled {k}"] = c["pooled"][k]
+                if k in c["mean"]:
+                    row[f"{k} mean +- std"] = f"{c['mean'][k]:.4f} +- {c['std'][k]:.4f}"
+        rows.append(row)
+    nested = selection.get("nested")
+    if nested:
+        row = {"candidate": "nested selection (unbiased)",
+               "what": "chosen inside each outer fold: " + ", ".join(nested["chosen_per_fold"])}
+        for k in ("accuracy", "weighted_f1", "macro_auroc"):
+            if k in nested["pooled"]:
+                row[f"pooled {k}"] = nested["pooled"][k]
+                if k in nested["mean"]:
+                    row[f"{k} mean +- std"] = f"{nested['mean'][k]:.4f} +- {nested['std'][k]:.4f}"
+        rows.append(row)
+    return rows
+
+
+def selection_section(rep, info: dict) -> None:
+    """Add the "Candidates" section (every candidate's out-of-fold figures, the choice and why, the refit
+    model and the optimism note) to a report, when the pipeline passed ``info["selection"]``."""
+    sel = info.get("selection")
+    if not sel:
+        return
+    if len(sel["candidates"]) > 1:
+        rep.table("Candidates on the same folds (pooled out-of-fold and mean +- std over folds)", selection_rows(sel))
+        rep.text(f"Chosen: {sel['chosen']}: {sel['why']}. {sel['note']}")
+    rep.text(f"The deployable model (model.ckpt) is {sel['model']['what']}. "
+             + " ".join(f"{n}." for n in sel["model"].get("notes", [])))
 
 
 def csv_log_path(run_dir: Path) -> Path:

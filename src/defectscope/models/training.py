@@ -36,6 +36,27 @@ def random_flips(x: torch.Tensor, generator: torch.Generator | None = None) -> t
     return torch.where(v.view(b, 1, 1, 1), x.flip(-2), x)
 
 
+def strong_augment(x: torch.Tensor, generator: torch.Generator | None = None, grey: float = 0.1) -> torch.Tensor:
+    """Augmentation for images with no "up" (radiographs, strip surfaces), per image of float ``[B, C, H, W]`` in [0, 1].
+
+    Random flips (:func:`random_flips`), a rotation by a random multiple of 90 degrees (square
+    images only; others keep their orientation), and a grey-level jitter ``x' = a (x - m) + m + b``
+    with the image mean ``m``, contrast ``a ~ U(1 - grey, 1 + grey)`` and brightness
+    ``b ~ U(-grey, grey)``, clipped to [0, 1] (the same for every channel, so grey stays grey).
+    """
+    x = random_flips(x, generator)
+    b = x.shape[0]
+    if x.shape[-1] == x.shape[-2]:
+        k = torch.randint(0, 4, (b,), generator=generator)
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        x = torch.stack([torch.rot90(x[i], int(k[i]), dims=(-2, -1)) for i in range(b)])
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+    a = 1 + grey * (2 * torch.rand(b, 1, 1, 1, generator=generator) - 1)
+    shift = grey * (2 * torch.rand(b, 1, 1, 1, generator=generator) - 1)
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - m) * a.to(x.dtype) + m + shift.to(x.dtype)).clamp(0, 1)
+
+
 def warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.05):
     """Per-step schedule: linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0.
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from defectscope.models.training import build_loss, random_flips, to_model_input, warmup_cosine
+from defectscope.models.training import build_loss, random_flips, strong_augment, to_model_input, warmup_cosine
 
 
 class ImageClassifierModule(L.LightningModule):
@@ -21,7 +21,8 @@ class ImageClassifierModule(L.LightningModule):
         lr, weight_decay: AdamW settings.
         loss: ``focal`` (paper 000, eq. 14) or ``ce``; ``focal_gamma`` its focusing parameter.
         label_smoothing: for ``ce``.
-        augment: random horizontal/vertical flips on training batches.
+        augment: random horizontal/vertical flips on training batches; ``"strong"``: flips, rotations
+            by multiples of 90 degrees and grey-level jitter (:func:`~defectscope.models.training.strong_augment`).
         channels_last: NHWC layout for inputs and convolution weights.
         class_weight: optional per-class loss weights ``[K]`` (class-balanced loss).
 
@@ -31,7 +32,7 @@ class ImageClassifierModule(L.LightningModule):
     monitor, mode = "val/weighted_f1", "max"
 
     def __init__(self, model: nn.Module, num_classes: int, lr: float, weight_decay: float, loss: str = "focal",
-                 focal_gamma: float = 2.0, label_smoothing: float = 0.0, augment: bool = True,
+                 focal_gamma: float = 2.0, label_smoothing: float = 0.0, augment: bool | str = True,
                  channels_last: bool = True, class_weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model = model
@@ -53,7 +54,9 @@ class ImageClassifierModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         x = self._prep(x)
-        if self.augment:
+        if self.augment == "strong":
+            x = strong_augment(x)
+        elif self.augment:
             x = random_flips(x)
         loss = self.loss_fn(self.model(x), y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)

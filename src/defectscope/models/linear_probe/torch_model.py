@@ -216,3 +216,64 @@ def fit_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarra
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=1, keepdims=True)
+
+
+@register_model("weld_image_probe")
+class WeldImageProbe(nn.Module):
+    """The image-only reference of the ``weld`` task: a linear probe on the weld crops.
+
+    Features: the frozen backbone's global-average-pooled features of each of the ``W`` weld crops,
+    concatenated ``[B, W * C]``; logits = the fitted logistic regression (:func:`fit_logistic`)
+    folded into ``nn.Linear``, as :class:`LinearProbeClassifier`.
+
+    Args:
+        num_classes: ``K``; welds: ``W`` crops per sample.
+        backbone / pretrained / weights: the frozen backbone (see :func:`defectscope.models.create_backbone`);
+            ``model.ckpt`` stores its weights in the state dict, so rebuilding uses ``pretrained=False``.
+
+    Forward:
+        ``forward(image, spectra=None)``: ``image`` ``[B, W, 3, h, w]`` in [0, 1]; ``spectra`` ignored;
+        returns logits ``[B, K]``.
+    """
+
+    def __init__(self, num_classes: int, welds: int = 1, backbone: str | Backbone = "efficientnet_lite0",
+                 pretrained: bool = False, weights: str | None = None) -> None:
+        super().__init__()
+        self.backbone = _as_backbone(backbone, pretrained, weights)
+        self.backbone_name = self.backbone.spec.name
+        self.num_classes, self.welds = int(num_classes), int(welds)
+        self.head = nn.Linear(self.welds * self.backbone.out_channels, self.num_classes)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "WeldImageProbe":
+        """Stays in eval mode (a frozen probe has nothing to train)."""
+        return super().train(False)
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """``[B, W * C]`` pooled features of the crops ``[B, W, 3, h, w]`` in [0, 1] (fp32)."""
+        b, w = image.shape[:2]
+        f = self.backbone(image.reshape(b * w, *image.shape[2:]).float()).float().mean(dim=(2, 3))
+        return f.reshape(b, -1)
+
+    def set_head(self, weight: np.ndarray, bias: np.ndarray) -> "WeldImageProbe":
+        """Copy the fitted ``weight [K, W * C]`` and ``bias [K]``.
+
+        Raises:
+            ValueError: shapes that do not match.
+        """
+        wt = torch.as_tensor(np.asarray(weight), dtype=torch.float32)
+        bt = torch.as_tensor(np.asarray(bias), dtype=torch.float32)
+        if tuple(wt.shape) != tuple(self.head.weight.shape) or tuple(bt.shape) != (self.num_classes,):
+            raise ValueError(f"weld_image_probe: head of shape {tuple(wt.shape)} / {tuple(bt.shape)}, expected "
+                             f"{tuple(self.head.weight.shape)} / ({self.num_classes},)")
+        with torch.no_grad():
+            self.head.weight.copy_(wt)
+            self.head.bias.copy_(bt)
+        return self
+
+    def forward(self, image: torch.Tensor, spectra: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(image))

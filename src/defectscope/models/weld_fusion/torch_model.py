@@ -239,4 +239,6 @@ def weld_seam_unet(base: int = 8, depth: int = 3) -> nn.Module:
 
 #: which inputs each registered weld model uses
 MODALITIES = {"weld_fusion": ("image", "spectra"), "weld_vision": ("image",), "weld_dlinear": ("spectra",),
-              "weld_informer": ("spectra",), "weld_inverted": ("spectra",)}
+              "weld_informer": ("spectra",), "weld_inverted": ("spectra",),
+              # the closed-form references (models/signal_stats, models/linear_probe)
+              "weld_signal_stats": ("spectra",), "weld_image_probe": ("image",)}
