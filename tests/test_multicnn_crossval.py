@@ -91,8 +91,10 @@ def test_schema_refuses_settings_multicnn_does_not_use(tmp_path):
 
 
 def test_fusion_model_refuses_unknown_arguments():
+    from defectscope.models.registry import ModelArgumentError
+
     members = [{"name": "a", "backbone": "resnet18", "image_size": 32}]
-    with pytest.raises(TypeError, match="dropuot"):
+    with pytest.raises(ModelArgumentError, match="dropuot: not an argument of model 'multicnn_fusion'"):
         create_model("multicnn_fusion", members=members, num_classes=2, dropuot=0.5)
     with pytest.raises(ValueError, match=r"members\[0\]"):
         create_model("multicnn_fusion", members=[{**members[0], "pretrained": True}], num_classes=2)
