@@ -8,7 +8,7 @@ Usage::
 For each task a run folder is written with the architecture and input size of its recipe
 (``configs/ksdd_unet_resnet18.yaml``: U-Net ResNet18 at 512 x 192; ``configs/neudet_fcos.yaml``:
 FCOS at 256 px; ``configs/neudet_cnn_hungarian.yaml``: 9 attention slots at 200 px;
-``configs/ksdd_gradmobilenet.yaml``: PatchCore on EfficientNet-Lite0 stages 2 + 4 at 384 x 160 with
+``configs/ksdd_patchcore.yaml``'s PatchCore (EfficientNet-Lite0 stages 2 + 4) at 384 x 160 with
 a 2200-row memory bank, about 1 % of the KolektorSDD fitting patches; ``configs/neu_multicnn.yaml``:
 three EfficientNet-Lite members fused at 200 px) and **untrained heads** (ImageNet backbones where the
 recipe has them, random weights elsewhere): speed does not depend on the weights, so the quality
@@ -94,14 +94,12 @@ def make_runs(root: Path, n: int, tasks: list[str]) -> dict[str, Path]:
                        class_names=NEU_CLASSES, image_size=200, score_threshold=0.3)
         _neu_lists(run, n)
     if "anomaly" in tasks:
-        pkw = {"backbone": "efficientnet_lite0", "layers": [2, 4], "score_border": 2, "bank_size": 2200}
-        pc = create_model("patchcore", **pkw, pretrained=True)
-        pc.memory_bank = torch.randn(2200, pc.feature_dim).abs()
-        gkw = {"backbone": "mobilenetv3_large_100", "num_classes": 2}
+        from defectscope.engine.anomaly import AnomalyRun, checkpoint_of
+
+        pc = create_model("patchcore", backbone="efficientnet_lite0", layers=[2, 4], score_border=2, pretrained=True)
+        pc.memory_bank = torch.randn(2200, pc.features.dim).abs()
         run = new("anomaly_patchcore", "anomaly")
-        run.save_model("anomaly", "grad_mobilenet", gkw, create_model("grad_mobilenet", **gkw).state_dict(),
-                       image_size=[384, 160], peer_kwargs=pkw, peer_state_dict=pc.state_dict(), peer_threshold=10.0,
-                       peer_image_size=[384, 160])
+        run.save_model("anomaly", **checkpoint_of(AnomalyRun(pc, 10.0, (384, 160))))
         _ksdd_lists(run, n, ("test", "fit"))
     if "multicnn" in tasks:
         members = [{"name": f"lite{i}", "backbone": f"efficientnet_lite{i}", "image_size": 200} for i in range(3)]

@@ -130,29 +130,31 @@ def test_greedy_coreset_picks_far_points_and_nn_distance():
     idx = greedy_coreset(pts, 3, proj_dim=128, seed=0)
     assert len(set(idx.tolist())) == 3
     assert {2, 3} <= set(idx.tolist())  # the two far points are always chosen
-    d = nearest_distances(torch.tensor([[10.0, 1.0]]), pts[idx])
-    assert d.item() == pytest.approx(1.0)
+    d = nearest_distances(torch.tensor([[[10.0, 1.0], [0.0, 0.0]]]), pts[idx])  # [B, Q, D] -> [B, Q]
+    assert d.shape == (1, 2) and d[0, 0].item() == pytest.approx(1.0)
+    exact = torch.cdist(torch.tensor([[0.0, 0.0]]), pts[idx]).amin()
+    assert d[0, 1].item() == pytest.approx(exact.item(), abs=1e-5)
 
 
 def test_patchcore_score_border_leaves_edge_cells_out_of_the_image_score():
     from defectscope.models import create_model
-    from defectscope.models.patchcore.torch_model import nearest_distances
-
     torch.manual_seed(0)
     x = torch.rand(2, 3, 64, 48)
     full = create_model("patchcore", backbone="efficientnet_lite0", layers=[2], pretrained=False)
     inner = create_model("patchcore", backbone="efficientnet_lite0", layers=[2], pretrained=False, score_border=2)
     inner.load_state_dict(full.state_dict(), strict=False)
-    emb = full.embed(x)
+    with torch.no_grad():
+        emb = full.features(x)
     b, d, h, w = emb.shape
     bank = emb.permute(0, 2, 3, 1).reshape(-1, d)[::7].clone()
     full.memory_bank = bank
     inner.memory_bank = bank
-    dist = nearest_distances(emb.permute(0, 2, 3, 1).reshape(-1, d), bank).view(b, h, w)
-    s_full, m_full = full(x)
-    s_inner, m_inner = inner(x)
-    torch.testing.assert_close(s_full, dist.flatten(1).amax(1))
-    torch.testing.assert_close(s_inner, dist[:, 2:-2, 2:-2].flatten(1).amax(1))
+    dist = torch.cdist(emb.permute(0, 2, 3, 1).reshape(-1, d), bank).amin(1).view(b, h, w)
+    with torch.no_grad():
+        s_full, m_full = full(x)
+        s_inner, m_inner = inner(x)
+    torch.testing.assert_close(s_full, dist.flatten(1).amax(1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s_inner, dist[:, 2:-2, 2:-2].flatten(1).amax(1), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(m_full, m_inner)  # the map keeps the edge cells
     with pytest.raises(ValueError, match="score_border"):
         create_model("patchcore", backbone="efficientnet_lite0", layers=[2], pretrained=False, score_border=-1)
@@ -188,8 +190,9 @@ def test_one_class_svm_state_reloads_without_pickle_and_scores_identically(tmp_p
 
 def test_constructors_refuse_unknown_keywords():
     from defectscope.models import create_model
+    from defectscope.models.registry import ModelArgumentError
 
-    with pytest.raises(TypeError, match="dropuot"):
+    with pytest.raises(ModelArgumentError, match="dropuot: not an argument of model 'grad_mobilenet'"):
         create_model("grad_mobilenet", backbone="efficientnet_lite0", dropuot=0.1)
-    with pytest.raises(TypeError, match="corset_ratio"):
+    with pytest.raises(ModelArgumentError, match="corset_ratio"):
         create_model("patchcore", backbone="efficientnet_lite0", layers=[2], pretrained=False, corset_ratio=0.1)

@@ -51,14 +51,22 @@ def test_mask_resize_keeps_defect_pixels(ksdd_root):
     assert not load_mask(good.mask, (384, 160)).any()
 
 
-@pytest.mark.slow  # Lightning + two backbones: tens of seconds on an idle 2-core CPU
-@pytest.mark.parametrize("peer_size", [None, [128, 64]])
-def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path, peer_size):
-    """Fit both methods on 6 real good images, test on 6 real images (2 defective), predict 2 files.
+TINY_MODELS = {
+    "patchcore": {"name": "patchcore", "coreset_ratio": 0.1, "patches_per_image": 40},
+    "padim": {"name": "padim", "n_features": 20},
+    "padim_tiled": {"name": "padim", "n_features": 20, "tile": [64, 32], "tile_stride": [32, 32]},
+    "grad_mobilenet": {"name": "grad_mobilenet", "grid": [3, 1], "bins": 4, "grad_batch_size": 6},
+}
 
-    With ``peer_size`` PatchCore reads its own, larger input (its maps are resized for the report).
-    """
+
+@pytest.mark.slow  # one backbone per model: seconds to tens of seconds on an idle 2-core CPU
+@pytest.mark.parametrize("which", list(TINY_MODELS))
+def test_tiny_end_to_end_run_predict_and_evaluate(ksdd_root, tmp_path, which):
+    """Fit each registered model on 6 real good images, test on 6 real images (2 defective), predict 2 files
+    (maps back at the image's own size), evaluate a 4-image folder; the run's test scores are what the
+    reloaded model gives (one loader, one forward)."""
     from defectscope.config import validate
+    from defectscope.engine.anomaly import load_anomaly_run
     from defectscope.engine.pipeline import train
     from defectscope.engine.tasks import get_task
 
@@ -66,10 +74,8 @@ def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path, peer_size):
     raw = {"task": "anomaly", "seed": 0,
            "data": {"root": str(ksdd_root), "image_size": [96, 32], "calibration_fraction": 0.3,
                     "max_fit": 6, "max_test": 6},
-           "model": {"grid": [3, 1], "bins": 4, "grad_batch_size": 6},
-           "peer": {"max_patches": 500, "coreset_ratio": 0.1, "image_size": peer_size},
-           "clustering": {"enabled": False},
-           "train": {"epochs": 1, "batch_size": 3, "progress": False, "logger": [], "num_threads": 2}}
+           "model": TINY_MODELS[which],
+           "train": {"epochs": 1, "batch_size": 3, "progress": False, "logger": [], "num_threads": 2, "precision": "32"}}
     recipe = validate(raw, task.recipe, "test")
     run = tmp_path / "run"
     res = train(recipe, run, task=task)
@@ -77,31 +83,40 @@ def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path, peer_size):
     assert fit_lines and all(line.endswith(",good") for line in fit_lines)
     assert all(line.endswith(",good") for line in (run / "split" / "calibration.txt").read_text().splitlines())
     metrics = json.loads((run / "metrics.json").read_text())
-    for block in ("test", "peer"):
-        for key in ("image_auroc", "image_ap", "f1", "pixel_auroc"):
-            v = metrics[block][key]
-            assert v is None or 0.0 <= v <= 1.0
+    for key in ("image_auroc", "image_ap", "f1", "f1_max", "pixel_auroc", "aupro"):
+        v = metrics["test"][key]
+        assert v is None or 0.0 <= v <= 1.0
     assert metrics["split"]["test_defective"] >= 1 and metrics["test"]["n"] == 6
-    assert metrics["feature"]["dim"] == 3 + 4 + 1
+    assert metrics["model"] == TINY_MODELS[which]["name"] and metrics["clustering"] is None  # not asked for
     assert (run / "report.html").is_file() and (run / "plots" / "overlays.png").is_file()
     assert res["test"] == metrics["test"]
-    assert metrics["peer"]["image_size"] == (peer_size or [96, 32])
-    patches_per_image = (peer_size or [96, 32])[0] // 8 * (peer_size or [96, 32])[1] // 8
-    assert metrics["peer"]["patches"] == 6 * patches_per_image  # stride-8 grid of the peer's own input
+    if which == "patchcore":
+        assert metrics["memory_bank"] == max(1, round(0.1 * metrics["patches"])) and metrics["peak_rss_mib"] > 0
+        assert metrics["patches"] == 6 * (96 // 8) * (32 // 8)  # 6 fit images (max_fit), stride-8 grid
+        assert metrics["presampled"] == 6 * 40 and metrics["protocol"]["images"] == {"fit": 6, "calibration": 2}
+    if which == "grad_mobilenet":
+        assert metrics["feature"]["dim"] == 3 + 4 + 1 and metrics["threshold"] == 0.0
 
-    files = [Path(line.split(",")[0]) for line in (run / "split" / "test.txt").read_text().splitlines()[:2]]
+    # the reloaded model (the one loader); predict's CSV gives its scores
+    loaded = load_anomaly_run(run)
+    test_lines = (run / "split" / "test.txt").read_text().splitlines()
+    files = [Path(line.split(",")[0]) for line in test_lines]
+    from defectscope.data.images import load_stack
+
+    again = loaded.score(load_stack(files, (96, 32)))
+
     bad_file = tmp_path / "broken.jpg"
     bad_file.write_bytes(b"not an image")
     out = tmp_path / "preds.csv"
-    summary = task.predict(run, files + [bad_file], out)
+    summary = task.predict(run, files[:2] + [bad_file], out)
     assert summary["predicted"] == 2 and len(summary["skipped"]) == 1
     rows = list(csv.DictReader(out.open()))
-    assert [r["decision"] for r in rows[:2]] and all(r["decision"] in ("normal", "defective") for r in rows[:2])
+    assert all(r["decision"] in ("normal", "defective") for r in rows[:2])
     assert all(np.isfinite(float(r["score"])) and Path(r["map"]).is_file() for r in rows[:2])
-    assert all(np.isfinite(float(r["peer_score"])) for r in rows[:2])
+    np.testing.assert_allclose([float(r["score"]) for r in rows[:2]], again.score[:2], rtol=1e-5, atol=1e-6)
     assert rows[2]["error"]
 
-    # evaluate on a small KolektorSDD-layout folder (4 real images, 2 defective): both methods, peer at its own size
+    # evaluate on a small KolektorSDD-layout folder (4 real images, 2 defective)
     small = tmp_path / "ksdd_small"
     (small / "images").mkdir(parents=True)
     (small / "masks").mkdir()
@@ -115,5 +130,5 @@ def test_tiny_end_to_end_run_and_predict(ksdd_root, tmp_path, peer_size):
     (small / "manifest.csv").write_text("\n".join([lines[0]] + good + bad) + "\n")
     ev = task.evaluate(run, small, tmp_path / "ev")
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert ev["n"] == 4 and ev["n_defective"] == 2 and saved["peer"]["n"] == 4
-    assert 0.0 <= saved["peer"]["image_auroc"] <= 1.0 and 0.0 <= saved["peer"]["pixel_auroc"] <= 1.0
+    assert ev["n"] == 4 and ev["n_defective"] == 2 and saved["test"]["n"] == 4
+    assert 0.0 <= saved["test"]["image_auroc"] <= 1.0 and 0.0 <= saved["test"]["aupro"] <= 1.0

@@ -161,12 +161,19 @@ def test_linear_probe_as_the_model(tmp_path, neu_small):
 def test_an_mvtec_layout_folder_trains_the_anomaly_task_with_pixel_metrics(tmp_path, ksdd_root):
     data = mvtec_from_kolektor(ksdd_root, tmp_path / "mvtec", n_train_good=12, n_test_good=6, n_defect=6)
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "-o", "data.image_size=[96,32]",
-                                   "-o", "train.epochs=1", "-o", "train.batch_size=4", "-o", "train.progress=false",
-                                   "-o", "peer.max_patches=500", "-o", "clustering.enabled=false"])
+    res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "-o", "data.image_size=[96,32]"])
     assert res.exit_code == 0, res.output
     assert "anomaly (mvtec layout)" in res.output
+    # only the user's folder: no clustering study (no NEU path), and the summary's counts are the split's
+    assert "neu" not in res.output.lower() and "clustering" not in res.output
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["clustering"]["enabled"] is False and cfg["clustering"]["root"] is None
+    assert cfg["data"]["root"] == str(data) and cfg["model"]["name"] == "patchcore"
+    assert "10 good training images fill its memory bank, 2 more" in " ".join(res.output.split())
+    assert len((out / "split" / "fit.txt").read_text().splitlines()) == 10
+    assert len((out / "split" / "calibration.txt").read_text().splitlines()) == 2
     m = json.loads((out / "metrics.json").read_text())
+    assert m["clustering"] is None
     assert m["test"]["n"] == 12 and m["test"]["n_defective"] == 6
     assert 0 <= m["test"]["image_auroc"] <= 1 and 0 <= m["test"]["pixel_auroc"] <= 1
 

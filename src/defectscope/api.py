@@ -253,7 +253,7 @@ def load(model: str | Path, *, threads: int | None = None, member: str | None = 
 
     Args:
         threads: intra-op threads (``None``: the runtime's default).
-        member: anomaly runs: which of the run's models (``patchcore`` / ``grad_mobilenet``).
+        member: anomaly runs: optional, the run's own model name (a run holds one anomaly model).
 
     Raises:
         RunError: a run folder that does not load (missing, unsafe or from an older version: one

@@ -255,7 +255,7 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run folder from 'defectscope train'.")],
     out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")] = Path("model.onnx"),
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset version.")] = 17,
-    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly runs: patchcore (default) or grad_mobilenet.")] = None,
+    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly runs: optional, the run's own model name (a run holds one anomaly model).")] = None,
 ) -> None:
     """Export a run's model to ONNX (dynamic batch axis, metadata for standalone use)."""
     from defectscope import api
@@ -319,7 +319,8 @@ def serve(
     queue: Annotated[int, typer.Option("--queue", help="Requests allowed to wait; more get 503.")] = 64,
     max_mb: Annotated[float, typer.Option("--max-mb", help="Largest upload per file, MiB.")] = 10.0,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads of the model (default: the CPUs this process may use).", show_default=False)] = None,
-    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly run folders: patchcore (default) or grad_mobilenet (PyTorch only).")] = None,
+    member: Annotated[Optional[str], typer.Option("--member", help="Anomaly run folders: optional, the run's own model name (a run holds one anomaly model).")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="For an .onnx file: onnxruntime, openvino, or auto (the faster exact fp32 runtime, timed at start).")] = "auto",
     max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /healthz, /docs, and the operator page at /."""
@@ -340,7 +341,7 @@ def serve(
     _set_pixel_limit(max_megapixels)
     console.print(f"serving {model} on http://{host}:{port}/ (docs: /docs)", highlight=False)
     run_service(model, host=host, port=port, workers=workers, queue=queue, max_bytes=int(max_mb * 1024 * 1024), threads=threads,
-                member=member)
+                member=member, runtime=runtime)
 
 
 @app.command("inspect")
@@ -357,6 +358,7 @@ def inspect_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard earlier results of --out.")] = False,
     flush_every: Annotated[int, typer.Option("--flush-every", help="Write a results part every N rows (or 10 s); a kill loses at most that much work.")] = 1000,
     save_maps: Annotated[Optional[Path], typer.Option("--save-maps", help="Folder for each image's mask / anomaly map / boxes / attention overlay as PNG (column map_path).")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="For an .onnx file: onnxruntime, openvino, or auto (the faster exact fp32 runtime, timed once at start).")] = "auto",
     max_megapixels: MaxMegapixels = None,
 ) -> None:
     """Score image archives on Ray Data: streaming reads, one model copy per worker, Parquet results, resumable."""
@@ -383,7 +385,7 @@ def inspect_cmd(
                 console.print(f"inspect: {done}/{total} images, {rate:.1f} img/s, {errors} errors", highlight=False)
 
         try:
-            res = inspect_archive(model, sources, out, workers=workers, threads=threads, batch_size=batch_size,
+            res = inspect_archive(model, sources, out, workers=workers, threads=threads, batch_size=batch_size, runtime=runtime,
                                   address=address, resume=resume, overwrite=overwrite, flush_rows=max(flush_every, 1),
                                   on_progress=on_progress, save_maps=save_maps)
         except KeyboardInterrupt:
@@ -432,7 +434,7 @@ def doctor(
 
     Prints the CPU model, torch's CPU capability, whether bf16 is native, the measured fp32 (and, where
     native, bf16) matrix-product rate, the precision and threads ``train`` chooses with ``auto``, and the
-    runtime ``serve`` / ``inspect`` use (exact fp32: ONNX Runtime for an ``.onnx`` file, PyTorch for a run
+    runtime ``serve`` / ``inspect`` use (exact fp32: the faster of ONNX Runtime and OpenVINO, timed at start, for an ``.onnx`` file; PyTorch for a run
     folder). Nothing is written.
     """
     from defectscope.machine import environment, matmul_gflops, resolve_precision, resolve_threads
@@ -450,8 +452,8 @@ def doctor(
                       f"{matmul_gflops('bfloat16', 1024, 0.3):.0f} GFLOP/s" if prec.bf16 else
                       "not measured: bf16 is emulated here (one product would take seconds)")
     table.add_row("train (precision: auto)", f"precision {prec.value}, {env['threads']} threads (num_threads: auto)")
-    table.add_row("serve / inspect", "ONNX Runtime fp32 for a .onnx file (fastest exact runtime measured here, "
-                  "README deployment table), PyTorch fp32 for a run folder; threads = the CPUs this process may use")
+    table.add_row("serve / inspect", "for a .onnx file the faster exact fp32 runtime (ONNX Runtime or OpenVINO, "
+                  "timed at start: --runtime auto), PyTorch fp32 for a run folder; threads = the CPUs this process may use")
     Console(width=200).print(table)
 
 

@@ -175,3 +175,24 @@ def test_onnx_predictor_needs_no_torch(tiny_onnx, neu_files):
     assert res.returncode == 0, res.stderr[-2000:]
     cls, spinning, torch_loaded = res.stdout.split()
     assert cls in ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches") and spinning == "0" and torch_loaded == "False"
+
+
+def test_runtime_auto_times_both_exact_runtimes_and_keeps_the_faster(tiny_onnx, onnx_predictor, neu_files):
+    """Issue 23: serve / inspect pick the fastest exact runtime on this CPU (--runtime auto)."""
+    from defectscope.deploy.predictor import DeployError, load_predictor
+
+    auto = load_predictor(tiny_onnx, threads=1, runtime="auto")
+    choice = auto.runtime_choice
+    assert choice["chosen"] == auto.backend in ("onnxruntime", "openvino")
+    assert set(choice["batch1_ms"]) == {"onnxruntime", "openvino"} and all(v > 0 for v in choice["batch1_ms"].values())
+    faster = min(choice["batch1_ms"], key=choice["batch1_ms"].get)
+    assert auto.backend == faster or choice["max_abs_diff"] > 1e-3
+    ov = load_predictor(tiny_onnx, threads=1, runtime="openvino")
+    assert ov.identity()["backend"] == "openvino"
+    ref = onnx_predictor.predict(neu_files)
+    for p in (auto, ov):
+        got = p.predict(neu_files)
+        assert [r["class"] for r in got] == [r["class"] for r in ref]
+        assert max(abs(g["probabilities"][k] - r["probabilities"][k]) for g, r in zip(got, ref) for k in r["probabilities"]) < 1e-4
+    with pytest.raises(DeployError, match="runtime 'tensorrt'"):
+        load_predictor(tiny_onnx, runtime="tensorrt")

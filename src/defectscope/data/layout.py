@@ -186,7 +186,7 @@ def _mvtec_signal(root: Path) -> _Signal | None:
     test = root / "test"
     defect_dirs = [d for d in _subdirs(test) if d.name != "good"] if test.is_dir() else []
     n_train = len(_images_in(good))
-    counts = {"good": n_train + len(_images_in(test / "good"))}
+    counts = {"train/good": n_train, "test/good": len(_images_in(test / "good"))}
     for d in defect_dirs:
         counts[d.name] = len(_images_in(d))
     gt = root / "ground_truth"

@@ -173,24 +173,12 @@ def openvino_runner(path: Path, threads: int, precision: str = "f32") -> RunFn:
     Raises:
         ImportError: openvino is not installed (``pip install openvino``).
     """
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
     import onnx
 
+    from defectscope.deploy.predictor import OpenVinoModel
+
     wanted = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
-    outputs = list(compiled.outputs)
-    # OpenVINO may give an output several tensor names (a graph optimisation merges tensors); take the ONNX one
-    names = [next((n for n in wanted if n in o.get_names()), o.get_any_name()) for o in outputs]
-    request = compiled.create_infer_request()
-
-    def fn(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        res = request.infer({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in x.items()})
-        return {n: np.array(res[o], copy=True) for n, o in zip(names, outputs)}
-
-    return fn
+    return OpenVinoModel(Path(path), threads, wanted, precision).run
 
 
 INT8_OPS = ("Conv", "MatMul", "Gemm")

@@ -219,7 +219,7 @@ def model_identity(predictor) -> dict[str, str]:
     """``{"model_sha256", "model_backend", "model"}`` of a loaded predictor: the SHA-256 of the
     file that runs (the ``.onnx`` file, or the run's ``model.ckpt``)."""
     info = predictor.info
-    sha = info.extra.get("onnx_sha256") if predictor.backend == "onnxruntime" else info.sha256
+    sha = info.extra.get("onnx_sha256") if getattr(predictor, "run_dir", None) is None else info.sha256
     return {"model_sha256": sha or info.sha256, "model_backend": predictor.backend, "model": f"{info.task}/{info.model_name}"}
 
 
@@ -260,10 +260,10 @@ class ImageScorer:
     """
 
     def __init__(self, model: str, threads: int, answer_cols: Sequence[tuple[str, object]],
-                 maps_dir: str | None = None) -> None:
+                 maps_dir: str | None = None, runtime: str = "onnxruntime") -> None:
         from defectscope.deploy.predictor import load_predictor
 
-        self.predictor = load_predictor(model, threads=threads)
+        self.predictor = load_predictor(model, threads=threads, runtime=runtime)
         self.maps_dir = Path(maps_dir) if maps_dir else None
         self.ident = model_identity(self.predictor)
         self.alarm = self.predictor.drift_alarm()
@@ -634,7 +634,7 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
                     workers: int | None = None, threads: int = 1, batch_size: int = 32, address: str | None = None,
                     resume: bool = False, overwrite: bool = False, flush_rows: int = 1000, flush_seconds: float = 10.0,
                     block_rows: int | None = None, on_progress: ProgressFn | None = None,
-                    save_maps: str | os.PathLike | None = None) -> InspectResult:
+                    save_maps: str | os.PathLike | None = None, runtime: str = "onnxruntime") -> InspectResult:
     """Score every image of ``sources`` with ``model`` on Ray Data and write one Parquet row per image.
 
     Args:
@@ -661,6 +661,9 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
         save_maps: folder for each scored image's picture output (mask, anomaly map, boxes overlay,
             attention overlay: the adapter's ``map_kind``), named by :func:`map_file_name`; the rows get
             ``map_path``. On resume only the newly scored images' files are written.
+        runtime: for an ``.onnx`` model, ``onnxruntime`` (default here; the CLI's default is ``auto``),
+            ``openvino`` or ``auto``: the driver times both exact runtimes once (:class:`~defectscope.deploy.predictor.OnnxPredictor`) and every
+            worker runs the faster one.
 
     Returns:
         :class:`InspectResult`.
@@ -689,7 +692,14 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
     pdir = parts_dir(out)
     paths = expand_sources(sources)
 
-    predictor = load_predictor(model, threads=threads)
+    if resume and runtime == "auto" and Path(model).suffix.lower() == ".onnx" and (
+            out.exists() or (pdir.is_dir() and any(pdir.glob("*.parquet")))):
+        earlier = {b for t in read_existing(out) if t.num_rows and "model_backend" in t.column_names
+                   for b in t.column("model_backend").to_pylist()} & {"onnxruntime", "openvino"}
+        if len(earlier) == 1:
+            runtime = earlier.pop()  # resume on the runtime that scored the earlier rows (auto's timing may differ)
+    predictor = load_predictor(model, threads=threads, runtime=runtime)
+    runtime = predictor.backend if predictor.backend in ("onnxruntime", "openvino") else "onnxruntime"
     answer = probe_answer(predictor)
     ident = model_identity(predictor)
     cols = answer_columns(answer)
@@ -754,7 +764,7 @@ def inspect_archive(model: str | os.PathLike, sources: Sequence[str | os.PathLik
             block = block_rows or max(1, min(4 * batch_size, -(-len(todo) // (4 * workers))))
             blocks = [pa.table({"path": pa.array(todo[i : i + block], pa.string())}) for i in range(0, len(todo), block)]
             ds = ray.data.from_arrow(blocks).map_batches(
-                ImageScorer, fn_constructor_kwargs={"model": str(Path(model).resolve()), "threads": threads, "answer_cols": cols,
+                ImageScorer, fn_constructor_kwargs={"model": str(Path(model).resolve()), "threads": threads, "answer_cols": cols, "runtime": runtime,
                                                  "maps_dir": maps_dir},
                 batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads)
             run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"

@@ -167,8 +167,8 @@ class TorchPredictor(Predictor):
     Args:
         run_dir: a trained run folder.
         threads: ``torch.set_num_threads`` value (``None``: leave as is).
-        member: which model of a run holding several (``anomaly``: ``patchcore`` or
-            ``grad_mobilenet``); ``None`` = the adapter's default.
+        member: which model of a run (``anomaly``: optional, the run's own model name; a run
+            holds one anomaly model); ``None`` = the adapter's default.
     """
 
     backend = "pytorch"
@@ -199,20 +199,32 @@ class TorchPredictor(Predictor):
         return {k: o.float().numpy() for k, o in zip(self.info.outputs, outs)}
 
 
+RUNTIMES = ("onnxruntime", "openvino", "auto")
+
+
 class OnnxPredictor(Predictor):
-    """ONNX Runtime (CPU) on a file written by ``defectscope export``; needs no run folder.
+    """An exported model (``defectscope export``) on ONNX Runtime or OpenVINO (CPU, exact fp32); needs
+    no run folder.
 
     Args:
         path: the ``.onnx`` file.
         threads: intra-op threads of the session (``None``: ONNX Runtime's default).
+        runtime: ``onnxruntime`` (default), ``openvino`` (the same file compiled by OpenVINO with
+            ``INFERENCE_PRECISION_HINT=f32``: exact, never bf16) or ``auto``: both are timed on a few
+            batch-1 forward passes of random inputs here and the faster one is kept
+            (:attr:`runtime_choice` says what was measured). ``serve`` and ``inspect`` use ``auto``.
 
     Raises:
-        DeployError: not a defectscope export (metadata missing) or no adapter for its task.
+        DeployError: not a defectscope export (metadata missing), no adapter for its task, or an
+            unknown ``runtime``.
     """
 
     backend = "onnxruntime"
+    runtime_choice: dict | None = None
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, runtime: str = "onnxruntime") -> None:
+        if runtime not in RUNTIMES:
+            raise DeployError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
         path = Path(path)
         if not path.is_file():
             raise DeployError(f"{path}: ONNX file not found")
@@ -228,15 +240,99 @@ class OnnxPredictor(Predictor):
         info.extra.setdefault("onnx_sha256", file_sha256(path))
         self.output_names = [o.name for o in self.session.get_outputs()]
         super().__init__(info, get_adapter(info.task))
+        self._ov = None
+        if runtime != "onnxruntime":
+            try:
+                self._ov = OpenVinoModel(path, threads, self.output_names)
+            except Exception as exc:  # noqa: BLE001 - OpenVINO missing or unable to compile this graph
+                if runtime == "openvino":
+                    raise DeployError(f"{path}: OpenVINO cannot run this model ({exc.__class__.__name__}: "
+                                      f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+                self.runtime_choice = {"chosen": "onnxruntime", "why": f"OpenVINO unavailable: {exc.__class__.__name__}"}
+        if runtime == "openvino":
+            self.backend = "openvino"
+        elif runtime == "auto" and self._ov is not None:
+            self._choose_runtime()
+
+    def _choose_runtime(self, reps: int = 7) -> None:
+        """Time both runtimes on batch-1 random inputs (median of ``reps`` after 2 warm-ups) and keep
+        the faster; their outputs are checked to agree (max |difference| <= 1e-3) before OpenVINO is kept."""
+        import time
+
+        x = self.adapter.example_inputs(self.info, 1)
+        ms = {}
+        outs = {}
+        for name, fn in (("onnxruntime", self._run_ort), ("openvino", self._ov.run)):
+            for _ in range(2):
+                outs[name] = fn(x)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn(x)
+                times.append(time.perf_counter() - t0)
+            ms[name] = round(1000 * float(np.median(times)), 2)
+        diff = max(float(np.max(np.abs(outs["onnxruntime"][k].astype(np.float64) - outs["openvino"][k])))
+                   if outs["onnxruntime"][k].size else 0.0 for k in self.output_names)
+        chosen = "openvino" if ms["openvino"] < ms["onnxruntime"] and diff <= 1e-3 else "onnxruntime"
+        self.backend = chosen
+        self.runtime_choice = {"chosen": chosen, "batch1_ms": ms, "max_abs_diff": diff}
 
     def identity(self) -> dict:
         ident = super().identity()
         ident["onnx_sha256"] = self.info.extra.get("onnx_sha256", "")[:16]
         return ident
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_ort(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.session.run(self.output_names, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})
         return dict(zip(self.output_names, outs))
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.backend == "openvino":
+            return self._ov.run(inputs)
+        return self._run_ort(inputs)
+
+
+class OpenVinoModel:
+    """An ONNX file compiled by OpenVINO for the CPU, by default in exact fp32
+    (``INFERENCE_PRECISION_HINT=f32``; on CPUs with native bf16 OpenVINO's default would compute in
+    bf16); one infer request per calling thread (the service runs several inference threads).
+
+    Args:
+        path: the ``.onnx`` file; output_names: the ONNX graph's output names (OpenVINO may give an
+            output several tensor names; the ONNX one is looked up). threads: ``INFERENCE_NUM_THREADS``
+            (``None``: OpenVINO's default). precision: ``INFERENCE_PRECISION_HINT``.
+
+    Raises:
+        ImportError: openvino not installed; KeyError: an output not found in the compiled model.
+    """
+
+    def __init__(self, path: Path, threads: int | None, output_names: list[str], precision: str = "f32") -> None:
+        import threading
+
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        outputs = list(self.compiled.outputs)
+        # OpenVINO may give an output several tensor names (a graph optimisation merges tensors); take the ONNX one
+        self.index = {}
+        for name in output_names:
+            j = next((i for i, o in enumerate(outputs) if name in o.get_names()), None)
+            if j is None:
+                raise KeyError(f"output {name!r} not found in the compiled model")
+            self.index[name] = j
+        self.outputs = outputs
+        self._local = threading.local()
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        res = request.infer({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})
+        return {name: np.array(res[self.outputs[j]], copy=True) for name, j in self.index.items()}
 
 
 def make_session(path: str | Path, threads: int | None = None):
@@ -286,11 +382,12 @@ def load_module(adapter: TaskAdapter, run_dir: Path, member: str | None = None):
     return adapter.load_torch(run_dir, member=member)
 
 
-def load_predictor(path: str | Path, threads: int | None = None, member: str | None = None) -> Predictor:
-    """A run folder -> :class:`TorchPredictor`; an ``.onnx`` file -> :class:`OnnxPredictor`.
+def load_predictor(path: str | Path, threads: int | None = None, member: str | None = None,
+                   runtime: str = "onnxruntime") -> Predictor:
+    """A run folder -> :class:`TorchPredictor`; an ``.onnx`` file -> :class:`OnnxPredictor` on
+    ``runtime`` (``onnxruntime``, ``openvino`` or ``auto``: the faster of the two, measured here).
 
-    ``member`` picks one model of a run folder holding several (anomaly: ``patchcore`` /
-    ``grad_mobilenet``).
+    ``member``: anomaly run folders only, the run's own model name (optional).
 
     Raises:
         DeployError: the path is neither, or ``member`` with an ONNX file; RunError: the run folder is incomplete.
@@ -306,5 +403,5 @@ def load_predictor(path: str | Path, threads: int | None = None, member: str | N
     if member is not None:
         raise DeployError(f"{path}: an ONNX file holds one model; 'member' applies to run folders only")
     if path.suffix.lower() == ".onnx":
-        return OnnxPredictor(path, threads)
+        return OnnxPredictor(path, threads, runtime)
     raise DeployError(f"{path}: expected a run folder (with model.ckpt) or an .onnx file from 'defectscope export'")

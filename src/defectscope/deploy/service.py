@@ -368,13 +368,19 @@ def create_app(predictor: Predictor, max_bytes: int = DEFAULT_MAX_BYTES, workers
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, queue: int = 64,
           max_bytes: int = DEFAULT_MAX_BYTES, threads: int | None = 2, member: str | None = None,
-          max_pixels: int | None = None) -> None:
+          max_pixels: int | None = None, runtime: str = "onnxruntime") -> None:
     """Load ``path`` (run folder or ``.onnx``; ``member``: which model of an anomaly run folder) and serve it
-    with uvicorn until interrupted (``max_pixels``: see :func:`create_app`)."""
+    with uvicorn until interrupted (``max_pixels``: see :func:`create_app`; ``runtime``: for an ``.onnx``
+    file, ``onnxruntime`` (default here; the CLI's default is ``auto``), ``openvino`` or ``auto`` = the
+    faster exact one measured at start (thresholded outputs may then differ from ONNX Runtime's in a few
+    boundary pixels),
+    :class:`~defectscope.deploy.predictor.OnnxPredictor`)."""
     import uvicorn
 
     from defectscope.deploy.predictor import load_predictor
 
-    predictor = load_predictor(path, threads=threads, member=member)
+    predictor = load_predictor(path, threads=threads, member=member, runtime=runtime)
+    if getattr(predictor, "runtime_choice", None):
+        print(f"runtime: {predictor.backend} ({predictor.runtime_choice})", flush=True)
     app = create_app(predictor, max_bytes=max_bytes, workers=workers, queue=queue, max_pixels=max_pixels)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -25,8 +25,9 @@ noise on an 8-image test split. :func:`size_recipe` instead derives the settings
 - **Folds** (``eval.folds``): k-fold cross-validation (``k = min(5, smallest class)``) when a
   single stratified split (``test_fraction`` 0.2) would hold fewer than ``MIN_TEST_PER_CLASS`` (10)
   images of some class; otherwise 1 (single split). The anomaly task tests on every defective
-  image already (folds 1). The time estimate counts the K fold fits and the final refit of the
-  chosen candidate on all the data (of one fine-tuned candidate).
+  image already (folds 1); it uses PatchCore (no network training, so no ``train`` section) and
+  reads nothing but the user's folder (no clustering study). The time estimate counts the K fold
+  fits and the final refit of the chosen candidate on all the data (of one fine-tuned candidate).
 - **Candidates** (``eval.candidates``, cross-validated classification and weld recipes): the
   models compared on the same folds (:data:`CLASSIFICATION_CANDIDATES`, :data:`WELD_CANDIDATES`);
   the best pooled out-of-fold accuracy becomes the run's model (see :mod:`defectscope.engine.pipeline`).
@@ -146,6 +147,10 @@ def _square_side(image_hw: tuple[int, int] | None, lo: int, hi: int, default: in
     return int(min(hi, max(lo, round(side / 8) * 8)))
 
 
+#: share of the good training images an anomaly recipe keeps for the threshold (AnomalyData's default)
+ANOMALY_CALIBRATION = 0.15
+
+
 def _aspect_size(image_hw: tuple[int, int] | None, default: tuple[int, int]) -> tuple[int, int]:
     if not image_hw:
         return default
@@ -212,13 +217,18 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
         raw["data"]["image_size"] = list(hw)
         if layout:
             raw["data"]["layout"] = layout
-        n_fit = int(counts.get("good", n_images))
+        # only the user's own data: PatchCore (no network training), no clustering study
+        raw["model"] = {"name": "patchcore"}
+        n_good = int(counts.get("train/good", counts.get("good", n_images)))
+        n_cal = int(round(ANOMALY_CALIBRATION * n_good))  # as data.kolektor / data.mvtec draw it
         reasons.append(f"images resized to {hw[0]} x {hw[1]} (H x W; aspect kept, sides multiples of 32)")
+        reasons.append(f"PatchCore on EfficientNet-Lite0 ImageNet features (no network training): {n_good - n_cal} "
+                       f"good training images fill its memory bank, {n_cal} more ({ANOMALY_CALIBRATION:g} of them) "
+                       "set the decision threshold")
         reasons.append("the test set already holds every defective image: single split (folds 1)")
         raw["eval"] = {"folds": 1}
-        # the task's own training defaults (a partial ``train`` section would fall back to TrainConfig's)
-        raw["train"].update({"lr": 1.0e-3, "augment": False, "val_fraction": 0.0, "early_stopping_patience": 0})
-        raw["train"].update(_steps(plan, max(1, int(n_fit * 0.85)), hw, 1, reasons))
+        del raw["train"]
+        plan.hw = tuple(hw)  # no training: plan.image_passes stays 0
         return plan
 
     folds = _folds(nonzero, reasons) if nonzero else 1
@@ -330,20 +340,25 @@ def explain(task: str, n_images: int, class_counts: dict[str, int] | None, image
             :func:`measure_seconds_per_image` (a few steps measured here, 1-3 s).
     """
     plan = _plan(task, n_images, class_counts, image_hw, root, layout)
-    measure = seconds_per_image or measure_seconds_per_image
-    spi = measure(plan.hw)
-    from defectscope.machine import resolve_precision
-
-    prec = resolve_precision("auto")
-    plan.reasons.append(f"estimated training time {plan.image_passes * spi / 60.0:.1f} min: {plan.image_passes} "
-                        f"image passes x {spi * 1000:.0f} ms per {plan.hw[0]} x {plan.hw[1]} image, measured on this "
-                        f"CPU in precision {prec.value} (an estimate; the schedule above is what runs)")
+    if plan.image_passes:  # a plan without network training (anomaly: PatchCore) has nothing to time
+        plan.reasons.append(_time_estimate(plan, seconds_per_image))
     counts = {k: v for k, v in (class_counts or {}).items()}
     head = f"Recipe sized to the data ({task}, {n_images} images"
     if counts:
         head += ", " + ", ".join(f"{k} {v}" for k, v in counts.items())
     head += "): "
     return head + "; ".join(plan.reasons) + ". Edit the written config.yaml and re-run with it to change anything."
+
+
+def _time_estimate(plan: _Plan, seconds_per_image: "Callable[[tuple[int, int]], float] | None") -> str:
+    measure = seconds_per_image or measure_seconds_per_image
+    spi = measure(plan.hw)
+    from defectscope.machine import resolve_precision
+
+    prec = resolve_precision("auto")
+    return (f"estimated training time {plan.image_passes * spi / 60.0:.1f} min: {plan.image_passes} "
+                        f"image passes x {spi * 1000:.0f} ms per {plan.hw[0]} x {plan.hw[1]} image, measured on this "
+                        f"CPU in precision {prec.value} (an estimate; the schedule above is what runs)")
 
 
 def strip_new_keys(raw: dict[str, Any]) -> dict[str, Any]:

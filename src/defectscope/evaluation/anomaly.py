@@ -2,6 +2,10 @@
 
 - :func:`image_metrics`: image AUROC and AP of anomaly scores, F1/precision/recall/accuracy at a decision.
 - :func:`pixel_auroc`: AUROC of anomaly-map pixels against ground-truth masks.
+- :func:`aupro`: area under the per-region-overlap curve up to a false-positive rate of 0.3
+  (Bergmann et al., MVTec AD, IJCV 2021; anomalib's ``AUPRO``), normalised to [0, 1].
+- :func:`f1_max`: the best F1 of the image scores over every threshold.
+- :func:`anomaly_metrics`: all of them for one scored image set (what runs, folds and ``evaluate`` report).
 - :func:`cluster_accuracy`: best one-to-one matching of clusters to classes (Hungarian
   algorithm, ``scipy.optimize.linear_sum_assignment``) -> share of items matched.
 - :func:`clustering_metrics`: cluster accuracy, NMI and ARI (scikit-learn).
@@ -68,6 +72,103 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float | None:
     if m.all() or not m.any():
         return None
     return float(roc_auc_score(m, maps.reshape(-1).astype(np.float32)))
+
+
+def f1_max(y_true: np.ndarray, scores: np.ndarray) -> float | None:
+    """Largest F1 of "defective" over every threshold of the image scores (anomalib's ``F1Max``).
+
+    Args:
+        y_true: ``[N]`` 0 = good, 1 = defective; scores: ``[N]`` (higher = more anomalous).
+
+    Returns:
+        The F1, or ``None`` without defective images.
+    """
+    from sklearn.metrics import precision_recall_curve
+
+    y = np.asarray(y_true).astype(int)
+    if not y.any():
+        return None
+    p, r, _ = precision_recall_curve(y, np.asarray(scores, dtype=np.float64))
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0.0)
+    return float(f1.max())
+
+
+def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float | None:
+    """Area under the PRO curve up to ``fpr_limit``, divided by ``fpr_limit`` (1 = perfect).
+
+    Definition (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 129, 2021, sec. 5.2;
+    anomalib's ``AUPRO``): the ground-truth defects are split into connected regions (8-connectivity,
+    ``scipy.ndimage.label``). For a threshold ``t`` the per-region overlap is the share of a region's
+    pixels with map value ``>= t``; PRO(t) is its mean over all regions of all images, FPR(t) the
+    share of defect-free pixels (every image) with value ``>= t``. The curve (FPR, PRO) over every
+    threshold, from (0, 0), is integrated by the trapezoid rule up to ``FPR = fpr_limit`` (the last
+    segment interpolated linearly) and divided by ``fpr_limit``.
+
+    Computed exactly in one pass: pixels sorted by decreasing value; each region pixel adds
+    ``1 / (|region| * R)`` to PRO, each background pixel ``1 / N_bg`` to FPR; ties form one step.
+
+    Args:
+        maps: ``[N, H, W]`` anomaly maps; masks: ``[N, H, W]`` bool (same shape).
+        fpr_limit: integration limit in (0, 1].
+
+    Returns:
+        The normalised area, or ``None`` when there is no defect region or no defect-free pixel.
+
+    Raises:
+        ValueError: shapes differ or ``fpr_limit`` outside (0, 1].
+    """
+    from scipy import ndimage
+
+    maps, masks = np.asarray(maps, dtype=np.float32), np.asarray(masks).astype(bool)
+    if maps.shape != masks.shape or maps.ndim != 3:
+        raise ValueError(f"aupro: maps {maps.shape} and masks {masks.shape} must be equal [N, H, W]")
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")
+    weight = np.zeros(masks.shape, dtype=np.float64)
+    n_regions = 0
+    for i in range(len(masks)):
+        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3), dtype=int))
+        if n:
+            sizes = np.bincount(lab.ravel())
+            w = np.zeros_like(lab, dtype=np.float64)
+            w[lab > 0] = 1.0 / sizes[lab[lab > 0]]
+            weight[i] = w
+            n_regions += n
+    n_bg = int((~masks).sum())
+    if n_regions == 0 or n_bg == 0:
+        return None
+    v = maps.ravel()
+    order = np.argsort(-v, kind="stable")
+    v = v[order]
+    pro = np.cumsum(weight.ravel()[order]) / n_regions
+    fpr = np.cumsum(~masks.ravel()[order]) / n_bg
+    last = np.r_[np.flatnonzero(np.diff(v) != 0), len(v) - 1]  # end of each run of equal values
+    fpr = np.r_[0.0, fpr[last]]
+    pro = np.r_[0.0, pro[last]]
+    k = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    if k < len(fpr):  # interpolate the segment crossing the limit
+        f0, f1, p0, p1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
+        p_lim = p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0) if f1 > f0 else p1
+        fpr, pro = np.r_[fpr[:k], fpr_limit], np.r_[pro[:k], p_lim]
+    return float(np.trapezoid(pro, fpr) / fpr_limit)
+
+
+def anomaly_metrics(y_true: np.ndarray, scores: np.ndarray, decision: np.ndarray, maps: np.ndarray | None = None,
+                    masks: np.ndarray | None = None) -> dict:
+    """The figures of one scored image set, as the field reports them.
+
+    Args:
+        y_true: ``[N]`` 0/1; scores: ``[N]`` image anomaly scores; decision: ``[N]`` bool at the model's threshold;
+        maps, masks: ``[N, H, W]`` anomaly maps and bool masks (same shape; pixel figures left out when ``None``).
+
+    Returns:
+        :func:`image_metrics` plus ``f1_max``, ``pixel_auroc``, ``aupro`` (FPR limit 0.3).
+    """
+    out = {**image_metrics(y_true, scores, decision), "f1_max": f1_max(y_true, scores)}
+    if maps is not None and masks is not None:
+        out["pixel_auroc"] = pixel_auroc(maps, masks)
+        out["aupro"] = aupro(maps, masks, 0.3)
+    return out
 
 
 def cluster_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

@@ -26,6 +26,7 @@ ONNX as a forward-only graph.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,14 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.models.backbones import create_backbone
-from defectscope.models.registry import register_model
 from defectscope.models.training import to_float
 
 #: added to ``||Grad||_2`` before the logarithm, so a zero gradient gives a finite feature
 LOG_EPS = 1e-20
 
 
-@register_model("grad_mobilenet")
 class GradMobileNet(nn.Module):
     """Backbone + global average pooling + bias-free linear head (paper 001, Fig. 2).
 
@@ -169,6 +168,17 @@ class GradientFeatureSpec:
         if logs.numel() > 2_000_000:  # quantile() has a size limit; a strided sample is enough
             logs = logs[:: logs.numel() // 2_000_000 + 1]
         lo, hi = torch.quantile(logs, torch.tensor([0.005, 0.999])).tolist()
+        if hi - lo < 1e-6:
+            lo, hi = lo - 0.5, hi + 0.5
+        self.hist_range = (float(lo), float(hi))
+        return self
+
+    def fit_range_log(self, log_gn: torch.Tensor) -> "GradientFeatureSpec":
+        """:meth:`fit_range` from ``log10 ||Grad||`` maps ``[N, H, W]`` (:func:`log10_gradient_norm`)."""
+        logs = log_gn.double().flatten()
+        if logs.numel() > 2_000_000:
+            logs = logs[:: logs.numel() // 2_000_000 + 1]
+        lo, hi = torch.quantile(logs, torch.tensor([0.005, 0.999], dtype=torch.float64)).tolist()
         if hi - lo < 1e-6:
             lo, hi = lo - 0.5, hi + 0.5
         self.hist_range = (float(lo), float(hi))
@@ -330,13 +340,10 @@ class OneClassScorer:
 
 
 def blur_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing of ``[N, H, W]`` maps (``sigma`` in pixels; 0 = unchanged)."""
-    if sigma <= 0:
-        return maps
-    from torchvision.transforms.functional import gaussian_blur
+    """Gaussian smoothing of ``[N, H, W]`` maps (``sigma`` in pixels; 0 = unchanged), as every anomaly model's map."""
+    from defectscope.models.anomaly import gaussian_blur_maps
 
-    k = int(2 * round(4 * sigma) + 1)
-    return gaussian_blur(maps[:, None], [k, k], [sigma, sigma])[:, 0]
+    return gaussian_blur_maps(maps[:, None], sigma)[:, 0]
 
 
 def gradient_maps(model: nn.Module, x: np.ndarray, target: int = 0, landmark_low: int = 0, landmark_high: int = 50,
@@ -362,3 +369,264 @@ def gradient_maps(model: nn.Module, x: np.ndarray, target: int = 0, landmark_low
         with torch.no_grad():
             pt.append(F.softmax(model(xb).float(), dim=1)[:, target])
     return torch.cat(gn), torch.cat(lm), torch.cat(pt)
+
+
+def log10_gradient_norm(model: nn.Module, x: torch.Tensor, target: int = 0) -> torch.Tensor:
+    """``log10 ||dL/dx||_2`` per pixel (eq. 2-3), computed in log space so that it never underflows.
+
+    An overfit network gives its normal images a logit margin of thousands (about 10^4 on
+    KolektorSDD after 5 epochs): ``p_other = exp(-margin)`` and with it the loss gradient are 0 in
+    any floating-point format, and eq. 2 read literally gives all-zero maps. The cross-entropy's
+    gradient is ``dL/dx = sum_{k != t} p_k d(z_k - z_t)/dx``; with ``p_k = p_max r_k`` (``r_k <= 1``)
+    it is ``p_max * d(sum_k r_k (z_k - z_t))/dx``, so
+
+        log10 ||dL/dx|| = log10 p_max + log10 ||d(sum_k r_k (z_k - z_t))/dx||
+
+    with ``log p_max`` from ``log_softmax`` in float64 and one backward pass of the bracket (no
+    underflow). Exactly eq. 2-3, as a logarithm.
+
+    Args:
+        model: maps ``[B, 3, H, W]`` to logits ``[B, K]`` (eval mode); x: ``[B, 3, H, W]`` in [0, 1].
+        target: the fixed class ``y`` of eq. 2.
+
+    Returns:
+        ``[B, H, W]`` float64 (``log10(0)`` floored at ``log10 p_max - 300``).
+
+    Raises:
+        ValueError: bad shape or target.
+    """
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"log10_gradient_norm: expected images [B, 3, H, W], got {tuple(x.shape)}")
+    x = x.detach().float().clone().requires_grad_(True)
+    with torch.enable_grad():
+        z = model(x).float()
+        k = z.shape[1]
+        if not 0 <= target < k:
+            raise ValueError(f"log10_gradient_norm: target {target} outside the model's {k} classes")
+        others = [i for i in range(k) if i != target]
+        lp = F.log_softmax(z.detach().double(), dim=1)[:, others]  # [B, K-1]
+        lmax = lp.max(dim=1).values
+        r = torch.exp(lp - lmax[:, None]).float()
+        bracket = (r * (z[:, others] - z[:, target : target + 1])).sum()
+        (g,) = torch.autograd.grad(bracket, x, allow_unused=True)
+    if g is None:
+        g = torch.zeros_like(x)
+    norm = torch.linalg.vector_norm(g.detach().double(), ord=2, dim=1)
+    return lmax[:, None, None] / math.log(10.0) + torch.log10(norm + 1e-300)
+
+
+def log_gradient_features(log_gn: torch.Tensor, landmark: torch.Tensor, spec: GradientFeatureSpec) -> torch.Tensor:
+    """The feature of :func:`gradient_features` from ``log10 ||Grad||`` maps ``[B, H, W]`` (no ``eps`` floor needed).
+
+    Pooled cells: ``log10(mean of ||Grad|| over the cell)`` computed as ``max + log10(mean 10^(L - max))``;
+    histogram of ``L`` over ``spec.hist_range`` (set by :meth:`GradientFeatureSpec.fit_range_log`); landmark.
+
+    Returns:
+        ``[B, gh * gw + bins + 1]`` float64.
+
+    Raises:
+        ValueError: ``hist_range`` not set or shapes that do not fit.
+    """
+    if spec.hist_range is None:
+        raise ValueError("log_gradient_features: spec.hist_range is not set; call spec.fit_range_log first")
+    if log_gn.ndim != 3 or landmark.shape != (log_gn.shape[0],):
+        raise ValueError(f"log_gradient_features: expected [B, H, W] and [B], got {tuple(log_gn.shape)}, "
+                         f"{tuple(landmark.shape)}")
+    L = log_gn.double()
+    top = L.flatten(1).amax(dim=1)[:, None, None]
+    pooled = F.adaptive_avg_pool2d(torch.pow(10.0, L - top)[:, None], spec.grid)[:, 0]
+    pooled = (top + torch.log10(pooled + 1e-300)).flatten(1)
+    lo, hi = spec.hist_range
+    idx = ((L.flatten(1) - lo) / (hi - lo) * spec.bins).floor().clamp_(0, spec.bins - 1).long()
+    hist = torch.zeros(L.shape[0], spec.bins, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    hist = hist / idx.shape[1]
+    return torch.cat([pooled, hist, landmark.double()[:, None]], dim=1)
+
+
+def log_gradient_maps(model: nn.Module, x: np.ndarray, target: int = 0, landmark_low: int = 0, landmark_high: int = 50,
+                      batch_size: int = 8, progress: bool = False,
+                      label: str = "gradients") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`log10_gradient_norm` and the landmark of uint8 images ``[N, 3, H, W]``, ``batch_size`` per backward pass.
+
+    Returns:
+        ``(log10 ||Grad|| [N, H, W] float64, landmark [N], log10 of the softmax probability of the non-target classes [N])``.
+    """
+    model.eval()
+    out, lm, lpo = [], [], []
+    steps = range(0, len(x), batch_size)
+    if progress:
+        from rich.progress import track
+
+        steps = track(steps, description=label, transient=True)
+    for i in steps:
+        xb = to_float(torch.from_numpy(x[i : i + batch_size]))
+        out.append(log10_gradient_norm(model, xb, target))
+        lm.append(artificial_landmark(xb, landmark_low, landmark_high))
+        with torch.no_grad():
+            lp = F.log_softmax(model(xb).double(), dim=1)
+            lpo.append(torch.logsumexp(torch.cat([lp[:, :target], lp[:, target + 1 :]], 1), dim=1) / math.log(10.0))
+    return torch.cat(out), torch.cat(lm), torch.cat(lpo)
+
+
+# ---------------------------------------------------------------- the anomaly-model contract
+
+from pydantic import Field  # noqa: E402
+
+from defectscope.models.anomaly import AnomalyArgs, AnomalyModel, AnomalyOutput, register_anomaly_model  # noqa: E402
+
+EXPORT_NOTE = ("Grad-MobileNet's anomaly map is the gradient of the loss with respect to the input (paper 001, "
+               "eq. 2-3): inference needs a backward pass (autograd), which an ONNX inference graph cannot run; "
+               "it runs on PyTorch only (predict, serve and inspect of the run folder)")
+
+
+class GradMobileNetArgs(AnomalyArgs):
+    """Recipe block ``model`` for ``name: grad_mobilenet`` (paper 001, section 4; see :class:`GradMobileNetDetector`).
+
+    Attributes:
+        backbone: trunk; ``mobilenetv3_large_100`` as in the paper (random init here).
+        pretrained / weights: ImageNet weights (only EfficientNet-Lite here) / a local file.
+        num_classes: head outputs ``K`` (training always targets class ``target``).
+        target: the fixed ``y`` of eq. 2 (0).
+        grid, bins: layout of the feature (:class:`GradientFeatureSpec`).
+        landmark_low, landmark_high: grey-level range of the artificial landmark (0..50).
+        nu, gamma: one-class SVM settings.
+        ocsvm_fit_on: ``calibration`` (unseen normal images), ``fit`` (the training images, as in
+            the paper) or ``both``.
+        map_blur_sigma: Gaussian smoothing (input pixels) of the gradient-norm map used as anomaly map.
+        grad_batch_size: images per backward pass when computing gradients during fitting.
+    """
+
+    name: str = "grad_mobilenet"
+    backbone: str = "mobilenetv3_large_100"
+    pretrained: bool = False
+    weights: str | None = None
+    num_classes: int = Field(2, ge=2)
+    target: int = Field(0, ge=0)
+    grid: tuple[int, int] = (10, 4)
+    bins: int = Field(16, ge=2)
+    landmark_low: int = Field(0, ge=0, le=255)
+    landmark_high: int = Field(50, ge=0, le=255)
+    nu: float = Field(0.1, gt=0, le=1)
+    gamma: str | float = "scale"
+    ocsvm_fit_on: str = Field("calibration", pattern="^(calibration|fit|both)$")
+    map_blur_sigma: float = Field(4.0, ge=0)
+    grad_batch_size: int = Field(8, ge=1)
+
+
+@register_anomaly_model
+class GradMobileNetDetector(AnomalyModel):
+    """Grad-MobileNet end to end on the contract: ``[B, 3, H, W]`` -> (one-class SVM score, blurred ``log10 ||dL/dx||``).
+
+    The gradient is computed in log space (:func:`log10_gradient_norm`): the overfit network's margins
+    make ``||dL/dx||`` itself underflow to 0; the map is its base-10 logarithm (same order of pixels).
+
+    Holds the overfit network (:class:`GradMobileNet`), the fitted feature layout (``hist_range``)
+    and the one-class SVM as tensors (standardisation, support vectors, dual coefficients, intercept,
+    resolved RBF width), scored by libsvm's decision function written in torch (float64):
+    ``score = -(sum_i alpha_i exp(-gamma ||z - sv_i||^2) + intercept)``, ``z = (f - mean) / scale``;
+    defective when the score > 0 (:attr:`fixed_threshold`).
+
+    The forward runs a backward pass (eq. 2) even under ``torch.no_grad`` / ``inference_mode``
+    (it leaves them for the gradient), so it is PyTorch only (:attr:`export_note`).
+
+    Args: see :class:`GradMobileNetArgs` (tiling is refused: the feature describes a whole image).
+    """
+
+    name = "grad_mobilenet"
+    Args = GradMobileNetArgs
+    exportable = False
+    export_note = EXPORT_NOTE
+    fixed_threshold = 0.0
+    fitted_buffers = ("svm_mean", "svm_scale", "svm_support", "svm_dual")
+
+    def __init__(self, backbone: str = "mobilenetv3_large_100", pretrained: bool = False, weights: str | None = None,
+                 num_classes: int = 2, target: int = 0, grid: tuple[int, int] | list[int] = (10, 4), bins: int = 16,
+                 landmark_low: int = 0, landmark_high: int = 50, nu: float = 0.1, gamma: str | float = "scale",
+                 ocsvm_fit_on: str = "calibration", map_blur_sigma: float = 4.0, grad_batch_size: int = 8,
+                 tile: list[int] | None = None, tile_stride: list[int] | None = None) -> None:
+        if tile:
+            raise ValueError("grad_mobilenet: tiling is not supported (its feature describes a whole image)")
+        super().__init__(None, None)
+        self.net = GradMobileNet(backbone, num_classes, pretrained, weights)
+        self.target, self.grid, self.bins = int(target), tuple(int(v) for v in grid), int(bins)
+        self.landmark_low, self.landmark_high = int(landmark_low), int(landmark_high)
+        self.nu, self.gamma, self.ocsvm_fit_on = float(nu), gamma, ocsvm_fit_on
+        self.map_blur_sigma, self.grad_batch_size = float(map_blur_sigma), int(grad_batch_size)
+        for name in ("svm_mean", "svm_scale", "svm_dual"):
+            self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("svm_support", torch.zeros(0, 0, dtype=torch.float64))
+        self.register_buffer("svm_intercept", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("svm_gamma", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("hist_range", torch.zeros(2, dtype=torch.float64))
+        self.args.update(backbone=backbone, pretrained=bool(pretrained), weights=weights, num_classes=int(num_classes),
+                         target=self.target, grid=list(self.grid), bins=self.bins, landmark_low=self.landmark_low,
+                         landmark_high=self.landmark_high, nu=self.nu, gamma=gamma, ocsvm_fit_on=ocsvm_fit_on,
+                         map_blur_sigma=self.map_blur_sigma, grad_batch_size=self.grad_batch_size)
+        self.args.pop("tile"), self.args.pop("tile_stride")
+        self.eval()
+
+    @property
+    def spec(self) -> GradientFeatureSpec:
+        """The fitted feature layout."""
+        lo, hi = (float(v) for v in self.hist_range)
+        return GradientFeatureSpec(self.grid, self.bins, (lo, hi))
+
+    def fit(self, x_fit: np.ndarray, x_cal: np.ndarray | None = None, train=None, progress: bool = False,
+            **context) -> dict:
+        """Train the network toward ``y = target`` on ``x_fit`` (uint8 normal images) with ``train(net, x_fit) ->
+        info`` (the engine's Lightning loop), then fit the feature range on ``x_fit`` and the one-class SVM on
+        ``ocsvm_fit_on`` (``x_cal``: held-out normal images; falls back to ``fit`` with fewer than 2).
+
+        Returns:
+            the training info plus ``feature``, ``ocsvm`` and ``p_target_fit_mean``.
+
+        Raises:
+            ValueError: no ``train`` callable.
+        """
+        if train is None:
+            raise ValueError("grad_mobilenet: fit needs train(net, x_fit) (the engine's training loop)")
+        info = dict(train(self.net, x_fit) or {})
+        self.net.to(memory_format=torch.contiguous_format).float().eval()
+        self.eval()
+        lg_fit, lm_fit, lpo_fit = log_gradient_maps(self.net, x_fit, self.target, self.landmark_low,
+                                                    self.landmark_high, self.grad_batch_size, progress, "gradients (fit)")
+        spec = GradientFeatureSpec(self.grid, self.bins).fit_range_log(lg_fit)
+        self.hist_range = torch.tensor(spec.hist_range, dtype=torch.float64)
+        feats = {"fit": log_gradient_features(lg_fit, lm_fit, spec).numpy()}
+        del lg_fit
+        if x_cal is not None and len(x_cal):
+            lg, lm, _ = log_gradient_maps(self.net, x_cal, self.target, self.landmark_low, self.landmark_high,
+                                          self.grad_batch_size)
+            feats["calibration"] = log_gradient_features(lg, lm, spec).numpy()
+        fit_on = self.ocsvm_fit_on
+        if fit_on != "fit" and len(feats.get("calibration", ())) < 2:
+            fit_on = "fit"  # an SVM needs two rows
+        rows = {"fit": feats["fit"], "calibration": feats.get("calibration"),
+                "both": np.concatenate([feats["fit"], feats.get("calibration", feats["fit"][:0])])}[fit_on]
+        st = OneClassScorer(self.nu, self.gamma).fit(rows).state_dict()
+        self.svm_mean, self.svm_scale = st["mean"].clone(), st["scale"].clone()
+        self.svm_support, self.svm_dual = st["support_vectors"].clone(), st["dual_coef"].clone()
+        self.svm_intercept = torch.tensor(st["intercept"], dtype=torch.float64)
+        self.svm_gamma = torch.tensor(st["gamma"], dtype=torch.float64)
+        info.update(weights=self.net.backbone.weights_source, log10_p_other_fit_median=float(lpo_fit.median()),
+                    feature={"dim": spec.dim, "grid": list(spec.grid), "bins": spec.bins,
+                             "hist_range": list(spec.hist_range)},
+                    ocsvm={"nu": self.nu, "gamma": self.gamma, "gamma_value": st["gamma"], "fit_on": fit_on,
+                           "n_fit": int(len(rows)), "support_vectors": int(st["support_vectors"].shape[0])})
+        return info
+
+    def svm_score(self, features: torch.Tensor) -> torch.Tensor:
+        """One-class SVM anomaly score ``[B]`` (float64, > 0 outside the boundary) of features ``[B, F]``."""
+        z = (features.double() - self.svm_mean) / self.svm_scale
+        sv = self.svm_support
+        d2 = (z * z).sum(1, keepdim=True) - 2 * z @ sv.T + (sv * sv).sum(1)
+        return -(torch.exp(-self.svm_gamma * d2.clamp_min(0)) @ self.svm_dual + self.svm_intercept)
+
+    def score_tiles(self, x: torch.Tensor) -> AnomalyOutput:
+        with torch.inference_mode(False), torch.enable_grad():
+            xg = x.detach().clone().float()  # a normal tensor: autograd refuses inference tensors
+            lg = log10_gradient_norm(self.net, xg, self.target)
+            lm = artificial_landmark(xg, self.landmark_low, self.landmark_high)
+            score = self.svm_score(log_gradient_features(lg, lm, self.spec)).float()
+            maps = blur_maps(lg.float(), self.map_blur_sigma)
+        return AnomalyOutput(score.detach().clone(), maps.detach().clone())

@@ -1,10 +1,8 @@
-"""PatchCore (Roth et al., CVPR 2022) on a registry backbone: the peer of Grad-MobileNet.
+"""PatchCore (Roth et al., CVPR 2022) on the anomaly-model contract (:mod:`defectscope.models.anomaly`).
 
-PatchCore has no gradient training (a memory bank of normal patch features): it is fitted by
-:func:`patchcore_fit` (``fit.py``), not by a LightningModule.
+No gradient training: :meth:`PatchCore.fit` fills the memory bank from normal images.
 """
 
-from defectscope.models.patchcore.fit import patchcore_fit, patchcore_score
-from defectscope.models.patchcore.torch_model import PatchCore, greedy_coreset, nearest_distances
+from defectscope.models.patchcore.torch_model import PatchCore, PatchCoreArgs, greedy_coreset, nearest_distances
 
-__all__ = ["PatchCore", "greedy_coreset", "nearest_distances", "patchcore_fit", "patchcore_score"]
+__all__ = ["PatchCore", "PatchCoreArgs", "greedy_coreset", "nearest_distances"]

@@ -2,27 +2,39 @@
 
 Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022:
 
-1. patch features: intermediate feature maps of a pretrained CNN (here EfficientNet-Lite0
-   stages 2 and 4, strides 8 and 16, 40 + 112 = 152 channels), each averaged over a
-   ``3 x 3`` neighbourhood (local aggregation), the coarser one upsampled to the finer grid,
-   concatenated: ``[B, D, H/8, W/8]``;
-2. memory bank: the patches of all normal fitting images, reduced by greedy (k-centre)
-   coreset selection on a random projection (:func:`greedy_coreset`);
-3. scoring: every test patch's Euclidean distance to its nearest memory patch; the image
-   score is the maximum over patches (the paper's re-weighting is left out), the anomaly
-   map is the patch-score map upsampled to the input and smoothed by a Gaussian (sigma 4 px).
+1. patch features (sec. 3.1): intermediate stage outputs of a pretrained CNN (here EfficientNet-Lite0,
+   the one ImageNet backbone on this machine; stages 2 and 4 = strides 8 and 16, 40 + 112 = 152
+   channels), each averaged over a ``3 x 3`` neighbourhood, the coarser one upsampled to the finer
+   grid, concatenated (:class:`~defectscope.models.anomaly.StageFeatures`);
+2. memory bank (sec. 3.2, Alg. 1): the patches of the normal fitting images (a seeded random
+   ``patches_per_image`` of each image first, which bounds the fitting memory), reduced by greedy
+   k-centre coreset selection on a random projection (:func:`greedy_coreset`) to
+   ``coreset_ratio`` of all patches, capped at ``bank_mib`` MiB;
+3. scoring (sec. 3.3): every test patch's Euclidean distance to its nearest bank row (one matrix
+   product per chunk of patches, inside the exported graph); the image score is the largest
+   distance inside ``score_border`` cells (the paper's re-weighting is left out); the anomaly map
+   is the distance grid upsampled to the input and smoothed by a Gaussian (``blur_sigma`` px).
 """
 
 from __future__ import annotations
 
 import math
+import resource
+import time
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from defectscope.models.backbones import create_backbone
-from defectscope.models.registry import register_model
+from defectscope.models.anomaly import (
+    AnomalyArgs,
+    AnomalyModel,
+    AnomalyOutput,
+    StageFeatures,
+    inner_max,
+    register_anomaly_model,
+    upsample_map,
+)
+from pydantic import Field
 
 
 def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
@@ -64,116 +76,149 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, seed:
     return chosen
 
 
-def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Euclidean distance of every query to its nearest bank row.
 
+    ``||q - b||^2 = ||q||^2 - 2 q.b + ||b||^2`` by one matrix product per ``chunk`` queries
+    (exports to ONNX as MatMul + ReduceMin; the chunk loop depends only on the query count,
+    which is fixed by the input size).
+
     Args:
-        queries: ``[Q, D]``; bank: ``[M, D]`` with ``M >= 1``.
-        chunk: queries per matrix product (memory bound).
+        queries: ``[B, Q, D]``; bank: ``[M, D]`` with ``M >= 1``.
 
     Returns:
-        ``[Q]`` float32 distances.
+        ``[B, Q]`` float32 distances.
+
+    Raises:
+        ValueError: an empty bank (the model was not fitted).
     """
     if bank.shape[0] == 0:
         raise ValueError("nearest_distances: the memory bank is empty; fit the model first")
-    out = [torch.cdist(queries[i : i + chunk].float(), bank.float()).amin(dim=1) for i in range(0, len(queries), chunk)]
-    return torch.cat(out) if out else torch.zeros(0)
+    b2 = (bank * bank).sum(1)
+    out = []
+    for i in range(0, queries.shape[1], chunk):
+        q = queries[:, i : i + chunk]
+        d2 = (q * q).sum(-1, keepdim=True) - 2 * q @ bank.T + b2
+        out.append(d2.amin(dim=-1).clamp_min(0).sqrt())
+    return torch.cat(out, dim=1)
 
 
-@register_model("patchcore")
-class PatchCore(nn.Module):
-    """PatchCore on a timm EfficientNet-style backbone from the registry.
+class PatchCoreArgs(AnomalyArgs):
+    """Recipe block ``model`` for ``name: patchcore`` (see :class:`PatchCore`)."""
+
+    name: str = "patchcore"
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    weights: str | None = None
+    layers: list[int] = [2, 4]
+    neighbourhood: int = Field(3, ge=1)
+    coreset_ratio: float = Field(0.01, gt=0, le=1)
+    bank_mib: float = Field(16.0, gt=0)
+    patches_per_image: int = Field(1000, ge=1)
+    score_border: int = Field(0, ge=0)
+    blur_sigma: float = Field(4.0, ge=0)
+    seed: int = 0
+
+
+@register_anomaly_model
+class PatchCore(AnomalyModel):
+    """PatchCore on a registry backbone (Roth et al., CVPR 2022; see the module docstring).
 
     Args:
-        backbone: registry name (``efficientnet_lite0`` carries real ImageNet weights here).
-        layers: indices of the backbone's ``blocks`` stages whose outputs are used.
-        pretrained / weights: see :func:`defectscope.models.create_backbone`.
-        neighbourhood: side of the local average-pooling window (PatchCore's ``p``).
-        blur_sigma: Gaussian smoothing of the anomaly map, in input pixels.
-        score_border: feature-grid cells at each image edge left out of the image score (the
-            maximum patch distance); the map keeps them. Padding makes edge patches unlike any
-            normal patch: on KolektorSDD (384 x 160) leaving out 2 cells raised image AUROC from
-            0.71 to 0.84 with the same memory bank.
-        bank_size: rows of the memory-bank buffer (set by :meth:`fit`; needed to rebuild
-            the module before loading a checkpoint).
+        backbone, layers, pretrained, weights, neighbourhood: :class:`~defectscope.models.anomaly.StageFeatures`.
+        coreset_ratio: bank rows as a share of all fitting patches (PatchCore: 1-10 %).
+        bank_mib: cap on the bank's size in MiB (float32 rows of ``D`` values): rows = min(ratio, cap).
+        patches_per_image: seeded random patches kept of each fitting image before the coreset
+            (bounds the fitting memory at ``N * patches_per_image * D * 4`` bytes).
+        score_border: feature cells at each edge left out of the image score (padding effects).
+        blur_sigma: Gaussian smoothing of the map, input pixels.
+        seed: seed of the subsample and the coreset.
+        tile, tile_stride: see :class:`~defectscope.models.anomaly.AnomalyModel`.
 
-    Forward:
-        ``x``: ``[B, 3, H, W]`` RGB in [0, 1] -> ``(scores [B], maps [B, H, W])``.
-
-    Raises:
-        ValueError: the backbone has no ``blocks`` stages, or a layer index is out of range.
+    Forward: ``[B, 3, H, W]`` in [0, 1] -> ``(pred_score [B], anomaly_map [B, H, W])``.
     """
 
-    def __init__(self, backbone: str = "efficientnet_lite0", layers: tuple[int, ...] | list[int] = (2, 4),
+    name = "patchcore"
+    Args = PatchCoreArgs
+    fitted_buffers = ("memory_bank",)
+
+    def __init__(self, backbone: str = "efficientnet_lite0", layers: list[int] | tuple[int, ...] = (2, 4),
                  pretrained: bool = True, weights: str | None = None, neighbourhood: int = 3,
-                 blur_sigma: float = 4.0, score_border: int = 0, bank_size: int = 0) -> None:
-        super().__init__()
-        self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
-        body = self.backbone.body
-        if not hasattr(body, "blocks"):
-            raise ValueError(f"patchcore: backbone '{backbone}' has no 'blocks' stages; use an EfficientNet/MobileNet")
-        self.layers = tuple(sorted(int(i) for i in layers))
-        if not self.layers or self.layers[-1] >= len(body.blocks) or self.layers[0] < 0:
-            raise ValueError(f"patchcore: layers {list(layers)} outside the backbone's {len(body.blocks)} stages")
-        self.neighbourhood = neighbourhood
-        self.blur_sigma = blur_sigma
+                 coreset_ratio: float = 0.01, bank_mib: float = 16.0, patches_per_image: int = 1000,
+                 score_border: int = 0, blur_sigma: float = 4.0, seed: int = 0,
+                 tile: list[int] | None = None, tile_stride: list[int] | None = None) -> None:
+        super().__init__(tile, tile_stride)
+        self.features = StageFeatures(backbone, layers, pretrained, weights, neighbourhood)
         if score_border < 0:
             raise ValueError(f"patchcore: score_border must be >= 0, got {score_border}")
-        self.score_border = int(score_border)
-        self.register_buffer("memory_bank", torch.zeros(bank_size, self.feature_dim))
+        self.coreset_ratio, self.bank_mib, self.patches_per_image = coreset_ratio, bank_mib, int(patches_per_image)
+        self.score_border, self.blur_sigma, self.seed = int(score_border), float(blur_sigma), int(seed)
+        self.register_buffer("memory_bank", torch.zeros(0, self.features.dim))
+        self.args.update(backbone=backbone, layers=list(self.features.layers), pretrained=bool(pretrained),
+                         weights=weights, neighbourhood=int(neighbourhood), coreset_ratio=float(coreset_ratio),
+                         bank_mib=float(bank_mib), patches_per_image=self.patches_per_image,
+                         score_border=self.score_border, blur_sigma=self.blur_sigma, seed=self.seed)
         self.eval()
 
-    @property
-    def feature_dim(self) -> int:
-        """Patch feature length ``D`` (sum of the chosen stages' channels)."""
-        with torch.no_grad():
-            return int(sum(f.shape[1] for f in self._stage_maps(torch.zeros(1, 3, 64, 64))))
+    def windows(self, x: np.ndarray, batch_size: int):
+        """Float batches of uint8 ``x`` cut into the model's tiles (the whole image when untiled)."""
+        for i in range(0, len(x), batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).float() / 255.0
+            if self.tile is None:
+                yield xb
+                continue
+            from defectscope.models.anomaly import window_starts
 
-    def _stage_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        bb = self.backbone
-        body = bb.body
-        h = (x - bb.mean) / bb.std
-        h = body.bn1(body.conv_stem(h))
-        maps = []
-        for i, block in enumerate(body.blocks):
-            h = block(h)
-            if i in self.layers:
-                maps.append(h)
-            if i >= self.layers[-1]:
-                break
-        return maps
+            h, w = xb.shape[-2:]
+            th, tw = min(self.tile[0], h), min(self.tile[1], w)
+            for y in window_starts(h, th, self.tile_stride[0]):
+                for c in window_starts(w, tw, self.tile_stride[1]):
+                    yield xb[:, :, y : y + th, c : c + tw]
 
     @torch.no_grad()
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Locally aware patch features ``[B, D, h, w]`` (``h, w`` = the first chosen stage's grid)."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"patchcore: expected images [B, 3, H, W], got {tuple(x.shape)}")
-        maps = self._stage_maps(x.float())
-        p = self.neighbourhood
-        maps = [F.avg_pool2d(m, p, stride=1, padding=p // 2, count_include_pad=False) for m in maps]
-        size = maps[0].shape[-2:]
-        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                for m in maps]
-        return torch.cat(maps, dim=1)
+    def fit(self, x_fit: np.ndarray, x_cal: np.ndarray | None = None, batch_size: int = 4, **context) -> dict:
+        """Fill the memory bank from normal uint8 images ``x_fit [N, 3, H, W]`` (``x_cal`` unused).
 
-    @torch.no_grad()
-    def fit(self, patches: torch.Tensor, coreset_size: int, seed: int = 0, proj_dim: int = 128) -> None:
-        """Fill the memory bank with a greedy coreset of ``patches [N, D]`` (normal images only)."""
-        idx = greedy_coreset(patches, coreset_size, proj_dim, seed)
-        self.memory_bank = patches[idx].float().clone()
+        Returns:
+            ``patches`` (all fitting patches), ``presampled``, ``memory_bank`` (rows), ``bank_mib``,
+            ``feature_dim``, ``grid``, ``coreset_seconds``, ``peak_rss_mib`` (the process's peak
+            resident memory after fitting), ``weights``.
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.embed(x)
+        Raises:
+            ValueError: no fitting image.
+        """
+        if len(x_fit) == 0:
+            raise ValueError("patchcore: no fitting image")
+        self.eval()
+        g = torch.Generator().manual_seed(self.seed)
+        pool, total, grid = [], 0, None
+        for xb in self.windows(x_fit, batch_size):
+            e = self.features(xb)
+            b, d, h, w = e.shape
+            grid = (h, w)
+            e = e.flatten(2).transpose(1, 2)  # [B, P, D]
+            total += b * h * w
+            k = min(self.patches_per_image, h * w)
+            for j in range(b):
+                pool.append(e[j, torch.randperm(h * w, generator=g)[:k]].clone())
+        pool = torch.cat(pool)
+        d = pool.shape[1]
+        cap = max(1, int(self.bank_mib * 2**20 // (4 * d)))
+        size = min(max(1, int(round(self.coreset_ratio * total))), cap, len(pool))
+        t0 = time.perf_counter()
+        self.memory_bank = pool[greedy_coreset(pool, size, 128, self.seed)].float().clone()
+        rows = int(self.memory_bank.shape[0])
+        info = {"patches": int(total), "presampled": int(len(pool)), "memory_bank": rows,
+                "bank_mib": round(rows * d * 4 / 2**20, 2), "bank_cap_rows": cap, "feature_dim": int(d),
+                "grid": list(grid), "coreset_seconds": round(time.perf_counter() - t0, 1),
+                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
+                "weights": self.features.weights_source}
+        print(f"patchcore: memory bank {rows} rows x {d} = {info['bank_mib']} MiB (cap {self.bank_mib} MiB) from "
+              f"{len(pool)} presampled of {total} patches; peak RSS {info['peak_rss_mib']:.0f} MiB", flush=True)
+        return info
+
+    def score_tiles(self, x: torch.Tensor) -> AnomalyOutput:
+        emb = self.features(x)
         b, d, h, w = emb.shape
-        dist = nearest_distances(emb.permute(0, 2, 3, 1).reshape(-1, d), self.memory_bank).view(b, 1, h, w)
-        m = self.score_border
-        inner = dist[:, :, m : h - m, m : w - m] if m and h > 2 * m and w > 2 * m else dist
-        scores = inner.flatten(1).amax(dim=1)
-        maps = F.interpolate(dist, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        if self.blur_sigma > 0:
-            from torchvision.transforms.functional import gaussian_blur
-
-            k = int(2 * round(4 * self.blur_sigma) + 1)
-            maps = gaussian_blur(maps, [k, k], [self.blur_sigma, self.blur_sigma])
-        return scores, maps[:, 0]
+        dist = nearest_distances(emb.flatten(2).transpose(1, 2), self.memory_bank).view(b, 1, h, w)
+        return AnomalyOutput(inner_max(dist, self.score_border), upsample_map(dist, x.shape[-2:], self.blur_sigma))

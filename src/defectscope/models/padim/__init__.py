@@ -1,0 +1,5 @@
+"""PaDiM (Defard et al., 2020) on the anomaly-model contract (:mod:`defectscope.models.anomaly`)."""
+
+from defectscope.models.padim.torch_model import PaDiM, PaDiMArgs
+
+__all__ = ["PaDiM", "PaDiMArgs"]
