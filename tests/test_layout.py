@@ -126,7 +126,7 @@ def test_mvtec_layout_from_kolektor(ksdd_root, tmp_path):
     g = guess_layout(root)
     assert (g.task, g.layout) == ("anomaly", "mvtec")
     assert g.details["defect_types"] == ["defect"] and g.details["masks_for"] == ["defect"]
-    assert g.details["class_counts"] == {"good": 9, "defect": 4}
+    assert g.details["class_counts"] == {"train/good": 6, "test/good": 3, "defect": 4}  # fitting vs test normals apart
     assert len(read_mvtec(g.details["root"])) == 13
 
 

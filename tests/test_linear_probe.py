@@ -110,5 +110,7 @@ def test_errors(lite0):
         LinearProbeClassifier(lite0, 3, weight=np.zeros((3, 7)))
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         extract_features(lite0, np.zeros((2, 1, 64, 64), dtype=np.uint8))
-    with pytest.raises(TypeError):
+    from defectscope.models.registry import ModelArgumentError
+
+    with pytest.raises(ModelArgumentError, match="dropuot: not an argument of model 'linear_probe'"):
         create_model("linear_probe", backbone="efficientnet_lite0", num_classes=3, dropuot=0.1)  # no **kwargs

@@ -108,7 +108,9 @@ def test_seam_unet_shapes_and_divisibility_error():
 
 @pytest.mark.parametrize("name", ["weld_fusion", "weld_vision", "weld_dlinear", "weld_informer", "weld_inverted", "weld_seam_unet"])
 def test_constructors_reject_unknown_keywords(name):
-    with pytest.raises(TypeError, match="dropuot"):
+    from defectscope.models.registry import ModelArgumentError
+
+    with pytest.raises(ModelArgumentError, match=f"dropuot: not an argument of model '{name}'"):
         create_model(name, dropuot=0.1, **({} if name == "weld_seam_unet" else {"num_classes": 3}),
                      **({"channels": C} if name not in ("weld_vision", "weld_seam_unet") else {}))
 

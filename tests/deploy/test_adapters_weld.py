@@ -23,7 +23,7 @@ from defectscope.deploy.predictor import load_predictor
 
 pytestmark = pytest.mark.slow
 
-TINY = ["data.simulate.n_samples=35", "data.simulate.image_size=64", "train.epochs=1", "data.crop_height=32",
+TINY = ["data.simulate.n_samples=140", "train.val_fraction=0.4", "data.simulate.image_size=64", "train.epochs=1", "data.crop_height=32",
         "data.crop_width=64", "data.seq_len=64", "data.seg_size=64", "model.embed_dim=32", "model.spectral_dim=16",
         "segmentation.epochs=1", "train.logger=[csv]", "train.progress=false", "eval.folds=1", "train.num_threads=1"]
 
@@ -74,7 +74,7 @@ def test_onnx_matches_pytorch_on_held_out_samples(predictors, weld_run):
     torch_p, onnx_p = predictors
     ad = get_adapter("weld")
     ev = ad.eval_set(weld_run, torch_p.info)
-    assert ev.inputs["image"].shape == (7, 2, 3, 32, 64) and ev.inputs["spectra"].shape == (7, 2, 4, 64)
+    assert ev.inputs["image"].shape == (28, 2, 3, 32, 64) and ev.inputs["spectra"].shape == (28, 2, 4, 64)  # the 20 % test split of 140 simulated coupons
     ref, got = torch_p.run(ev.inputs), onnx_p.run(ev.inputs)
     diff, same = ad.compare(torch_p.info, ref, got)
     assert diff < 1e-4 and same == 1.0
@@ -117,7 +117,7 @@ def test_attention_outputs_match_pytorch_and_map_onto_the_welds(predictors, weld
     for k in ("logits", "probabilities", "attention_map", "channel_attention"):
         assert ref[k].shape == got[k].shape, k
         assert float(np.abs(ref[k] - got[k]).max()) < 1e-4, k
-    assert got["attention_map"].shape == (7, 2, *att["grid"])
+    assert got["attention_map"].shape == (28, 2, *att["grid"])
     np.testing.assert_allclose(got["channel_attention"].sum(-1), 1.0, atol=1e-5)
     assert (got["attention_map"] >= 1 / 4 - 1e-6).all() and (got["attention_map"] <= 1 + 1e-6).all()  # 4 channels
 
