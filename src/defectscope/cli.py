@@ -437,7 +437,7 @@ def doctor(
     runtime ``serve`` / ``inspect`` use (exact fp32: the faster of ONNX Runtime and OpenVINO, timed at start, for an ``.onnx`` file; PyTorch for a run
     folder). Nothing is written.
     """
-    from defectscope.machine import environment, matmul_gflops, resolve_precision, resolve_threads
+    from defectscope.machine import environment, matmul_rates, resolve_precision, resolve_threads
 
     prec = resolve_precision("auto")
     env = environment(prec, resolve_threads("auto"))
@@ -447,9 +447,9 @@ def doctor(
     for k, v in env.items():
         table.add_row(k, ", ".join(v) if isinstance(v, list) else ("n/a" if v is None else str(v)))
     if not no_measure:
-        table.add_row("fp32 matmul (1024^2, measured)", f"{matmul_gflops('float32', 1024, 0.3):.0f} GFLOP/s")
-        table.add_row("bf16 matmul (1024^2, measured)",
-                      f"{matmul_gflops('bfloat16', 1024, 0.3):.0f} GFLOP/s" if prec.bf16 else
+        rates = matmul_rates(1024, seconds=0.3, min_reps=3)
+        table.add_row("fp32 matmul (1024^2, measured)", f"{rates['fp32']:.0f} GFLOP/s")
+        table.add_row("bf16 matmul (1024^2, measured)", f"{rates['bf16']:.0f} GFLOP/s" if rates["bf16"] is not None else
                       "not measured: bf16 is emulated here (one product would take seconds)")
     table.add_row("train (precision: auto)", f"precision {prec.value}, {env['threads']} threads (num_threads: auto)")
     table.add_row("serve / inspect", "for a .onnx file the faster exact fp32 runtime (ONNX Runtime or OpenVINO, "

@@ -136,14 +136,15 @@ def cpu_facts() -> CpuFacts:
                     mkldnn_bf16=mkldnn, logical_cpus=usable_cpus(), physical_cores=cores)
 
 
-def matmul_gflops(dtype_name: str = "float32", n: int = 512, seconds: float = 0.1) -> float:
+def matmul_gflops(dtype_name: str = "float32", n: int = 512, seconds: float = 0.1, min_reps: int = 3) -> float:
     """Measured rate of ``n x n`` matrix products in GFLOP/s (``2 n^3`` flops each), best of the
-    repetitions that fit in ``seconds`` (at least 3).
+    repetitions that fit in ``seconds`` (at least ``min_reps``), after one warm-up product.
 
     Args:
         dtype_name: ``float32`` or ``bfloat16``.
         n: matrix side.
         seconds: time budget of the measurement.
+        min_reps: fewest timed products.
     """
     import torch
 
@@ -154,7 +155,7 @@ def matmul_gflops(dtype_name: str = "float32", n: int = 512, seconds: float = 0.
     best = float("inf")
     start = time.perf_counter()
     reps = 0
-    while reps < 3 or time.perf_counter() - start < seconds:
+    while reps < min_reps or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
@@ -174,6 +175,23 @@ def bf16_probe() -> dict[str, float]:
     f32 = matmul_gflops("float32")
     b16 = matmul_gflops("bfloat16")
     return {"fp32_gflops": round(f32, 1), "bf16_gflops": round(b16, 1), "ratio": round(b16 / max(f32, 1e-9), 2)}
+
+
+def matmul_rates(n: int = 2048, seconds: float = 0.0, min_reps: int = 5) -> dict[str, float | None]:
+    """``{"fp32": GFLOP/s, "bf16": GFLOP/s or None}`` of ``n x n`` products (:func:`matmul_gflops`);
+    bf16 is measured only where ``auto`` chooses it (native bf16): on an emulating CPU one 2048^3 bf16
+    product takes seconds. Used by ``benchmark`` (the peak its rows are compared with) and ``doctor``."""
+    f32 = matmul_gflops("float32", n, seconds, min_reps)
+    return {"fp32": f32, "bf16": matmul_gflops("bfloat16", n, seconds, min_reps) if resolve_precision("auto").bf16 else None}
+
+
+def compact_features(t):
+    """Cached feature maps stored in bf16: half the memory of fp32 (NEU-DET's 4 x 1296 cached maps: about
+    0.6 GB). A storage cast, not bf16 arithmetic, so it costs no more on an AVX2 CPU; readers convert back
+    with ``.float()`` before computing."""
+    import torch
+
+    return t.to(torch.bfloat16).contiguous()
 
 
 @functools.cache

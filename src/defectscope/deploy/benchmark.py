@@ -84,19 +84,6 @@ class BenchmarkResult:
     environment: dict = field(default_factory=dict)
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """Best achieved GFLOP/s of an ``n x n`` ``torch.mm`` (``2 n^3`` FLOPs) in ``dtype`` over ``reps`` runs."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
 def count_flops(module: torch.nn.Module, inputs: dict[str, np.ndarray], names: list[str]) -> int:
     """FLOPs of one forward pass (``torch.utils.flop_counter.FlopCounterMode``; multiply-add = 2)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -295,12 +282,12 @@ def benchmark(run_dir: str | Path, out_dir: str | Path | None = None, threads: i
     module, info = adapter.load_torch(run_dir)
     names = list(info.inputs)
     log(f"measuring the matrix-product rate ({threads} threads)")
-    from defectscope.machine import environment, resolve_precision
+    from defectscope.machine import environment, matmul_rates, resolve_precision
 
     auto = resolve_precision("auto")
     # bf16 is measured only where this CPU computes it natively: emulated bf16 (AVX2) is ~24x slower
     # than fp32, and a single 2048^3 bf16 product would take seconds
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16) if auto.bf16 else None}
+    rates = matmul_rates(2048, min_reps=5)
     x1 = adapter.example_inputs(info, 1)
     flops = count_flops(module, x1, names)
     params = sum(p.numel() for p in module.parameters())

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from defectscope.evaluation.detection import coco_map
-from defectscope.machine import autocast
+from defectscope.machine import autocast, compact_features
 from defectscope.models.box_heads.losses import SetCriterion, padded_slot_loss, single_loss
 from defectscope.models.training import to_float, warmup_cosine
 
@@ -101,7 +101,7 @@ def cache_features(model: nn.Module, x: np.ndarray, variants: tuple[int, ...], b
             if channels_last:
                 b = b.contiguous(memory_format=torch.channels_last)
             with autocast(precision):
-                parts.append([f.to(torch.bfloat16).contiguous() for f in model.forward_features(b)])
+                parts.append([compact_features(f) for f in model.forward_features(b)])
         out.append([torch.cat(level) for level in zip(*parts)])
     return out
 
