@@ -51,27 +51,24 @@ def report_sections(rep, run, info: dict, keys: list[str] | None = None) -> None
                               y_true=dec.get("y_true"))
 
 
+def _figures(row: dict, result: dict) -> dict:
+    """``row`` plus the pooled and mean +- std figures of a candidate's (or the nested) cross-validation."""
+    for k in ("accuracy", "weighted_f1", "macro_auroc"):
+        if k in result["pooled"]:
+            row[f"pooled {k}"] = result["pooled"][k]
+            if k in result["mean"]:
+                row[f"{k} mean +- std"] = f"{result['mean'][k]:.4f} +- {result['std'][k]:.4f}"
+    return row
+
+
 def selection_rows(selection: dict) -> list[dict]:
     """Report rows: one per candidate with its pooled and mean +- std figures, the chosen one marked."""
-    rows = []
-    for name, c in selection["candidates"].items():
-        row = {"candidate": name + (" (chosen)" if name == selection["chosen"] else ""), "what": c["description"]}
-        for k in ("accuracy", "weighted_f1", "macro_auroc"):
-            if k in c["pooled"]:
-                row[f"pooled {k}"] = c["pooled"][k]
-                if k in c["mean"]:
-                    row[f"{k} mean +- std"] = f"{c['mean'][k]:.4f} +- {c['std'][k]:.4f}"
-        rows.append(row)
+    rows = [_figures({"candidate": name + (" (chosen)" if name == selection["chosen"] else ""),
+                      "what": c["description"]}, c) for name, c in selection["candidates"].items()]
     nested = selection.get("nested")
     if nested:
-        row = {"candidate": "nested selection (unbiased)",
-               "what": "chosen inside each outer fold: " + ", ".join(nested["chosen_per_fold"])}
-        for k in ("accuracy", "weighted_f1", "macro_auroc"):
-            if k in nested["pooled"]:
-                row[f"pooled {k}"] = nested["pooled"][k]
-                if k in nested["mean"]:
-                    row[f"{k} mean +- std"] = f"{nested['mean'][k]:.4f} +- {nested['std'][k]:.4f}"
-        rows.append(row)
+        rows.append(_figures({"candidate": "nested selection (unbiased)",
+                              "what": "chosen inside each outer fold: " + ", ".join(nested["chosen_per_fold"])}, nested))
     return rows
 
 

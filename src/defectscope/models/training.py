@@ -136,3 +136,20 @@ def scale_probs(probs: np.ndarray, temperature: float) -> np.ndarray:
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def set_linear(layer: "torch.nn.Linear", weight, bias, model_name: str) -> None:
+    """Copy a closed-form fit (``weight [K, F]``, ``bias [K]``, e.g. scikit-learn's logistic regression)
+    into ``layer``, in place and without gradients.
+
+    Raises:
+        ValueError: shapes that do not match the layer's, naming ``model_name``.
+    """
+    w = torch.as_tensor(np.asarray(weight), dtype=torch.float32)
+    b = torch.as_tensor(np.asarray(bias), dtype=torch.float32)
+    if tuple(w.shape) != tuple(layer.weight.shape) or tuple(b.shape) != (layer.out_features,):
+        raise ValueError(f"{model_name}: head of shape {tuple(w.shape)} / {tuple(b.shape)}, expected "
+                         f"{tuple(layer.weight.shape)} / ({layer.out_features},)")
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)

@@ -346,31 +346,6 @@ def blur_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_blur_maps(maps[:, None], sigma)[:, 0]
 
 
-def gradient_maps(model: nn.Module, x: np.ndarray, target: int = 0, landmark_low: int = 0, landmark_high: int = 50,
-                  batch_size: int = 8, progress: bool = False,
-                  label: str = "gradients") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 2-3 and the landmark (section 4.3) of uint8 images ``[N, 3, H, W]``, ``batch_size`` per backward pass.
-
-    Returns:
-        ``(gnorm [N, H, W] float32, landmark [N], softmax probability of the target [N])``.
-    """
-    model.eval()
-    gn, lm, pt = [], [], []
-    steps = range(0, len(x), batch_size)
-    if progress:
-        from rich.progress import track
-
-        steps = track(steps, description=label, transient=True)
-    for i in steps:
-        xb = to_float(torch.from_numpy(x[i : i + batch_size]))
-        g = input_gradient(model, xb, target)
-        gn.append(gradient_norm(g))
-        lm.append(artificial_landmark(xb, landmark_low, landmark_high))
-        with torch.no_grad():
-            pt.append(F.softmax(model(xb).float(), dim=1)[:, target])
-    return torch.cat(gn), torch.cat(lm), torch.cat(pt)
-
-
 def log10_gradient_norm(model: nn.Module, x: torch.Tensor, target: int = 0) -> torch.Tensor:
     """``log10 ||dL/dx||_2`` per pixel (eq. 2-3), computed in log space so that it never underflows.
 

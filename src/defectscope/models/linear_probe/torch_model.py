@@ -23,6 +23,7 @@ from torch import nn
 
 from defectscope.models.backbones import Backbone, create_backbone
 from defectscope.models.registry import register_model
+from defectscope.models.training import set_linear
 
 #: Bias of a class absent from the training labels (its probability underflows to 0).
 ABSENT_CLASS_BIAS = -1.0e4
@@ -265,14 +266,7 @@ class WeldImageProbe(nn.Module):
         Raises:
             ValueError: shapes that do not match.
         """
-        wt = torch.as_tensor(np.asarray(weight), dtype=torch.float32)
-        bt = torch.as_tensor(np.asarray(bias), dtype=torch.float32)
-        if tuple(wt.shape) != tuple(self.head.weight.shape) or tuple(bt.shape) != (self.num_classes,):
-            raise ValueError(f"weld_image_probe: head of shape {tuple(wt.shape)} / {tuple(bt.shape)}, expected "
-                             f"{tuple(self.head.weight.shape)} / ({self.num_classes},)")
-        with torch.no_grad():
-            self.head.weight.copy_(wt)
-            self.head.bias.copy_(bt)
+        set_linear(self.head, weight, bias, "weld_image_probe")
         return self
 
     def forward(self, image: torch.Tensor, spectra: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from defectscope.models.registry import register_model
+from defectscope.models.training import set_linear
 
 #: the statistics computed per weld and channel, in feature order
 STATISTICS = ("mean", "std", "p10", "p90")
@@ -94,14 +95,7 @@ class WeldSignalStats(nn.Module):
         Raises:
             ValueError: shapes that do not match ``[num_classes, W * C * 4]`` / ``[num_classes]``.
         """
-        w = torch.as_tensor(np.asarray(weight), dtype=torch.float32)
-        b = torch.as_tensor(np.asarray(bias), dtype=torch.float32)
-        if tuple(w.shape) != tuple(self.head.weight.shape) or tuple(b.shape) != (self.num_classes,):
-            raise ValueError(f"weld_signal_stats: head of shape {tuple(w.shape)} / {tuple(b.shape)}, expected "
-                             f"{tuple(self.head.weight.shape)} / ({self.num_classes},)")
-        with torch.no_grad():
-            self.head.weight.copy_(w)
-            self.head.bias.copy_(b)
+        set_linear(self.head, weight, bias, "weld_signal_stats")
         return self
 
     def forward(self, image: torch.Tensor | None, spectra: torch.Tensor) -> torch.Tensor:
