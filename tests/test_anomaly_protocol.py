@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import defectscope
 from defectscope.data.images import DatasetError
 from defectscope.data.kolektor import anomaly_protocol, load_mask, read_kolektor_manifest
 
@@ -108,11 +109,13 @@ def test_tiny_end_to_end_run_predict_and_evaluate(ksdd_root, tmp_path, which):
     bad_file = tmp_path / "broken.jpg"
     bad_file.write_bytes(b"not an image")
     out = tmp_path / "preds.csv"
-    summary = task.predict(run, files[:2] + [bad_file], out)
+    summary = defectscope.predict(run, files[:2] + [bad_file], out)  # the Predictor, as the CLI
     assert summary["predicted"] == 2 and len(summary["skipped"]) == 1
     rows = list(csv.DictReader(out.open()))
     assert all(r["decision"] in ("normal", "defective") for r in rows[:2])
     assert all(np.isfinite(float(r["score"])) and Path(r["map"]).is_file() for r in rows[:2])
+    assert all(Image.open(r["map"]).size == Image.open(r["file"]).size for r in rows[:2])  # the image's own size
+    assert [r["decision"] == "defective" for r in rows[:2]] == list(again.decision[:2])
     np.testing.assert_allclose([float(r["score"]) for r in rows[:2]], again.score[:2], rtol=1e-5, atol=1e-6)
     assert rows[2]["error"]
 
@@ -128,7 +131,8 @@ def test_tiny_end_to_end_run_predict_and_evaluate(ksdd_root, tmp_path, which):
         (small / "images" / f"{i}.jpg").symlink_to(ksdd_root / "images" / f"{i}.jpg")
         (small / "masks" / f"{i}.png").symlink_to(ksdd_root / "masks" / f"{i}.png")
     (small / "manifest.csv").write_text("\n".join([lines[0]] + good + bad) + "\n")
-    ev = task.evaluate(run, small, tmp_path / "ev")
+    ev = defectscope.evaluate(run, small, tmp_path / "ev")
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert (tmp_path / "ev" / "report.html").is_file()
     assert ev["n"] == 4 and ev["n_defective"] == 2 and saved["test"]["n"] == 4
     assert 0.0 <= saved["test"]["image_auroc"] <= 1.0 and 0.0 <= saved["test"]["aupro"] <= 1.0

@@ -15,8 +15,9 @@ Tolerances (stated once, asserted for every task):
   1e-4 of the image side), detections within 1e-3 of the score threshold may be missing on one side
   (:func:`~defectscope.deploy.adapters.detection.match_detections`).
 
-Every row prints its largest difference (``pytest -s``: ``PARITY <task> <way> ...``). The anomaly
-task's row is filled by its own contract (``TASKS["anomaly"]``).
+- anomaly maps (where both sides carry them: the Python API on both backends): ``|difference| <= SCORE_TOL``.
+
+Every row prints its largest difference (``pytest -s``: ``PARITY <task> <way> ...``).
 """
 
 from __future__ import annotations
@@ -97,17 +98,26 @@ def _multicnn(tmp: Path, roots: dict) -> tuple[Path, list]:
     return run.path, sorted(roots["neu_small"].glob("*_2.jpg"))[:4]
 
 
-#: task -> builder of ``(run folder, inputs for defectscope predict)``; anomaly: its contract's branch fills it
+def _anomaly(tmp: Path, roots: dict) -> tuple[Path, list]:
+    """A tiny PaDiM run on real KolektorSDD images (6 good images fitted, 2 calibrate the threshold, 6 tested)."""
+    run = defectscope.train(str(Path(__file__).resolve().parents[2] / "configs" / "ksdd_padim.yaml"), tmp / "run",
+                            data__root=str(roots["ksdd"]), data__image_size=[128, 64], data__calibration_fraction=0.3,
+                            data__max_fit=6, data__max_test=6, model__n_features=20, **COMMON)
+    lines = (run.path / "split" / "test.txt").read_text().splitlines()
+    test = [line.rsplit(",", 1)[0] for line in lines if line.endswith(",defective")][:2] + \
+        [line.rsplit(",", 1)[0] for line in lines if line.endswith(",good")][:2]
+    return run.path, [Path(f) for f in test]
+
+
+#: task -> builder of ``(run folder, inputs for defectscope predict)``
 TASKS = {"classification": _classification, "segmentation": _segmentation, "detection": _detection,
-         "weld": _weld, "multicnn": _multicnn, "anomaly": None}
+         "weld": _weld, "multicnn": _multicnn, "anomaly": _anomaly}
 
 
 @pytest.fixture(scope="module", params=list(TASKS))
 def case(request, tmp_path_factory, neu_root, neu_small, ksdd_root):
     """``(task, run, onnx file, inputs, images, spectra)`` of one task."""
     build = TASKS[request.param]
-    if build is None:
-        pytest.skip(f"{request.param}: its row of the matrix comes with its model contract")
     tmp = tmp_path_factory.mktemp(f"parity_{request.param}")
     run, inputs = build(tmp, {"neu": neu_root, "neu_small": neu_small, "ksdd": ksdd_root})
     onnx_file = tmp / "model.onnx"
@@ -133,6 +143,9 @@ def _same(task: str, ref, got, way: str, ref_outputs=None) -> float:
         worst = max(worst, abs(a.score - b.score))
         for k, v in a.scores.items():
             worst = max(worst, abs(v - b.scores[k]))
+        if a.anomaly_map is not None and b.anomaly_map is not None:  # anomaly: the maps at the model's size
+            assert a.anomaly_map.shape == b.anomaly_map.shape, way
+            worst = max(worst, float(np.abs(a.anomaly_map.astype(np.float64) - b.anomaly_map).max()))
         if a.mask is not None:
             assert b.mask is not None and a.mask.shape == b.mask.shape, way
             diff = a.mask != b.mask
@@ -160,6 +173,12 @@ def _from_file(task: str, out: Path, ref: list, files: list) -> list:
     """The results a ``defectscope predict`` output file holds, as predictions comparable with ``ref``."""
     from defectscope.deploy.results import Box, Prediction
 
+    if task == "anomaly":  # file, score, decision, threshold, map, error
+        rows = list(csv.DictReader(out.open(newline="")))[: len(ref)]
+        for r, f in zip(rows, files):
+            assert r["file"] == str(f) and not r["error"], r
+            assert Image.open(r["map"]).size == Image.open(f).size  # the map PNG at the image's own size
+        return [Prediction(r["decision"], None, float(r["score"]), {}) for r in rows]
     if task in ("classification", "multicnn", "weld"):
         rows = list(csv.DictReader(out.open(newline="")))
         rows = rows[: len(ref)]
@@ -256,16 +275,20 @@ def test_evaluate_runs_through_the_predictor_on_both_backends(case, tmp_path):
     data = {"classification": lambda: Path(defectscope.open_run(run).config["data"]["root"]),
             "multicnn": lambda: Path(defectscope.open_run(run).config["data"]["root"]),
             "segmentation": lambda: Path(defectscope.open_run(run).config["data"]["root"]),
+            "anomaly": lambda: Path(defectscope.open_run(run).config["data"]["root"]),
             "detection": None, "weld": lambda: inputs[0]}[task]
     if data is None:
         pytest.skip("detection evaluate is covered by tests/test_detection_task.py (VOC subset)")
     folder = data()
-    if task == "segmentation":  # a 6-image KolektorSDD-layout subset
+    if task in ("segmentation", "anomaly"):  # a 6-image KolektorSDD-layout subset
         folder = _ksdd_subset(folder, tmp_path / "ksdd")
     a = defectscope.evaluate(run, folder, tmp_path / "ev_torch")
     b = defectscope.evaluate(onnx_file, folder, tmp_path / "ev_onnx")
-    key = {"segmentation": "image_auroc"}.get(task, "accuracy")
-    assert a["n"] == b["n"] and abs((a[key] or 0) - (b[key] or 0)) < 1e-6
+    keys = {"segmentation": ["image_auroc"], "anomaly": ["image_auroc", "image_ap", "f1_max", "f1", "pixel_auroc", "aupro"]
+            }.get(task, ["accuracy"])
+    assert a["n"] == b["n"]
+    for key in keys:
+        assert abs((a[key] or 0) - (b[key] or 0)) < 1e-6, (key, a[key], b[key])
     assert (tmp_path / "ev_torch" / "report.html").is_file() and (tmp_path / "ev_onnx" / "metrics.json").is_file()
 
 

@@ -42,9 +42,6 @@ welds) register a loader in :data:`CLUSTERING_SOURCES`.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -53,32 +50,29 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, SerializeAsAny, field_validator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from defectscope.config import BaseRecipe, StrictModel, TrainConfig
-from defectscope.data.images import DatasetError, expand_inputs, iter_images, load_stack, resize_uint8
-from defectscope.data.kolektor import KolektorItem, anomaly_protocol, load_mask, read_kolektor_manifest
+from defectscope.data.images import DatasetError, load_stack
+from defectscope.data.kolektor import KolektorItem, anomaly_protocol, read_kolektor_manifest
 from defectscope.data.mvtec import load_item_mask
 from defectscope.data.splits import write_file_list
 from defectscope.engine.crossval import flatten_scalars
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks
 from defectscope.engine.run import RunError, RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import fit_lightning, report_training_curves
+from defectscope.engine.trainer import fit_lightning
 from defectscope.evaluation.anomaly import (
     anomaly_metrics,
     clustering_metrics,
     image_metrics,
-    plot_overlays,
-    plot_score_histograms,
+    pixel_stride,
     plot_tsne,
     tsne_kmeans,
 )
-from defectscope.evaluation.plots import plt, save_figure
-from defectscope.evaluation.report import Report
+from defectscope.evaluation.anomaly_report import write_anomaly_report
 from defectscope.models.anomaly import AnomalyArgs, AnomalyModel, anomaly_model_class, load_anomaly_model
 from defectscope.models.grad_mobilenet import (
     GradientFeatureSpec,
@@ -89,7 +83,6 @@ from defectscope.models.grad_mobilenet import (
     log_gradient_maps,
 )
 from defectscope.models.grad_mobilenet.lightning_model import GradMobileNetModule
-from defectscope.utils.io import write_text
 
 # ---------------------------------------------------------------- recipe
 
@@ -461,72 +454,6 @@ def load_anomaly_run(run_dir: str | Path) -> AnomalyRun:
                       int(payload.get("batch_size", 4)))
 
 
-def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Anomaly maps ``[N, h, w]`` resized (area average when shrinking, bilinear when enlarging) to ``[N, H, W]``."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    mode = "area" if maps.shape[-2] >= size[0] else "bilinear"
-    return F.interpolate(maps[:, None].float(), size=tuple(size), mode=mode)[:, 0]
-
-
-def _pixel_stride(size: tuple[int, int]) -> int:
-    """Pixel subsampling step of the pixel metrics: 2 up to 640 rows, more above (bounded memory and time)."""
-    return 2 * max(1, size[0] // 640)
-
-
-# ---------------------------------------------------------------- report
-
-#: cross-validation table columns
-CV_KEYS = ["n", "n_defective", "image_auroc", "image_ap", "f1_max", "f1", "pixel_auroc", "aupro"]
-
-
-def write_anomaly_report(run: RunFolder, title: str, info: dict, metrics: dict, samples: Samples, idx: np.ndarray,
-                         raw: dict, threshold: float | None, model_label: str, clustering: dict | None = None,
-                         crossval: dict | None = None, decisions: dict | None = None, curves: bool = False) -> None:
-    """The report: results table (and fold table), score histogram, overlays against true masks, t-SNE, curves.
-
-    Args:
-        metrics: the model's figures (:func:`defectscope.evaluation.anomaly.anomaly_metrics`).
-        samples, idx: the images scored (positions into ``samples``), in the order of ``raw``.
-        raw: :meth:`AnomalyTask.predict_samples`' arrays (``score``, ``decision``, ``maps`` at the pixel stride).
-        threshold: the decision drawn in the histogram (``None``: one per fold).
-        crossval: ``{"folds", "mean", "std"}`` of a cross-validation (adds the fold table).
-        curves: add the training-loss curves (models that train a network).
-    """
-    rep = Report(title)
-    rep.kv("Run", info)
-    if crossval:
-        rep.table("Cross-validation: held-out figures per fold", crossval_table(
-            {"folds": [flatten_scalars(f) for f in crossval["folds"]], "mean": crossval["mean"], "std": crossval["std"],
-             "pooled": flatten_scalars(metrics)}, CV_KEYS))
-    rep.table(("Pooled out-of-fold" if crossval else "Test") + " metrics (defective = positive class)",
-              [{"method": model_label, **metrics}],
-              ["method", "image_auroc", "image_ap", "f1_max", "f1", "precision", "recall", "accuracy", "pixel_auroc",
-               "aupro", "n", "n_defective"])
-    y = samples.labels[idx]
-    plot_score_histograms([(model_label, raw["score"], y, threshold)], run.plots / "score_histograms.png")
-    rep.image("plots/score_histograms.png", "Score histograms of good and defective test images; dashed: the decision")
-    bad, good = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    pick = list(bad[np.argsort(-raw["score"][bad])][:4]) + list(bad[np.argsort(raw["score"][bad])][:2]) + list(good[:2])
-    if pick:
-        pos = idx[pick]
-        st = raw["stride"]
-        imgs = samples.data["x"][pos][:, :, ::st, ::st].transpose(0, 2, 3, 1)
-        titles = [f"{samples.columns['id'][i]} {'defect' if samples.labels[i] else 'good'}" for i in pos]
-        plot_overlays(imgs, samples.data["masks"][pos][:, ::st, ::st], [(model_label, raw["maps"][pick])], titles,
-                      run.plots / "overlays.png")
-        rep.image("plots/overlays.png", "Anomaly maps over the image; true mask outline in red/white "
-                  "(4 highest- and 2 lowest-scored defective images, 2 good ones)")
-    if clustering is not None:
-        rep.kv("Defect-type clustering (t-SNE + K-means, Hungarian-matched)",
-               {k: v for k, v in clustering.items() if not isinstance(v, (dict, list))})
-        rep.image("plots/tsne_clusters.png", "t-SNE of the gradient features, coloured by cluster and by true label")
-    if curves and not crossval:
-        report_training_curves(rep, run, "Training loss toward y = 0 (normal images only)")
-    report_sections(rep, run, {"decisions": decisions})
-    rep.write(run.report_path)
-
-
 # ---------------------------------------------------------------- the task
 
 
@@ -541,8 +468,6 @@ class AnomalyTask(TaskHooks):
     recipe = AnomalyRecipe
     monitor = ""  # no checkpoint selection
     summary_keys = ("image_auroc", "f1_max", "pixel_auroc", "aupro")
-    predict_options = ()
-    default_predict_out = "preds.csv"
 
     def load_samples(self, recipe: AnomalyRecipe, run_dir: Path | None = None) -> Samples:
         """Every image of :func:`protocol_items`, decoded at ``data.image_size``.
@@ -654,7 +579,7 @@ class AnomalyTask(TaskHooks):
         t0 = time.perf_counter()
         out = run.score(samples.data["x"][idx])
         sec = (time.perf_counter() - t0) / max(1, len(idx))
-        st = _pixel_stride(run.image_size)
+        st = pixel_stride(run.image_size)
         table = {"pred": ["defective" if v else "good" for v in out.decision], "image_score": out.score.tolist()}
         raw = {"score": out.score, "decision": out.decision, "maps": out.maps[:, ::st, ::st].numpy().copy(),
                "stride": st, "seconds_per_image": sec}
@@ -692,10 +617,13 @@ class AnomalyTask(TaskHooks):
               "tile / stride": f"{m.tile} / {m.tile_stride}" if m.tile else "whole image", "seed": recipe.seed}
         title = f"defectscope anomaly: {label} on {Path(d.root).name}"
         curves = m.name == "grad_mobilenet"
+        images = (samples.labels, samples.data["x"], samples.data["masks"], samples.columns["id"])
         if cv:
             kv.update(protocol=info.get("protocol"), images=f"{len(idx)} ({int(samples.labels[idx].sum())} defective), "
                       "each predicted once by the fold that did not fit on it")
-            write_anomaly_report(run, title + " (cross-validation)", kv, metrics, samples, idx, preds.raw, None, label,
+            cv = {"folds": [flatten_scalars(f) for f in cv["folds"]], "mean": cv["mean"], "std": cv["std"],
+                  "pooled": flatten_scalars(metrics)}
+            write_anomaly_report(run, title + " (cross-validation)", kv, metrics, *images, idx, preds.raw, None, label,
                                  crossval=cv, decisions=info.get("decisions"), curves=curves)
             return
         pr = info.get("protocol", {}).get("images", {})
@@ -704,70 +632,8 @@ class AnomalyTask(TaskHooks):
                                                       f"({int(samples.labels[idx].sum())} defective in test, none in fitting)",
                    "threshold": f"{info.get('threshold')} ({info.get('threshold_from')})",
                    "fit seconds": info.get("fit_seconds")})
-        write_anomaly_report(run, title, kv, metrics, samples, idx, preds.raw, info.get("threshold"), label,
+        write_anomaly_report(run, title, kv, metrics, *images, idx, preds.raw, info.get("threshold"), label,
                              info.get("clustering"), decisions=info.get("decisions"), curves=curves)
-
-    def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
-        """Score every image of a KolektorSDD-style folder (manifest + masks) with a trained run."""
-        run = load_anomaly_run(run_dir)
-        items = read_kolektor_manifest(data)
-        x = load_stack([it.image for it in items], run.image_size)
-        y = np.array([int(it.defective) for it in items])
-        st = _pixel_stride(run.image_size)
-        masks = np.stack([load_mask(it.mask, run.image_size)[::st, ::st] for it in items])
-        s = run.score(x)
-        metrics = anomaly_metrics(y, s.score, s.decision, s.maps[:, ::st, ::st].numpy(), masks)
-        out = Path(out) if out else Path(run_dir) / "evaluations" / Path(data).name
-        ev = RunFolder(out).create()
-        ev.write_metrics({"task": self.name, "run": str(run_dir), "data": str(data), "model": run.model.name,
-                          "test": metrics})
-        return metrics
-
-    def predict(self, run_dir: Path, inputs: list[Path], out: Path, **options) -> dict:
-        """Score image files: CSV ``file, score, decision, threshold, map, error``.
-
-        Every image is resized to the run's input size, scored by the model's forward, and its anomaly map
-        resized back to the image's own size; a PNG per image (image | map over it) goes to
-        ``<out stem>_maps/``; unreadable files are skipped and reported.
-
-        Raises:
-            ConfigError: an option this task does not support.
-        """
-        self.check_predict_options(options)
-        run = load_anomaly_run(run_dir)
-        files = expand_inputs(inputs)
-        out = Path(out)
-        map_dir = out.parent / f"{out.stem}_maps"
-        rows, skipped = [], []
-        for f, img, err in iter_images(files):
-            if err:
-                skipped.append((f, err))
-                continue
-            x = resize_uint8(img, run.image_size).transpose(2, 0, 1)[None]
-            s = run.score(x)
-            amap = resize_maps(s.maps, img.shape[:2])[0].numpy()  # at the image's own size
-            png = map_dir / f"{f.stem}.png"
-            fig, axes = plt.subplots(1, 2, figsize=(4.4 * img.shape[1] / max(img.shape[0], 1) + 1.5, 5))
-            axes[0].imshow(img)
-            axes[0].set_title(f"{'DEFECTIVE' if s.decision[0] else 'normal'}\nscore {s.score[0]:.3f}", fontsize=8)
-            axes[1].imshow(img)
-            lo, hi = (0.0, max(2 * run.threshold, 1e-12)) if run.threshold > 0 else (float(amap.min()), float(amap.max()))
-            axes[1].imshow(amap, cmap="jet", alpha=0.5, vmin=lo, vmax=hi)  # Grad-MobileNet (threshold 0): its log map's range
-            axes[1].set_title(run.model.name, fontsize=7)
-            for ax in axes:
-                ax.set_xticks([])
-                ax.set_yticks([])
-            save_figure(fig, png)
-            rows.append([str(f), f"{s.score[0]:.6f}", "defective" if s.decision[0] else "normal",
-                         f"{run.threshold:.6f}", str(png), ""])
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["file", "score", "decision", "threshold", "map", "error"])
-        w.writerows(rows)
-        for f, err in skipped:
-            w.writerow([str(f), "", "", "", "", err])
-        write_text(out, buf.getvalue())
-        return {"predicted": len(rows), "skipped": skipped, "out": str(out), "maps": str(map_dir)}
 
 
 register_task(AnomalyTask())
