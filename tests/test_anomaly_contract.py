@@ -58,7 +58,7 @@ def _images(n=6, h=64, w=48, seed=0):
 
 def test_registry_and_recipe_take_any_registered_model_by_name():
     from defectscope.config import ConfigError, validate
-    from defectscope.engine.anomaly import AnomalyRecipe
+    from defectscope.recipes.anomaly import AnomalyRecipe
 
     assert {"patchcore", "padim", "grad_mobilenet", "toy_darkness"} <= set(list_anomaly_models())
     r = validate({"task": "anomaly", "model": {"name": "toy_darkness", "gain": 2.0}}, AnomalyRecipe, "r.yaml")

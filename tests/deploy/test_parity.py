@@ -323,7 +323,13 @@ def test_old_or_incomplete_run_folders_are_refused_with_one_line(tmp_path, neu_s
     (cv / "folds" / "1").mkdir(parents=True)
     (cv / "config.yaml").write_text("task: classification\n")
     (cv / "crossval.json").write_text("{}")
-    for run, says in ((old, "not a defectscope checkpoint"), (cv, "cross-validation run without a refit model")):
+    pair = tmp_path / "anomaly_pair"  # an anomaly run of the older Grad-MobileNet + PatchCore pair layout
+    pair.mkdir()
+    (pair / "config.yaml").write_text("task: anomaly\n")
+    torch.save({"format": "defectscope-model/2", "task": "anomaly", "model_name": "grad_mobilenet", "model_kwargs": {},
+                "state_dict": {}, "input_size": [384, 160], "ocsvm": {"nu": 0.1}, "peer": None}, pair / "model.ckpt")
+    for run, says in ((old, "not a defectscope checkpoint"), (cv, "cross-validation run without a refit model"),
+                      (pair, "not an anomaly-model checkpoint of this version")):
         with pytest.raises(RunError, match=says):
             defectscope.load(run)
         res = runner.invoke(app, ["predict", str(run), str(neu_small), "--out", str(tmp_path / "p.csv")])

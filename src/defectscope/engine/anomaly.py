@@ -1,19 +1,16 @@
 """Unsupervised inspection task (``task: anomaly``): any registered anomaly model, fitted on normal images only.
 
-Recipe (``configs/ksdd_patchcore.yaml``, ``configs/ksdd_padim.yaml``, ``configs/ksdd_gradmobilenet.yaml``)::
-
-    task: anomaly
-    data:  {root: ../shared/datasets/kolektorsdd, image_size: [1248, 512], calibration_fraction: 0.15}
-    model: {name: patchcore, backbone: efficientnet_lite0, layers: [2, 4], bank_mib: 16}   # or padim, grad_mobilenet
-    train: {epochs: 5, batch_size: 16, lr: 1.0e-3}        # network training (Grad-MobileNet only)
-    clustering: {enabled: false}                          # paper 001's defect-type study, only when asked
+The recipe schema is :class:`defectscope.recipes.anomaly.AnomalyRecipe`; the images a run reads are
+:func:`defectscope.data.anomaly.protocol_items`; the report is
+:func:`defectscope.evaluation.anomaly_report.write_anomaly_report`. This module holds the task's hooks.
 
 The model is chosen by ``model.name`` among :data:`defectscope.models.anomaly.ANOMALY_MODELS`; the
 rest of the ``model`` block is validated by that model's own schema (``Args``: unknown keys are
 refused). Every model follows the contract of :mod:`defectscope.models.anomaly` (eval forward ->
-``pred_score [B]``, ``anomaly_map [B, H, W]``), so fitting, the run's test predictions,
-``predict``, ``evaluate``, ``export``, ``serve`` and ``inspect`` all run the same module, rebuilt by
-the one loader :func:`load_anomaly_run` (via :func:`defectscope.models.anomaly.load_anomaly_model`).
+``pred_score [B]``, ``anomaly_map [B, H, W]``): the run's test predictions call it here; ``predict``,
+``evaluate``, ``export``, ``serve``, ``inspect`` and the Python API call it through the Predictor
+(:mod:`defectscope.deploy.adapters.anomaly`), on the module rebuilt by the one loader
+:func:`load_anomaly_run` (via :func:`defectscope.models.anomaly.load_anomaly_model`).
 
 Protocol (KolektorSDD, :func:`defectscope.data.kolektor.anomaly_protocol`): the good
 images of the manifest's ``train`` split are the only images any model is fitted
@@ -37,7 +34,7 @@ anomaly map comes back at that size; ``predict`` resizes it to each image's own 
 Clustering of defect types (paper 001, section 4.4.2) runs only when ``clustering.enabled`` is set,
 on the source it names (``neu``: a second Grad-MobileNet on one NEU class held as the normal
 reference, t-SNE + K-means of the other five), in a single-split run. New sources (the simulated
-welds) register a loader in :data:`CLUSTERING_SOURCES`.
+welds) register a loader in :data:`defectscope.data.clustering.CLUSTERING_SOURCES`.
 """
 
 from __future__ import annotations
@@ -46,17 +43,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, SerializeAsAny, field_validator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defectscope.config import BaseRecipe, StrictModel, TrainConfig
+from defectscope.config import TrainConfig
+from defectscope.data.anomaly import protocol_items
+from defectscope.data.clustering import CLUSTERING_SOURCES
 from defectscope.data.images import DatasetError, load_stack
-from defectscope.data.kolektor import KolektorItem, anomaly_protocol, read_kolektor_manifest
 from defectscope.data.mvtec import load_item_mask
 from defectscope.data.splits import write_file_list
 from defectscope.engine.crossval import flatten_scalars
@@ -73,7 +69,7 @@ from defectscope.evaluation.anomaly import (
     tsne_kmeans,
 )
 from defectscope.evaluation.anomaly_report import write_anomaly_report
-from defectscope.models.anomaly import AnomalyArgs, AnomalyModel, anomaly_model_class, load_anomaly_model
+from defectscope.models.anomaly import AnomalyModel, anomaly_model_class, load_anomaly_model
 from defectscope.models.grad_mobilenet import (
     GradientFeatureSpec,
     GradMobileNet,
@@ -83,115 +79,7 @@ from defectscope.models.grad_mobilenet import (
     log_gradient_maps,
 )
 from defectscope.models.grad_mobilenet.lightning_model import GradMobileNetModule
-
-# ---------------------------------------------------------------- recipe
-
-
-class AnomalyData(StrictModel):
-    """KolektorSDD-style data and the protocol.
-
-    Attributes:
-        root: folder with ``images/``, ``masks/``, ``manifest.csv`` (``layout: kolektor``), or an
-            MVTec AD category folder ``train/good``, ``test/<defect>``, ``ground_truth/<defect>``
-            (``layout: mvtec``; good test images have no mask, pixel metrics use the defect masks).
-        image_size: ``[H, W]`` every image is resized to; the models see this size (whole, or in
-            ``model.tile`` windows) and their maps come back at it. KolektorSDD images are about
-            1250 x 500 (H x W): ``[1248, 512]`` is full resolution, ``[384, 160]`` 0.31 of it.
-        calibration_fraction: share of the good train images kept out of model fitting (the decision
-            threshold, or Grad-MobileNet's one-class SVM, is fitted on them); 0 = fit on all.
-        max_fit, max_test: keep at most this many fitting / test images of the protocol (quick
-            runs and tests; the test subset keeps defective and good images in proportion). They
-            act when the images are read, so cross-validation runs on the kept train-split images.
-    """
-
-    root: str = "../shared/datasets/kolektorsdd"
-    layout: Literal["kolektor", "mvtec"] = "kolektor"
-    image_size: tuple[int, int] = (384, 160)
-    calibration_fraction: float = Field(0.15, ge=0, lt=1)
-    max_fit: int | None = Field(None, ge=2)
-    max_test: int | None = Field(None, ge=2)
-
-
-class ClusteringConfig(StrictModel):
-    """Defect-type clustering (paper 001, section 4.4.2) on a multi-class source; off unless asked.
-
-    Attributes:
-        enabled: run it (single-split runs only).
-        source: a key of :data:`CLUSTERING_SOURCES` (``neu``; ``weld_sim`` once the weld
-            simulator has landed).
-        root: data folder of the source (required when enabled).
-        reference_class: the class held as "normal" (trains the network, fits the SVM).
-        fit_images: reference images used to train; ``per_class`` held-out images of each
-            class (the reference too) are embedded and the defect classes clustered.
-        image_size: square input side.
-        epochs: training epochs of this second network (batch size, lr from ``train``).
-        perplexity: t-SNE perplexity.
-    """
-
-    enabled: bool = False
-    source: str = "neu"
-    root: str | None = None
-    reference_class: str = "crazing"
-    fit_images: int = Field(200, ge=4)
-    per_class: int = Field(60, ge=2)
-    image_size: int = Field(200, ge=32)
-    epochs: int = Field(8, ge=1)
-    perplexity: float = Field(30.0, gt=1)
-
-
-class AnomalyTrainConfig(TrainConfig):
-    """:class:`TrainConfig` of the network training of models that train one (Grad-MobileNet).
-
-    No validation part and no early stopping: the network is trained for ``epochs`` to overfit
-    the normal images and its last weights are kept (the checkpoint monitor is none), so
-    ``val_fraction`` and ``early_stopping_patience`` are 0 and any other value is refused.
-    """
-
-    val_fraction: float = 0.0
-    early_stopping_patience: int = 0
-
-    @field_validator("val_fraction", "early_stopping_patience")
-    @classmethod
-    def _no_validation_part(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("must be 0 for task 'anomaly': no validation part or checkpoint selection "
-                             "(data.calibration_fraction holds good images out for the decision threshold)")
-        return v
-
-
-class AnomalyRecipe(BaseRecipe):
-    """Recipe of the ``anomaly`` task: data, one registered anomaly model, its training, the optional clustering study."""
-
-    task: Literal["anomaly"] = "anomaly"
-    data: AnomalyData = AnomalyData()
-    model: SerializeAsAny[AnomalyArgs] = Field(default_factory=lambda: anomaly_model_class("patchcore").Args())
-    clustering: ClusteringConfig = ClusteringConfig()
-    train: AnomalyTrainConfig = AnomalyTrainConfig(epochs=8, lr=1e-3, augment=False)
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _model_schema(cls, v: Any) -> Any:
-        """Validate the block by the registered model's own schema (``model.name`` picks it)."""
-        if isinstance(v, AnomalyArgs):
-            return v
-        if not isinstance(v, dict):
-            raise ValueError(f"expected a mapping with 'name', got {type(v).__name__}")
-        name = v.get("name", "patchcore")
-        try:
-            args_cls = anomaly_model_class(str(name)).Args
-        except KeyError as exc:
-            raise ValueError(str(exc).strip("'\"")) from None
-        from pydantic import ValidationError
-
-        try:
-            return args_cls(**{**v, "name": name})
-        except ValidationError as exc:
-            known = ", ".join(sorted(args_cls.model_fields))
-            bad = "; ".join(f"model.{'.'.join(str(p) for p in e['loc'])}: "
-                            + ("not a setting of this model" if e["type"] == "extra_forbidden" else e["msg"])
-                            for e in exc.errors())
-            raise ValueError(f"{bad} (model '{name}' knows: {known})") from None
-
+from defectscope.recipes.anomaly import AnomalyRecipe
 
 # ---------------------------------------------------------------- network training (Grad-MobileNet, section 4.1)
 
@@ -217,71 +105,6 @@ def _features(model: nn.Module, x: np.ndarray, cfg: GradMobileNetArgs, progress:
               label: str = "gradients") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return log_gradient_maps(model, x, cfg.target, cfg.landmark_low, cfg.landmark_high, cfg.grad_batch_size,
                              progress, label)
-
-
-# ---------------------------------------------------------------- clustering sources
-
-
-
-@dataclass
-class ClusterData:
-    """Images of a multi-class source for the clustering study.
-
-    Attributes:
-        fit: uint8 ``[N, 3, S, S]`` reference ("normal") images to train on.
-        eval_x: uint8 ``[M, 3, S, S]`` held-out images of every class (reference included).
-        eval_y: ``[M]`` class index into ``class_names``.
-        class_names: names; ``class_names[reference]`` is the reference class.
-        reference: index of the reference class.
-        description: one line for the report.
-    """
-
-    fit: np.ndarray
-    eval_x: np.ndarray
-    eval_y: np.ndarray
-    class_names: list[str]
-    reference: int
-    description: str
-
-
-def neu_cluster_data(cfg: ClusteringConfig, seed: int) -> ClusterData:
-    """NEU with ``cfg.reference_class`` as the normal reference.
-
-    Draws (seeded) ``fit_images`` reference images for training and ``per_class``
-    other images of every class (the reference's are disjoint from the training ones).
-
-    Raises:
-        DatasetError: unknown reference class or too few images.
-    """
-    from defectscope.data.images import discover_labelled_images
-
-    items, names, _ = discover_labelled_images(cfg.root, "prefix")
-    if cfg.reference_class not in names:
-        raise DatasetError(f"{cfg.root}: clustering.reference_class '{cfg.reference_class}' not among {names}")
-    ref = names.index(cfg.reference_class)
-    rng = np.random.default_rng(seed)
-    fit_paths, eval_paths, eval_y = [], [], []
-    for c in range(len(names)):
-        paths = [it.path for it in items if it.label == c]
-        perm = rng.permutation(len(paths))
-        need = cfg.per_class + (cfg.fit_images if c == ref else 0)
-        if len(paths) < need:
-            raise DatasetError(f"{cfg.root}: class '{names[c]}' has {len(paths)} images, {need} needed")
-        if c == ref:
-            fit_paths = [paths[i] for i in perm[: cfg.fit_images]]
-            chosen = perm[cfg.fit_images : need]
-        else:
-            chosen = perm[: cfg.per_class]
-        eval_paths += [paths[i] for i in chosen]
-        eval_y += [c] * len(chosen)
-    return ClusterData(load_stack(fit_paths, cfg.image_size), load_stack(eval_paths, cfg.image_size),
-                       np.array(eval_y), names, ref,
-                       f"NEU ({cfg.root}), reference (normal) class '{cfg.reference_class}': {cfg.fit_images} images "
-                       f"to train, {cfg.per_class} held-out images per class, seed {seed}")
-
-
-#: clustering source name -> loader ``(config, seed) -> ClusterData``; the weld simulator registers ``weld_sim``
-CLUSTERING_SOURCES: dict[str, Callable[[ClusteringConfig, int], ClusterData]] = {"neu": neu_cluster_data}
 
 
 def run_clustering(recipe: AnomalyRecipe, run: RunFolder) -> dict:
@@ -331,54 +154,6 @@ def run_clustering(recipe: AnomalyRecipe, run: RunFolder) -> dict:
             **metrics, "one_class": {k: binary[k] for k in ("image_auroc", "image_ap", "f1")},
             "fit_images": int(len(data.fit)), "train_seconds": info["train_seconds"],
             "seconds": round(time.perf_counter() - start, 1), "description": data.description}
-
-
-# ---------------------------------------------------------------- samples (the KolektorSDD protocol)
-
-
-
-
-def protocol_items(d: AnomalyData, seed: int) -> tuple[list[KolektorItem], np.ndarray]:
-    """The images the task reads, in manifest order, and which good ones are calibration images.
-
-    :func:`defectscope.data.kolektor.anomaly_protocol` draws the calibration images (seed
-    ``seed``); ``max_fit`` keeps the first ``max_fit`` fitting and ``max(2, max_fit // 4)``
-    calibration images, ``max_test`` a proportional subset of the protocol's test images.
-
-    Returns:
-        ``(items, calibration [N] bool)``.
-
-    Raises:
-        DatasetError: a bad manifest (named), no good train image or an empty test set.
-    """
-    if d.layout == "mvtec":
-        from defectscope.data.mvtec import mvtec_protocol, read_mvtec
-
-        items = read_mvtec(d.root)
-        parts = mvtec_protocol(items, d.calibration_fraction, seed)
-    else:
-        items = read_kolektor_manifest(d.root)
-        parts = anomaly_protocol(items, d.calibration_fraction, seed)
-    fit, cal = parts["fit"], parts["calibration"]
-    if d.max_fit:
-        fit = fit[: d.max_fit]
-        cal = cal[: max(2, d.max_fit // 4)] if cal else []
-    test = _subset_test(parts["test"], d.max_test, seed)
-    keep = {id(it) for it in fit + cal + test}
-    kept = [it for it in items if id(it) in keep]
-    cal_ids = {id(it) for it in cal}
-    return kept, np.array([id(it) in cal_ids for it in kept], dtype=bool)
-
-
-def _subset_test(items: list[KolektorItem], n: int | None, seed: int) -> list[KolektorItem]:
-    if n is None or n >= len(items):
-        return items
-    rng = np.random.default_rng(seed)
-    bad = [it for it in items if it.defective]
-    good = [it for it in items if not it.defective]
-    nb = max(1, min(len(bad), round(n * len(bad) / len(items))))
-    keep = {id(bad[i]) for i in rng.permutation(len(bad))[:nb]} | {id(good[i]) for i in rng.permutation(len(good))[: n - nb]}
-    return [it for it in items if id(it) in keep]
 
 
 def _is_single_split(samples: Samples, parts: dict[str, np.ndarray]) -> bool:
