@@ -6,6 +6,10 @@ Recipe (``task: detection``)::
     model: {name: slot_detector, loss: hungarian, head: attention, backbone: efficientnet_lite0, pretrained: true}
     train: {epochs: 60, batch_size: 32, lr: 3.0e-4}
 
+Schema: :class:`defectscope.recipes.detection.DetectionRecipe`; report:
+:mod:`defectscope.evaluation.detection_report`. This module holds the task's hooks and the
+validation-split helpers of ``benchmarks/detection_nms.py``.
+
 Models (``model.name`` / ``model.loss``):
 
 - ``slot_detector`` + ``single`` (paper 002, section III-C): one class and one box per image.

@@ -9,6 +9,9 @@ Recipe (``task: multicnn``)::
     train:   {epochs: 3, batch_size: 16, lr: 1.0e-3, lr_end: 1.0e-4, loss: ce}     # each member
     fusion:  {epochs: 50, batch_size: 40, lr: 1.0e-3, lr_end: 1.0e-4, dropout: 0.5}
 
+Schema: :class:`defectscope.recipes.multicnn.MultiCNNRecipe`; report:
+:func:`defectscope.evaluation.multicnn_report.write_multicnn_report`. This module holds the task's hooks.
+
 Protocol (paper 003, sections 2.4 and 3), for the training part the pipeline hands over (the
 single split's, or each cross-validation fold's; ``train.val_fraction`` of it is the validation
 part):

@@ -6,6 +6,9 @@ Recipe (``task: segmentation``)::
     model: {name: unet, encoder: resnet18, pretrained: false}
     train: {epochs: 12, batch_size: 8, lr: 1.0e-3, val_fraction: 0}
 
+Schema: :class:`defectscope.recipes.segmentation.SegmentationRecipe`; report:
+:mod:`defectscope.evaluation.segmentation_report`. This module holds the task's hooks.
+
 The task plugs into the shared pipeline (:mod:`defectscope.engine.pipeline`); its model's
 Lightning wrapper is :class:`defectscope.models.unet.lightning_model.SegmentationModule`.
 
