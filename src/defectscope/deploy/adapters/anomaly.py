@@ -1,6 +1,7 @@
 """Deploy adapter of the ``anomaly`` task: a thin layer over the run's anomaly model.
 
-The module served, exported and benchmarked is the run's :class:`~defectscope.models.anomaly.AnomalyModel`
+The module that ``predict`` and ``evaluate`` run (:meth:`AnomalyAdapter.write_predictions`,
+:meth:`AnomalyAdapter.evaluate`), served, exported and benchmarked is the run's :class:`~defectscope.models.anomaly.AnomalyModel`
 itself, rebuilt by the task's one loader (:func:`defectscope.engine.anomaly.load_anomaly_run`): its eval
 forward maps ``image`` float32 ``[B, 3, H, W]`` RGB in [0, 1] (``H, W`` = the run's ``image_size``) to
 
