@@ -224,17 +224,6 @@ def targets_in_pixels(records: list[ImageBoxes], class_names: list[str]) -> list
             for r in records]
 
 
-def load_detector(run_dir: Path) -> tuple[nn.Module, dict]:
-    """The trained box model of a run (:meth:`RunFolder.load_model`) and its checkpoint payload, for the
-    training-side NMS sweep (:func:`nms_sweep`); predictions go through
-    :func:`defectscope.api.load` (the one execution path).
-
-    Raises:
-        RunError: missing or foreign checkpoint, or weights that do not fit.
-    """
-    return RunFolder(run_dir).load_model()
-
-
 def evaluate_records(model: nn.Module, records: list[ImageBoxes], x: np.ndarray, class_names: list[str],
                      image_labels: list[int], score_threshold: float, nms_iou: float | None = None
                      ) -> tuple[dict, list[dict], list[dict], float]:
