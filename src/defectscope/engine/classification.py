@@ -244,7 +244,7 @@ class ClassificationTask(TaskHooks):
         m = recipe.model
         x, y = samples.data["x"], samples.labels
         k = len(samples.class_names)
-        seen = np.sort(np.concatenate([parts["train"], parts.get("val", np.zeros(0, int))]))
+        seen = np.sort(parts["fit"] if "fit" in parts else np.concatenate([parts["train"], parts.get("val", np.zeros(0, int))]))
         if m.name == "linear_probe":
             fitted = self._fit_probe(recipe, samples, seen)
         else:

@@ -431,6 +431,8 @@ class WeldTask(TaskHooks):
         tr = parts["train"]
         va = parts.get("val", np.zeros(0, int))
         fit_idx = np.concatenate([tr, va])
+        if m.name in CLOSED_FORM and "fit" in parts:  # single-split candidate selection: the validation part stays unseen
+            fit_idx = np.asarray(parts["fit"])
         use_unet, seam_note = self._use_unet(recipe, ds)
         unet, unet_info, unet_seconds = None, {}, 0.0
         if use_unet:
