@@ -136,3 +136,26 @@ def test_tiny_end_to_end_run_predict_and_evaluate(ksdd_root, tmp_path, which):
     assert (tmp_path / "ev" / "report.html").is_file()
     assert ev["n"] == 4 and ev["n_defective"] == 2 and saved["test"]["n"] == 4
     assert 0.0 <= saved["test"]["image_auroc"] <= 1.0 and 0.0 <= saved["test"]["aupro"] <= 1.0
+
+
+@pytest.mark.slow  # about 10 s: a tiny PaDiM on 14 real KolektorSDD images in the MVTec AD layout
+def test_evaluate_through_the_predictor_gives_the_runs_own_test_metrics(ksdd_root, tmp_path):
+    """``evaluate`` (the Predictor, PyTorch and ONNX Runtime) on an MVTec AD category scores its ``test/`` images,
+    the run's own test set: the same image and pixel figures as the run's metrics.json (computed by the task's
+    hooks during training), and a report."""
+    from defectscope.data.mvtec import mvtec_from_kolektor
+
+    root = mvtec_from_kolektor(ksdd_root, tmp_path / "cat", n_train_good=8, n_test_good=3, n_defect=3)
+    run = defectscope.train({"task": "anomaly", "seed": 0,
+                             "data": {"root": str(root), "layout": "mvtec", "image_size": [96, 32],
+                                      "calibration_fraction": 0.25},
+                             "model": {"name": "padim", "n_features": 20},
+                             "train": {"progress": False, "logger": []}}, tmp_path / "run")
+    own = run.metrics["test"]
+    defectscope.export(run.path, tmp_path / "m.onnx")
+    for model, out in ((run.path, tmp_path / "ev"), (tmp_path / "m.onnx", tmp_path / "ev_onnx")):
+        ev = defectscope.evaluate(model, root, out)
+        assert ev["n"] == own["n"] == 6 and ev["n_defective"] == 3
+        for key in ("image_auroc", "image_ap", "f1_max", "f1", "pixel_auroc", "aupro"):
+            assert ev[key] == pytest.approx(own[key], abs=1e-6), key
+        assert (out / "report.html").is_file() and (out / "plots" / "overlays.png").is_file()
