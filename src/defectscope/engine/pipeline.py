@@ -158,8 +158,6 @@ class TaskHooks:
     recipe: type[BaseRecipe] = BaseRecipe
     monitor: str = ""
     summary_keys: tuple[str, ...] = ("accuracy", "weighted_f1")
-    #: legacy (anomaly's engine-side ``predict`` until its adapter writes files): options it accepts
-    predict_options: tuple[str, ...] = ()
     #: pooled out-of-fold metric that selects among candidates (higher is better; ties -> the cheaper)
     selection_metric: str = "accuracy"
     #: a validation part holding fewer samples than this of some class is dropped (fixed schedule,
@@ -277,16 +275,6 @@ class TaskHooks:
     def run_info(self, recipe: BaseRecipe, fitted: Fitted) -> dict:
         """Task facts for ``metrics.json`` beside the pipeline's (model name, backbone, weights)."""
         return {}
-
-    def check_predict_options(self, options: dict) -> None:
-        """Refuse ``predict`` options this task does not support (a set option not in :attr:`predict_options`).
-
-        Raises:
-            ConfigError: names the option and the task.
-        """
-        for k, v in options.items():
-            if v and k not in self.predict_options:
-                raise ConfigError(f"--{k.replace('_', '-')} is not supported by task '{self.name}'")
 
 
 def is_rank_zero() -> bool:
