@@ -122,6 +122,7 @@ def test_a_single_split_folder_compares_candidates_on_validation_and_delivers_th
     assert "temperature" in payload  # calibrated on the validation part it never saw
     report = (out / "report.html").read_text()
     assert "Candidates on the same validation part" in report and "not used" in report
+    assert f"Chosen: {probe}: highest validation (10 samples) accuracy" in report
     res = CliRunner().invoke(app, ["predict", str(out), str(data), "--out", str(tmp_path / "p.csv")])
     assert res.exit_code == 0, res.output
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 101

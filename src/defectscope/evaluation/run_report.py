@@ -99,6 +99,7 @@ def selection_section(rep, info: dict) -> None:
                   split_selection_rows(sel))
     elif len(sel["candidates"]) > 1:
         rep.table("Candidates on the same folds (pooled out-of-fold and mean +- std over folds)", selection_rows(sel))
+    if len(sel["candidates"]) > 1:
         rep.text(f"Chosen: {sel['chosen']}: {sel['why']}. {sel['note']}")
     rep.text(f"The deployable model (model.ckpt) is {sel['model']['what']}. "
              + " ".join(f"{n}." for n in sel["model"].get("notes", [])))
