@@ -265,8 +265,8 @@ class AnomalyTask(TaskHooks):
                        description=f"{d.root} ({'MVTec AD layout' if d.layout == 'mvtec' else 'KolektorSDD manifest'}: "
                                    f"{len(items)} images, {int(labels.sum())} defective, {int((split == held).sum())} in {held})")
 
-    def split(self, recipe: AnomalyRecipe, samples: Samples) -> dict[str, np.ndarray]:
-        """The protocol's single split: fit on the good ``train`` images; test on the held-out split + the defective ``train`` images."""
+    def split(self, recipe: AnomalyRecipe, samples: Samples, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The protocol's single split: fit on the good ``train`` images; test on the held-out split + the defective ``train`` images (``groups`` unused: the protocol fixes the parts)."""
         idx = np.arange(len(samples))
         test = samples.test_only | (samples.labels == 1)
         return {"trainval": idx[~test], "test": idx[test]}

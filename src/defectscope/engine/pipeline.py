@@ -135,7 +135,7 @@ class TaskHooks:
                                             nor ``eval.folds`` is given; default ``None``: the recipe's)
         default_group_by(recipe, samples) -> str | None  (optional: a ``columns`` name to group by
                                             when neither ``--group-by`` nor ``eval.group_by`` is given)
-        split(recipe, samples), split_info(recipe)       (optional: the single split and how it was made)
+        split(recipe, samples, groups), split_info(recipe) (optional: the single split and how it was made)
         fit_model(recipe, samples, parts, run) -> Fitted | None  (``None`` on DDP ranks > 0; ``run.resume``
                                             goes to :func:`~defectscope.engine.trainer.fit_lightning`;
                                             ``parts['fit']``, when present, is what a closed-form fit (no
@@ -203,14 +203,23 @@ class TaskHooks:
         """A ``samples.columns`` name to group by when neither ``--group-by`` nor ``eval.group_by`` is set (``None``: no groups)."""
         return None
 
-    def split(self, recipe: BaseRecipe, samples: Samples) -> dict[str, np.ndarray]:
-        """Single-split test part: the data's own test split, else stratified ``data.test_fraction``."""
+    def split(self, recipe: BaseRecipe, samples: Samples, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Single-split test part: the data's own test split, else stratified ``data.test_fraction``.
+
+        With ``groups`` (``N`` keys from ``--group-by`` / the task's default group field, e.g. the
+        welding session), whole groups go to one side (:func:`validation_split`, stratified
+        group K-fold), so no group is both trained on and tested: the test figure is not
+        inflated by near-duplicates of training samples.
+        """
         idx = np.arange(len(samples))
         if samples.test_only is not None and samples.test_only.any():
             return {"trainval": idx[~samples.test_only], "test": idx[samples.test_only]}
         data = getattr(recipe, "data", None)
         fraction = getattr(data, "test_fraction", 0.2)
         seed = getattr(data, "split_seed", 0)
+        if groups is not None:
+            a, b = validation_split(samples.labels, fraction, seed, np.asarray(groups))
+            return {"trainval": a, "test": b}
         a, b = stratified_split(samples.labels, fraction, seed, samples.class_names,
                                 str(getattr(data, "root", None) or samples.description or "") or None)
         return {"trainval": a, "test": b}
@@ -596,7 +605,7 @@ def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_b
             recipe = recipe.model_copy(update={"eval": ev.model_copy(update={"folds": folds, "group_by": group_by or None})})
         groups = groups_from(group_by, samples.ids, samples.columns)
         if folds == 1:
-            split = task.split(recipe, samples)
+            split = task.split(recipe, samples, groups)
             parts = _with_validation(recipe, samples, split["trainval"], split["test"], groups,
                                      min_val_per_class=task.min_val_per_class)
             extra = {"split": task.split_info(recipe)}
