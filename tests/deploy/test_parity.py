@@ -139,7 +139,7 @@ def _same(task: str, ref, got, way: str, ref_outputs=None) -> float:
     """Assert that the results ``got`` equal the reference ``ref`` within the tolerances; the largest difference."""
     assert len(ref) == len(got), way
     worst = 0.0
-    scale = max(1.0, max(abs(a.score) for a in ref)) if task == "anomaly" else 1.0
+    score_scale = max(1.0, max(abs(a.score) for a in ref)) if task == "anomaly" else 1.0
     for i, (a, b) in enumerate(zip(ref, got)):
         assert a.label == b.label, f"{task} {way} image {i}: class {b.label} != {a.label}"
         assert a.decision == b.decision, f"{task} {way} image {i}: decision {b.decision} != {a.decision}"
@@ -168,8 +168,8 @@ def _same(task: str, ref, got, way: str, ref_outputs=None) -> float:
             ok, d = match_detections(dets(a), dets(b), thr)
             assert ok, f"{task} {way} image {i}: boxes differ"
             worst = max(worst, d)
-    worst /= scale
-    assert worst <= SCORE_TOL, f"{task} {way}: scores differ by {worst:.3g} (x {scale:.3g}) > {SCORE_TOL}"
+    worst /= score_scale
+    assert worst <= SCORE_TOL, f"{task} {way}: scores differ by {worst:.3g} (x {score_scale:.3g}) > {SCORE_TOL}"
     return worst
 
 
