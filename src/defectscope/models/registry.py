@@ -54,6 +54,7 @@ def _ensure_loaded() -> None:
     import defectscope.models.patchcore  # noqa: F401
     import defectscope.models.padim  # noqa: F401
     import defectscope.models.student_teacher  # noqa: F401
+    import defectscope.models.ensemble  # noqa: F401
     import defectscope.models.weld_fusion  # noqa: F401
     import defectscope.models.box_heads  # noqa: F401
     import defectscope.models.linear_probe  # noqa: F401
