@@ -77,7 +77,7 @@ def hard_feature_loss(diff2: torch.Tensor, hard_quantile: float) -> torch.Tensor
     flat = diff2.reshape(-1)
     if hard_quantile <= 0:
         return flat.mean()
-    k = max(1, int(math.ceil((1.0 - hard_quantile) * flat.numel())))
+    k = max(1, int(math.ceil((1.0 - hard_quantile) * flat.numel() - 1e-6)))  # (1 - 0.99) * 1000 is 10.000000000000009
     return flat.topk(k, sorted=False).values.mean()
 
 
