@@ -8,8 +8,9 @@ Latencies", WACV 2024. What is taken from the paper, and what differs:
   :class:`~defectscope.models.anomaly.StageFeatures`, stages 2 + 4, stride 8, 152 channels);
 - **normalised teacher features** (sec. 3.2, the ``mu`` / ``sigma`` of Alg. 1): each teacher channel is
   standardised by its mean and standard deviation over the fitting images;
-- **student** (sec. 3.1-3.2): a small patch description network (PDN-style: four 3 x 3 convolutions with
-  ReLU and 2 x 2 average pooling to stride 8, a 1 x 1 projection to the teacher's channels), trained from
+- **student** (sec. 3.1-3.2): a small patch description network (PDN-style: 3 x 3 convolutions with ReLU,
+  2 x 2 average pooling to stride 8, ``student_depth`` more at stride 8, a 1 x 1 projection to the teacher's
+  channels; receptive field 70 px at depth 3, EfficientAD's PDN-S has 33 px at stride 4), trained from
   scratch on the normal images to regress the normalised teacher features, with the paper's **hard
   feature loss** (eq. 1: the mean of the squared differences at or above their ``hard_quantile``,
   0.999); Adam, a fixed number of ``steps`` (never cut by the clock), learning rate divided by 10 at
@@ -49,23 +50,24 @@ class StudentPDN(nn.Module):
     """PDN-style student (EfficientAD's patch description network, stride 8 here).
 
     ``conv3x3(3 -> c/2) - ReLU - pool2 - conv3x3(c/2 -> c) - ReLU - pool2 - conv3x3(c -> c) - ReLU - pool2 -
-    conv3x3(c -> c) - ReLU - conv1x1(c -> out)``; receptive field 43 px.
+    [conv3x3(c -> c) - ReLU] x depth - conv1x1(c -> out)``; receptive field ``22 + 16 depth`` px (70 px at depth 3).
 
     Args:
-        out_channels: the teacher's channels ``D``; channels: ``c``.
+        out_channels: the teacher's channels ``D``; channels: ``c``; depth: 3 x 3 convolutions at stride 8.
 
     Forward: ``[B, 3, H, W]`` (normalised images) -> ``[B, D, H // 8, W // 8]``.
     """
 
-    def __init__(self, out_channels: int, channels: int = 64) -> None:
+    def __init__(self, out_channels: int, channels: int = 64, depth: int = 3) -> None:
         super().__init__()
         c = int(channels)
-        self.net = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.Conv2d(3, c // 2, 3, padding=1), nn.ReLU(inplace=True), nn.AvgPool2d(2),
             nn.Conv2d(c // 2, c, 3, padding=1), nn.ReLU(inplace=True), nn.AvgPool2d(2),
-            nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.AvgPool2d(2),
-            nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(c, out_channels, 1))
+            nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+        for _ in range(int(depth)):
+            layers += [nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True)]
+        self.net = nn.Sequential(*layers, nn.Conv2d(c, out_channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -90,6 +92,7 @@ class StudentTeacherArgs(AnomalyArgs):
     weights: str | None = None
     layers: list[int] = [2, 4]
     student_channels: int = Field(64, ge=2)
+    student_depth: int = Field(3, ge=0)
     steps: int = Field(400, ge=1)
     train_batch: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -108,7 +111,7 @@ class StudentTeacher(AnomalyModel):
     Args:
         backbone, layers, pretrained, weights: the frozen teacher (:class:`~defectscope.models.anomaly.StageFeatures`,
             no local averaging).
-        student_channels: width ``c`` of :class:`StudentPDN`.
+        student_channels, student_depth: width ``c`` and stride-8 depth of :class:`StudentPDN`.
         steps, train_batch, lr, weight_decay: the student's training (Adam; ``lr / 10`` for the last 5 %).
         hard_quantile: EfficientAD's hard-feature quantile (0 = plain mean squared error).
         map_quantiles: ``(a, b)`` quantiles of the calibration maps' values that map to 0 and 0.1.
@@ -127,7 +130,8 @@ class StudentTeacher(AnomalyModel):
     Args = StudentTeacherArgs
 
     def __init__(self, backbone: str = "efficientnet_lite0", layers: list[int] | tuple[int, ...] = (2, 4),
-                 pretrained: bool = True, weights: str | None = None, student_channels: int = 64, steps: int = 400,
+                 pretrained: bool = True, weights: str | None = None, student_channels: int = 64, student_depth: int = 3,
+                 steps: int = 400,
                  train_batch: int = 8, lr: float = 1e-3, weight_decay: float = 1e-5, hard_quantile: float = 0.999,
                  map_quantiles: tuple[float, float] | list[float] = (0.9, 0.995), score_border: int = 0,
                  blur_sigma: float = 4.0, seed: int = 0, tile: list[int] | None = None,
@@ -142,7 +146,7 @@ class StudentTeacher(AnomalyModel):
         d = self.teacher.dim
         with torch.random.fork_rng():
             torch.manual_seed(int(seed))
-            self.student = StudentPDN(d, student_channels)
+            self.student = StudentPDN(d, student_channels, student_depth)
         self.register_buffer("t_mean", torch.zeros(1, d, 1, 1))
         self.register_buffer("t_std", torch.ones(1, d, 1, 1))
         self.register_buffer("q_a", torch.tensor(0.0))
@@ -151,7 +155,8 @@ class StudentTeacher(AnomalyModel):
         self.hard_quantile, self.map_quantiles = float(hard_quantile), (qa, qb)
         self.score_border, self.blur_sigma, self.seed = int(score_border), float(blur_sigma), int(seed)
         self.args.update(backbone=backbone, layers=list(self.teacher.layers), pretrained=bool(pretrained),
-                         weights=weights, student_channels=int(student_channels), steps=self.steps,
+                         weights=weights, student_channels=int(student_channels),
+                         student_depth=int(student_depth), steps=self.steps,
                          train_batch=self.train_batch, lr=self.lr, weight_decay=self.weight_decay,
                          hard_quantile=self.hard_quantile, map_quantiles=[qa, qb], score_border=self.score_border,
                          blur_sigma=self.blur_sigma, seed=self.seed)
