@@ -19,8 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from defectscope.engine.detection import DetectionRecipe, box_splits_from_run, choose_on_validation, load_detector, nms_sweep
+from defectscope.engine.detection import box_splits_from_run, choose_on_validation, nms_sweep
 from defectscope.engine.run import RunError, RunFolder
+from defectscope.recipes.detection import DetectionRecipe
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     if not cfg_file.is_file():
         raise RunError(f"{cfg_file}: missing; RUN must be a detection run folder")
     recipe = DetectionRecipe(**RunFolder(args.run).read_config())
-    model, payload = load_detector(args.run)
+    model, payload = RunFolder(args.run).load_model()  # the one loader of a run folder
     splits = box_splits_from_run(args.run, payload.get("class_names"))
     rows = nms_sweep(model, splits, args.thresholds, recipe.model.score_threshold)
     best = choose_on_validation(rows)

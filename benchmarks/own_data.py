@@ -8,6 +8,9 @@ never into the repository:
 
 - ``neu_grey``: NEU converted to single-channel grey PNG, 4 classes (rolled-in_scale, pitted_surface,
   inclusion, scratches), 10 images per class (the first of a seeded permutation);
+- ``neu_grey_split``: the same grey NEU classes at ``--split-per-class`` (75) images per class: enough
+  for a single split (a 20 % test part holds >= 10 per class), so the candidates are compared on the
+  validation part and the chosen one is measured on the test part;
 - ``ksdd``: KolektorSDD as ``good`` / ``defective`` class folders (as ``benchmarks/ksdd_as_classes.py``),
   15 images per class (seeded), symlinks;
 - ``weld_spread``: 24 weld runs from ``tests/weld_fixtures.py`` (12 batches of an ``ok`` and a
@@ -91,9 +94,19 @@ def _cli(args: list[str]) -> tuple[float, str]:
 def run_proxy(name: str, data: Path, run: Path, nested: bool, extra: list[str]) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     wall, _ = _cli(["train", str(data), "--out", str(run), *(["--nested"] if nested else []), *extra])
-    cv = json.loads((run / "crossval.json").read_text())
     _cli(["predict", str(run), str(data), "--out", str(run / "p.csv")])
     _cli(["export", str(run), "--out", str(run / "model.onnx")])
+    if not (run / "crossval.json").is_file():  # a single split: candidates compared on the validation part
+        m = json.loads((run / "metrics.json").read_text())
+        row = {"proxy": name, "split": {k: m["split"][k] for k in ("train", "val", "test")}, "wall_s": round(wall, 1),
+               "chosen": m.get("chosen", "model"), "delivered_test_acc": m["test"]["accuracy"],
+               "delivered_test_weighted_f1": m["test"]["weighted_f1"],
+               "candidates": {n: {"val_acc": c["val"]["accuracy"], "val_weighted_f1": c["val"]["weighted_f1"]}
+                              for n, c in m.get("candidates", {}).items()},
+               "predict_rows": len((run / "p.csv").read_text().splitlines()) - 1}
+        print(json.dumps(row), flush=True)
+        return row
+    cv = json.loads((run / "crossval.json").read_text())
     row = {"proxy": name, "n": cv["n"], "folds": cv["k"], "group_by": cv["group_by"], "wall_s": round(wall, 1),
            "chosen": cv["chosen"], "delivered_pooled_acc": cv["pooled"]["accuracy"],
            "candidates": {n: {"pooled_acc": c["pooled"]["accuracy"], "acc_mean": c["mean"].get("accuracy"),
@@ -114,6 +127,7 @@ def main() -> None:
     ap.add_argument("--proxies", nargs="+", default=["neu_grey", "ksdd", "weld_spread"])
     ap.add_argument("--nested", nargs="*", default=[], help="proxies also run with --nested")
     ap.add_argument("--per-class", type=int, nargs="+", default=[4, 8, 16], help="neu6 only")
+    ap.add_argument("--split-per-class", type=int, default=75, help="neu_grey_split only: images per class")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--override", action="append", default=[], help="passed to every train")
     args = ap.parse_args()
@@ -129,6 +143,8 @@ def main() -> None:
             continue
         data = {"neu_grey": lambda: make_neu(args.out / "neu_grey", 10, args.seed,
                                              ["rolled-in_scale", "pitted_surface", "inclusion", "scratches"], grey=True),
+                "neu_grey_split": lambda: make_neu(args.out / "neu_grey_split", args.split_per_class, args.seed,
+                                                   ["rolled-in_scale", "pitted_surface", "inclusion", "scratches"], grey=True),
                 "ksdd": lambda: make_ksdd(args.out / "ksdd", 15, args.seed),
                 "weld_spread": lambda: make_weld(args.out / "weld_spread", args.seed)}[p]()
         rows.append(run_proxy(p, data, args.out / f"run_{p}", p in args.nested, extra))
@@ -139,6 +155,11 @@ def main() -> None:
     print("| proxy | n | folds | candidate | pooled accuracy | mean +- std over folds | chosen | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "split" in r:
+            for n, c in r["candidates"].items():
+                print(f"| {r['proxy']} | single split {r['split']} | validation accuracy {c['val_acc']:.3f} | {n} | "
+                      + (f"**chosen**, test accuracy {r['delivered_test_acc']:.3f}" if n == r["chosen"] else "") + f" | {r['wall_s']} |")
+            continue
         for n, c in r["candidates"].items():
             print(f"| {r['proxy']} | {r['n']} | {r['folds']} | {n} | {c['pooled_acc']:.3f} | "
                   f"{c['acc_mean']:.3f} +- {c['acc_std']:.3f} | {'**yes**' if n == r['chosen'] else ''} | {r['wall_s']} |")

@@ -58,7 +58,7 @@ def _images(n=6, h=64, w=48, seed=0):
 
 def test_registry_and_recipe_take_any_registered_model_by_name():
     from defectscope.config import ConfigError, validate
-    from defectscope.engine.anomaly import AnomalyRecipe
+    from defectscope.recipes.anomaly import AnomalyRecipe
 
     assert {"patchcore", "padim", "grad_mobilenet", "toy_darkness"} <= set(list_anomaly_models())
     r = validate({"task": "anomaly", "model": {"name": "toy_darkness", "gain": 2.0}}, AnomalyRecipe, "r.yaml")
@@ -186,3 +186,45 @@ def test_grad_mobilenet_gradient_in_log_space_matches_autograd_and_survives_satu
     assert (input_gradient(net, x, 1) == 0).all()  # eq. 2 read literally: an all-zero map
     lg = log10_gradient_norm(net, x, 1)
     assert torch.isfinite(lg).all() and lg.std() > 0 and lg.max() < -1000  # still informative, about -4300
+
+
+@pytest.mark.slow  # a few seconds: no backbone, 14 small real images
+def test_a_model_added_by_its_class_and_the_registry_trains_predicts_and_exports_through_the_one_path(ksdd_root, tmp_path):
+    """Adding a model touches its own module, the registry and a recipe naming it: ``ToyDarkness`` (defined in this
+    test module; nothing in ``engine/`` or ``deploy/`` names it) is trained by ``defectscope.train`` on a recipe,
+    loaded by ``defectscope.load`` (the one loader), predicted to a file, exported to ONNX and run there; its
+    scores are the toy's formula on the real images (level fitted on the run's own ``split/fit.txt``)."""
+    import csv
+    from pathlib import Path
+
+    import defectscope
+    from defectscope.data.images import load_stack
+
+    src = Path(defectscope.__file__).parent
+    assert not any("toy_darkness" in f.read_text() for d in ("engine", "deploy") for f in (src / d).rglob("*.py"))
+    run = defectscope.train({"task": "anomaly", "seed": 0,
+                             "data": {"root": str(ksdd_root), "image_size": [96, 32], "calibration_fraction": 0.3,
+                                      "max_fit": 6, "max_test": 6},
+                             "model": {"name": "toy_darkness", "gain": 2.0},
+                             "train": {"progress": False, "logger": []}}, tmp_path / "run")
+    assert run.metrics["model"] == "toy_darkness" and run.metrics["test"]["n"] == 6
+    listed = lambda name: [line.rsplit(",", 1)[0] for line in (run.path / "split" / name).read_text().splitlines()]
+    fit, test = listed("fit.txt"), listed("test.txt")
+    level = 2.0 * (1 - load_stack(fit, (96, 32)).mean() / 255.0)
+    expected = (2.0 * (1 - load_stack(test, (96, 32)).astype(np.float64).mean(1) / 255.0) - level).reshape(len(test), -1).max(1)
+
+    p = defectscope.load(run.path, threads=1)
+    assert p.info.model_name == "toy_darkness" and p.info.model_kwargs["gain"] == 2.0
+    got = p.predict(test)
+    np.testing.assert_allclose([r.score for r in got], expected, rtol=1e-5, atol=1e-5)
+    thr = p.info.thresholds["pred_score"]
+    assert [r.label for r in got] == ["defective" if s > thr else "normal" for s in expected]
+    assert got[0].anomaly_map.shape == (96, 32)
+
+    out = tmp_path / "preds.csv"
+    assert defectscope.predict(run.path, test[:2], out)["predicted"] == 2
+    assert [float(r["score"]) for r in csv.DictReader(out.open())] == pytest.approx(expected[:2], abs=1e-5)
+    onnx_file = tmp_path / "toy.onnx"
+    defectscope.export(run.path, onnx_file)
+    q = defectscope.load(onnx_file, threads=1)
+    np.testing.assert_allclose([r.score for r in q.predict(test)], expected, rtol=1e-5, atol=1e-5)

@@ -94,7 +94,7 @@ def test_anomaly_cross_validation_predicts_every_train_image_once_and_never_fits
 
 def test_anomaly_recipe_refuses_a_validation_part(ksdd_root):
     from defectscope.config import ConfigError, validate
-    from defectscope.engine.anomaly import AnomalyRecipe
+    from defectscope.recipes.anomaly import AnomalyRecipe
 
     raw = {"task": "anomaly", "data": {"root": str(ksdd_root)}, "train": {"val_fraction": 0.1}}
     with pytest.raises(ConfigError, match=r"train.val_fraction: Value error, must be 0 for task 'anomaly'"):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import defectscope
 from defectscope.data.images import DatasetError
 from defectscope.data.kolektor import anomaly_protocol, load_mask, read_kolektor_manifest
 
@@ -108,11 +109,13 @@ def test_tiny_end_to_end_run_predict_and_evaluate(ksdd_root, tmp_path, which):
     bad_file = tmp_path / "broken.jpg"
     bad_file.write_bytes(b"not an image")
     out = tmp_path / "preds.csv"
-    summary = task.predict(run, files[:2] + [bad_file], out)
+    summary = defectscope.predict(run, files[:2] + [bad_file], out)  # the Predictor, as the CLI
     assert summary["predicted"] == 2 and len(summary["skipped"]) == 1
     rows = list(csv.DictReader(out.open()))
     assert all(r["decision"] in ("normal", "defective") for r in rows[:2])
     assert all(np.isfinite(float(r["score"])) and Path(r["map"]).is_file() for r in rows[:2])
+    assert all(Image.open(r["map"]).size == Image.open(r["file"]).size for r in rows[:2])  # the image's own size
+    assert [r["decision"] == "defective" for r in rows[:2]] == list(again.decision[:2])
     np.testing.assert_allclose([float(r["score"]) for r in rows[:2]], again.score[:2], rtol=1e-5, atol=1e-6)
     assert rows[2]["error"]
 
@@ -128,7 +131,31 @@ def test_tiny_end_to_end_run_predict_and_evaluate(ksdd_root, tmp_path, which):
         (small / "images" / f"{i}.jpg").symlink_to(ksdd_root / "images" / f"{i}.jpg")
         (small / "masks" / f"{i}.png").symlink_to(ksdd_root / "masks" / f"{i}.png")
     (small / "manifest.csv").write_text("\n".join([lines[0]] + good + bad) + "\n")
-    ev = task.evaluate(run, small, tmp_path / "ev")
+    ev = defectscope.evaluate(run, small, tmp_path / "ev")
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert (tmp_path / "ev" / "report.html").is_file()
     assert ev["n"] == 4 and ev["n_defective"] == 2 and saved["test"]["n"] == 4
     assert 0.0 <= saved["test"]["image_auroc"] <= 1.0 and 0.0 <= saved["test"]["aupro"] <= 1.0
+
+
+@pytest.mark.slow  # about 10 s: a tiny PaDiM on 14 real KolektorSDD images in the MVTec AD layout
+def test_evaluate_through_the_predictor_gives_the_runs_own_test_metrics(ksdd_root, tmp_path):
+    """``evaluate`` (the Predictor, PyTorch and ONNX Runtime) on an MVTec AD category scores its ``test/`` images,
+    the run's own test set: the same image and pixel figures as the run's metrics.json (computed by the task's
+    hooks during training), and a report."""
+    from defectscope.data.mvtec import mvtec_from_kolektor
+
+    root = mvtec_from_kolektor(ksdd_root, tmp_path / "cat", n_train_good=8, n_test_good=3, n_defect=3)
+    run = defectscope.train({"task": "anomaly", "seed": 0,
+                             "data": {"root": str(root), "layout": "mvtec", "image_size": [96, 32],
+                                      "calibration_fraction": 0.25},
+                             "model": {"name": "padim", "n_features": 20},
+                             "train": {"progress": False, "logger": []}}, tmp_path / "run")
+    own = run.metrics["test"]
+    defectscope.export(run.path, tmp_path / "m.onnx")
+    for model, out in ((run.path, tmp_path / "ev"), (tmp_path / "m.onnx", tmp_path / "ev_onnx")):
+        ev = defectscope.evaluate(model, root, out)
+        assert ev["n"] == own["n"] == 6 and ev["n_defective"] == 3
+        for key in ("image_auroc", "image_ap", "f1_max", "f1", "pixel_auroc", "aupro"):
+            assert ev[key] == pytest.approx(own[key], abs=1e-6), key
+        assert (out / "report.html").is_file() and (out / "plots" / "overlays.png").is_file()

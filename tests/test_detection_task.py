@@ -134,9 +134,10 @@ def test_other_models_train_end_to_end(tmp_path, neu_root, model):
 
 def check_nms_sweep(run):
     """The NMS threshold sweep of a trained FCOS run: lower IoU thresholds keep fewer boxes; threshold restored."""
-    from defectscope.engine.detection import box_splits_from_run, choose_on_validation, load_detector, nms_sweep, predict_normalised
+    from defectscope.engine.detection import box_splits_from_run, choose_on_validation, nms_sweep, predict_normalised
+    from defectscope.engine.run import RunFolder
 
-    model, payload = load_detector(run)
+    model, payload = RunFolder(run).load_model()  # the one loader
     assert payload["model_kwargs"]["nms_thresh"] == 0.6 and model.det.nms_thresh == 0.6
     splits = box_splits_from_run(run, payload["class_names"])
     for part in ("train", "val", "test"):  # exactly the run's own split lists

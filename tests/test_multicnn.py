@@ -15,7 +15,7 @@ import yaml
 from defectscope.config import ConfigError, load_raw, validate
 from defectscope.data.images import load_stack
 from defectscope.engine.classification import predict_probs
-from defectscope.engine.multicnn import AugmentConfig, MultiCNNRecipe
+from defectscope.recipes.multicnn import AugmentConfig, MultiCNNRecipe
 from defectscope.engine.pipeline import train
 from defectscope.engine.run import RunFolder
 from defectscope.models import create_model

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from defectscope.cli import app
 from defectscope.config import ConfigError, validate
-from defectscope.engine.multicnn import MultiCNNRecipe
+from defectscope.recipes.multicnn import MultiCNNRecipe
 from defectscope.models import create_model
 
 

@@ -78,6 +78,53 @@ def test_a_small_class_folder_gets_candidates_on_the_same_folds_and_a_refit_mode
     assert again["pooled"]["accuracy"] == acc["linear_probe"]  # same folds, same features, same probe
 
 
+def test_a_single_split_folder_compares_candidates_on_validation_and_delivers_the_winner(tmp_path, neu_root):
+    """`train FOLDER` on a folder large enough for one split (2 classes x 50 images: a 20 % test part holds
+    10 per class): the sized recipe lists the candidates and a validation part of >= 5 per class; every
+    candidate is fitted on the same training part and compared on that validation part; here the
+    fine-tuning gets no learning budget (lr 1e-6, one epoch) so the linear probe beats it and must be the
+    delivered RUN/model.ckpt; the test part measures only the chosen model; predict and export load it."""
+    from defectscope.engine.run import RunFolder
+
+    data = _folder(tmp_path, neu_root, 50, classes=("crazing", "scratches"))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "-o", "data.image_size=64",
+                                   "-o", "train.epochs=1", "-o", "train.lr=1e-6", "-o", "train.precision=32",
+                                   "-o", "train.progress=false", "-o", "train.logger=[csv]"])
+    assert res.exit_code == 0, res.output
+    assert "compared on the validation part" in res.output and "chosen: linear_probe" in res.output
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["eval"]["folds"] == 1 and cfg["eval"]["candidates"] == ["model", "linear_probe", "finetune_small"]
+    assert cfg["model"]["name"] == "classifier"  # the recipe as given (re-running it repeats the selection)
+    m = json.loads((out / "metrics.json").read_text())
+    # 100 images: 20 tested; 10 % of the other 80 would hold 4 per class, so the share is raised to 12.5 %
+    assert cfg["train"]["val_fraction"] == 0.125 and m["split"] == {"seed": 0, "test_fraction": 0.2, "train": 70,
+                                                                    "val": 10, "test": 20}
+    cands = m["candidates"]
+    assert list(cands) == ["model", "linear_probe", "finetune_small"]
+    val = {n: c["val"]["accuracy"] for n, c in cands.items()}
+    assert all(c["val"]["n"] == 10 for c in cands.values())
+    assert m["chosen"] == "linear_probe" and val["linear_probe"] > max(val["model"], val["finetune_small"]), val
+    assert m["selection_metric"] == "accuracy" and "test part was read by no choice" in m["selected_on"]
+    assert m["model"] == "linear_probe" and m["test"]["n"] == 20 and m["val"]["accuracy"] == val["linear_probe"]
+    assert cands["linear_probe"]["run"] == "." and cands["model"]["run"] == "candidates/model"
+    # the probe was fitted on the training part only: the model run's own linear-probe reference (also
+    # fitted on the training part) scores the same validation part identically
+    model_run = json.loads((out / "candidates" / "model" / "metrics.json").read_text())
+    assert model_run["val"]["reference"]["linear_probe"]["accuracy"] == val["linear_probe"]
+    assert not (out / "candidates" / "linear_probe").exists() and (out / "candidates" / "finetune_small" / "model.ckpt").is_file()
+    _, payload = RunFolder(out).load_model()
+    assert payload["model_name"] == "linear_probe" and payload["class_names"] == ["crazing", "scratches"]
+    assert "temperature" in payload  # calibrated on the validation part it never saw
+    report = (out / "report.html").read_text()
+    assert "Candidates on the same validation part" in report and "not read" in report
+    res = CliRunner().invoke(app, ["predict", str(out), str(data), "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 101
+    res = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+
+
 def test_weld_signals_proxy_trains_with_no_recipe_and_the_statistics_reference_is_the_floor(tmp_path):
     """An imported weld folder whose only class signal is the spread of one channel: `train FOLDER` (no
     recipe) evaluates the fusion model, the signal-statistics and the image-probe references on folds
@@ -115,6 +162,40 @@ def test_weld_signals_proxy_trains_with_no_recipe_and_the_statistics_reference_i
     nested = json.loads((tmp_path / "nested" / "crossval.json").read_text())["nested"]
     assert len(nested["chosen_per_fold"]) == 5 and set(nested["chosen_per_fold"]) <= {"signal_stats", "image_probe"}
     assert nested["pooled"]["n"] == 16 and 0 <= nested["pooled"]["accuracy"] <= 1
+
+
+def test_weld_single_split_compares_the_three_candidates_on_validation(tmp_path):
+    """A weld folder forced to one split (`--folds 1`, a validation part of >= 5 runs per class): the fusion
+    model, the signal-statistics and the image-probe references are compared on the same validation part,
+    the best is delivered (the statistics, which see the spread of the voltage, are its floor), only its
+    test figure is measured, and predict loads the run."""
+    from weld_fixtures import write_messy_recordings
+
+    from defectscope.engine.run import RunFolder
+
+    rec = write_messy_recordings(tmp_path / "rec", n_runs=40, seed=2, defect="spread", n_groups=20)
+    data = tmp_path / "welds"
+    assert CliRunner().invoke(app, ["signals", "import", str(rec.spec_path), "--out", str(data)]).exit_code == 0
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "--folds", "1", "-o", "train.val_fraction=0.4",
+                                   "-o", "train.precision=32", "-o", "train.epochs=2", "-o", "train.progress=false",
+                                   "-o", "data.seq_len=64", "-o", "data.crop_height=32", "-o", "data.crop_width=64",
+                                   "-o", "model.embed_dim=32", "-o", "model.spectral_dim=16", "-o", "train.logger=[csv]"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["split"]["test"] == 8 and m["split"]["val"] >= 10 and m["split"]["train"] + m["split"]["val"] == 32
+    cands = m["candidates"]
+    assert list(cands) == ["model", "signal_stats", "image_probe"]
+    val = {n: c["val"]["accuracy"] for n, c in cands.items()}
+    assert val["signal_stats"] >= 0.75, val
+    assert m["val"]["accuracy"] == max(val.values()) and val[m["chosen"]] == max(val.values())
+    assert m["test"]["n"] == 8 and cands[m["chosen"]]["run"] == "."
+    _, payload = RunFolder(out).load_model()
+    assert payload["model_name"] == {"model": "weld_fusion", "signal_stats": "weld_signal_stats",
+                                     "image_probe": "weld_image_probe"}[m["chosen"]]
+    res = CliRunner().invoke(app, ["predict", str(out), str(data), "--out", str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 41
 
 
 def test_signal_statistics_match_numpy():

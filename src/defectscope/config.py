@@ -113,7 +113,9 @@ class EvalConfig(StrictModel):
         decision_target: the target whose threshold ``predict`` / ``serve`` / ``inspect`` apply
             (``accept`` / ``reject``); default the first of ``escape_rate_targets``.
         candidates: under cross-validation, the models evaluated on the same folds; the best pooled
-            out-of-fold score becomes the run's model (refit on all the data). Names are the task's
+            out-of-fold score becomes the run's model (refit on all the data). On a single split, the
+            models compared on the same validation part (the best is the run; the test part measures
+            it once); ``None`` there: the recipe's model only. Names are the task's
             (``model`` = the recipe's own model; classification also ``linear_probe``,
             ``finetune_small``; weld ``signal_stats``, ``image_probe``); ``None``: the task's default.
         nested: also select the candidate inside each outer fold (inner cross-validation on its

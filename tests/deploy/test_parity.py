@@ -15,8 +15,11 @@ Tolerances (stated once, asserted for every task):
   1e-4 of the image side), detections within 1e-3 of the score threshold may be missing on one side
   (:func:`~defectscope.deploy.adapters.detection.match_detections`).
 
-Every row prints its largest difference (``pytest -s``: ``PARITY <task> <way> ...``). The anomaly
-task's row is filled by its own contract (``TASKS["anomaly"]``).
+- anomaly image scores and maps (unbounded distances, PaDiM's Mahalanobis distance is about 50 here; maps
+  compared where both sides carry them: the Python API on both backends): ``|difference| <= SCORE_TOL`` x the
+  score scale (the largest reference image score), the row's figure is that relative difference.
+
+Every row prints its largest difference (``pytest -s``: ``PARITY <task> <way> ...``).
 """
 
 from __future__ import annotations
@@ -97,17 +100,26 @@ def _multicnn(tmp: Path, roots: dict) -> tuple[Path, list]:
     return run.path, sorted(roots["neu_small"].glob("*_2.jpg"))[:4]
 
 
-#: task -> builder of ``(run folder, inputs for defectscope predict)``; anomaly: its contract's branch fills it
+def _anomaly(tmp: Path, roots: dict) -> tuple[Path, list]:
+    """A tiny PaDiM run on real KolektorSDD images (6 good images fitted, 2 calibrate the threshold, 6 tested)."""
+    run = defectscope.train(str(Path(__file__).resolve().parents[2] / "configs" / "ksdd_padim.yaml"), tmp / "run",
+                            data__root=str(roots["ksdd"]), data__image_size=[128, 64], data__calibration_fraction=0.3,
+                            data__max_fit=6, data__max_test=6, model__n_features=20, **COMMON)
+    lines = (run.path / "split" / "test.txt").read_text().splitlines()
+    test = [line.rsplit(",", 1)[0] for line in lines if line.endswith(",defective")][:2] + \
+        [line.rsplit(",", 1)[0] for line in lines if line.endswith(",good")][:2]
+    return run.path, [Path(f) for f in test]
+
+
+#: task -> builder of ``(run folder, inputs for defectscope predict)``
 TASKS = {"classification": _classification, "segmentation": _segmentation, "detection": _detection,
-         "weld": _weld, "multicnn": _multicnn, "anomaly": None}
+         "weld": _weld, "multicnn": _multicnn, "anomaly": _anomaly}
 
 
 @pytest.fixture(scope="module", params=list(TASKS))
 def case(request, tmp_path_factory, neu_root, neu_small, ksdd_root):
     """``(task, run, onnx file, inputs, images, spectra)`` of one task."""
     build = TASKS[request.param]
-    if build is None:
-        pytest.skip(f"{request.param}: its row of the matrix comes with its model contract")
     tmp = tmp_path_factory.mktemp(f"parity_{request.param}")
     run, inputs = build(tmp, {"neu": neu_root, "neu_small": neu_small, "ksdd": ksdd_root})
     onnx_file = tmp / "model.onnx"
@@ -127,12 +139,16 @@ def _same(task: str, ref, got, way: str, ref_outputs=None) -> float:
     """Assert that the results ``got`` equal the reference ``ref`` within the tolerances; the largest difference."""
     assert len(ref) == len(got), way
     worst = 0.0
+    scale = max(1.0, max(abs(a.score) for a in ref)) if task == "anomaly" else 1.0
     for i, (a, b) in enumerate(zip(ref, got)):
         assert a.label == b.label, f"{task} {way} image {i}: class {b.label} != {a.label}"
         assert a.decision == b.decision, f"{task} {way} image {i}: decision {b.decision} != {a.decision}"
         worst = max(worst, abs(a.score - b.score))
         for k, v in a.scores.items():
             worst = max(worst, abs(v - b.scores[k]))
+        if a.anomaly_map is not None and b.anomaly_map is not None:  # anomaly: the maps at the model's size
+            assert a.anomaly_map.shape == b.anomaly_map.shape, way
+            worst = max(worst, float(np.abs(a.anomaly_map.astype(np.float64) - b.anomaly_map).max()))
         if a.mask is not None:
             assert b.mask is not None and a.mask.shape == b.mask.shape, way
             diff = a.mask != b.mask
@@ -152,7 +168,8 @@ def _same(task: str, ref, got, way: str, ref_outputs=None) -> float:
             ok, d = match_detections(dets(a), dets(b), thr)
             assert ok, f"{task} {way} image {i}: boxes differ"
             worst = max(worst, d)
-    assert worst <= SCORE_TOL, f"{task} {way}: scores differ by {worst:.3g} > {SCORE_TOL}"
+    worst /= scale
+    assert worst <= SCORE_TOL, f"{task} {way}: scores differ by {worst:.3g} (x {scale:.3g}) > {SCORE_TOL}"
     return worst
 
 
@@ -160,6 +177,12 @@ def _from_file(task: str, out: Path, ref: list, files: list) -> list:
     """The results a ``defectscope predict`` output file holds, as predictions comparable with ``ref``."""
     from defectscope.deploy.results import Box, Prediction
 
+    if task == "anomaly":  # file, score, decision, threshold, map, error
+        rows = list(csv.DictReader(out.open(newline="")))[: len(ref)]
+        for r, f in zip(rows, files):
+            assert r["file"] == str(f) and not r["error"], r
+            assert Image.open(r["map"]).size == Image.open(f).size  # the map PNG at the image's own size
+        return [Prediction(r["decision"], None, float(r["score"]), {}) for r in rows]
     if task in ("classification", "multicnn", "weld"):
         rows = list(csv.DictReader(out.open(newline="")))
         rows = rows[: len(ref)]
@@ -247,7 +270,8 @@ def test_every_way_of_executing_a_run_gives_the_same_answers(case, tmp_path):
         worst[f"serve {name}"] = _same(task, ref, _served(p, images, spectra), f"serve {name}", ref_outputs)
         if spectra is None:  # inspect scores image-only models
             worst[f"inspect {name}"] = _same(task, ref, _inspected(model, images), f"inspect {name}", ref_outputs)
-    print(f"PARITY {task} " + " ".join(f"{k}={v:.2e}" for k, v in worst.items()))
+    scale = f" (relative to the score scale {max(abs(r.score) for r in ref):.4g})" if task == "anomaly" else ""
+    print(f"PARITY {task} " + " ".join(f"{k}={v:.2e}" for k, v in worst.items()) + scale)
 
 
 def test_evaluate_runs_through_the_predictor_on_both_backends(case, tmp_path):
@@ -256,16 +280,20 @@ def test_evaluate_runs_through_the_predictor_on_both_backends(case, tmp_path):
     data = {"classification": lambda: Path(defectscope.open_run(run).config["data"]["root"]),
             "multicnn": lambda: Path(defectscope.open_run(run).config["data"]["root"]),
             "segmentation": lambda: Path(defectscope.open_run(run).config["data"]["root"]),
+            "anomaly": lambda: Path(defectscope.open_run(run).config["data"]["root"]),
             "detection": None, "weld": lambda: inputs[0]}[task]
     if data is None:
         pytest.skip("detection evaluate is covered by tests/test_detection_task.py (VOC subset)")
     folder = data()
-    if task == "segmentation":  # a 6-image KolektorSDD-layout subset
+    if task in ("segmentation", "anomaly"):  # a 6-image KolektorSDD-layout subset
         folder = _ksdd_subset(folder, tmp_path / "ksdd")
     a = defectscope.evaluate(run, folder, tmp_path / "ev_torch")
     b = defectscope.evaluate(onnx_file, folder, tmp_path / "ev_onnx")
-    key = {"segmentation": "image_auroc"}.get(task, "accuracy")
-    assert a["n"] == b["n"] and abs((a[key] or 0) - (b[key] or 0)) < 1e-6
+    keys = {"segmentation": ["image_auroc"], "anomaly": ["image_auroc", "image_ap", "f1_max", "f1", "pixel_auroc", "aupro"]
+            }.get(task, ["accuracy"])
+    assert a["n"] == b["n"]
+    for key in keys:
+        assert abs((a[key] or 0) - (b[key] or 0)) < 1e-6, (key, a[key], b[key])
     assert (tmp_path / "ev_torch" / "report.html").is_file() and (tmp_path / "ev_onnx" / "metrics.json").is_file()
 
 
@@ -300,7 +328,13 @@ def test_old_or_incomplete_run_folders_are_refused_with_one_line(tmp_path, neu_s
     (cv / "folds" / "1").mkdir(parents=True)
     (cv / "config.yaml").write_text("task: classification\n")
     (cv / "crossval.json").write_text("{}")
-    for run, says in ((old, "not a defectscope checkpoint"), (cv, "cross-validation run without a refit model")):
+    pair = tmp_path / "anomaly_pair"  # an anomaly run of the older Grad-MobileNet + PatchCore pair layout
+    pair.mkdir()
+    (pair / "config.yaml").write_text("task: anomaly\n")
+    torch.save({"format": "defectscope-model/2", "task": "anomaly", "model_name": "grad_mobilenet", "model_kwargs": {},
+                "state_dict": {}, "input_size": [384, 160], "ocsvm": {"nu": 0.1}, "peer": None}, pair / "model.ckpt")
+    for run, says in ((old, "not a defectscope checkpoint"), (cv, "cross-validation run without a refit model"),
+                      (pair, "not an anomaly-model checkpoint of this version")):
         with pytest.raises(RunError, match=says):
             defectscope.load(run)
         res = runner.invoke(app, ["predict", str(run), str(neu_small), "--out", str(tmp_path / "p.csv")])

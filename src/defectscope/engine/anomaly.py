@@ -1,19 +1,16 @@
 """Unsupervised inspection task (``task: anomaly``): any registered anomaly model, fitted on normal images only.
 
-Recipe (``configs/ksdd_patchcore.yaml``, ``configs/ksdd_padim.yaml``, ``configs/ksdd_gradmobilenet.yaml``)::
-
-    task: anomaly
-    data:  {root: ../shared/datasets/kolektorsdd, image_size: [1248, 512], calibration_fraction: 0.15}
-    model: {name: patchcore, backbone: efficientnet_lite0, layers: [2, 4], bank_mib: 16}   # or padim, grad_mobilenet
-    train: {epochs: 5, batch_size: 16, lr: 1.0e-3}        # network training (Grad-MobileNet only)
-    clustering: {enabled: false}                          # paper 001's defect-type study, only when asked
+The recipe schema is :class:`defectscope.recipes.anomaly.AnomalyRecipe`; the images a run reads are
+:func:`defectscope.data.anomaly.protocol_items`; the report is
+:func:`defectscope.evaluation.anomaly_report.write_anomaly_report`. This module holds the task's hooks.
 
 The model is chosen by ``model.name`` among :data:`defectscope.models.anomaly.ANOMALY_MODELS`; the
 rest of the ``model`` block is validated by that model's own schema (``Args``: unknown keys are
 refused). Every model follows the contract of :mod:`defectscope.models.anomaly` (eval forward ->
-``pred_score [B]``, ``anomaly_map [B, H, W]``), so fitting, the run's test predictions,
-``predict``, ``evaluate``, ``export``, ``serve`` and ``inspect`` all run the same module, rebuilt by
-the one loader :func:`load_anomaly_run` (via :func:`defectscope.models.anomaly.load_anomaly_model`).
+``pred_score [B]``, ``anomaly_map [B, H, W]``): the run's test predictions call it here; ``predict``,
+``evaluate``, ``export``, ``serve``, ``inspect`` and the Python API call it through the Predictor
+(:mod:`defectscope.deploy.adapters.anomaly`), on the module rebuilt by the one loader
+:func:`load_anomaly_run` (via :func:`defectscope.models.anomaly.load_anomaly_model`).
 
 Protocol (KolektorSDD, :func:`defectscope.data.kolektor.anomaly_protocol`): the good
 images of the manifest's ``train`` split are the only images any model is fitted
@@ -37,49 +34,42 @@ anomaly map comes back at that size; ``predict`` resizes it to each image's own 
 Clustering of defect types (paper 001, section 4.4.2) runs only when ``clustering.enabled`` is set,
 on the source it names (``neu``: a second Grad-MobileNet on one NEU class held as the normal
 reference, t-SNE + K-means of the other five), in a single-split run. New sources (the simulated
-welds) register a loader in :data:`CLUSTERING_SOURCES`.
+welds) register a loader in :data:`defectscope.data.clustering.CLUSTERING_SOURCES`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import Field, SerializeAsAny, field_validator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defectscope.config import BaseRecipe, StrictModel, TrainConfig
-from defectscope.data.images import DatasetError, expand_inputs, iter_images, load_stack, resize_uint8
-from defectscope.data.kolektor import KolektorItem, anomaly_protocol, load_mask, read_kolektor_manifest
+from defectscope.config import TrainConfig
+from defectscope.data.anomaly import protocol_items
+from defectscope.data.clustering import CLUSTERING_SOURCES
+from defectscope.data.images import DatasetError, load_stack
 from defectscope.data.mvtec import load_item_mask
 from defectscope.data.splits import write_file_list
 from defectscope.engine.crossval import flatten_scalars
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks
 from defectscope.engine.run import RunError, RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import fit_lightning, report_training_curves
+from defectscope.engine.trainer import fit_lightning
 from defectscope.evaluation.anomaly import (
     anomaly_metrics,
     clustering_metrics,
     image_metrics,
-    plot_overlays,
-    plot_score_histograms,
+    pixel_stride,
     plot_tsne,
     tsne_kmeans,
 )
-from defectscope.evaluation.plots import plt, save_figure
-from defectscope.evaluation.report import Report
-from defectscope.models.anomaly import AnomalyArgs, AnomalyModel, anomaly_model_class, load_anomaly_model
+from defectscope.evaluation.anomaly_report import write_anomaly_report
+from defectscope.models.anomaly import AnomalyModel, anomaly_model_class, load_anomaly_model
 from defectscope.models.grad_mobilenet import (
     GradientFeatureSpec,
     GradMobileNet,
@@ -89,116 +79,7 @@ from defectscope.models.grad_mobilenet import (
     log_gradient_maps,
 )
 from defectscope.models.grad_mobilenet.lightning_model import GradMobileNetModule
-from defectscope.utils.io import write_text
-
-# ---------------------------------------------------------------- recipe
-
-
-class AnomalyData(StrictModel):
-    """KolektorSDD-style data and the protocol.
-
-    Attributes:
-        root: folder with ``images/``, ``masks/``, ``manifest.csv`` (``layout: kolektor``), or an
-            MVTec AD category folder ``train/good``, ``test/<defect>``, ``ground_truth/<defect>``
-            (``layout: mvtec``; good test images have no mask, pixel metrics use the defect masks).
-        image_size: ``[H, W]`` every image is resized to; the models see this size (whole, or in
-            ``model.tile`` windows) and their maps come back at it. KolektorSDD images are about
-            1250 x 500 (H x W): ``[1248, 512]`` is full resolution, ``[384, 160]`` 0.31 of it.
-        calibration_fraction: share of the good train images kept out of model fitting (the decision
-            threshold, or Grad-MobileNet's one-class SVM, is fitted on them); 0 = fit on all.
-        max_fit, max_test: keep at most this many fitting / test images of the protocol (quick
-            runs and tests; the test subset keeps defective and good images in proportion). They
-            act when the images are read, so cross-validation runs on the kept train-split images.
-    """
-
-    root: str = "../shared/datasets/kolektorsdd"
-    layout: Literal["kolektor", "mvtec"] = "kolektor"
-    image_size: tuple[int, int] = (384, 160)
-    calibration_fraction: float = Field(0.15, ge=0, lt=1)
-    max_fit: int | None = Field(None, ge=2)
-    max_test: int | None = Field(None, ge=2)
-
-
-class ClusteringConfig(StrictModel):
-    """Defect-type clustering (paper 001, section 4.4.2) on a multi-class source; off unless asked.
-
-    Attributes:
-        enabled: run it (single-split runs only).
-        source: a key of :data:`CLUSTERING_SOURCES` (``neu``; ``weld_sim`` once the weld
-            simulator has landed).
-        root: data folder of the source (required when enabled).
-        reference_class: the class held as "normal" (trains the network, fits the SVM).
-        fit_images: reference images used to train; ``per_class`` held-out images of each
-            class (the reference too) are embedded and the defect classes clustered.
-        image_size: square input side.
-        epochs: training epochs of this second network (batch size, lr from ``train``).
-        perplexity: t-SNE perplexity.
-    """
-
-    enabled: bool = False
-    source: str = "neu"
-    root: str | None = None
-    reference_class: str = "crazing"
-    fit_images: int = Field(200, ge=4)
-    per_class: int = Field(60, ge=2)
-    image_size: int = Field(200, ge=32)
-    epochs: int = Field(8, ge=1)
-    perplexity: float = Field(30.0, gt=1)
-
-
-class AnomalyTrainConfig(TrainConfig):
-    """:class:`TrainConfig` of the network training of models that train one (Grad-MobileNet).
-
-    No validation part and no early stopping: the network is trained for ``epochs`` to overfit
-    the normal images and its last weights are kept (the checkpoint monitor is none), so
-    ``val_fraction`` and ``early_stopping_patience`` are 0 and any other value is refused.
-    """
-
-    val_fraction: float = 0.0
-    early_stopping_patience: int = 0
-
-    @field_validator("val_fraction", "early_stopping_patience")
-    @classmethod
-    def _no_validation_part(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("must be 0 for task 'anomaly': no validation part or checkpoint selection "
-                             "(data.calibration_fraction holds good images out for the decision threshold)")
-        return v
-
-
-class AnomalyRecipe(BaseRecipe):
-    """Recipe of the ``anomaly`` task: data, one registered anomaly model, its training, the optional clustering study."""
-
-    task: Literal["anomaly"] = "anomaly"
-    data: AnomalyData = AnomalyData()
-    model: SerializeAsAny[AnomalyArgs] = Field(default_factory=lambda: anomaly_model_class("patchcore").Args())
-    clustering: ClusteringConfig = ClusteringConfig()
-    train: AnomalyTrainConfig = AnomalyTrainConfig(epochs=8, lr=1e-3, augment=False)
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _model_schema(cls, v: Any) -> Any:
-        """Validate the block by the registered model's own schema (``model.name`` picks it)."""
-        if isinstance(v, AnomalyArgs):
-            return v
-        if not isinstance(v, dict):
-            raise ValueError(f"expected a mapping with 'name', got {type(v).__name__}")
-        name = v.get("name", "patchcore")
-        try:
-            args_cls = anomaly_model_class(str(name)).Args
-        except KeyError as exc:
-            raise ValueError(str(exc).strip("'\"")) from None
-        from pydantic import ValidationError
-
-        try:
-            return args_cls(**{**v, "name": name})
-        except ValidationError as exc:
-            known = ", ".join(sorted(args_cls.model_fields))
-            bad = "; ".join(f"model.{'.'.join(str(p) for p in e['loc'])}: "
-                            + ("not a setting of this model" if e["type"] == "extra_forbidden" else e["msg"])
-                            for e in exc.errors())
-            raise ValueError(f"{bad} (model '{name}' knows: {known})") from None
-
+from defectscope.recipes.anomaly import AnomalyRecipe
 
 # ---------------------------------------------------------------- network training (Grad-MobileNet, section 4.1)
 
@@ -224,71 +105,6 @@ def _features(model: nn.Module, x: np.ndarray, cfg: GradMobileNetArgs, progress:
               label: str = "gradients") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return log_gradient_maps(model, x, cfg.target, cfg.landmark_low, cfg.landmark_high, cfg.grad_batch_size,
                              progress, label)
-
-
-# ---------------------------------------------------------------- clustering sources
-
-
-
-@dataclass
-class ClusterData:
-    """Images of a multi-class source for the clustering study.
-
-    Attributes:
-        fit: uint8 ``[N, 3, S, S]`` reference ("normal") images to train on.
-        eval_x: uint8 ``[M, 3, S, S]`` held-out images of every class (reference included).
-        eval_y: ``[M]`` class index into ``class_names``.
-        class_names: names; ``class_names[reference]`` is the reference class.
-        reference: index of the reference class.
-        description: one line for the report.
-    """
-
-    fit: np.ndarray
-    eval_x: np.ndarray
-    eval_y: np.ndarray
-    class_names: list[str]
-    reference: int
-    description: str
-
-
-def neu_cluster_data(cfg: ClusteringConfig, seed: int) -> ClusterData:
-    """NEU with ``cfg.reference_class`` as the normal reference.
-
-    Draws (seeded) ``fit_images`` reference images for training and ``per_class``
-    other images of every class (the reference's are disjoint from the training ones).
-
-    Raises:
-        DatasetError: unknown reference class or too few images.
-    """
-    from defectscope.data.images import discover_labelled_images
-
-    items, names, _ = discover_labelled_images(cfg.root, "prefix")
-    if cfg.reference_class not in names:
-        raise DatasetError(f"{cfg.root}: clustering.reference_class '{cfg.reference_class}' not among {names}")
-    ref = names.index(cfg.reference_class)
-    rng = np.random.default_rng(seed)
-    fit_paths, eval_paths, eval_y = [], [], []
-    for c in range(len(names)):
-        paths = [it.path for it in items if it.label == c]
-        perm = rng.permutation(len(paths))
-        need = cfg.per_class + (cfg.fit_images if c == ref else 0)
-        if len(paths) < need:
-            raise DatasetError(f"{cfg.root}: class '{names[c]}' has {len(paths)} images, {need} needed")
-        if c == ref:
-            fit_paths = [paths[i] for i in perm[: cfg.fit_images]]
-            chosen = perm[cfg.fit_images : need]
-        else:
-            chosen = perm[: cfg.per_class]
-        eval_paths += [paths[i] for i in chosen]
-        eval_y += [c] * len(chosen)
-    return ClusterData(load_stack(fit_paths, cfg.image_size), load_stack(eval_paths, cfg.image_size),
-                       np.array(eval_y), names, ref,
-                       f"NEU ({cfg.root}), reference (normal) class '{cfg.reference_class}': {cfg.fit_images} images "
-                       f"to train, {cfg.per_class} held-out images per class, seed {seed}")
-
-
-#: clustering source name -> loader ``(config, seed) -> ClusterData``; the weld simulator registers ``weld_sim``
-CLUSTERING_SOURCES: dict[str, Callable[[ClusteringConfig, int], ClusterData]] = {"neu": neu_cluster_data}
 
 
 def run_clustering(recipe: AnomalyRecipe, run: RunFolder) -> dict:
@@ -338,54 +154,6 @@ def run_clustering(recipe: AnomalyRecipe, run: RunFolder) -> dict:
             **metrics, "one_class": {k: binary[k] for k in ("image_auroc", "image_ap", "f1")},
             "fit_images": int(len(data.fit)), "train_seconds": info["train_seconds"],
             "seconds": round(time.perf_counter() - start, 1), "description": data.description}
-
-
-# ---------------------------------------------------------------- samples (the KolektorSDD protocol)
-
-
-
-
-def protocol_items(d: AnomalyData, seed: int) -> tuple[list[KolektorItem], np.ndarray]:
-    """The images the task reads, in manifest order, and which good ones are calibration images.
-
-    :func:`defectscope.data.kolektor.anomaly_protocol` draws the calibration images (seed
-    ``seed``); ``max_fit`` keeps the first ``max_fit`` fitting and ``max(2, max_fit // 4)``
-    calibration images, ``max_test`` a proportional subset of the protocol's test images.
-
-    Returns:
-        ``(items, calibration [N] bool)``.
-
-    Raises:
-        DatasetError: a bad manifest (named), no good train image or an empty test set.
-    """
-    if d.layout == "mvtec":
-        from defectscope.data.mvtec import mvtec_protocol, read_mvtec
-
-        items = read_mvtec(d.root)
-        parts = mvtec_protocol(items, d.calibration_fraction, seed)
-    else:
-        items = read_kolektor_manifest(d.root)
-        parts = anomaly_protocol(items, d.calibration_fraction, seed)
-    fit, cal = parts["fit"], parts["calibration"]
-    if d.max_fit:
-        fit = fit[: d.max_fit]
-        cal = cal[: max(2, d.max_fit // 4)] if cal else []
-    test = _subset_test(parts["test"], d.max_test, seed)
-    keep = {id(it) for it in fit + cal + test}
-    kept = [it for it in items if id(it) in keep]
-    cal_ids = {id(it) for it in cal}
-    return kept, np.array([id(it) in cal_ids for it in kept], dtype=bool)
-
-
-def _subset_test(items: list[KolektorItem], n: int | None, seed: int) -> list[KolektorItem]:
-    if n is None or n >= len(items):
-        return items
-    rng = np.random.default_rng(seed)
-    bad = [it for it in items if it.defective]
-    good = [it for it in items if not it.defective]
-    nb = max(1, min(len(bad), round(n * len(bad) / len(items))))
-    keep = {id(bad[i]) for i in rng.permutation(len(bad))[:nb]} | {id(good[i]) for i in rng.permutation(len(good))[: n - nb]}
-    return [it for it in items if id(it) in keep]
 
 
 def _is_single_split(samples: Samples, parts: dict[str, np.ndarray]) -> bool:
@@ -461,72 +229,6 @@ def load_anomaly_run(run_dir: str | Path) -> AnomalyRun:
                       int(payload.get("batch_size", 4)))
 
 
-def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Anomaly maps ``[N, h, w]`` resized (area average when shrinking, bilinear when enlarging) to ``[N, H, W]``."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    mode = "area" if maps.shape[-2] >= size[0] else "bilinear"
-    return F.interpolate(maps[:, None].float(), size=tuple(size), mode=mode)[:, 0]
-
-
-def _pixel_stride(size: tuple[int, int]) -> int:
-    """Pixel subsampling step of the pixel metrics: 2 up to 640 rows, more above (bounded memory and time)."""
-    return 2 * max(1, size[0] // 640)
-
-
-# ---------------------------------------------------------------- report
-
-#: cross-validation table columns
-CV_KEYS = ["n", "n_defective", "image_auroc", "image_ap", "f1_max", "f1", "pixel_auroc", "aupro"]
-
-
-def write_anomaly_report(run: RunFolder, title: str, info: dict, metrics: dict, samples: Samples, idx: np.ndarray,
-                         raw: dict, threshold: float | None, model_label: str, clustering: dict | None = None,
-                         crossval: dict | None = None, decisions: dict | None = None, curves: bool = False) -> None:
-    """The report: results table (and fold table), score histogram, overlays against true masks, t-SNE, curves.
-
-    Args:
-        metrics: the model's figures (:func:`defectscope.evaluation.anomaly.anomaly_metrics`).
-        samples, idx: the images scored (positions into ``samples``), in the order of ``raw``.
-        raw: :meth:`AnomalyTask.predict_samples`' arrays (``score``, ``decision``, ``maps`` at the pixel stride).
-        threshold: the decision drawn in the histogram (``None``: one per fold).
-        crossval: ``{"folds", "mean", "std"}`` of a cross-validation (adds the fold table).
-        curves: add the training-loss curves (models that train a network).
-    """
-    rep = Report(title)
-    rep.kv("Run", info)
-    if crossval:
-        rep.table("Cross-validation: held-out figures per fold", crossval_table(
-            {"folds": [flatten_scalars(f) for f in crossval["folds"]], "mean": crossval["mean"], "std": crossval["std"],
-             "pooled": flatten_scalars(metrics)}, CV_KEYS))
-    rep.table(("Pooled out-of-fold" if crossval else "Test") + " metrics (defective = positive class)",
-              [{"method": model_label, **metrics}],
-              ["method", "image_auroc", "image_ap", "f1_max", "f1", "precision", "recall", "accuracy", "pixel_auroc",
-               "aupro", "n", "n_defective"])
-    y = samples.labels[idx]
-    plot_score_histograms([(model_label, raw["score"], y, threshold)], run.plots / "score_histograms.png")
-    rep.image("plots/score_histograms.png", "Score histograms of good and defective test images; dashed: the decision")
-    bad, good = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    pick = list(bad[np.argsort(-raw["score"][bad])][:4]) + list(bad[np.argsort(raw["score"][bad])][:2]) + list(good[:2])
-    if pick:
-        pos = idx[pick]
-        st = raw["stride"]
-        imgs = samples.data["x"][pos][:, :, ::st, ::st].transpose(0, 2, 3, 1)
-        titles = [f"{samples.columns['id'][i]} {'defect' if samples.labels[i] else 'good'}" for i in pos]
-        plot_overlays(imgs, samples.data["masks"][pos][:, ::st, ::st], [(model_label, raw["maps"][pick])], titles,
-                      run.plots / "overlays.png")
-        rep.image("plots/overlays.png", "Anomaly maps over the image; true mask outline in red/white "
-                  "(4 highest- and 2 lowest-scored defective images, 2 good ones)")
-    if clustering is not None:
-        rep.kv("Defect-type clustering (t-SNE + K-means, Hungarian-matched)",
-               {k: v for k, v in clustering.items() if not isinstance(v, (dict, list))})
-        rep.image("plots/tsne_clusters.png", "t-SNE of the gradient features, coloured by cluster and by true label")
-    if curves and not crossval:
-        report_training_curves(rep, run, "Training loss toward y = 0 (normal images only)")
-    report_sections(rep, run, {"decisions": decisions})
-    rep.write(run.report_path)
-
-
 # ---------------------------------------------------------------- the task
 
 
@@ -541,8 +243,6 @@ class AnomalyTask(TaskHooks):
     recipe = AnomalyRecipe
     monitor = ""  # no checkpoint selection
     summary_keys = ("image_auroc", "f1_max", "pixel_auroc", "aupro")
-    predict_options = ()
-    default_predict_out = "preds.csv"
 
     def load_samples(self, recipe: AnomalyRecipe, run_dir: Path | None = None) -> Samples:
         """Every image of :func:`protocol_items`, decoded at ``data.image_size``.
@@ -654,7 +354,7 @@ class AnomalyTask(TaskHooks):
         t0 = time.perf_counter()
         out = run.score(samples.data["x"][idx])
         sec = (time.perf_counter() - t0) / max(1, len(idx))
-        st = _pixel_stride(run.image_size)
+        st = pixel_stride(run.image_size)
         table = {"pred": ["defective" if v else "good" for v in out.decision], "image_score": out.score.tolist()}
         raw = {"score": out.score, "decision": out.decision, "maps": out.maps[:, ::st, ::st].numpy().copy(),
                "stride": st, "seconds_per_image": sec}
@@ -692,10 +392,13 @@ class AnomalyTask(TaskHooks):
               "tile / stride": f"{m.tile} / {m.tile_stride}" if m.tile else "whole image", "seed": recipe.seed}
         title = f"defectscope anomaly: {label} on {Path(d.root).name}"
         curves = m.name == "grad_mobilenet"
+        images = (samples.labels, samples.data["x"], samples.data["masks"], samples.columns["id"])
         if cv:
             kv.update(protocol=info.get("protocol"), images=f"{len(idx)} ({int(samples.labels[idx].sum())} defective), "
                       "each predicted once by the fold that did not fit on it")
-            write_anomaly_report(run, title + " (cross-validation)", kv, metrics, samples, idx, preds.raw, None, label,
+            cv = {"folds": [flatten_scalars(f) for f in cv["folds"]], "mean": cv["mean"], "std": cv["std"],
+                  "pooled": flatten_scalars(metrics)}
+            write_anomaly_report(run, title + " (cross-validation)", kv, metrics, *images, idx, preds.raw, None, label,
                                  crossval=cv, decisions=info.get("decisions"), curves=curves)
             return
         pr = info.get("protocol", {}).get("images", {})
@@ -704,70 +407,8 @@ class AnomalyTask(TaskHooks):
                                                       f"({int(samples.labels[idx].sum())} defective in test, none in fitting)",
                    "threshold": f"{info.get('threshold')} ({info.get('threshold_from')})",
                    "fit seconds": info.get("fit_seconds")})
-        write_anomaly_report(run, title, kv, metrics, samples, idx, preds.raw, info.get("threshold"), label,
+        write_anomaly_report(run, title, kv, metrics, *images, idx, preds.raw, info.get("threshold"), label,
                              info.get("clustering"), decisions=info.get("decisions"), curves=curves)
-
-    def evaluate(self, run_dir: Path, data: Path, out: Path | None = None) -> dict:
-        """Score every image of a KolektorSDD-style folder (manifest + masks) with a trained run."""
-        run = load_anomaly_run(run_dir)
-        items = read_kolektor_manifest(data)
-        x = load_stack([it.image for it in items], run.image_size)
-        y = np.array([int(it.defective) for it in items])
-        st = _pixel_stride(run.image_size)
-        masks = np.stack([load_mask(it.mask, run.image_size)[::st, ::st] for it in items])
-        s = run.score(x)
-        metrics = anomaly_metrics(y, s.score, s.decision, s.maps[:, ::st, ::st].numpy(), masks)
-        out = Path(out) if out else Path(run_dir) / "evaluations" / Path(data).name
-        ev = RunFolder(out).create()
-        ev.write_metrics({"task": self.name, "run": str(run_dir), "data": str(data), "model": run.model.name,
-                          "test": metrics})
-        return metrics
-
-    def predict(self, run_dir: Path, inputs: list[Path], out: Path, **options) -> dict:
-        """Score image files: CSV ``file, score, decision, threshold, map, error``.
-
-        Every image is resized to the run's input size, scored by the model's forward, and its anomaly map
-        resized back to the image's own size; a PNG per image (image | map over it) goes to
-        ``<out stem>_maps/``; unreadable files are skipped and reported.
-
-        Raises:
-            ConfigError: an option this task does not support.
-        """
-        self.check_predict_options(options)
-        run = load_anomaly_run(run_dir)
-        files = expand_inputs(inputs)
-        out = Path(out)
-        map_dir = out.parent / f"{out.stem}_maps"
-        rows, skipped = [], []
-        for f, img, err in iter_images(files):
-            if err:
-                skipped.append((f, err))
-                continue
-            x = resize_uint8(img, run.image_size).transpose(2, 0, 1)[None]
-            s = run.score(x)
-            amap = resize_maps(s.maps, img.shape[:2])[0].numpy()  # at the image's own size
-            png = map_dir / f"{f.stem}.png"
-            fig, axes = plt.subplots(1, 2, figsize=(4.4 * img.shape[1] / max(img.shape[0], 1) + 1.5, 5))
-            axes[0].imshow(img)
-            axes[0].set_title(f"{'DEFECTIVE' if s.decision[0] else 'normal'}\nscore {s.score[0]:.3f}", fontsize=8)
-            axes[1].imshow(img)
-            lo, hi = (0.0, max(2 * run.threshold, 1e-12)) if run.threshold > 0 else (float(amap.min()), float(amap.max()))
-            axes[1].imshow(amap, cmap="jet", alpha=0.5, vmin=lo, vmax=hi)  # Grad-MobileNet (threshold 0): its log map's range
-            axes[1].set_title(run.model.name, fontsize=7)
-            for ax in axes:
-                ax.set_xticks([])
-                ax.set_yticks([])
-            save_figure(fig, png)
-            rows.append([str(f), f"{s.score[0]:.6f}", "defective" if s.decision[0] else "normal",
-                         f"{run.threshold:.6f}", str(png), ""])
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["file", "score", "decision", "threshold", "map", "error"])
-        w.writerows(rows)
-        for f, err in skipped:
-            w.writerow([str(f), "", "", "", "", err])
-        write_text(out, buf.getvalue())
-        return {"predicted": len(rows), "skipped": skipped, "out": str(out), "maps": str(map_dir)}
 
 
 register_task(AnomalyTask())

@@ -28,9 +28,12 @@ noise on an 8-image test split. :func:`size_recipe` instead derives the settings
   image already (folds 1); it uses PatchCore (no network training, so no ``train`` section) and
   reads nothing but the user's folder (no clustering study). The time estimate counts the K fold
   fits and the final refit of the chosen candidate on all the data (of one fine-tuned candidate).
-- **Candidates** (``eval.candidates``, cross-validated classification and weld recipes): the
-  models compared on the same folds (:data:`CLASSIFICATION_CANDIDATES`, :data:`WELD_CANDIDATES`);
-  the best pooled out-of-fold accuracy becomes the run's model (see :mod:`defectscope.engine.pipeline`).
+- **Candidates** (``eval.candidates``, classification and weld recipes): the models compared on the
+  same folds (:data:`CLASSIFICATION_CANDIDATES`, :data:`WELD_CANDIDATES`); the best pooled
+  out-of-fold accuracy becomes the run's model (see :mod:`defectscope.engine.pipeline`). A single
+  split compares them on its validation part (the test part measures the chosen one once), whose
+  share is raised up to :data:`MAX_SELECT_VAL_FRACTION` to hold ``MIN_VAL_PER_CLASS`` images of
+  every class; without such a part a single-split classification recipe lists no candidates.
 
 Keys not in today's schemas are listed in :data:`NEW_KEYS`; the pipeline's schemas take them.
 :func:`explain` gives the one paragraph ``train`` prints.
@@ -56,6 +59,8 @@ MIN_VAL_PER_CLASS = 5
 TEST_FRACTION = 0.2
 VAL_FRACTION = 0.1
 MAX_FOLDS = 5
+#: largest validation share a single split takes so that candidates are compared on >= MIN_VAL_PER_CLASS per class
+MAX_SELECT_VAL_FRACTION = 0.2
 #: Keys :func:`size_recipe` writes that the task schemas of today do not have yet (dotted paths).
 NEW_KEYS = ("eval.folds", "train.class_balance", "data.layout@anomaly", "data.layout@segmentation",
             "data.layout@detection")
@@ -236,10 +241,17 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
     n_trainval = n_images * (1 - 1 / folds) if folds > 1 else n_images * (1 - TEST_FRACTION)
     smallest = min(nonzero.values()) if nonzero else n_images
     min_train_per_class = smallest * ((1 - 1 / folds) if folds > 1 else (1 - TEST_FRACTION))
-    if min_train_per_class * VAL_FRACTION >= MIN_VAL_PER_CLASS:
-        raw["train"].update({"val_fraction": VAL_FRACTION, "early_stopping_patience": 2})
-        n_train = int(n_trainval * (1 - VAL_FRACTION))
-        reasons.append(f"{int(VAL_FRACTION * 100)}% of the training part is kept for checkpoint selection")
+    # a single split compares the candidates on its validation part: raise the share (up to
+    # MAX_SELECT_VAL_FRACTION) so that it holds MIN_VAL_PER_CLASS images of the smallest class
+    select_val = math.ceil(1000 * MIN_VAL_PER_CLASS / max(min_train_per_class, 1e-9)) / 1000
+    val_fraction = (VAL_FRACTION if min_train_per_class * VAL_FRACTION >= MIN_VAL_PER_CLASS else
+                    select_val if folds == 1 and task in ("classification", "weld") and select_val <= MAX_SELECT_VAL_FRACTION
+                    else 0.0)
+    if val_fraction:
+        raw["train"].update({"val_fraction": val_fraction, "early_stopping_patience": 2})
+        n_train = int(n_trainval * (1 - val_fraction))
+        reasons.append(f"{val_fraction * 100:g}% of the training part is kept for checkpoint selection"
+                       + (" and for comparing the candidates" if folds == 1 and task in ("classification", "weld") else ""))
     else:
         raw["train"].update({"val_fraction": 0.0, "early_stopping_patience": 0})
         n_train = int(n_trainval)
@@ -278,6 +290,10 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
             raw["eval"]["candidates"] = list(CLASSIFICATION_CANDIDATES)
             reasons.append("candidates on the same folds: " + ", ".join(CLASSIFICATION_CANDIDATES) + "; the best pooled "
                            "out-of-fold accuracy becomes the model (ties: the cheaper), refit on all the images")
+        elif task == "classification" and val_fraction:
+            raw["eval"]["candidates"] = list(CLASSIFICATION_CANDIDATES)
+            reasons.append("candidates on the same split: " + ", ".join(CLASSIFICATION_CANDIDATES) + "; the best "
+                           "validation accuracy becomes the model (ties: the cheaper); the test part measures it once")
         if task == "weld":
             raw["model"] = {"freeze_backbone": True}
             reasons.append("weld: the ImageNet vision encoder is kept frozen (its features are computed once), the "
@@ -288,7 +304,8 @@ def _plan(task: str, n_images: int, class_counts: dict[str, int] | None, image_h
             reasons.append("folds: the weld task's default (cross-validation below 200 samples, K = min(5, smallest "
                            "class, groups), grouped by the data's group field when every sample has one)")
             reasons.append("candidates on the same (grouped) folds: " + ", ".join(WELD_CANDIDATES) + "; the best pooled "
-                           "out-of-fold accuracy becomes the model (ties: the cheaper), refit on all the samples")
+                           "out-of-fold accuracy becomes the model (ties: the cheaper), refit on all the samples "
+                           "(a single split: the best validation accuracy, the test part measures it once)")
     else:  # segmentation
         hw = _aspect_size(image_hw, (320, 128))
         raw["data"]["height"], raw["data"]["width"] = hw

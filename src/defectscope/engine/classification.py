@@ -14,15 +14,13 @@ validation set for early stopping and checkpoint selection.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defectscope.config import BaseRecipe, ClassificationData, ClassifierTrainConfig, StrictModel  # noqa: F401 (ClassificationData re-exported)
+from defectscope.config import ClassificationData
 from defectscope.data.images import load_labelled_samples
 from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks
 from defectscope.engine.run import RunFolder
@@ -33,58 +31,8 @@ from defectscope.evaluation.classification_report import write_classification_re
 from defectscope.models import create_model
 from defectscope.models.classifier.inference import pooled_features, predict_probs  # noqa: F401 (re-exported)
 from defectscope.models.classifier.lightning_model import ImageClassifierModule
-from defectscope.models.linear_probe.torch_model import train_linear_probe
 from defectscope.models.training import build_loss, random_flips, scale_probs, to_float, to_model_input, warmup_cosine  # noqa: F401
-
-
-class ClassificationModelConfig(StrictModel):
-    """Model choice: ``multiscale`` (paper 000 section 5.7) or ``classifier`` (plain baseline).
-
-    Attributes:
-        name: registered model name.
-        backbone: registry backbone name.
-        pretrained: load real ImageNet weights (only EfficientNet-Lite has them here).
-        weights: a local state-dict file for the backbone (any backbone).
-        low_res: key/value resolution of the multiscale model.
-        embed_dim, num_heads, num_layers, dropout: attention settings.
-        linear_probe_reference: also fit a logistic regression (scikit-learn) on the frozen
-            backbone's pooled features of the same training images and report it beside the
-            model (``reference.linear_probe``) on the same test part or folds, so a run shows
-            whether fine-tuning earned its cost. ``name: linear_probe`` makes that probe the
-            model itself (seconds to train; a sensible choice for a few dozen images).
-    """
-
-    name: Literal["multiscale", "classifier", "linear_probe"] = "multiscale"
-    backbone: str = "efficientnet_lite0"
-    pretrained: bool = True
-    weights: str | None = None
-    low_res: int = Field(128, ge=16)
-    embed_dim: int = Field(256, ge=8)
-    num_heads: int = Field(8, ge=1)
-    num_layers: int = Field(1, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    linear_probe_reference: bool = True
-
-
-class ClassificationTrainConfig(ClassifierTrainConfig):
-    """:class:`ClassifierTrainConfig` with a stronger augmentation option.
-
-    Attributes:
-        augment: ``true``: random flips; ``"strong"``: flips, rotations by multiples of 90 degrees
-            and grey-level jitter, for images with no "up" (radiographs, strip surfaces; the
-            ``finetune_small`` candidate); ``false``: none.
-    """
-
-    augment: bool | Literal["strong"] = True
-
-
-class ClassificationRecipe(BaseRecipe):
-    """Recipe of the ``classification`` task; checkpoints are selected on ``val/weighted_f1`` (max)."""
-
-    task: Literal["classification"] = "classification"
-    data: ClassificationData
-    model: ClassificationModelConfig = ClassificationModelConfig()
-    train: ClassificationTrainConfig = ClassificationTrainConfig()
+from defectscope.recipes.classification import ClassificationRecipe
 
 
 def load_labelled(data: ClassificationData, progress: bool = False) -> Samples:
@@ -244,7 +192,7 @@ class ClassificationTask(TaskHooks):
         m = recipe.model
         x, y = samples.data["x"], samples.labels
         k = len(samples.class_names)
-        seen = np.sort(np.concatenate([parts["train"], parts.get("val", np.zeros(0, int))]))
+        seen = np.sort(parts["fit"] if "fit" in parts else np.concatenate([parts["train"], parts.get("val", np.zeros(0, int))]))
         if m.name == "linear_probe":
             fitted = self._fit_probe(recipe, samples, seen)
         else:

@@ -9,6 +9,9 @@ Recipe (``task: multicnn``)::
     train:   {epochs: 3, batch_size: 16, lr: 1.0e-3, lr_end: 1.0e-4, loss: ce}     # each member
     fusion:  {epochs: 50, batch_size: 40, lr: 1.0e-3, lr_end: 1.0e-4, dropout: 0.5}
 
+Schema: :class:`defectscope.recipes.multicnn.MultiCNNRecipe`; report:
+:func:`defectscope.evaluation.multicnn_report.write_multicnn_report`. This module holds the task's hooks.
+
 Protocol (paper 003, sections 2.4 and 3), for the training part the pipeline hands over (the
 single split's, or each cross-validation fold's; ``train.val_fraction`` of it is the validation
 part):
@@ -41,26 +44,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defectscope.config import BaseRecipe, ClassificationData, ClassifierTrainConfig, StrictModel, TrainConfig
+from defectscope.config import ClassifierTrainConfig
 from defectscope.data.images import load_labelled_samples
 from defectscope.data.splits import write_file_list
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import get_task, register_task
-from defectscope.engine.trainer import csv_log_path, fit_lightning
+from defectscope.engine.trainer import fit_lightning
 from defectscope.evaluation.classification import classification_metrics
-from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves, plot_training_curves
-from defectscope.evaluation.report import Report
+from defectscope.evaluation.multicnn_report import write_multicnn_report
 from defectscope.models import create_model
 from defectscope.models.multicnn import FeatureCache, FeatureFusionClassifier, data_fingerprint, freeze_first, late_fusion
 from defectscope.models.multicnn.lightning_model import (
@@ -69,131 +69,7 @@ from defectscope.models.multicnn.lightning_model import (
     predict_member_probs,
     train_fusion_head,
 )
-
-RESERVED_NAMES = ("feature_fusion", "late_fusion")
-
-
-class MemberConfig(StrictModel):
-    """One single model of the ensemble.
-
-    Attributes:
-        name: unique name (default: the backbone name); the run folder ``members/<name>``
-            (letters, digits, ``_ . -``; not ``feature_fusion`` / ``late_fusion``).
-        backbone: registry backbone name.
-        pretrained: real ImageNet weights (only EfficientNet-Lite here).
-        weights: a local state-dict file for the backbone.
-        image_size: the member's input side; images are resized from ``data.image_size``
-            inside the model (default: ``data.image_size``).
-        freeze: number of stages/layers frozen from the input side (paper 003 section 2.4.2).
-        freeze_unit: ``stages`` (timm coarse groups, stem = 1) or ``layers`` (leaf modules).
-        dropout: before the member's linear layer (paper 003: 0.5).
-        epochs, batch_size: override ``train.epochs`` / ``train.batch_size`` for this member.
-    """
-
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    backbone: str
-    pretrained: bool = True
-    weights: str | None = None
-    image_size: int | None = Field(None, ge=16)
-    freeze: int = Field(0, ge=0)
-    freeze_unit: Literal["stages", "layers"] = "stages"
-    dropout: float = Field(0.5, ge=0, lt=1)
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-
-    @property
-    def key(self) -> str:
-        return self.name or self.backbone
-
-
-class AugmentConfig(StrictModel):
-    """Online augmentation of paper 003 section 2.2 (Fig. 1 d-g), per image.
-
-    Attributes:
-        flips: random horizontal and vertical flips.
-        rotation: maximum rotation in degrees (uniform in [-rotation, rotation];
-            180 = arbitrary angle); borders are filled by reflection.
-        brightness, contrast, saturation: colour change, each a factor drawn
-            uniformly in [1 - v, 1 + v] (saturation is a no-op on grey images).
-    """
-
-    flips: bool = True
-    rotation: float = Field(180.0, ge=0, le=180)
-    brightness: float = Field(0.2, ge=0, lt=1)
-    contrast: float = Field(0.2, ge=0, lt=1)
-    saturation: float = Field(0.2, ge=0, lt=1)
-
-
-class MultiCNNTrainConfig(TrainConfig):
-    """Member fine-tuning settings: :class:`TrainConfig` plus the loss, RMSprop and augmentation.
-
-    Each member's checkpoint is selected (and early stopping decided) on ``val/weighted_f1``
-    (max) of the validation part. ``epochs`` and ``max_minutes`` apply to each member.
-
-    Attributes:
-        lr: initial RMSprop learning rate (paper 003 Table 1: 1e-3).
-        lr_end: final learning rate of the exponential decay (paper: 1e-4).
-        weight_decay: RMSprop weight decay.
-        loss: ``ce`` (paper 003) or ``focal``; ``focal_gamma`` its focusing parameter.
-        label_smoothing: for ``ce``.
-        rmsprop_alpha: RMSprop smoothing constant (Keras' rho, 0.9).
-        augmentation: :class:`AugmentConfig` (used when ``augment`` is true).
-    """
-
-    lr: float = Field(1e-3, gt=0)
-    lr_end: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    loss: Literal["focal", "ce"] = "ce"
-    focal_gamma: float = Field(2.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    rmsprop_alpha: float = Field(0.9, gt=0, lt=1)
-    augmentation: AugmentConfig = AugmentConfig()
-
-
-class FusionConfig(StrictModel):
-    """Training of the feature-fusion classifier on cached features (paper 003 section 3.2).
-
-    The epoch with the best validation weighted F1 (ties: lower validation loss) is kept.
-
-    Attributes:
-        epochs, batch_size: passes over the cached training features and batch size.
-        lr, lr_end: RMSprop learning rate, decaying exponentially (paper: 1e-3 -> 1e-4).
-        dropout: before the linear layer (paper: 0.5).
-        cache_dir: feature cache folder (default ``RUN/feature_cache``, per fold under
-            cross-validation); point several runs at one folder to share entries (keys include
-            the model and data fingerprints).
-    """
-
-    epochs: int = Field(50, ge=1)
-    batch_size: int = Field(40, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    lr_end: float = Field(1e-4, gt=0)
-    dropout: float = Field(0.5, ge=0, lt=1)
-    cache_dir: str | None = None
-
-
-class MultiCNNRecipe(BaseRecipe):
-    """Recipe of the ``multicnn`` task; members are selected on ``val/weighted_f1`` (max), the
-    fusion head on the validation weighted F1 of its epochs. Single process only (``train.devices: 1``)."""
-
-    task: Literal["multicnn"] = "multicnn"
-    data: ClassificationData
-    members: list[MemberConfig] = Field(min_length=1)
-    train: MultiCNNTrainConfig = MultiCNNTrainConfig()
-    fusion: FusionConfig = FusionConfig()
-
-    @model_validator(mode="after")
-    def _check(self) -> "MultiCNNRecipe":
-        keys = [m.key for m in self.members]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"members: names must be unique (set 'name' when a backbone repeats), got {keys}")
-        reserved = sorted(set(keys) & set(RESERVED_NAMES))
-        if reserved:
-            raise ValueError(f"members: {reserved} name the fused models' rows; choose another member name")
-        if self.train.devices > 1:
-            raise ValueError("train.devices: multicnn trains its members one after another in one process; "
-                             f"use 1 (got {self.train.devices})")
-        return self
+from defectscope.recipes.multicnn import MemberConfig, MultiCNNRecipe, MultiCNNTrainConfig
 
 
 @dataclass
@@ -409,7 +285,8 @@ class MultiCNNTask(TaskHooks):
         """``report.html`` of the run (or of the cross-validation); completes the member run folders."""
         if "crossval" not in info:
             self._finish_members(run, recipe, samples, idx, preds, metrics, info)
-        self._report(run, recipe, samples, idx, preds, metrics, info)
+        write_multicnn_report(run, recipe.members, Path(recipe.data.root).name, samples.class_names,
+                              samples.labels[idx], preds.raw, metrics, info)
 
     def _finish_members(self, run: RunFolder, recipe: MultiCNNRecipe, samples: Samples, idx: np.ndarray,
                         preds: Predictions, metrics: dict, info: dict) -> None:
@@ -430,76 +307,6 @@ class MultiCNNTask(TaskHooks):
                              {"member of": "the multicnn run ../..", "data": info.get("data"),
                               "frozen": facts["frozen"], "epochs run": facts.get("epochs_run"),
                               "train seconds": facts.get("train_seconds")})
-
-    def _report(self, run: RunFolder, recipe: MultiCNNRecipe, samples: Samples, idx: np.ndarray,
-                preds: Predictions, metrics: dict, info: dict) -> None:
-        names, keys = samples.class_names, [m.key for m in recipe.members]
-        cv = info.get("crossval")
-        rep = Report(f"defectscope multicnn: feature fusion of {', '.join(keys)} on {Path(recipe.data.root).name}"
-                     + (" (cross-validation)" if cv else ""))
-        if cv:
-            where = "the pooled out-of-fold predictions"
-            rep.kv("Run", {k: v for k, v in info.items() if k != "crossval"})
-            rep.table("Cross-validation: feature fusion on each fold's held-out part", crossval_table(
-                {**cv, "pooled": metrics}, ["n", "accuracy", "weighted_f1", "macro_f1", "macro_auroc"]))
-            rows = []
-            for k in [*keys, "feature_fusion", "late_fusion"]:
-                pre = "" if k == "feature_fusion" else f"members.{k}."
-                pooled = metrics if k == "feature_fusion" else metrics["members"][k]
-                rows.append({"model": k, **{f"{s} (mean +- std)": f"{cv['mean'][pre + s]:.4f} +- {cv['std'][pre + s]:.4f}"
-                                             for s in ("accuracy", "weighted_f1") if pre + s in cv["mean"]},
-                             "pooled weighted_f1": pooled["weighted_f1"]})
-            rep.table("Every model over the folds", rows)
-            comparison = metrics["comparison"]
-        else:
-            where = "the held-out split"
-            split, cache = info["split"], info["feature_cache"]
-            how = (f"fold {split['fold']} of {split['folds']} (cross-validation, seed {split.get('cv_seed')})"
-                   if "fold" in split else
-                   f"stratified {1 - split['test_fraction']:.0%}/{split['test_fraction']:.0%}, seed {split['seed']}")
-            rep.kv("Run", {"data": info["data"], "split": how,
-                           "train / val / test images": " / ".join(str(split.get(s, 0)) for s in ("train", "val", "test")),
-                           "total seconds": info["train_seconds"], "members seconds": info["member_seconds"],
-                           "feature extraction seconds": info["feature_seconds"],
-                           "fusion head seconds": info["fusion_seconds"],
-                           "feature cache": f"{cache['hits']} hits, {cache['misses']} misses"})
-            secs = {k: info["members"][k].get("train_seconds") for k in keys}
-            secs.update(feature_fusion=info["fusion_seconds"], late_fusion=0.0)
-            comparison = [{**r, "train_seconds": secs[r["model"]]} for r in metrics["comparison"]]
-        rep.table(f"Comparison on {where} (paper 003 Tables 2-3 layout)", comparison,
-                  ["model", "kind", "accuracy", "weighted_precision", "weighted_recall", "weighted_f1", "macro_auroc",
-                   *([] if cv else ["train_seconds"])])
-        rows = [{"class": n, **v} for n, v in metrics["per_class"].items()]
-        rows.append({"class": "weighted average", "precision": metrics["weighted_precision"],
-                     "recall": metrics["weighted_recall"], "f1": metrics["weighted_f1"], "support": metrics["n"]})
-        rep.table("Per class, feature fusion (paper 003 Table 4 layout)", rows, ["class", "precision", "recall", "f1", "support"])
-        if not cv:
-            rep.table("Fusion order of the concatenated features", info["feature_order"], ["member", "start", "end"])
-            rep.table("Members", [{"member": m.key, "backbone": m.backbone, "weights": info["members"][m.key]["weights"],
-                                   "input px": info["members"][m.key]["image_size"],
-                                   "frozen": f"first {info['members'][m.key]['freeze']['n']} {m.freeze_unit}",
-                                   **{k: info["members"][m.key]["freeze"][k] for k in ("frozen_params", "trainable_params")},
-                                   "epochs run": info["members"][m.key].get("epochs_run")} for m in recipe.members])
-        y = samples.labels[idx]
-        for key in [*keys, "feature_fusion", "late_fusion"]:
-            mk = metrics if key == "feature_fusion" else metrics["members"][key]
-            plot_confusion_matrix(mk["confusion_matrix"], names, run.plots / f"{key}_confusion_matrix.png",
-                                  title=f"{key} (weighted F1 {mk['weighted_f1']:.4f})")
-            rep.image(f"plots/{key}_confusion_matrix.png", f"Confusion matrix on {where}, {key} (rows: true class)")
-        plot_roc_curves(y, preds.raw["feature_fusion"], names, run.plots / "feature_fusion_roc_curves.png")
-        rep.image("plots/feature_fusion_roc_curves.png", f"One-vs-rest ROC curves on {where}, feature fusion")
-        if not cv:
-            for k in keys:
-                if plot_training_curves(csv_log_path(run.path / "members" / k), run.plots / f"{k}_training_curves.png"):
-                    rep.image(f"plots/{k}_training_curves.png", f"Fine-tuning curves, {k}")
-            rep.table("Fusion classifier training (cached features)", info["fusion_training"]["history"],
-                      ["epoch", "train_loss", "val_loss", "val_weighted_f1", "best"])
-        best = metrics["best_single"]
-        verdict = "helps" if metrics["fusion_beats_best_single"] else "does NOT help"
-        rep.text(f"Feature fusion {verdict} on {where}: fused weighted F1 {metrics['weighted_f1']:.4f} vs best single "
-                 f"({best}) {metrics['members'][best]['weighted_f1']:.4f}; "
-                 f"late fusion {metrics['members']['late_fusion']['weighted_f1']:.4f}.")
-        rep.write(run.report_path)
 
 
 register_task(MultiCNNTask())

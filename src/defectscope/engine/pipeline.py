@@ -13,7 +13,10 @@ sections and its prediction writer for files. Everything else is here, once:
 
 - **single split**: the task's split (stratified ``data.test_fraction`` by default, or the split
   the data define, e.g. KolektorSDD's manifest), then a stratified ``train.val_fraction`` of the
-  training part for checkpoint selection; the test part is read once, after training.
+  training part for checkpoint selection; the test part is read once, after training. With
+  several ``eval.candidates`` (as ``train FOLDER`` sizes them) every candidate is fitted on the same
+  training part and compared on the same validation part; the best is the run (:func:`select_on_split`),
+  the others stay in ``RUN/candidates/<name>``; the test part measures only the chosen one.
 - **K folds** (``--folds K`` / ``eval.folds: K``): stratified K-fold on the samples (grouped with
   ``--group-by``); fold k trains on the other folds (its validation part taken from them) and
   predicts fold k. ``RUN/folds/<k>/`` is a normal run folder; ``RUN/crossval.json`` holds the
@@ -134,7 +137,10 @@ class TaskHooks:
                                             when neither ``--group-by`` nor ``eval.group_by`` is given)
         split(recipe, samples), split_info(recipe)       (optional: the single split and how it was made)
         fit_model(recipe, samples, parts, run) -> Fitted | None  (``None`` on DDP ranks > 0; ``run.resume``
-                                            goes to :func:`~defectscope.engine.trainer.fit_lightning`)
+                                            goes to :func:`~defectscope.engine.trainer.fit_lightning`;
+                                            ``parts['fit']``, when present, is what a closed-form fit (no
+                                            epochs, nothing selected on validation) may be fitted on, default
+                                            train + val: single-split candidate selection keeps val unseen)
         predict_samples(recipe, fitted, samples, idx) -> Predictions
         compute_metrics(recipe, samples, idx, preds) -> dict
         pool(preds_list) -> Predictions     (default: concatenates columns and raw arrays)
@@ -152,8 +158,6 @@ class TaskHooks:
     recipe: type[BaseRecipe] = BaseRecipe
     monitor: str = ""
     summary_keys: tuple[str, ...] = ("accuracy", "weighted_f1")
-    #: legacy (anomaly's engine-side ``predict`` until its adapter writes files): options it accepts
-    predict_options: tuple[str, ...] = ()
     #: pooled out-of-fold metric that selects among candidates (higher is better; ties -> the cheaper)
     selection_metric: str = "accuracy"
     #: a validation part holding fewer samples than this of some class is dropped (fixed schedule,
@@ -272,16 +276,6 @@ class TaskHooks:
         """Task facts for ``metrics.json`` beside the pipeline's (model name, backbone, weights)."""
         return {}
 
-    def check_predict_options(self, options: dict) -> None:
-        """Refuse ``predict`` options this task does not support (a set option not in :attr:`predict_options`).
-
-        Raises:
-            ConfigError: names the option and the task.
-        """
-        for k, v in options.items():
-            if v and k not in self.predict_options:
-                raise ConfigError(f"--{k.replace('_', '-')} is not supported by task '{self.name}'")
-
 
 def is_rank_zero() -> bool:
     """True in a single process and in rank 0 of a multi-process (DDP) run (Lightning's env vars)."""
@@ -344,6 +338,8 @@ class StagedRun:
 
 def _write_parts(run: RunFolder, samples: Samples, parts: dict[str, np.ndarray]) -> None:
     for k, idx in parts.items():
+        if k == "fit":  # a subset of train (single-split candidate selection), not a part of its own
+            continue
         write_file_list(run.split_dir / f"{k}.txt", [samples.ids[i] for i in idx],
                         [samples.class_names[samples.labels[i]] for i in idx])
 
@@ -379,8 +375,21 @@ def _with_validation(recipe: BaseRecipe, samples: Samples, trainval: np.ndarray,
 
 
 def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict[str, np.ndarray],
-              run: RunFolder, extra: dict | None = None) -> tuple[dict, Predictions] | None:
-    """Fit on ``parts``, evaluate ``parts['test']``, write a complete run folder; metrics + predictions."""
+              run: RunFolder, extra: dict | None = None, score_val: bool = False,
+              defer_report: bool = False) -> tuple[dict, Predictions, Any] | None:
+    """Fit on ``parts``, evaluate ``parts['test']``, write a complete run folder.
+
+    Args:
+        score_val: also predict the validation part and put its metrics in the result's ``val``
+            (single-split candidate selection compares the candidates on it).
+        defer_report: do not write ``report.html`` yet; the third element of the result writes it
+            when called with extra report facts (e.g. ``{"selection": ...}``).
+
+    Returns:
+        ``(metrics.json content, test predictions, write_report(extra_info: dict | None, at: RunFolder | None) -> None)``
+        (``at``: the run folder's new place, when it was moved);
+        ``None`` on DDP ranks > 0.
+    """
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     if is_rank_zero():
         run.create()
@@ -397,10 +406,14 @@ def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict
     preds = task.predict_samples(recipe, fitted, samples, test)
     infer_seconds = time.perf_counter() - t0
     metrics = task.compute_metrics(recipe, samples, test, preds)
+    val_metrics = None
+    if score_val and len(parts.get("val", [])):
+        val = parts["val"]
+        val_metrics = task.compute_metrics(recipe, samples, val, task.predict_samples(recipe, fitted, samples, val))
     dec = decide(task, recipe, samples, parts, fitted, preds)
     metrics = {**metrics, **dec.metrics}
     run.save_model(task.name, **{**fitted.checkpoint, **dec.checkpoint})
-    sizes = {k: int(len(v)) for k, v in parts.items()}
+    sizes = {k: int(len(v)) for k, v in parts.items() if k != "fit"}
     result = {
         "task": task.name,
         **task.run_info(recipe, fitted),
@@ -411,6 +424,7 @@ def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict
         "train_seconds": fitted.info.get("train_seconds", round(fit_seconds, 1)),
         "test_inference_seconds": round(infer_seconds, 2),
         "environment": env,
+        **({"val": val_metrics} if val_metrics is not None else {}),
         "test": metrics,
     }
     result.update({k: v for k, v in (extra or {}).items() if k != "split"})
@@ -418,9 +432,15 @@ def _fit_part(task: TaskHooks, recipe: BaseRecipe, samples: Samples, parts: dict
     info = {"data": samples.description, "split": result["split"], **fitted.info, "environment": env}
     if dec.report:
         info["decisions"] = dec.report
-    task.write_report(run, recipe, samples, test, preds, metrics, info)
-    add_machine_section(run.report_path, env)
-    return result, preds
+
+    def write_report(more: dict | None = None, at: RunFolder | None = None) -> None:
+        where = at or run
+        task.write_report(where, recipe, samples, test, preds, metrics, {**info, **(more or {})})
+        add_machine_section(where.report_path, env)
+
+    if not defer_report:
+        write_report()
+    return result, preds, write_report
 
 
 def add_machine_section(report_path: Path, env: dict) -> None:
@@ -579,7 +599,25 @@ def train(recipe: BaseRecipe, out: str | Path, folds: int | None = None, group_b
             split = task.split(recipe, samples)
             parts = _with_validation(recipe, samples, split["trainval"], split["test"], groups,
                                      min_val_per_class=task.min_val_per_class)
-            res = _fit_part(task, recipe, samples, parts, RunFolder(stage, resume), {"split": task.split_info(recipe)})
+            extra = {"split": task.split_info(recipe)}
+            ev = getattr(recipe, "eval", None)
+            cands = candidates_of(task, recipe, samples, single_split=True) if ev is not None and ev.candidates else []
+            if len(cands) > 1 and not len(parts.get("val", [])):
+                keep = next((c for c in cands if c.name == "model"), cands[0])
+                note = (f"eval.candidates ({', '.join(c.name for c in cands)}) not compared: this single split has no "
+                        "validation part (train.val_fraction = 0, or too few samples per class), and the test part "
+                        f"must not choose; '{keep.name}' is trained (--folds K compares them on folds)")
+                print(f"warning: {note}", flush=True)
+                extra["selection_note"] = note
+                cands = [keep]
+            if ev is not None and ev.nested:
+                print("--nested: a single split selects on its validation part and measures on a test part no choice "
+                      "read, so its test figure is already unbiased (nested selection is for --folds K)", flush=True)
+            if len(cands) > 1:
+                return select_on_split(task, recipe, cands, samples, parts, Path(stage), extra, resume)
+            res = _fit_part(task, cands[0].recipe if cands else recipe, samples, parts, RunFolder(stage, resume), extra)
+            if res is not None and cands:
+                RunFolder(stage).write_config(recipe.model_dump(mode="json"))  # the recipe as given re-runs the same
             return None if res is None else res[0]
         return cross_validate(task, recipe, samples, Path(stage), folds, groups, group_by, resume=resume)
 
@@ -603,8 +641,10 @@ class Candidate:
     overrides: dict = field(default_factory=dict)
 
 
-def candidates_of(task: TaskHooks, recipe: BaseRecipe, samples: Samples) -> list[Candidate]:
-    """The candidates of a cross-validated run: ``eval.candidates``, else the task's default.
+def candidates_of(task: TaskHooks, recipe: BaseRecipe, samples: Samples, single_split: bool = False) -> list[Candidate]:
+    """The candidates of a run: ``eval.candidates``, else the task's default (cross-validation) or the
+    recipe's model alone (``single_split``: a hand-written single-split recipe trains its model as
+    written; listing ``eval.candidates`` opts in, as ``train FOLDER``'s sized recipes do).
 
     Raises:
         ConfigError: an unknown candidate name, or overrides the task's schema refuses.
@@ -612,7 +652,10 @@ def candidates_of(task: TaskHooks, recipe: BaseRecipe, samples: Samples) -> list
     from defectscope.config import _set_dotted, validate
 
     ev = getattr(recipe, "eval", None)
-    names = list(ev.candidates) if ev is not None and ev.candidates else task.default_candidates(recipe, samples)
+    if ev is not None and ev.candidates:
+        names = list(ev.candidates)
+    else:
+        names = ["model"] if single_split else task.default_candidates(recipe, samples)
     out, seen = [], set()
     for name in names:
         if name in seen:
@@ -664,14 +707,16 @@ def _score(metrics: dict, key: str) -> float:
     return float(v) if isinstance(v, (int, float)) and v is not None and np.isfinite(v) else float("-inf")
 
 
-def choose_candidate(cands: list[Candidate], pooled: dict[str, dict], key: str) -> tuple[Candidate, str]:
-    """The candidate with the best pooled ``key`` (higher is better); ties go to the lower cost, then to
-    the earlier in the list. Returns ``(candidate, why)`` (one sentence)."""
+def choose_candidate(cands: list[Candidate], pooled: dict[str, dict], key: str,
+                     where: str = "pooled out-of-fold") -> tuple[Candidate, str]:
+    """The candidate with the best ``key`` in ``pooled`` (each candidate's pooled out-of-fold metrics, or
+    its validation metrics on a single split; higher is better); ties go to the lower cost, then to
+    the earlier in the list. Returns ``(candidate, why)`` (one sentence; ``where`` names the figure)."""
     best = max(range(len(cands)), key=lambda i: (round(_score(pooled[cands[i].name], key), 9), -cands[i].cost, -i))
     c = cands[best]
     top = _score(pooled[c.name], key)
     tied = [o.name for o in cands if o is not c and round(_score(pooled[o.name], key), 9) == round(top, 9)]
-    why = f"highest pooled out-of-fold {key} ({top:.4f})"
+    why = f"highest {where} {key} ({top:.4f})"
     if tied:
         why += f", tied with {', '.join(tied)} and cheaper or listed first"
     others = [f"{o.name} {_score(pooled[o.name], key):.4f}" for o in cands if o is not c]
@@ -683,6 +728,72 @@ def choose_candidate(cands: list[Candidate], pooled: dict[str, dict], key: str) 
 SELECTION_NOTE = ("The candidate was chosen on the same folds that give its figure, so the selected figure is "
                   "optimistic (the best of several noisy estimates); `--nested` (eval.nested: true) selects inside "
                   "each outer fold and reports an unbiased figure beside it.")
+
+
+SPLIT_SELECTION_NOTE = ("The candidate was chosen on the validation part, so its validation figure is optimistic (the "
+                        "best of several noisy estimates; fine-tuned candidates also chose their checkpoint on it). The "
+                        "test part was read by no choice: the chosen model's test figure is the estimate. Closed-form "
+                        "candidates (probes, statistics) were fitted on the training part only, so the validation part "
+                        "is unseen by every candidate's weights.")
+
+
+def select_on_split(task: TaskHooks, recipe: BaseRecipe, cands: list[Candidate], samples: Samples,
+                    parts: dict[str, np.ndarray], out: Path, extra: dict, resume: bool = False) -> dict | None:
+    """Single split with several candidates: every candidate fitted on the same training part, compared on
+    the same validation part, the best one delivered; the test part only measures the chosen one.
+
+    Each candidate is a normal run folder ``out/candidates/<name>`` (fitted on ``parts['train']``;
+    closed-form fits get ``parts['fit'] = parts['train']`` so that they never see the validation part
+    that compares them; fine-tuning keeps its checkpoint selection / early stopping on it). The
+    candidate with the best validation :attr:`TaskHooks.selection_metric` (ties: the cheaper,
+    :func:`choose_candidate`) is moved to ``out`` itself (``model.ckpt``, ``metrics.json``, its
+    report); ``out/config.yaml`` is ``recipe`` as given (re-running it repeats the selection).
+    ``metrics.json`` adds ``selection_metric``, ``selected_on``, ``candidates`` (each one's
+    validation figures), ``chosen``, ``chosen_because`` and ``selection_note``; its ``test`` is the
+    chosen model's, measured once after the choice.
+
+    Returns:
+        the chosen run's ``metrics.json`` content; ``None`` on DDP ranks > 0.
+    """
+    key = task.selection_metric
+    fits: dict[str, tuple] = {}
+    fit_parts = {**parts, "fit": parts["train"]}
+    print(f"{len(cands)} candidates on the same split (train {len(parts['train'])}, val {len(parts['val'])}, "
+          f"test {len(parts['test'])}), compared on the validation part", flush=True)
+    for c in cands:
+        print(f"candidate {c.name}: {c.description}", flush=True)
+        res = _fit_part(task, c.recipe, samples, fit_parts, RunFolder(out / "candidates" / c.name, resume), extra,
+                        score_val=True, defer_report=True)
+        if res is None:
+            return None
+        fits[c.name] = res
+    chosen, why = choose_candidate(cands, {n: r[0].get("val", {}) for n, r in fits.items()}, key,
+                                   where=f"validation ({len(parts['val'])} samples)")
+    print(f"chosen: {chosen.name} ({why})", flush=True)
+    table = {c.name: {"description": c.description, "cost": c.cost, "overrides": c.overrides,
+                      "val": _summary(fits[c.name][0].get("val", {})),
+                      "run": "." if c is chosen else f"candidates/{c.name}"} for c in cands}
+    for c in cands:
+        if c is not chosen:
+            fits[c.name][2]()
+    src = out / "candidates" / chosen.name
+    for entry in src.iterdir():
+        os.replace(entry, out / entry.name)
+    src.rmdir()
+    run = RunFolder(out)
+    run.write_config(recipe.model_dump(mode="json"))
+    result, _, write_report = fits[chosen.name]
+    result = {**result, "selection_metric": key,
+              "selected_on": f"validation part ({len(parts['val'])} samples); the test part was read by no choice",
+              "candidates": table, "chosen": chosen.name, "chosen_because": why, "selection_note": SPLIT_SELECTION_NOTE}
+    run.write_metrics(result)
+    fitted_on = (f"fitted on the training part ({len(parts['train'])} samples)"
+                 + ("" if result.get("stopped_by") == "fit" else ", its checkpoint chosen on the validation part"))
+    write_report({"selection": {"candidates": table, "chosen": chosen.name, "why": why, "key": key, "on": "validation",
+                                "note": SPLIT_SELECTION_NOTE, "test": _summary(result["test"]),
+                                "model": {"what": f"'{chosen.name}' {fitted_on}; its test figures are the estimate"}}},
+                 at=run)
+    return result
 
 
 def _nested(task: TaskHooks, cands: list[Candidate], samples: Samples, assign: np.ndarray, pool_idx: np.ndarray,

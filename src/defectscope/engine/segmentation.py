@@ -6,6 +6,9 @@ Recipe (``task: segmentation``)::
     model: {name: unet, encoder: resnet18, pretrained: false}
     train: {epochs: 12, batch_size: 8, lr: 1.0e-3, val_fraction: 0}
 
+Schema: :class:`defectscope.recipes.segmentation.SegmentationRecipe`; report:
+:mod:`defectscope.evaluation.segmentation_report`. This module holds the task's hooks.
+
 The task plugs into the shared pipeline (:mod:`defectscope.engine.pipeline`); its model's
 Lightning wrapper is :class:`defectscope.models.unet.lightning_model.SegmentationModule`.
 
@@ -41,112 +44,29 @@ settings of this task (validation rejects them).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
 from torch.utils.data import DataLoader
 
-from defectscope.config import BaseRecipe, StrictModel, TrainConfig
 from defectscope.data.images import DatasetError
 from defectscope.data.masks import MaskedImage, MaskStack, read_manifest
 from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
 from defectscope.engine.trainer import fit_lightning, resolved_precision
-from defectscope.evaluation.segmentation import IMAGE_SCORE_METHODS, dice_per_image, segmentation_metrics
+from defectscope.evaluation.segmentation import dice_per_image, segmentation_metrics
 from defectscope.evaluation.segmentation_report import write_segmentation_report  # noqa: F401 (re-exported)
 from defectscope.models import create_model
 from defectscope.models.unet import check_input_size
 from defectscope.models.unet.inference import UNetInference, predict_unet
 from defectscope.models.unet.lightning_model import DefectOversampler, MaskDataset, SegmentationModule
+from defectscope.recipes.segmentation import SegmentationData, SegmentationRecipe
 
 #: Rows per block of the computed ``--group-by`` column ``block8`` (KolektorSDD: 8 views per part).
 BLOCK_ROWS = 8
 #: Class names of the image-level label (index = ``Samples.labels`` value).
 CLASS_NAMES = ["good", "defective"]
-
-
-class SegmentationData(StrictModel):
-    """Where the images and masks are, how they are split, the size rule and the sampling of training images.
-
-    Attributes:
-        root: KolektorSDD-layout folder (images/, masks/, manifest.csv with id,[split,]defective).
-        height, width: network input size (multiples of 32); images are resized to it.
-        train_split, test_split: manifest ``split`` values trained on / reported under ``test``
-            (the test split is the data's own test set: cross-validation leaves it out).
-        test_fraction, split_seed: the stratified held-out share and its seed, used only when the
-            manifest has no ``split`` column or no rows of ``test_split``.
-        defect_oversample: each defective training image appears this many times per epoch.
-        good_per_epoch: good (empty-mask) training images drawn per epoch (``None``: all).
-        crop_height: train on crops this tall (full width; 0: whole images); multiple of 32.
-        max_images: keep at most this many images per split (quick runs and tests), half defective
-            where possible.
-    """
-
-    root: str
-    height: int = Field(320, ge=32)
-    width: int = Field(128, ge=32)
-    train_split: str = "train"
-    test_split: str = "val"
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int = 0
-    defect_oversample: int = Field(3, ge=1)
-    good_per_epoch: int | None = Field(None, ge=0)
-    crop_height: int = Field(0, ge=0)
-    max_images: int | None = Field(None, ge=2)
-
-    @field_validator("height", "width", "crop_height")
-    @classmethod
-    def _multiple_of_32(cls, v: int) -> int:
-        if v % 32:
-            raise ValueError(f"must be a multiple of 32 (U-Net size rule); try {v // 32 * 32 or 32} or {(v // 32 + 1) * 32}")
-        return v
-
-
-class SegmentationModelConfig(StrictModel):
-    """U-Net settings (paper 004, section 2).
-
-    Attributes:
-        name: registered model (``unet``).
-        encoder: ``resnet18`` (random init here) or ``efficientnet_lite0`` (real ImageNet weights).
-        pretrained: load the encoder's ImageNet weights (EfficientNet-Lite0 only).
-        weights: local encoder state dict (any encoder).
-        decoder_channels: the five decoder widths.
-        bce_weight, dice_weight: loss = bce_weight * BCE + dice_weight * Dice.
-        threshold: probability at or above which a pixel is predicted defective; an image is
-            predicted defective when its image score reaches it.
-        tta: test-time augmentation: average the probabilities of the image and its
-            horizontal, vertical and double flips (the flips training uses); 4x inference.
-        image_score: how a mask becomes the image-level "defect present" score
-            (``max``, ``blur_max``, ``top_mean``; see :func:`defectscope.evaluation.segmentation.image_scores`).
-    """
-
-    name: str = "unet"
-    encoder: str = "resnet18"
-    pretrained: bool = False
-    weights: str | None = None
-    decoder_channels: list[int] = [128, 64, 32, 16, 16]
-    bce_weight: float = Field(1.0, ge=0)
-    dice_weight: float = Field(1.0, ge=0)
-    threshold: float = Field(0.5, gt=0, lt=1)
-    tta: bool = False
-    image_score: Literal[IMAGE_SCORE_METHODS] = "max"
-
-
-class SegmentationRecipe(BaseRecipe):
-    """Recipe of the ``segmentation`` task.
-
-    With ``train.val_fraction > 0`` checkpoints are selected, and training stopped early
-    (``train.early_stopping_patience``), on the validation loss ``val/loss`` (BCE + Dice, min);
-    with 0 the last weights of the fixed schedule are kept.
-    """
-
-    task: str = "segmentation"
-    data: SegmentationData
-    model: SegmentationModelConfig = SegmentationModelConfig()
-    train: TrainConfig = TrainConfig(epochs=12, batch_size=8, lr=1e-3, val_fraction=0.0, early_stopping_patience=0)
 
 
 def select_items(items: list[MaskedImage], split: str, limit: int | None, source: str) -> list[MaskedImage]:

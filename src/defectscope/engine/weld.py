@@ -30,34 +30,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from defectscope.config import BaseRecipe, StrictModel, TrainConfig
+from defectscope.config import TrainConfig
 from defectscope.data.weld.format import WeldDataError, WeldDataset, read_weld_dataset
 from defectscope.data.weld.prepare import SpectralPrep, crop_welds, fit_spectral_prep
 from defectscope.models.training import scale_probs
-from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks, crossval_table, report_sections, selection_section
+from defectscope.engine.pipeline import Fitted, Predictions, Samples, TaskHooks
 from defectscope.engine.run import RunFolder
 from defectscope.engine.tasks import register_task
-from defectscope.engine.trainer import fit_lightning, report_training_curves, set_threads
+from defectscope.engine.trainer import fit_lightning, set_threads
 from defectscope.evaluation.classification import classification_metrics
-from defectscope.evaluation.plots import plot_confusion_matrix, plot_roc_curves
-from defectscope.evaluation.report import Report
-from defectscope.evaluation.weld_plots import (
-    TABLE4_COLUMNS,
-    percent_strings,
-    plot_attention_overlays,
-    plot_correlation,
-    plot_seam_examples,
-    plot_spectra_examples,
-    seam_dice,
-    table4_rows,
-)
+from defectscope.evaluation.weld_plots import seam_dice
+from defectscope.evaluation.weld_report import write_weld_report
 from defectscope.models import create_model
 from defectscope.models.weld_fusion.lightning_model import (
     SeamUNetModule,
@@ -69,6 +57,7 @@ from defectscope.models.weld_fusion.lightning_model import (
     weld_loader,
 )
 from defectscope.models.weld_fusion.torch_model import MODALITIES
+from defectscope.recipes.weld import SegmentationConfig, WeldData, WeldModelConfig, WeldRecipe, WeldTrainConfig
 
 #: data sets with fewer samples are cross-validated by default (a single 8:2 split leaves a handful of test samples)
 CV_BELOW = 200
@@ -78,133 +67,6 @@ DEFAULT_FOLDS = 5
 CLOSED_FORM = ("weld_signal_stats", "weld_image_probe")
 #: a validation part with fewer samples of some class selects checkpoints on noise: fixed schedule instead
 MIN_VAL_PER_CLASS = 5
-
-
-class SimulateConfig(StrictModel):
-    """Simulate the data set (no real data needed): ``n_samples`` coupons, ``seed``, ``image_size`` px."""
-
-    n_samples: int = Field(603, ge=14)
-    seed: int = 0
-    image_size: int = Field(256, ge=64)
-
-
-class WeldData(StrictModel):
-    """Data, split and input preparation.
-
-    Attributes:
-        root: a weld data folder (manifest.json); with ``simulate`` it is where the simulated set is
-            written (default ``RUN/data``).
-        simulate: simulate the set first (the demo); ``None`` reads ``root``.
-        seq_len: ``T`` time steps per series (paper 000: 560); ``length_policy`` resample or crop.
-        test_fraction, split_seed: the stratified held-out split of a single-split run (paper: 8:2).
-        crop_height, crop_width: size (px) each weld crop is resized to for the vision encoder.
-        seg_size: side (px) images are resized to for the seam U-Net.
-        segmented: blank the background outside the (predicted) seam in the crops (paper's
-            "segmented images"); ``False`` feeds raw crops. No effect without a seam U-Net.
-    """
-
-    root: str | None = None
-    simulate: SimulateConfig | None = None
-    seq_len: int = Field(560, ge=16)
-    length_policy: Literal["resample", "crop"] = "resample"
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int = 0
-    crop_height: int = Field(64, ge=32)
-    crop_width: int = Field(256, ge=32)
-    seg_size: int = Field(128, ge=32)
-    segmented: bool = True
-
-
-class SegmentationConfig(StrictModel):
-    """Seam U-Net (compact, Fig. 7) training.
-
-    ``enabled``: train it when every sample has a seam mask (otherwise, and with ``enabled=False``,
-    each weld's crop is a fixed band of the image, see :func:`crop_welds`).
-    """
-
-    enabled: bool = True
-    base_channels: int = Field(8, ge=2)
-    depth: int = Field(3, ge=1, le=5)
-    epochs: int = Field(4, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(2e-3, gt=0)
-
-
-class WeldModelConfig(StrictModel):
-    """Weld model and signal settings.
-
-    Attributes:
-        name: ``weld_fusion`` (paper 000), ``weld_vision``, ``weld_dlinear``, ``weld_informer``, ``weld_inverted``;
-            the closed-form references ``weld_signal_stats`` (per-channel statistics of the process window ->
-            logistic regression, :mod:`defectscope.models.signal_stats`) and ``weld_image_probe`` (logistic
-            regression on the frozen backbone's pooled crop features); these two fit in seconds.
-        backbone, pretrained, weights: vision encoder (``efficientnet_lite0`` has real ImageNet weights here;
-            the paper's ``mobilenetv2_100`` has none on this machine).
-        fusion: ``v2s`` | ``s2v`` | ``bidirectional`` | ``add`` | ``concat``.
-        embedding: ``inverted`` | ``vanilla``; ``spectral_dim`` its width D (paper: 64/96/128).
-        embed_dim, num_heads, num_layers, dropout: fusion/head settings.
-        channels: ``select`` (Pearson selection of ``num_channels``), or ``all``.
-        freeze_backbone: keep the (ImageNet) vision encoder fixed and train on its cached feature
-            maps, computed once; the CPU demo uses it (the paper fine-tunes the encoder).
-        num_channels: channels kept by the selection (paper: 4; at most the data's channel count).
-        per_band: balance the selection over VIS/NIR (channels with wavelengths, the paper's
-            2 + 2) or over the channel groups (e.g. electrical, gas, acoustic) when wavelengths are absent.
-    """
-
-    name: Literal["weld_fusion", "weld_vision", "weld_dlinear", "weld_informer", "weld_inverted",
-                  "weld_signal_stats", "weld_image_probe"] = "weld_fusion"
-    backbone: str = "efficientnet_lite0"
-    pretrained: bool = True
-    weights: str | None = None
-    fusion: Literal["v2s", "s2v", "bidirectional", "add", "concat"] = "v2s"
-    embedding: Literal["inverted", "vanilla"] = "inverted"
-    spectral_dim: int = Field(96, ge=4)
-    embed_dim: int = Field(128, ge=8)
-    num_heads: int = Field(4, ge=1)
-    num_layers: int = Field(1, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    freeze_backbone: bool = False
-    channels: Literal["select", "all"] = "select"
-    num_channels: int = Field(4, ge=1)
-    per_band: bool = True
-
-
-class WeldTrainConfig(TrainConfig):
-    """:class:`TrainConfig` plus the classification loss of the weld models.
-
-    Attributes:
-        loss: ``focal`` (paper 000, eq. 14) or ``ce`` (cross-entropy).
-        focal_gamma: focusing parameter lambda of eq. 14.
-        label_smoothing: for ``ce`` only.
-        augment, channels_last: always ``false`` here: weld crops are not flipped (the orientation
-            of the first crop carries meaning, section 4.2) and the inputs are 5-D.
-    """
-
-    epochs: int = Field(10, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    early_stopping_patience: int = Field(4, ge=0)
-    augment: bool = False
-    channels_last: bool = False
-    loss: Literal["focal", "ce"] = "focal"
-    focal_gamma: float = Field(2.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-
-    @field_validator("augment", "channels_last")
-    @classmethod
-    def _not_used(cls, v: bool, info) -> bool:
-        if v:
-            raise ValueError(f"not a setting of task 'weld' (it would do nothing here): set {info.field_name}: false")
-        return v
-
-
-class WeldRecipe(BaseRecipe):
-    """Recipe of the ``weld`` task; checkpoints are selected on ``val/weighted_f1`` (max), early stopping too."""
-
-    task: Literal["weld"] = "weld"
-    data: WeldData = WeldData()
-    segmentation: SegmentationConfig = SegmentationConfig()
-    model: WeldModelConfig = WeldModelConfig()
-    train: WeldTrainConfig = WeldTrainConfig()
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -431,6 +293,8 @@ class WeldTask(TaskHooks):
         tr = parts["train"]
         va = parts.get("val", np.zeros(0, int))
         fit_idx = np.concatenate([tr, va])
+        if m.name in CLOSED_FORM and "fit" in parts:  # single-split candidate selection: the validation part stays unseen
+            fit_idx = np.asarray(parts["fit"])
         use_unet, seam_note = self._use_unet(recipe, ds)
         unet, unet_info, unet_seconds = None, {}, 0.0
         if use_unet:
@@ -553,11 +417,8 @@ class WeldTask(TaskHooks):
         ds: WeldDataset = samples.data["ds"]
         m = recipe.model
         cv = info.pop("crossval", None)
-        probs = preds.raw["probs"]
         y = samples.labels[idx]
         title = f"defectscope weld: {m.name} ({m.fusion if m.name == 'weld_fusion' else 'baseline'}) on {ds.root.name}"
-        rep = Report(title, synthetic=ds.synthetic)
-        what = "pooled out-of-fold predictions" if cv else "the held-out split"
         sel = preds.raw["selected_labels"]
         run_kv = {"data": samples.description, **{k: v for k, v in info.items() if k in ("protocol", "samples", "split")},
                   "model": m.name, "fusion": m.fusion, "embedding": f"{m.embedding}, D={m.spectral_dim}",
@@ -571,51 +432,7 @@ class WeldTask(TaskHooks):
             run_kv.update({"epochs run": info.get("epochs_run"), "train seconds": info.get("train_seconds"),
                            "stage seconds": f"seam U-Net {info.get('unet_train_seconds')}, crops {info.get('crops_seconds')}, "
                                             f"frozen features {info.get('features_seconds')}"})
-        rep.kv("Run", run_kv)
-        selection_section(rep, info)
-        if cv:
-            rep.table("Cross-validation: held-out figures per fold", crossval_table(
-                {**cv, "pooled": metrics}, ["n", "accuracy", "weighted_f1", "macro_f1", "macro_auroc", "seam_dice"]))
-        rep.kv("Test metrics" if not cv else "Pooled out-of-fold metrics",
-               {k: metrics[k] for k in ("n", "accuracy", "weighted_precision", "weighted_recall", "weighted_f1",
-                                        "macro_f1", "macro_auroc", "seam_dice")})
-        rep.table("Per class (paper 000 Table 4 layout)", percent_strings(table4_rows(metrics)), TABLE4_COLUMNS)
-        plot_confusion_matrix(metrics["confusion_matrix"], ds.classes, run.plots / "confusion_matrix.png")
-        rep.image("plots/confusion_matrix.png", f"Confusion matrix on {what} (rows: true class)")
-        plot_roc_curves(y, probs, ds.classes, run.plots / "roc_curves.png")
-        rep.image("plots/roc_curves.png", f"One-vs-rest ROC curves on {what}")
-        if cv:
-            report_sections(rep, run, {"decisions": info.get("decisions")})
-            rep.write(run.report_path)
-            return
-        labels = ds.channel_labels
-        selected = preds.raw["selected"]
-        plot_correlation(preds.raw["corr"], labels, selected, run.plots / "channel_correlation.png")
-        rep.image("plots/channel_correlation.png", "Pearson correlation between the channels (eq. 1) and the selected channels (red)")
-        plot_spectra_examples(ds, selected, run.plots / "spectra_by_class.png")
-        rep.image("plots/spectra_by_class.png", "Selected channels, class means of weld 1 (raw values)")
-        masks, crops = preds.raw["masks"], preds.raw["crops"]
-        present = [c for c in range(len(ds.classes)) if (y == c).any()]
-        if masks is not None:
-            pick = [int(np.flatnonzero(y == c)[0]) for c in present][:4]
-            plot_seam_examples([ds.samples[idx[j]] for j in pick], [masks[j] for j in pick], crops[pick],
-                               run.plots / "seam_segmentation.png")
-            dice = metrics.get("seam_dice")
-            rep.image("plots/seam_segmentation.png", "Seam U-Net on held-out samples"
-                      + (f" (mean Dice {dice:.3f})" if dice is not None else "") + " and the weld crops")
-        attn = preds.raw["attn"]
-        if attn and preds.raw["grid"] is not None:
-            pick = [int(np.flatnonzero(y == c)[0]) for c in present][:5]
-            done = plot_attention_overlays(crops[pick], {k: v[pick] for k, v in attn.items()}, preds.raw["grid"],
-                                           [ds.samples[idx[j]].id for j in pick], [ds.classes[y[j]] for j in pick],
-                                           [ds.classes[int(probs[j].argmax())] for j in pick], [labels[i] for i in selected],
-                                           run.plots / "attention_overlays.png")
-            if done:
-                rep.image("plots/attention_overlays.png", "Cross-attention weights over the weld crops (Fig. 14): per signal "
-                          "channel token, how strongly each image region attends to it")
-        report_training_curves(rep, run, "Training loss and validation scores per epoch")
-        report_sections(rep, run, {"decisions": info.get("decisions")})
-        rep.write(run.report_path)
+        write_weld_report(run, ds, title, run_kv, metrics, y, idx, preds.raw, info, cv)
 
     # -------------------------------------------------------------------------------- decisions
 

@@ -153,6 +153,12 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float 
     return float(np.trapezoid(pro, fpr) / fpr_limit)
 
 
+def pixel_stride(size: tuple[int, int]) -> int:
+    """Pixel subsampling step of the pixel metrics (pixel AUROC, AUPRO) for maps of ``size = (H, W)``: 2 up to
+    640 rows, more above (bounded memory and time); a run's test metrics and ``evaluate`` use the same."""
+    return 2 * max(1, int(size[0]) // 640)
+
+
 def anomaly_metrics(y_true: np.ndarray, scores: np.ndarray, decision: np.ndarray, maps: np.ndarray | None = None,
                     masks: np.ndarray | None = None) -> dict:
     """The figures of one scored image set, as the field reports them.

@@ -72,13 +72,32 @@ def selection_rows(selection: dict) -> list[dict]:
     return rows
 
 
+def split_selection_rows(selection: dict) -> list[dict]:
+    """Report rows of a single-split selection: every candidate's validation figures side by side; the test
+    figures of the chosen one only (measured once, after the choice)."""
+    rows = []
+    for name, c in selection["candidates"].items():
+        row = {"candidate": name + (" (chosen)" if name == selection["chosen"] else ""), "what": c["description"]}
+        for k in ("accuracy", "weighted_f1", "macro_auroc"):
+            if k in c["val"]:
+                row[f"val {k}"] = c["val"][k]
+        for k in ("accuracy", "weighted_f1", "macro_auroc"):
+            row[f"test {k}"] = selection.get("test", {}).get(k) if name == selection["chosen"] else "not read"
+        rows.append(row)
+    return rows
+
+
 def selection_section(rep, info: dict) -> None:
-    """Add the "Candidates" section (every candidate's out-of-fold figures, the choice and why, the refit
-    model and the optimism note) to a report, when the pipeline passed ``info["selection"]``."""
+    """Add the "Candidates" section (every candidate's out-of-fold or validation figures, the choice and
+    why, the delivered model and the optimism note) to a report, when the pipeline passed
+    ``info["selection"]`` (``selection["on"] == "validation"``: a single split)."""
     sel = info.get("selection")
     if not sel:
         return
-    if len(sel["candidates"]) > 1:
+    if len(sel["candidates"]) > 1 and sel.get("on") == "validation":
+        rep.table("Candidates on the same validation part (the test part measures the chosen one only)",
+                  split_selection_rows(sel))
+    elif len(sel["candidates"]) > 1:
         rep.table("Candidates on the same folds (pooled out-of-fold and mean +- std over folds)", selection_rows(sel))
         rep.text(f"Chosen: {sel['chosen']}: {sel['why']}. {sel['note']}")
     rep.text(f"The deployable model (model.ckpt) is {sel['model']['what']}. "

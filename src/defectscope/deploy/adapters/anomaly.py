@@ -1,6 +1,7 @@
 """Deploy adapter of the ``anomaly`` task: a thin layer over the run's anomaly model.
 
-The module served, exported and benchmarked is the run's :class:`~defectscope.models.anomaly.AnomalyModel`
+The module that ``predict`` and ``evaluate`` run (:meth:`AnomalyAdapter.write_predictions`,
+:meth:`AnomalyAdapter.evaluate`), served, exported and benchmarked is the run's :class:`~defectscope.models.anomaly.AnomalyModel`
 itself, rebuilt by the task's one loader (:func:`defectscope.engine.anomaly.load_anomaly_run`): its eval
 forward maps ``image`` float32 ``[B, 3, H, W]`` RGB in [0, 1] (``H, W`` = the run's ``image_size``) to
 
@@ -106,6 +107,100 @@ class AnomalyAdapter(TaskAdapter):
         amap = np.asarray(outputs["anomaly_map"], np.float32)
         unit, _ = _display(info, amap)
         return (np.clip(unit(resize_map(amap, image.shape[:2])), 0, 1) * 255).round().astype(np.uint8)
+
+    # ---------------------------------------------------------------- files: ``defectscope predict`` / ``evaluate``
+
+    default_predict_out = "preds.csv"
+
+    def write_predictions(self, predictor, files: list[Path], results: list, skipped: list[tuple[Path, str]],
+                          out: Path, **options) -> dict:
+        """CSV ``out``: ``file, score, decision, threshold, map, error``, one row per file (skipped files: empty
+        fields and the error). ``score`` is the model's ``pred_score``, ``decision`` ``defective`` when above
+        ``threshold`` else ``normal``; ``map`` names the PNG written to ``<out stem>_maps/<image stem>.png``:
+        the anomaly map resized (bilinear) to the image's own size as a jet heat map over the image
+        (the answer's ``overlay_png``, scaled as :attr:`map_kind` says).
+
+        Returns:
+            ``{"maps": the maps folder}``.
+        """
+        import base64
+        import csv
+        import io
+
+        from defectscope.utils.io import write_bytes, write_text
+
+        out = Path(out)
+        map_dir = out.parent / f"{out.stem}_maps"
+        thr = float(predictor.info.thresholds["pred_score"])
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["file", "score", "decision", "threshold", "map", "error"])
+        for f, r in zip(files, results):
+            png = map_dir / f"{Path(f).stem}.png"
+            write_bytes(png, base64.b64decode(r.answer["overlay_png"]))
+            w.writerow([str(f), f"{r.score:.6f}", r.label, f"{thr:.6f}", str(png), ""])
+        for f, err in skipped:
+            w.writerow([str(f), "", "", "", "", err])
+        write_text(out, buf.getvalue())
+        return {"maps": str(map_dir)}
+
+    def evaluate(self, predictor, data: Path, out: Path, batch_size: int = 4) -> dict:
+        """Score every image of a labelled folder at the model's input size: a KolektorSDD-layout folder
+        (``manifest.csv``, ``images/``, ``masks/``: every row) or an MVTec AD category folder (its ``test/``
+        images; good ones without a mask). Metrics (:func:`~defectscope.evaluation.anomaly.anomaly_metrics`):
+        image AUROC, AP, F1-max, F1 / precision / recall at the run's threshold, and pixel AUROC and AUPRO
+        (FPR limit 0.3) of the maps against the masks (every ``pixel_stride``-th pixel) when every defective
+        image has a mask. Writes ``out/metrics.json`` and ``out/report.html``.
+
+        Raises:
+            DatasetError: neither layout, or a bad manifest / missing image or mask (named).
+        """
+        from defectscope.data.images import DatasetError, load_stack
+        from defectscope.data.kolektor import read_kolektor_manifest
+        from defectscope.data.mvtec import has_pixel_masks, load_item_mask, read_mvtec
+        from defectscope.engine.run import RunFolder
+        from defectscope.evaluation.anomaly import anomaly_metrics, pixel_stride
+        from defectscope.evaluation.anomaly_report import write_anomaly_report
+
+        info = predictor.info
+        data = Path(data)
+        if (data / "manifest.csv").is_file():
+            items, layout = read_kolektor_manifest(data), "KolektorSDD manifest"
+        elif (data / "test").is_dir():
+            items, layout = [it for it in read_mvtec(data) if it.split == "test"], "MVTec AD test/"
+        else:
+            raise DatasetError(f"{data}: expected a KolektorSDD-layout folder (manifest.csv, images/, masks/) or an "
+                               "MVTec AD category folder (test/<defect>/, ground_truth/<defect>/)")
+        if not items:
+            raise DatasetError(f"{data}: no image to evaluate ({layout})")
+        size = tuple(info.input_size)
+        st = pixel_stride(size)
+        x = load_stack([it.image for it in items], size)
+        y = np.array([int(it.defective) for it in items])
+        with_masks = has_pixel_masks(items)
+        masks = np.stack([load_item_mask(it, size) for it in items])
+        scores, maps = [], []
+        for i in range(0, len(x), batch_size):
+            o = predictor.run({"image": x[i : i + batch_size].astype(np.float32) / np.float32(255.0)})
+            scores.append(np.asarray(o["pred_score"], np.float64).reshape(-1))
+            maps.append(np.asarray(o["anomaly_map"], np.float32)[:, ::st, ::st].copy())
+        score, amap = np.concatenate(scores), np.concatenate(maps)
+        thr = float(info.thresholds["pred_score"])
+        decision = score > thr
+        metrics = anomaly_metrics(y, score, decision, amap if with_masks else None,
+                                  masks[:, ::st, ::st] if with_masks else None)
+        metrics["pixel_stride"] = int(st)
+        ev = RunFolder(out).create()
+        ev.write_metrics({"task": info.task, "run": info.source, "backend": predictor.backend, "data": str(data),
+                          "model": info.model_name, "test": metrics})
+        idx = np.arange(len(items))
+        write_anomaly_report(ev, f"defectscope evaluate: {Path(info.source).name} on {data.name}",
+                             {"run": info.source, "backend": predictor.backend, "model": info.model_name,
+                              "data": f"{data} ({layout})", "images": f"{len(items)} ({int(y.sum())} defective)",
+                              "input size (H x W)": f"{size[0]} x {size[1]}", "threshold": thr},
+                             metrics, y, x, masks, [it.id for it in items], idx,
+                             {"score": score, "decision": decision, "maps": amap, "stride": st}, thr, info.model_name)
+        return metrics
 
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """Images of ``RUN/split/<split>.txt`` (``test``: good and defective; ``fit``/``calibration``: good only;

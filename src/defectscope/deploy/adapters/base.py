@@ -245,8 +245,6 @@ class TaskAdapter:
         """
         from defectscope.data.images import expand_inputs, iter_images
 
-        if type(self).write_predictions is TaskAdapter.write_predictions:  # transition, see evaluate
-            return self._engine_fallback("predict", predictor)(predictor.run_dir, inputs, out, **options)
         self.check_predict_options(options)
         files = expand_inputs(inputs)
         done: list[Path] = []
@@ -286,24 +284,8 @@ class TaskAdapter:
 
     def evaluate(self, predictor, data: Path, out: Path) -> dict:
         """``defectscope evaluate``: the metrics of ``predictor`` on the labelled data ``data``; writes
-        ``out/metrics.json`` and ``out/report.html``; returns the metrics.
-
-        Transition: a task whose adapter does not implement it yet (``anomaly``, until its model
-        contract moves into the adapter) runs its engine task's ``evaluate`` on the run folder.
-
-        Raises:
-            DeployError: the task has neither.
-        """
-        return self._engine_fallback("evaluate", predictor)(predictor.run_dir, data, out)
-
-    def _engine_fallback(self, what: str, predictor):
-        from defectscope.engine.tasks import get_task
-
-        fn = getattr(get_task(self.task), what, None)
-        if fn is None or predictor.run_dir is None:
-            raise DeployError(f"task '{self.task}' has no '{what}' for {predictor.info.source} "
-                              f"({'an exported file' if predictor.run_dir is None else 'no adapter support'})")
-        return fn
+        ``out/metrics.json`` and ``out/report.html``; returns the metrics. Every task implements it."""
+        raise NotImplementedError
 
     def eval_set(self, run_dir: Path, info: ModelInfo, limit: int | None = None, split: str = "test") -> EvalSet:
         """A split of the run (``RUN/split/<split>.txt``; ``test`` = held out) as model inputs and targets.
