@@ -6,10 +6,8 @@ standard deviation over the **calibration** images ``x_cal`` (normal images none
 fitted on: a member that memorises its fitting images, like PatchCore, scores them near zero), and the
 ensemble's score and map are the averages of the members' standardised ones. Standardising by normal
 data puts members whose scales differ by orders of magnitude (PatchCore's distances ~10, PaDiM's
-Mahalanobis ~100, a student-teacher's normalised errors ~0.1) on one scale (the z-score combination of
-anomalib's score normalisation; cf. Heckler et al., "Exploring the importance of pretrained feature
-extractors for unsupervised anomaly detection and localization", CVPR-W 2023, where ensembles of
-normalised scores help).
+Mahalanobis ~100, a student-teacher's normalised errors ~0.1) on one scale (z-scores against normal data; a
+plain average of the standardised scores, no weights fitted, since no defective image may be used to fit).
 
 A member may take its own ``image_size``: the ensemble's input (``data.image_size``) is resized to it
 inside the graph (bilinear), and its map back to the input size, so members that work best at
