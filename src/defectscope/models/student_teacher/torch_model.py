@@ -3,21 +3,21 @@
 Batzner, Heckler, König, "EfficientAD: Accurate Visual Anomaly Detection at Millisecond-Level
 Latencies", WACV 2024. What is taken from the paper, and what differs:
 
-- **teacher** (sec. 3.1): frozen pretrained features. EfficientAD distils a WideResNet-101 into a
+- **teacher**: frozen pretrained features. EfficientAD distils a WideResNet-101 into a
   small PDN teacher; no WideResNet weights exist here, so the teacher is EfficientNet-Lite0 (ImageNet,
   :class:`~defectscope.models.anomaly.StageFeatures`, stages 2 + 4, stride 8, 152 channels);
-- **normalised teacher features** (sec. 3.2, the ``mu`` / ``sigma`` of Alg. 1): each teacher channel is
+- **normalised teacher features**: each teacher channel is
   standardised by its mean and standard deviation over the fitting images;
-- **student** (sec. 3.1-3.2): a small patch description network (PDN-style: 3 x 3 convolutions with ReLU,
+- **student**: a small patch description network (PDN-style: 3 x 3 convolutions with ReLU,
   2 x 2 average pooling to stride 8, ``student_depth`` more at stride 8, a 1 x 1 projection to the teacher's
   channels; receptive field 70 px at depth 3, EfficientAD's PDN-S has 33 px at stride 4), trained from
   scratch on the normal images to regress the normalised teacher features, with the paper's **hard
-  feature loss** (eq. 1: the mean of the squared differences at or above their ``hard_quantile``,
+  feature loss** (the mean of the squared differences at or above their ``hard_quantile``,
   0.999); Adam, a fixed number of ``steps`` (never cut by the clock), learning rate divided by 10 at
   95 % of them (the paper's schedule, shortened). The ImageNet penalty (needs ImageNet images) and the
   autoencoder branch are left out;
-- **anomaly map** (sec. 3.3): the per-position mean over channels of the squared difference
-  ``(T_hat - S)^2``, normalised by the calibration images' quantiles (sec. 3.4: ``q_a`` = 0.9 and
+- **anomaly map**: the per-position mean over channels of the squared difference
+  ``(T_hat - S)^2``, normalised by the calibration images' quantiles (``q_a`` = 0.9 and
   ``q_b`` = 0.995 quantiles of the map values, ``0.1 (m - q_a) / (q_b - q_a)``), upsampled to the
   input and Gaussian-smoothed (``blur_sigma`` px); image score = the largest normalised cell
   inside ``score_border`` cells.
@@ -74,7 +74,7 @@ class StudentPDN(nn.Module):
 
 
 def hard_feature_loss(diff2: torch.Tensor, hard_quantile: float) -> torch.Tensor:
-    """EfficientAD eq. 1: the mean of the squared differences ``diff2`` (any shape) at or above their
+    """EfficientAD's hard feature loss: the mean of the squared differences ``diff2`` (any shape) at or above their
     ``hard_quantile`` (0 = the plain mean). Computed with ``topk`` (``torch.quantile`` refuses > 16 M values)."""
     flat = diff2.reshape(-1)
     if hard_quantile <= 0:
