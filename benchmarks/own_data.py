@@ -1,6 +1,7 @@
 """Small own-data folders: `defectscope train FOLDER` (no recipe), every candidate side by side.
 
     python benchmarks/own_data.py --out DIR [--proxies neu_grey ksdd weld_spread] [--nested weld_spread] [--seed 0]
+    python benchmarks/own_data.py --out DIR --proxies neu_grey_split ksdd_split    # single splits
     python benchmarks/own_data.py --out DIR --proxies neu6 --per-class 4 8 16     # the older NEU 6-class table
 
 Proxies (issue 25), none of them what the recipes were tuned on; folders are written under ``DIR``,
@@ -13,6 +14,8 @@ never into the repository:
   validation part and the chosen one is measured on the test part;
 - ``ksdd``: KolektorSDD as ``good`` / ``defective`` class folders (as ``benchmarks/ksdd_as_classes.py``),
   15 images per class (seeded), symlinks;
+- ``ksdd_split``: KolektorSDD as ``good`` / ``defective`` folders at 52 per class (every defective
+  image): a single split, candidates compared on the validation part;
 - ``weld_spread``: 24 weld runs from ``tests/weld_fixtures.py`` (12 batches of an ``ok`` and a
   ``porosity`` run) written as recordings and imported with ``defectscope signals import``; the photos,
   audio, gas and photodiode carry no class information, the defect is a doubled spread of the arc voltage;
@@ -146,6 +149,7 @@ def main() -> None:
                 "neu_grey_split": lambda: make_neu(args.out / "neu_grey_split", args.split_per_class, args.seed,
                                                    ["rolled-in_scale", "pitted_surface", "inclusion", "scratches"], grey=True),
                 "ksdd": lambda: make_ksdd(args.out / "ksdd", 15, args.seed),
+                "ksdd_split": lambda: make_ksdd(args.out / "ksdd_split", 52, args.seed),
                 "weld_spread": lambda: make_weld(args.out / "weld_spread", args.seed)}[p]()
         rows.append(run_proxy(p, data, args.out / f"run_{p}", p in args.nested, extra))
     meta = {"seed": args.seed, "cpu_capability": torch.backends.cpu.get_cpu_capability(),

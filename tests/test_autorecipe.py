@@ -146,9 +146,9 @@ def test_a_single_split_lists_the_candidates_and_a_validation_part_big_enough_to
     """50 images per class: a 20 % test split holds 10 per class (one split), but 10 % of the other 40 would
     hold 4, too few to compare candidates on: the share is raised to 12.5 % (5 per class)."""
     r = size_recipe("classification", 100, {"a": 50, "b": 50}, (200, 200), root="X")
-    assert r["eval"]["folds"] == 1 and r["eval"]["candidates"] == ["model", "linear_probe", "finetune_small"]
+    assert r["eval"]["folds"] == 1 and r["eval"]["candidates"] == ["model", "linear_probe", "finetune_small", "linear_probe_lite2"]
     assert r["train"]["val_fraction"] == 0.125 and r["train"]["early_stopping_patience"] > 0
     big = size_recipe("classification", 1800, {c: 300 for c in SIX}, (200, 200), root="X")
-    assert big["train"]["val_fraction"] == 0.1 and big["eval"]["candidates"] == ["model", "linear_probe", "finetune_small"]
+    assert big["train"]["val_fraction"] == 0.1 and big["eval"]["candidates"] == ["model", "linear_probe", "finetune_small", "linear_probe_lite2"]
     cv = size_recipe("classification", 40, {c: 10 for c in "abcd"}, (200, 200), root="X")
     assert cv["train"]["val_fraction"] == 0.0 and cv["eval"]["folds"] == 5  # cross-validation: unchanged

@@ -120,7 +120,7 @@ def _print_result(task, out: Path, result: dict, title: str | None = None) -> No
         console.print(f"candidates, validation {key}: " + ", ".join(
             f"{n} {c['val'].get(key, float('nan')):.4f}" for n, c in cands.items())
             + f"; chosen: {result['chosen']} -> {out / 'model.ckpt'} (the test figures above are the chosen model's, "
-            "measured after the choice; the others' runs: " + f"{out / 'candidates'})", highlight=False, soft_wrap=True)
+            "no choice read the test part; the others' runs: " + f"{out / 'candidates'})", highlight=False, soft_wrap=True)
     cut = "  (CUT SHORT by train.max_minutes: the schedule did not finish)" if result.get("cut_short") else ""
     console.print(f"train_seconds={result.get('train_seconds')}{cut}  report: {out / 'report.html'}")
 

@@ -117,7 +117,7 @@ class EvalConfig(StrictModel):
             models compared on the same validation part (the best is the run; the test part measures
             it once); ``None`` there: the recipe's model only. Names are the task's
             (``model`` = the recipe's own model; classification also ``linear_probe``,
-            ``finetune_small``; weld ``signal_stats``, ``image_probe``); ``None``: the task's default.
+            ``finetune_small``, ``linear_probe_lite2``; weld ``signal_stats``, ``image_probe``); ``None``: the task's default.
         nested: also select the candidate inside each outer fold (inner cross-validation on its
             training part) and report that unbiased out-of-fold figure beside the selected one.
     """

@@ -31,7 +31,7 @@ noise on an 8-image test split. :func:`size_recipe` instead derives the settings
 - **Candidates** (``eval.candidates``, classification and weld recipes): the models compared on the
   same folds (:data:`CLASSIFICATION_CANDIDATES`, :data:`WELD_CANDIDATES`); the best pooled
   out-of-fold accuracy becomes the run's model (see :mod:`defectscope.engine.pipeline`). A single
-  split compares them on its validation part (the test part measures the chosen one once), whose
+  split compares them on its validation part (no choice reads the test part), whose
   share is raised up to :data:`MAX_SELECT_VAL_FRACTION` to hold ``MIN_VAL_PER_CLASS`` images of
   every class; without such a part a single-split classification recipe lists no candidates.
 
@@ -66,7 +66,7 @@ NEW_KEYS = ("eval.folds", "train.class_balance", "data.layout@anomaly", "data.la
             "data.layout@detection")
 TASKS = ("classification", "segmentation", "detection", "anomaly", "weld")
 #: candidates a cross-validated classification recipe evaluates on the same folds (see engine/pipeline.py)
-CLASSIFICATION_CANDIDATES = ("model", "linear_probe", "finetune_small")
+CLASSIFICATION_CANDIDATES = ("model", "linear_probe", "finetune_small", "linear_probe_lite2")
 #: candidates of a cross-validated weld recipe: the fusion model, the signal-statistics and image-probe references
 WELD_CANDIDATES = ("model", "signal_stats", "image_probe")
 

@@ -161,7 +161,7 @@ class ClassificationTask(TaskHooks):
     monitor = "val/weighted_f1"
     summary_keys = ("accuracy", "weighted_f1", "macro_auroc")
 
-    candidate_names = ("model", "linear_probe", "finetune_small")
+    candidate_names = ("model", "linear_probe", "finetune_small", "linear_probe_lite2")
 
     def load_samples(self, recipe: ClassificationRecipe, run_dir: Path | None = None) -> Samples:
         return load_labelled(recipe.data, progress=recipe.train.progress)
@@ -169,7 +169,9 @@ class ClassificationTask(TaskHooks):
     def candidate(self, recipe: ClassificationRecipe, name: str) -> tuple[dict, float, str]:
         """Candidates: ``model`` (the recipe as written), ``linear_probe`` (logistic regression on the
         frozen backbone's pooled features; seconds), ``finetune_small`` (the recipe's fine-tuning with
-        :func:`~defectscope.models.training.strong_augment`: flips, 90-degree rotations, grey jitter)."""
+        :func:`~defectscope.models.training.strong_augment`: flips, 90-degree rotations, grey jitter),
+        ``linear_probe_lite2`` (the same probe on frozen EfficientNet-Lite2 features, whatever the
+        recipe's backbone)."""
         m = recipe.model
         if name == "model":
             what = ("linear probe" if m.name == "linear_probe" else f"fine-tuned {m.name}") + f" ({m.backbone}, the recipe's model)"
@@ -177,6 +179,12 @@ class ClassificationTask(TaskHooks):
         if name == "linear_probe":
             return ({"model.name": "linear_probe"}, 0.1,
                     f"linear probe: logistic regression on frozen pooled {m.backbone} features")
+        if name == "linear_probe_lite2":
+            # the largest backbone with ImageNet weights here; its pooled features separate some data sets far
+            # better than Lite0's (README, "Your own data": KolektorSDD as good / defective)
+            return ({"model.name": "linear_probe", "model.backbone": "efficientnet_lite2", "model.pretrained": True,
+                     "model.weights": None}, 0.15,
+                    "linear probe: logistic regression on frozen pooled efficientnet_lite2 features")
         if name == "finetune_small":
             return ({"train.augment": "strong"} if m.name != "linear_probe" else {"model.name": "classifier", "train.augment": "strong"},
                     1.0, f"fine-tuned {m.name if m.name != 'linear_probe' else 'classifier'} ({m.backbone}) with strong "

@@ -16,7 +16,7 @@ sections and its prediction writer for files. Everything else is here, once:
   training part for checkpoint selection; the test part is read once, after training. With
   several ``eval.candidates`` (as ``train FOLDER`` sizes them) every candidate is fitted on the same
   training part and compared on the same validation part; the best is the run (:func:`select_on_split`),
-  the others stay in ``RUN/candidates/<name>``; the test part measures only the chosen one.
+  the others stay in ``RUN/candidates/<name>``; the test part is read by no choice.
 - **K folds** (``--folds K`` / ``eval.folds: K``): stratified K-fold on the samples (grouped with
   ``--group-by``); fold k trains on the other folds (its validation part taken from them) and
   predicts fold k. ``RUN/folds/<k>/`` is a normal run folder; ``RUN/crossval.json`` holds the
@@ -671,8 +671,10 @@ def candidates_of(task: TaskHooks, recipe: BaseRecipe, samples: Samples, single_
 
 def _run_folds(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: Path, assign: np.ndarray,
                pool_idx: np.ndarray, groups: np.ndarray | None, group_by: str | None, label: str = "",
-               resume: bool = False) -> dict | None:
+               resume: bool = False, reports: bool = True) -> dict | None:
     """Fit and predict every fold of ``assign`` (fold ``k`` in ``out/folds/<k+1>``); ``None`` on DDP ranks > 0.
+
+    ``reports=False``: no ``report.html`` per fold (the nested inner fits, whose folders are discarded).
 
     Returns ``{"fold_metrics", "fold_preds", "order", "fold_of", "idx", "pooled_preds", "pooled",
     "mean", "std"}``.
@@ -687,7 +689,8 @@ def _run_folds(task: TaskHooks, recipe: BaseRecipe, samples: Samples, out: Path,
         print(f"{label + ': ' if label else ''}fold {k + 1}/{folds}: train {len(parts['train'])}, "
               f"val {len(parts.get('val', []))}, test {len(parts['test'])}", flush=True)
         res = _fit_part(task, recipe, samples, parts, RunFolder(out / "folds" / str(k + 1), resume),
-                        {"split": {"fold": k + 1, "folds": folds, "cv_seed": recipe.seed, "group_by": group_by}})
+                        {"split": {"fold": k + 1, "folds": folds, "cv_seed": recipe.seed, "group_by": group_by}},
+                        defer_report=not reports)
         if res is None:
             return None
         fold_metrics.append(res[0]["test"])
@@ -740,7 +743,7 @@ SPLIT_SELECTION_NOTE = ("The candidate was chosen on the validation part, so its
 def select_on_split(task: TaskHooks, recipe: BaseRecipe, cands: list[Candidate], samples: Samples,
                     parts: dict[str, np.ndarray], out: Path, extra: dict, resume: bool = False) -> dict | None:
     """Single split with several candidates: every candidate fitted on the same training part, compared on
-    the same validation part, the best one delivered; the test part only measures the chosen one.
+    the same validation part, the best one delivered; the test part is read by no choice.
 
     Each candidate is a normal run folder ``out/candidates/<name>`` (fitted on ``parts['train']``;
     closed-form fits get ``parts['fit'] = parts['train']`` so that they never see the validation part
@@ -750,7 +753,7 @@ def select_on_split(task: TaskHooks, recipe: BaseRecipe, cands: list[Candidate],
     report); ``out/config.yaml`` is ``recipe`` as given (re-running it repeats the selection).
     ``metrics.json`` adds ``selection_metric``, ``selected_on``, ``candidates`` (each one's
     validation figures), ``chosen``, ``chosen_because`` and ``selection_note``; its ``test`` is the
-    chosen model's, measured once after the choice.
+    chosen model's (every candidate's folder measures its own test figures too; no choice reads them).
 
     Returns:
         the chosen run's ``metrics.json`` content; ``None`` on DDP ranks > 0.
@@ -824,7 +827,7 @@ def _nested(task: TaskHooks, cands: list[Candidate], samples: Samples, assign: n
             pooled = {}
             for c in cands:
                 res = _run_folds(task, c.recipe, samples, Path(tmp) / str(k + 1) / c.name, inner, tv, groups, None,
-                                 label=f"nested {k + 1}/{folds} {c.name}")
+                                 label=f"nested {k + 1}/{folds} {c.name}", reports=False)
                 if res is None:
                     return None
                 pooled[c.name] = res["pooled"]

@@ -74,7 +74,7 @@ def selection_rows(selection: dict) -> list[dict]:
 
 def split_selection_rows(selection: dict) -> list[dict]:
     """Report rows of a single-split selection: every candidate's validation figures side by side; the test
-    figures of the chosen one only (measured once, after the choice)."""
+    figures of the chosen one only (the others' are in their own run folders; no choice reads them)."""
     rows = []
     for name, c in selection["candidates"].items():
         row = {"candidate": name + (" (chosen)" if name == selection["chosen"] else ""), "what": c["description"]}
@@ -82,7 +82,7 @@ def split_selection_rows(selection: dict) -> list[dict]:
             if k in c["val"]:
                 row[f"val {k}"] = c["val"][k]
         for k in ("accuracy", "weighted_f1", "macro_auroc"):
-            row[f"test {k}"] = selection.get("test", {}).get(k) if name == selection["chosen"] else "not read"
+            row[f"test {k}"] = selection.get("test", {}).get(k) if name == selection["chosen"] else "not used"
         rows.append(row)
     return rows
 
@@ -95,10 +95,11 @@ def selection_section(rep, info: dict) -> None:
     if not sel:
         return
     if len(sel["candidates"]) > 1 and sel.get("on") == "validation":
-        rep.table("Candidates on the same validation part (the test part measures the chosen one only)",
+        rep.table("Candidates on the same validation part (the test part is read by no choice)",
                   split_selection_rows(sel))
     elif len(sel["candidates"]) > 1:
         rep.table("Candidates on the same folds (pooled out-of-fold and mean +- std over folds)", selection_rows(sel))
+    if len(sel["candidates"]) > 1:
         rep.text(f"Chosen: {sel['chosen']}: {sel['why']}. {sel['note']}")
     rep.text(f"The deployable model (model.ckpt) is {sel['model']['what']}. "
              + " ".join(f"{n}." for n in sel["model"].get("notes", [])))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -108,8 +109,37 @@ def plot_seam_examples(samples: list, masks: list[np.ndarray], crops: np.ndarray
     return save_figure(fig, path)
 
 
+#: PNG bytes of :func:`plot_spectra_examples` per live data set (``id``, dropped when the data set is
+#: collected) and selected channels: the figure depends on nothing else, and a cross-validated run draws
+#: it for every fold of every candidate
+_SPECTRA_PNG: dict[int, dict[tuple[int, ...], bytes]] = {}
+
+
 def plot_spectra_examples(ds: WeldDataset, selected: list[int], path: Path) -> Path:
-    """Mean selected-channel series per class (weld 1), the signal side of Fig. 8 (raw values, in the channel's unit)."""
+    """Mean selected-channel series per class (weld 1), the signal side of Fig. 8 (raw values, in the channel's unit).
+
+    The figure depends only on ``ds`` and ``selected``: it is drawn once per data set and channel
+    selection in a process and the same PNG bytes written again (a cross-validated run's fold runs).
+    """
+    from defectscope.utils.io import write_bytes
+
+    key = tuple(int(c) for c in selected)
+    if id(ds) not in _SPECTRA_PNG:
+        try:
+            weakref.finalize(ds, _SPECTRA_PNG.pop, id(ds), None)
+            _SPECTRA_PNG[id(ds)] = {}
+        except TypeError:  # not weakly referable: nothing is cached
+            pass
+    cached = _SPECTRA_PNG.get(id(ds), {})
+    if key not in cached:
+        _draw_spectra_examples(ds, selected, path)
+        cached[key] = Path(path).read_bytes()
+        return Path(path)
+    write_bytes(path, cached[key])
+    return Path(path)
+
+
+def _draw_spectra_examples(ds: WeldDataset, selected: list[int], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(selected), figsize=(3.2 * len(selected), 3), squeeze=False)
