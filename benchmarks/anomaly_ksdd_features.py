@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,8 +87,12 @@ def patchcore(fit: torch.Tensor, test: torch.Tensor, per_image: int, bank: int, 
     return dist.view(test.shape[0], test.shape[2], test.shape[3])
 
 
-def padim(fit: torch.Tensor, test: torch.Tensor, dim: int, seed: int, eps: float = 0.01, pool: int = 1) -> torch.Tensor:
-    """Per-position Gaussians; ``pool`` > 1: each position's Gaussian also takes its ``pool x pool`` neighbours' patches."""
+def padim(fit: torch.Tensor, test: torch.Tensor, dim: int, seed: int, eps: float = 0.01, pool: int = 1,
+          shrink: str = "ridge") -> torch.Tensor:
+    """Per-position Gaussians; ``pool`` > 1: each position's Gaussian also takes its ``pool x pool`` neighbours' patches.
+
+    ``shrink``: ``ridge`` (``Sigma + eps I``, the paper) or ``lw`` (Ledoit-Wolf shrinkage toward ``tr(S)/k I``,
+    :func:`defectscope.models.padim.torch_model.ledoit_wolf`, then ``+ eps I``)."""
     n, d, h, w = fit.shape
     g = torch.Generator().manual_seed(seed)
     ch = torch.randperm(d, generator=g)[: min(dim, d)].sort().values
@@ -103,7 +108,12 @@ def padim(fit: torch.Tensor, test: torch.Tensor, dim: int, seed: int, eps: float
             return t2[0].permute(1, 2, 0).reshape(t.shape)
         s1, s2 = box(s1), box(s2)  # means of sums = sums of a neighbourhood / its size
     mu = (s1 / cnt).float()
-    cov = ((s2 - cnt * (s1 / cnt)[:, :, None] * (s1 / cnt)[:, None, :]) / (cnt - 1)).float() + eps * torch.eye(k)
+    if shrink == "lw":
+        from defectscope.models.padim.torch_model import ledoit_wolf
+
+        cov = ledoit_wolf(f.double() - (s1 / cnt)[:, None]).float() + eps * torch.eye(k)
+    else:
+        cov = ((s2 - cnt * (s1 / cnt)[:, :, None] * (s1 / cnt)[:, None, :]) / (cnt - 1)).float() + eps * torch.eye(k)
     prec = torch.linalg.inv(cov)
     t = test[:, ch].float().permute(2, 3, 0, 1).reshape(h * w, test.shape[0], -1) - mu[:, None]
     m = torch.einsum("pnk,pkl,pnl->pn", t, prec, t).clamp_min(0).sqrt()
@@ -148,12 +158,32 @@ def blurred_max(d: torch.Tensor, border: int, sigma: float = 1.0) -> torch.Tenso
     return inner_max(gaussian_blur_maps(d[:, None].float(), sigma)[:, 0], border)
 
 
+def upsampled_blur_max(d: torch.Tensor, hw: tuple[int, int], sigma: float, border: int) -> torch.Tensor:
+    """anomalib's image score: the grid ``d [N, h, w]`` upsampled to the input ``hw``, blurred by ``sigma`` px, its
+    max inside ``border`` cells (in input pixels)."""
+    from defectscope.models.anomaly import gaussian_blur_maps
+
+    out = []
+    for i in range(0, len(d), 16):
+        m = F.interpolate(d[i : i + 16, None].float(), size=hw, mode="bilinear", align_corners=False)
+        m = gaussian_blur_maps(m, sigma)[:, 0]
+        bh, bw = border * hw[0] // d.shape[1], border * hw[1] // d.shape[2]
+        if border:
+            m = m[:, bh : hw[0] - bh, bw : hw[1] - bw]
+        out.append(m.flatten(1).amax(1))
+    return torch.cat(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="../shared/datasets/kolektorsdd")
     ap.add_argument("--sizes", nargs="+", default=["640x256", "1280x512"])
     ap.add_argument("--layers", nargs="+", default=["2,4", "2,3"])
-    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0"],
+                    help="registry backbones; 'a+b' concatenates their features (same grid)")
+    ap.add_argument("--cache", default=None, help="folder caching the stage features (.pt, float16)")
+    ap.add_argument("--vflip", action="store_true", help="also fit on the top-bottom flipped fit images")
+    ap.add_argument("--blur-px", type=float, default=4.0, help="anomalib-style score: max of the upsampled map blurred by this sigma")
     ap.add_argument("--per-image", type=int, default=1000)
     ap.add_argument("--bank", type=int, default=10000)
     ap.add_argument("--padim-dim", type=int, default=100)
@@ -169,7 +199,7 @@ def main() -> None:
     parts = anomaly_protocol(items, 0.0, a.seed)
     fit_items, test_items = parts["fit"], parts["test"]
     y = np.array([int(it.defective) for it in test_items])
-    bb = create_backbone(a.backbone, pretrained=True).eval()
+    backbones = {name: None for spec in a.backbones for name in spec.split("+")}
     layers = [[int(v) for v in s.split(",")] for s in a.layers]
     for size in a.sizes:
         hw = tuple(int(v) for v in size.split("x"))
@@ -178,12 +208,35 @@ def main() -> None:
         xt = load_stack([it.image for it in test_items], hw)
         masks = np.stack([load_mask(it.mask, (hw[0] // 2, hw[1] // 2)) for it in test_items])
         t1 = time.perf_counter()
-        ef = embed_all(bb, xf, layers)
-        et = embed_all(bb, xt, layers)
+        feats = {}
+        for name in backbones:
+            feats[name] = {}
+            for part, xs in (("fit", xf), ("test", xt), ("fit_vflip", xf[:, :, ::-1] if a.vflip else None)):
+                if xs is None:
+                    continue
+                path = Path(a.cache) / f"{name}_{size}_{'_'.join(a.layers)}_{part}_{len(xs)}.pt" if a.cache else None
+                if path is not None and path.exists():
+                    feats[name][part] = torch.load(path, weights_only=True)
+                    continue
+                if backbones[name] is None:
+                    backbones[name] = create_backbone(name, pretrained=True).eval()
+                feats[name][part] = embed_all(backbones[name], np.ascontiguousarray(xs), layers)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(feats[name][part], path)
         sec = (time.perf_counter() - t1) / (len(xf) + len(xt))
-        print(f"== {size}: load {t1 - t0:.0f}s, embed {sec:.3f} s/image", flush=True)
-        for key in ef:
-            fit, test = ef[key], et[key]
+        print(f"== {size}: load {t1 - t0:.0f}s, embed {sec:.3f} s/image (all backbones, cache {a.cache})", flush=True)
+        runs = []
+        for spec in a.backbones:
+            names = spec.split("+")
+            for key in feats[names[0]]["fit"]:
+                fit = torch.cat([feats[n]["fit"][key] for n in names], 1)
+                test = torch.cat([feats[n]["test"][key] for n in names], 1)
+                runs.append((f"{spec} layers {key}", fit, test))
+                if a.vflip:
+                    fv = torch.cat([feats[n]["fit_vflip"][key] for n in names], 1).flip(2)  # back to upright positions
+                    runs.append((f"{spec} layers {key} + vflip fit", torch.cat([fit, fv]), test))
+        for key, fit, test in runs:
             if a.norm != "none":  # per image and channel, over positions: remove the image's global level
                 def nrm(t):
                     t = t.float()
@@ -192,10 +245,12 @@ def main() -> None:
                         t = t / (t.std(dim=(2, 3), keepdim=True) + 1e-6)
                     return t.half()
                 fit, test = nrm(fit), nrm(test)
-            print(f"  layers {key}: grid {tuple(fit.shape[-2:])} dim {fit.shape[1]}", flush=True)
+            print(f"  {key}: grid {tuple(fit.shape[-2:])} dim {fit.shape[1]}", flush=True)
             methods = {"patchcore": lambda: patchcore(fit, test, a.per_image, a.bank, a.seed),
                        "padim": lambda: padim(fit, test, a.padim_dim, a.seed),
                        "padim_all": lambda: padim(fit, test, 1000, a.seed),
+                       "padim_lw": lambda: padim(fit, test, a.padim_dim, a.seed, shrink="lw"),
+                       "padim_lw_all": lambda: padim(fit, test, 1000, a.seed, shrink="lw"),
                        "padim_eps1": lambda: padim(fit, test, a.padim_dim, a.seed, eps=1.0),
                        "padim_pool3": lambda: padim(fit, test, a.padim_dim, a.seed, pool=3),
                        "padim_pool3_all": lambda: padim(fit, test, 1000, a.seed, pool=3),
@@ -209,6 +264,9 @@ def main() -> None:
                 res = " ".join(f"b{b}={roc_auc_score(y, inner_max(d, b).numpy()):.3f}" for b in map(int, a.borders.split(",")))
                 res += " | blur1 " + " ".join(f"b{b}={roc_auc_score(y, blurred_max(d, b).numpy()):.3f}"
                                               for b in map(int, a.borders.split(",")))
+                res += f" | up+blur{a.blur_px:g}px " + " ".join(
+                    f"b{b}={roc_auc_score(y, upsampled_blur_max(d, hw, a.blur_px, b).numpy()):.3f}"
+                    for b in map(int, a.borders.split(",")))
                 if a.aggregations:
                     agg = []
                     for kh, kw in ((1, 3), (1, 5), (1, 9), (1, 15), (3, 1), (5, 1), (3, 3)):

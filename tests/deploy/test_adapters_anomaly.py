@@ -25,7 +25,14 @@ RUNS = {
     "patchcore": ("ksdd_patchcore.yaml", ["model.coreset_ratio=0.1", "model.patches_per_image=50",
                                           "model.tile=[64,64]", "model.tile_stride=[32,32]", "model.score_border=0"]),
     "padim": ("ksdd_padim.yaml", ["model.n_features=20"]),
+    "student_teacher": ("ksdd_student_teacher.yaml", ["model.steps=3", "model.train_batch=2", "model.score_border=0"]),
+    # PaDiM + PatchCore at its own 64 x 32 (resized inside the graph), standardised on the calibration images
+    "ensemble": ("ksdd_ensemble.yaml", ["model.members=[{name: padim, n_features: 20}, {name: patchcore, "
+                                        "image_size: [64, 32], coreset_ratio: 0.1, patches_per_image: 50}]"]),
 }
+#: a fitted tensor of each model that the exported graph must hold as a constant
+FITTED = {"patchcore": "memory_bank", "padim": "inv_cov", "student_teacher": "student.net.0.weight",
+          "ensemble": "members.0.inv_cov"}
 
 
 @pytest.fixture(scope="module", params=list(RUNS))
@@ -50,7 +57,7 @@ def test_export_holds_the_fitted_statistics_and_the_run_metadata(run_and_onnx):
     assert meta["defectscope.task"] == "anomaly" and meta["defectscope.model_name"] == name
     assert meta["defectscope.input_size"] == [128, 64] and meta["defectscope.outputs"] == ["pred_score", "anomaly_map"]
     assert meta["defectscope.thresholds"]["pred_score"] == pytest.approx(payload["threshold"])
-    key = "memory_bank" if name == "patchcore" else "inv_cov"
+    key = FITTED[name]
     stat = payload["state_dict"][key].numpy()
     consts = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer]
     # a constant of the graph (the exporter may fold PatchCore's bank.T into a transposed copy)

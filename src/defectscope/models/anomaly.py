@@ -251,6 +251,8 @@ def _ensure_loaded() -> None:
     import defectscope.models.grad_mobilenet  # noqa: F401
     import defectscope.models.padim  # noqa: F401
     import defectscope.models.patchcore  # noqa: F401
+    import defectscope.models.student_teacher  # noqa: F401
+    import defectscope.models.ensemble  # noqa: F401
 
 
 def anomaly_model_class(name: str) -> type[AnomalyModel]:

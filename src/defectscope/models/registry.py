@@ -53,6 +53,8 @@ def _ensure_loaded() -> None:
     import defectscope.models.grad_mobilenet  # noqa: F401
     import defectscope.models.patchcore  # noqa: F401
     import defectscope.models.padim  # noqa: F401
+    import defectscope.models.student_teacher  # noqa: F401
+    import defectscope.models.ensemble  # noqa: F401
     import defectscope.models.weld_fusion  # noqa: F401
     import defectscope.models.box_heads  # noqa: F401
     import defectscope.models.linear_probe  # noqa: F401
