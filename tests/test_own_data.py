@@ -197,7 +197,7 @@ def test_weld_single_split_compares_the_three_candidates_on_validation(tmp_path)
     assert m["test"]["n"] == 8 and cands[m["chosen"]]["run"] == "."
     # the test part is grouped like the folds: no welding session is both trained on and tested
     group = {s["id"]: s["group"] for s in json.loads((data / "manifest.json").read_text())["samples"]}
-    parts = {k: {group[i] for i in (out / "split" / f"{k}.txt").read_text().split()} for k in ("train", "val", "test")}
+    parts = {k: {group[line.split(",")[0]] for line in (out / "split" / f"{k}.txt").read_text().split()} for k in ("train", "val", "test")}
     assert parts["test"] and not parts["test"] & (parts["train"] | parts["val"]), parts
     _, payload = RunFolder(out).load_model()
     assert payload["model_name"] == {"model": "weld_fusion", "signal_stats": "weld_signal_stats",
