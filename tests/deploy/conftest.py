@@ -63,20 +63,3 @@ def torch_predictor(tiny_run):
 
     return load_predictor(tiny_run, threads=1)
 
-
-@pytest.fixture(scope="session")
-def ray_running():
-    """One local Ray for the whole test session, started as ``inspect`` starts its own
-    (:func:`~defectscope.deploy.inspect.start_ray`, this machine's CPUs): every in-process
-    ``inspect_archive`` call joins it instead of starting and stopping a private one (about 6 s a call
-    here). ``workers=None`` then means one actor per CPU of this instance, as on a cluster."""
-    import os
-
-    import ray
-
-    from defectscope.deploy.inspect import start_ray
-
-    started = start_ray(None, max(1, len(os.sched_getaffinity(0))))
-    yield
-    if started:
-        ray.shutdown()

@@ -111,7 +111,7 @@ def test_page_shows_the_mask_overlay(predictors, seg_run, tmp_path):
     assert "blur_max" in texts["threshold"]
 
 
-def test_inspect_saves_the_masks_as_png_and_resumes(predictors, seg_onnx, ksdd_root, tmp_path, ray_running):
+def test_inspect_saves_the_masks_as_png_and_resumes(predictors, seg_onnx, ksdd_root, tmp_path):
     """``inspect --save-maps`` on 4 inputs (two real KolektorSDD images of the same file name in two
     folders, a good one, an unreadable file): first one folder, then both with resume. Each scored row
     names its own PNG, which equals the answer's RLE mask at the image size; the error row has none."""

@@ -102,7 +102,7 @@ def test_the_onnx_export_carries_features_and_the_reference(drift_run, tmp_path,
     assert abs(a["score"] - b["score"]) < 1e-4
 
 
-def test_inspect_scans_the_archive_in_path_order_and_finds_the_darkened_folder(drift_run, tmp_path, neu_root, ray_running):
+def test_inspect_scans_the_archive_in_path_order_and_finds_the_darkened_folder(drift_run, tmp_path, neu_root):
     """``inspect`` on Ray: 64 held-out NEU images in ``a_line/``, then the same 32 first ones darkened
     by 40 % in ``b_line/``: the two windows of ``a_line`` stay quiet, the ``b_line`` window alarms."""
     from defectscope.deploy.inspect import inspect_archive

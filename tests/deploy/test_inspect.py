@@ -101,7 +101,7 @@ def _part_rows(out: Path) -> int:
     return n
 
 
-def test_killed_run_resumes_to_the_same_table(tmp_path, tiny_onnx, archive, onnx_predictor, ray_running):
+def test_killed_run_resumes_to_the_same_table(tmp_path, tiny_onnx, archive, onnx_predictor):
     """A CLI run on 306 inputs is killed (SIGKILL to its process group: driver and Ray) once
     some parts are written; ``--resume`` finishes it. Every input has exactly one row, the two
     bad inputs carry their error, and every scored row equals the plain predictor's answer."""

@@ -592,18 +592,23 @@ def start_ray(address: str | None, num_cpus: int) -> bool:
 
     Returns:
         ``True`` when this call started Ray (the caller shuts it down), ``False`` if Ray was
-        already initialised in this process.
+        already initialised in this process (then that instance is used).
+
+    Raises:
+        InspectError: ``address`` unreachable, checked first, even when this process already runs
+            Ray (an address that names nothing is an error, never silently replaced by that instance).
     """
     import ray
 
     import defectscope
 
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():
         return False
     pkg = Path(defectscope.__file__).resolve().parent
     quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "configure_logging": True, "log_to_driver": False}
     if address:  # the workers import the driver's own defectscope (shipped by Ray), not whatever is installed there
-        _check_reachable(address)
         try:
             from defectscope.data.images import MAX_MEGAPIXELS_ENV
 
