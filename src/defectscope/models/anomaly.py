@@ -84,6 +84,17 @@ class AnomalyArgs(StrictModel):
         return self.model_dump(mode="json", exclude=set(self.TASK_FIELDS))
 
 
+class FeatureAnomalyArgs(AnomalyArgs):
+    """:class:`AnomalyArgs` + the frozen feature extractor (:class:`StageFeatures`) that PatchCore, PaDiM
+    and the student-teacher's teacher read: a registry ``backbone`` (EfficientNet-Lite0: the ImageNet
+    weights reachable here), ``pretrained`` / a local ``weights`` file, and the backbone stages ``layers``."""
+
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    weights: str | None = None
+    layers: list[int] = [2, 4]
+
+
 class AnomalyModel(nn.Module):
     """Base of every anomaly model (see the module docstring for the contract).
 

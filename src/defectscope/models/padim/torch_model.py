@@ -36,9 +36,9 @@ import torch
 from pydantic import Field
 
 from defectscope.models.anomaly import (
-    AnomalyArgs,
     AnomalyModel,
     AnomalyOutput,
+    FeatureAnomalyArgs,
     StageFeatures,
     inner_max,
     register_anomaly_model,
@@ -77,14 +77,10 @@ def ledoit_wolf(xc: torch.Tensor) -> torch.Tensor:
     return (1 - shrink)[:, None, None] * s + (shrink * mu)[:, None, None] * eye
 
 
-class PaDiMArgs(AnomalyArgs):
+class PaDiMArgs(FeatureAnomalyArgs):
     """Recipe block ``model`` for ``name: padim`` (see :class:`PaDiM`)."""
 
     name: str = "padim"
-    backbone: str = "efficientnet_lite0"
-    pretrained: bool = True
-    weights: str | None = None
-    layers: list[int] = [2, 4]
     neighbourhood: int = Field(1, ge=1)
     n_features: int = Field(100, ge=1)
     eps: float = Field(0.01, gt=0)

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from defectscope.models.anomaly import (
-    AnomalyArgs,
     AnomalyModel,
     AnomalyOutput,
+    FeatureAnomalyArgs,
     StageFeatures,
     inner_max,
     register_anomaly_model,
@@ -103,14 +103,10 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 40
     return torch.cat(out, dim=1)
 
 
-class PatchCoreArgs(AnomalyArgs):
+class PatchCoreArgs(FeatureAnomalyArgs):
     """Recipe block ``model`` for ``name: patchcore`` (see :class:`PatchCore`)."""
 
     name: str = "patchcore"
-    backbone: str = "efficientnet_lite0"
-    pretrained: bool = True
-    weights: str | None = None
-    layers: list[int] = [2, 4]
     neighbourhood: int = Field(3, ge=1)
     coreset_ratio: float = Field(0.01, gt=0, le=1)
     bank_mib: float = Field(16.0, gt=0)

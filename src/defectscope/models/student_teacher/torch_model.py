@@ -36,9 +36,9 @@ from pydantic import Field
 from torch import nn
 
 from defectscope.models.anomaly import (
-    AnomalyArgs,
     AnomalyModel,
     AnomalyOutput,
+    FeatureAnomalyArgs,
     StageFeatures,
     inner_max,
     register_anomaly_model,
@@ -83,14 +83,10 @@ def hard_feature_loss(diff2: torch.Tensor, hard_quantile: float) -> torch.Tensor
     return flat.topk(k, sorted=False).values.mean()
 
 
-class StudentTeacherArgs(AnomalyArgs):
+class StudentTeacherArgs(FeatureAnomalyArgs):
     """Recipe block ``model`` for ``name: student_teacher`` (see :class:`StudentTeacher`)."""
 
     name: str = "student_teacher"
-    backbone: str = "efficientnet_lite0"
-    pretrained: bool = True
-    weights: str | None = None
-    layers: list[int] = [2, 4]
     student_channels: int = Field(64, ge=2)
     student_depth: int = Field(3, ge=0)
     steps: int = Field(400, ge=1)
