@@ -136,7 +136,10 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, tiny_onnx, archive, onnx
     errors = {p: e for p, e in zip(paths, table.column("error").to_pylist()) if e is not None}
     assert set(errors) == {str(archive / "line2" / "broken.png"), str(archive / "missing" / "nowhere.jpg")}
     assert all(Path(p).name in e for p, e in errors.items())
-    assert table.column("model_backend").unique().to_pylist() == ["onnxruntime"]
+    # the CLI's --runtime auto times ONNX Runtime and OpenVINO at start (either may win on a given CPU); the resume
+    # keeps the runtime that scored the killed run's rows, so the table holds one
+    backends = table.column("model_backend").unique().to_pylist()
+    assert len(backends) == 1 and backends[0] in ("onnxruntime", "openvino"), backends
 
     # the same answers as an uninterrupted plain loop over the same model
     scored = [p for p in paths if p not in errors]
