@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 
 import yaml
 from typer.testing import CliRunner
@@ -248,11 +250,34 @@ def test_linear_probe_as_the_model(tmp_path, neu_small):
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 49
 
 
+#: paths opened or listed while ``_AUDIT["on"]`` (sys.addaudithook cannot be removed: it stays, switched off)
+_AUDIT: dict = {"on": False, "paths": []}
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _AUDIT["on"] and event in ("open", "os.listdir", "os.scandir", "glob.glob") and args:
+        if isinstance(args[0], (str, bytes, os.PathLike)):
+            _AUDIT["paths"].append(os.path.abspath(os.fsdecode(args[0])))
+
+
 def test_an_mvtec_layout_folder_trains_the_anomaly_task_with_pixel_metrics(tmp_path, ksdd_root):
-    data = mvtec_from_kolektor(ksdd_root, tmp_path / "mvtec", n_train_good=12, n_test_good=6, n_defect=6)
+    data = mvtec_from_kolektor(ksdd_root, tmp_path / "mvtec", n_train_good=12, n_test_good=6, n_defect=6, link=False)
     out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "-o", "data.image_size=[96,32]"])
+    if not _AUDIT.get("hooked"):
+        sys.addaudithook(_audit)
+        _AUDIT["hooked"] = True
+    _AUDIT.update(on=True, paths=[])
+    try:
+        res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), "-o", "data.image_size=[96,32]"])
+    finally:
+        _AUDIT["on"] = False
     assert res.exit_code == 0, res.output
+    # every file the command opened or listed by name: the user's folder (its links included), the run folder, and
+    # the installed packages and weights; nothing of our datasets folder (NEU for a clustering study, KolektorSDD)
+    datasets = str(ksdd_root.resolve().parent)
+    opened = _AUDIT["paths"]
+    assert sum(p.startswith(str(data)) for p in opened) >= 24  # the 24 images at least: the audit sees the reads
+    assert not [p for p in opened if p.startswith(datasets) or "/shared/datasets" in p], opened
     assert "anomaly (mvtec layout)" in res.output
     # only the user's folder: no clustering study (no NEU path), and the summary's counts are the split's
     assert "neu" not in res.output.lower() and "clustering" not in res.output
