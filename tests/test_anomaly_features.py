@@ -196,3 +196,55 @@ def test_constructors_refuse_unknown_keywords():
         create_model("grad_mobilenet", backbone="efficientnet_lite0", dropuot=0.1)
     with pytest.raises(ModelArgumentError, match="corset_ratio"):
         create_model("patchcore", backbone="efficientnet_lite0", layers=[2], pretrained=False, corset_ratio=0.1)
+
+
+def test_patchcore_reweighting_is_the_papers_eq_7_on_a_hand_computed_bank():
+    """Roth et al. 2022, eq. 7: s = (1 - exp d(m_test*, m*) / sum_{m in N_b(m*)} exp d(m_test*, m)) * s*."""
+    from defectscope.models.patchcore import reweighted_score
+
+    bank = torch.tensor([[0.0, 0.0], [10.0, 0.0], [10.0, 1.0], [10.0, -1.0], [-30.0, 0.0]])
+    q = torch.tensor([[[0.0, 0.5], [4.0, 0.0]]])  # the second patch is the farthest: s* = 4, m* = bank[0]
+    d, idx = nearest_distances(q, bank, return_index=True)
+    assert idx.tolist() == [[0, 0]] and d[0].tolist() == pytest.approx([0.5, 4.0])
+    got = reweighted_score(d, idx, q, bank, neighbours=3).item()
+    near = np.array([4.0, 6.0, np.sqrt(37.0)])  # d(m_test*, .) for N_3(m*) = bank rows 0, 1, then 2 or 3 (tied)
+    assert got == pytest.approx((1 - np.exp(near[0]) / np.exp(near).sum()) * 4.0, rel=1e-5)
+    # the more bank rows around m*, the less of s* a far patch loses: b = 2 keeps more than b = 3
+    assert reweighted_score(d, idx, q, bank, neighbours=2).item() < got < 4.0
+    with pytest.raises(ValueError, match="neighbours must be >= 2"):
+        reweighted_score(d, idx, q, bank, neighbours=1)
+
+
+def test_patchcore_reweighted_forward_inside_the_border_and_under_onnx_runtime(tmp_path):
+    import onnxruntime as ort
+
+    from defectscope.models import create_model
+    from defectscope.models.patchcore import reweighted_score
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 48)
+    plain = create_model("patchcore", layers=[2], pretrained=False, score_border=2)
+    rew = create_model("patchcore", layers=[2], pretrained=False, score_border=2, reweight_neighbours=9)
+    rew.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        emb = plain.features(x)
+    b, d, h, w = emb.shape
+    bank = emb.permute(0, 2, 3, 1).reshape(-1, d)[::5].clone()
+    plain.memory_bank, rew.memory_bank = bank, bank.clone()
+    with torch.no_grad():
+        s_plain, m_plain = plain(x)
+        s_rew, m_rew = rew(x)
+        q = emb.permute(0, 2, 3, 1)[:, 2:-2, 2:-2].reshape(b, -1, d)  # the patches inside the border
+        dist, idx = nearest_distances(q, bank, return_index=True)
+    torch.testing.assert_close(s_rew, reweighted_score(dist, idx, q, bank, 9), rtol=1e-4, atol=1e-4)
+    assert (s_rew < s_plain).all() and (s_rew > 0).all()  # a weight in (0, 1) on the same s*
+    torch.testing.assert_close(m_rew, m_plain)  # the map is not re-weighted
+    assert rew.args["reweight_neighbours"] == 9
+    f = tmp_path / "pc.onnx"
+    torch.onnx.export(rew, (x,), str(f), input_names=["image"], output_names=["pred_score", "anomaly_map"],
+                      opset_version=17, dynamo=False, dynamic_axes={"image": {0: "batch"}, "pred_score": {0: "batch"}})
+    sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"image": x.numpy()})[0], s_rew.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sess.run(None, {"image": x[1:].numpy()})[0], s_rew[1:].numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="reweight_neighbours"):
+        create_model("patchcore", layers=[2], pretrained=False, reweight_neighbours=1)

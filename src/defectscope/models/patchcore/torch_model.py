@@ -12,7 +12,8 @@ Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022:
    ``coreset_ratio`` of all patches, capped at ``bank_mib`` MiB;
 3. scoring (sec. 3.3): every test patch's Euclidean distance to its nearest bank row (one matrix
    product per chunk of patches, inside the exported graph); the image score is the largest
-   distance inside ``score_border`` cells (the paper's re-weighting is left out); the anomaly map
+   distance inside ``score_border`` cells, or with ``reweight_neighbours = b`` that distance re-weighted as
+   the paper's eq. 7 (:func:`reweighted_score`); the anomaly map
    is the distance grid upsampled to the input and smoothed by a Gaussian (``blur_sigma`` px).
 """
 
@@ -34,7 +35,7 @@ from defectscope.models.anomaly import (
     register_anomaly_model,
     upsample_map,
 )
-from pydantic import Field
+from pydantic import Field, field_validator
 
 
 def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
@@ -76,7 +77,8 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, seed:
     return chosen
 
 
-def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096,
+                      return_index: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance of every query to its nearest bank row.
 
     ``||q - b||^2 = ||q||^2 - 2 q.b + ||b||^2`` by one matrix product per ``chunk`` queries
@@ -85,9 +87,10 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 40
 
     Args:
         queries: ``[B, Q, D]``; bank: ``[M, D]`` with ``M >= 1``.
+        return_index: also return the nearest row's index.
 
     Returns:
-        ``[B, Q]`` float32 distances.
+        ``[B, Q]`` float32 distances (and ``[B, Q]`` int64 bank row indices with ``return_index``).
 
     Raises:
         ValueError: an empty bank (the model was not fitted).
@@ -95,12 +98,52 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 40
     if bank.shape[0] == 0:
         raise ValueError("nearest_distances: the memory bank is empty; fit the model first")
     b2 = (bank * bank).sum(1)
-    out = []
+    out, where = [], []
     for i in range(0, queries.shape[1], chunk):
         q = queries[:, i : i + chunk]
         d2 = (q * q).sum(-1, keepdim=True) - 2 * q @ bank.T + b2
-        out.append(d2.amin(dim=-1).clamp_min(0).sqrt())
+        if return_index:
+            v, j = d2.min(dim=-1)
+            out.append(v.clamp_min(0).sqrt())
+            where.append(j)
+        else:
+            out.append(d2.amin(dim=-1).clamp_min(0).sqrt())
+    if return_index:
+        return torch.cat(out, dim=1), torch.cat(where, dim=1)
     return torch.cat(out, dim=1)
+
+
+def reweighted_score(dist: torch.Tensor, index: torch.Tensor, queries: torch.Tensor, bank: torch.Tensor,
+                     neighbours: int) -> torch.Tensor:
+    """PatchCore's image score with the paper's re-weighting (Roth et al., CVPR 2022, eq. 7).
+
+    ``s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*``: ``m_test*`` is the test
+    patch with the largest nearest-neighbour distance ``s*``, ``m*`` its nearest bank row and ``N_b(m*)`` the
+    ``b = neighbours`` bank rows nearest to ``m*`` (``m*`` itself first). A patch whose nearest normal patch
+    lies in a dense part of the bank keeps almost all of ``s*``; one whose neighbourhood in the bank is sparse
+    (a rare normal pattern) is scaled down. All in the graph (ArgMax, Gather, TopK, Softmax).
+
+    Args:
+        dist: ``[B, Q]`` nearest distances; index: ``[B, Q]`` their bank rows; queries: ``[B, Q, D]`` (the patches
+            the image score is taken over, e.g. inside the score border); bank: ``[M, D]``;
+            neighbours: ``b >= 2`` (anomalib's default 9; capped at ``M``).
+
+    Returns:
+        ``[B]`` image scores, ``<= s*``.
+
+    Raises:
+        ValueError: ``neighbours < 2``.
+    """
+    if neighbours < 2:
+        raise ValueError(f"reweighted_score: neighbours must be >= 2, got {neighbours}")
+    j = dist.argmax(dim=1, keepdim=True)  # [B, 1]
+    s_star = dist.gather(1, j)[:, 0]
+    f_star = queries.gather(1, j[:, :, None].expand(-1, 1, queries.shape[-1]))[:, 0]  # [B, D]
+    m_star = bank[index.gather(1, j)[:, 0]]  # [B, D]
+    d2 = (m_star * m_star).sum(-1, keepdim=True) - 2 * m_star @ bank.T + (bank * bank).sum(1)  # [B, M]
+    nb = d2.topk(min(int(neighbours), bank.shape[0]), dim=1, largest=False).indices  # [B, b], m* first
+    d_test = (f_star[:, None, :] - bank[nb]).pow(2).sum(-1).clamp_min(0).sqrt()  # [B, b]
+    return (1.0 - torch.softmax(d_test, dim=1)[:, 0]) * s_star
 
 
 class PatchCoreArgs(FeatureAnomalyArgs):
@@ -113,7 +156,15 @@ class PatchCoreArgs(FeatureAnomalyArgs):
     patches_per_image: int = Field(1000, ge=1)
     score_border: int = Field(0, ge=0)
     blur_sigma: float = Field(4.0, ge=0)
+    reweight_neighbours: int = Field(0, ge=0)
     seed: int = 0
+
+    @field_validator("reweight_neighbours")
+    @classmethod
+    def _check_reweight(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("reweight_neighbours: 0 (no re-weighting) or >= 2 (the paper's b; anomalib uses 9)")
+        return v
 
 
 @register_anomaly_model
@@ -128,6 +179,8 @@ class PatchCore(AnomalyModel):
             (bounds the fitting memory at ``N * patches_per_image * D * 4`` bytes).
         score_border: feature cells at each edge left out of the image score (padding effects).
         blur_sigma: Gaussian smoothing of the map, input pixels.
+        reweight_neighbours: ``0``: the image score is the largest patch distance; ``b >= 2``: the paper's
+            re-weighting of it over the ``b`` bank rows nearest to the patch's neighbour (:func:`reweighted_score`).
         seed: seed of the subsample and the coreset.
         tile, tile_stride: see :class:`~defectscope.models.anomaly.AnomalyModel`.
 
@@ -142,18 +195,23 @@ class PatchCore(AnomalyModel):
                  pretrained: bool = True, weights: str | None = None, neighbourhood: int = 3,
                  coreset_ratio: float = 0.01, bank_mib: float = 16.0, patches_per_image: int = 1000,
                  score_border: int = 0, blur_sigma: float = 4.0, seed: int = 0,
-                 tile: list[int] | None = None, tile_stride: list[int] | None = None) -> None:
+                 tile: list[int] | None = None, tile_stride: list[int] | None = None,
+                 reweight_neighbours: int = 0) -> None:
         super().__init__(tile, tile_stride)
         self.features = StageFeatures(backbone, layers, pretrained, weights, neighbourhood)
         if score_border < 0:
             raise ValueError(f"patchcore: score_border must be >= 0, got {score_border}")
+        if reweight_neighbours < 0 or reweight_neighbours == 1:
+            raise ValueError(f"patchcore: reweight_neighbours must be 0 or >= 2, got {reweight_neighbours}")
+        self.reweight_neighbours = int(reweight_neighbours)
         self.coreset_ratio, self.bank_mib, self.patches_per_image = coreset_ratio, bank_mib, int(patches_per_image)
         self.score_border, self.blur_sigma, self.seed = int(score_border), float(blur_sigma), int(seed)
         self.register_buffer("memory_bank", torch.zeros(0, self.features.dim))
         self.args.update(backbone=backbone, layers=list(self.features.layers), pretrained=bool(pretrained),
                          weights=weights, neighbourhood=int(neighbourhood), coreset_ratio=float(coreset_ratio),
                          bank_mib=float(bank_mib), patches_per_image=self.patches_per_image,
-                         score_border=self.score_border, blur_sigma=self.blur_sigma, seed=self.seed)
+                         score_border=self.score_border, blur_sigma=self.blur_sigma, seed=self.seed,
+                         reweight_neighbours=self.reweight_neighbours)
         self.eval()
 
     def windows(self, x: np.ndarray, batch_size: int):
@@ -216,5 +274,14 @@ class PatchCore(AnomalyModel):
     def score_tiles(self, x: torch.Tensor) -> AnomalyOutput:
         emb = self.features(x)
         b, d, h, w = emb.shape
-        dist = nearest_distances(emb.flatten(2).transpose(1, 2), self.memory_bank).view(b, 1, h, w)
-        return AnomalyOutput(inner_max(dist, self.score_border), upsample_map(dist, x.shape[-2:], self.blur_sigma))
+        q = emb.flatten(2).transpose(1, 2)  # [B, h * w, D]
+        if not self.reweight_neighbours:
+            dist = nearest_distances(q, self.memory_bank).view(b, 1, h, w)
+            return AnomalyOutput(inner_max(dist, self.score_border), upsample_map(dist, x.shape[-2:], self.blur_sigma))
+        dist, idx = nearest_distances(q, self.memory_bank, return_index=True)
+        dg, ig, qg = dist.view(b, h, w), idx.view(b, h, w), q.view(b, h, w, d)
+        r = self.score_border
+        if r and h > 2 * r and w > 2 * r:  # the image score inside the border, as inner_max
+            dg, ig, qg = dg[:, r : h - r, r : w - r], ig[:, r : h - r, r : w - r], qg[:, r : h - r, r : w - r]
+        score = reweighted_score(dg.flatten(1), ig.flatten(1), qg.flatten(1, 2), self.memory_bank, self.reweight_neighbours)
+        return AnomalyOutput(score, upsample_map(dist.view(b, 1, h, w), x.shape[-2:], self.blur_sigma))
