@@ -1,6 +1,7 @@
 """CPU seconds per image of each anomaly model's forward (the graph predict / serve / export run), at a given size.
 
     PYTHONPATH=src python benchmarks/anomaly_speed.py --size 1248 512 --threads 1 2 --bank-rows 4000
+    PYTHONPATH=src python benchmarks/anomaly_speed.py --models configs/ksdd_ensemble3.yaml   # any recipe file
 
 Each model is built with the recipe's settings (``configs/ksdd_<model>.yaml``'s ``model`` block), fitted on
 ``--fit`` KolektorSDD good images at ``--size`` (PatchCore: its bank grown to ``--bank-rows`` rows, the size
@@ -42,10 +43,17 @@ def main() -> None:
     size = tuple(a.size)
     x = load_stack([it.image for it in good[: a.fit + a.images]], size)
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, size {size[0]} x {size[1]}")
-    for name in a.models:
-        path = Path(f"configs/ksdd_{name}.yaml")
-        path = path if path.exists() else Path(f"configs/ksdd_{name.replace('_', '')}.yaml")
+    for spec in a.models:
+        if spec.endswith((".yaml", ".yml")):  # a recipe file: its model block
+            path = Path(spec)
+        else:
+            path = Path(f"configs/ksdd_{spec}.yaml")
+            path = path if path.exists() else Path(f"configs/ksdd_{spec.replace('_', '')}.yaml")
         cfg = yaml.safe_load(path.read_text())["model"]
+        name = str(cfg["name"])
+        if name == "ensemble":  # a student-teacher member: 5 steps, as below
+            cfg = {**cfg, "members": [{**m, "steps": 5} if m.get("name") == "student_teacher" else m
+                                      for m in cfg["members"]]}
         args = anomaly_model_class(name).Args(**cfg).module_args()
         if name == "student_teacher":  # the cost per image does not depend on how long the student trained
             args.update(steps=5)
@@ -65,7 +73,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     model(xb)
                     times.append(time.perf_counter() - t0)
-            print(f"  {name:15s} {t} thread(s): {statistics.median(times[1:]):.2f} s per image "
+            print(f"  {path.stem if spec.endswith(('.yaml', '.yml')) else name:15s} {t} thread(s): {statistics.median(times[1:]):.2f} s per image "
                   f"(median of {len(times) - 1})", flush=True)
 
 
