@@ -44,7 +44,8 @@ def main() -> None:
     x = load_stack([it.image for it in good[: a.fit + a.images]], size)
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, size {size[0]} x {size[1]}")
     for spec in a.models:
-        if spec.endswith((".yaml", ".yml")):  # a recipe file: its model block
+        from_file = spec.endswith((".yaml", ".yml"))  # a recipe file: its model block
+        if from_file:
             path = Path(spec)
         else:
             path = Path(f"configs/ksdd_{spec}.yaml")
@@ -73,7 +74,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     model(xb)
                     times.append(time.perf_counter() - t0)
-            print(f"  {path.stem if spec.endswith(('.yaml', '.yml')) else name:15s} {t} thread(s): {statistics.median(times[1:]):.2f} s per image "
+            print(f"  {path.stem if from_file else name:15s} {t} thread(s): {statistics.median(times[1:]):.2f} s per image "
                   f"(median of {len(times) - 1})", flush=True)
 
 

@@ -223,12 +223,17 @@ def gaussian_blur_maps(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.conv2d(z, w.view(1, 1, k, 1)), w.view(1, 1, 1, k))
 
 
+def inner_cells(h: int, w: int, border: int) -> tuple[slice, slice]:
+    """Row and column slices of an ``h x w`` grid leaving out ``border`` cells at each edge (all cells if too small)."""
+    if border and h > 2 * border and w > 2 * border:
+        return slice(border, h - border), slice(border, w - border)
+    return slice(None), slice(None)
+
+
 def inner_max(dist: torch.Tensor, border: int) -> torch.Tensor:
     """Largest value of ``dist [B, 1, h, w]`` leaving out ``border`` cells at each edge (all cells if too small) -> ``[B]``."""
-    h, w = dist.shape[-2:]
-    if border and h > 2 * border and w > 2 * border:
-        dist = dist[:, :, border : h - border, border : w - border]
-    return dist.flatten(1).amax(dim=1)
+    rows, cols = inner_cells(dist.shape[-2], dist.shape[-1], border)
+    return dist[:, :, rows, cols].flatten(1).amax(dim=1)
 
 
 def upsample_map(dist: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:

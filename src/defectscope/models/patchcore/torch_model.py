@@ -31,6 +31,7 @@ from defectscope.models.anomaly import (
     AnomalyOutput,
     FeatureAnomalyArgs,
     StageFeatures,
+    inner_cells,
     inner_max,
     register_anomaly_model,
     upsample_map,
@@ -102,15 +103,14 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 40
     for i in range(0, queries.shape[1], chunk):
         q = queries[:, i : i + chunk]
         d2 = (q * q).sum(-1, keepdim=True) - 2 * q @ bank.T + b2
-        if return_index:
-            v, j = d2.min(dim=-1)
-            out.append(v.clamp_min(0).sqrt())
+        if return_index:  # min with its argmin; without, ReduceMin alone in the exported graph
+            d2, j = d2.min(dim=-1)
             where.append(j)
         else:
-            out.append(d2.amin(dim=-1).clamp_min(0).sqrt())
-    if return_index:
-        return torch.cat(out, dim=1), torch.cat(where, dim=1)
-    return torch.cat(out, dim=1)
+            d2 = d2.amin(dim=-1)
+        out.append(d2.clamp_min(0).sqrt())
+    dist = torch.cat(out, dim=1)
+    return (dist, torch.cat(where, dim=1)) if return_index else dist
 
 
 def reweighted_score(dist: torch.Tensor, index: torch.Tensor, queries: torch.Tensor, bank: torch.Tensor,
@@ -279,9 +279,7 @@ class PatchCore(AnomalyModel):
             dist = nearest_distances(q, self.memory_bank).view(b, 1, h, w)
             return AnomalyOutput(inner_max(dist, self.score_border), upsample_map(dist, x.shape[-2:], self.blur_sigma))
         dist, idx = nearest_distances(q, self.memory_bank, return_index=True)
-        dg, ig, qg = dist.view(b, h, w), idx.view(b, h, w), q.view(b, h, w, d)
-        r = self.score_border
-        if r and h > 2 * r and w > 2 * r:  # the image score inside the border, as inner_max
-            dg, ig, qg = dg[:, r : h - r, r : w - r], ig[:, r : h - r, r : w - r], qg[:, r : h - r, r : w - r]
-        score = reweighted_score(dg.flatten(1), ig.flatten(1), qg.flatten(1, 2), self.memory_bank, self.reweight_neighbours)
+        rows, cols = inner_cells(h, w, self.score_border)  # the image score inside the border, as inner_max
+        score = reweighted_score(dist.view(b, h, w)[:, rows, cols].flatten(1), idx.view(b, h, w)[:, rows, cols].flatten(1),
+                                 q.view(b, h, w, d)[:, rows, cols].flatten(1, 2), self.memory_bank, self.reweight_neighbours)
         return AnomalyOutput(score, upsample_map(dist.view(b, 1, h, w), x.shape[-2:], self.blur_sigma))
